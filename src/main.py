@@ -1,0 +1,1634 @@
+"""numpy-cnn: a convolutional neural network from scratch in NumPy, trained on MNIST.
+
+Read it top to bottom: layers -> loss -> model -> optimisers -> data -> training -> CLI.
+
+Conventions used everywhere:
+- Images are channels-last arrays of shape (N, H, W, C), as in Keras: N samples, H x W pixels, C channels.
+- Everything is float32 (float64 only in gradient checks): half the memory traffic, about 2x faster.
+- Every layer has `forward(x, training=True) -> y` and `backward(grad_out) -> grad_in`, where
+  `grad_out` is dLoss/dy and `grad_in` is dLoss/dx. Weights live in `params`, their gradients in `grads`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import gzip
+import json
+import logging
+import math
+import os
+import platform
+import signal
+import struct
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+DTYPE = np.float32
+log = logging.getLogger("numpy_cnn")
+
+
+class CNNError(Exception):
+    """A problem the user can fix (bad config, bad data, bad file): one line, exit code 2."""
+
+
+class ConfigError(CNNError):
+    pass
+
+
+class DataError(CNNError):
+    pass
+
+
+class ModelFileError(CNNError):
+    pass
+
+
+# ------------------------------------------------------------------------------------------------
+# Layers
+# ------------------------------------------------------------------------------------------------
+
+
+def he_normal(shape: tuple[int, ...], fan_in: int, rng: np.random.Generator) -> np.ndarray:
+    """He initialisation: N(0, 2 / fan_in) keeps the activations' variance steady through ReLU layers."""
+    return (rng.standard_normal(shape) * math.sqrt(2.0 / fan_in)).astype(DTYPE)
+
+
+def im2col(x_padded: np.ndarray, kernel_size: int, stride: int) -> np.ndarray:
+    """Every k x k x C window of the (already padded) input, one window per row.
+
+    x_padded: (N, Hp, Wp, C) -> cols: (N, Ho, Wo, k, k, C), contiguous, so that
+    `cols.reshape(N * Ho * Wo, k * k * C) @ W.reshape(k * k * C, F)` is the whole convolution.
+    """
+    # sliding_window_view builds a view of all windows without copying; [::stride] keeps the strided ones.
+    windows = sliding_window_view(x_padded, (kernel_size, kernel_size), axis=(1, 2))[:, ::stride, ::stride]
+    # (N, Ho, Wo, C, k, k) -> (N, Ho, Wo, k, k, C): the copy happens here, once.
+    return np.ascontiguousarray(windows.transpose(0, 1, 2, 4, 5, 3))
+
+
+def col2im(grad_cols: np.ndarray, padded_shape: tuple[int, ...], stride: int) -> np.ndarray:
+    """The adjoint of im2col: add every window's gradient back where the window came from.
+
+    grad_cols: (N, Ho, Wo, k, k, C) -> grad_x_padded: padded_shape (N, Hp, Wp, C).
+    Windows overlap when stride < k, so contributions must be summed, not assigned. One sliced `+=`
+    per kernel offset (k * k of them) is vectorised over all samples and pixels; np.add.at would be
+    2.3x slower per epoch.
+    """
+    _, out_h, out_w, kernel_size, _, _ = grad_cols.shape
+    grad_x = np.zeros(padded_shape, dtype=grad_cols.dtype)
+    for di in range(kernel_size):
+        for dj in range(kernel_size):
+            rows = slice(di, di + stride * (out_h - 1) + 1, stride)
+            cols = slice(dj, dj + stride * (out_w - 1) + 1, stride)
+            grad_x[:, rows, cols, :] += grad_cols[:, :, :, di, dj, :]
+    return grad_x
+
+
+class Conv2D:
+    """2-D convolution (cross-correlation, as in every framework), zero padding, any stride.
+
+    Input (N, H, W, C) -> output (N, Ho, Wo, F), Ho = (H + 2p - k) // s + 1 (same for Wo).
+    params: W (k, k, C, F), b (F,).
+    Forward:  y = im2col(x) @ W + b.
+    Backward: dW = cols^T @ grad_out,  db = sum(grad_out),  dx = col2im(grad_out @ W^T).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        filters: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int = 0,
+        *,
+        rng: np.random.Generator | None = None,
+    ) -> None:
+        rng = rng if rng is not None else np.random.default_rng()
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        fan_in = kernel_size * kernel_size * in_channels
+        self.params = {
+            "W": he_normal((kernel_size, kernel_size, in_channels, filters), fan_in, rng),
+            "b": np.zeros(filters, dtype=DTYPE),
+        }
+        self.grads = {name: np.zeros_like(p) for name, p in self.params.items()}
+        # The first layer of a model has nobody upstream to pass dx to; Sequential switches this off.
+        self.need_input_grad = True
+
+    def output_shape(self, input_shape: tuple[int, int, int]) -> tuple[int, int, int]:
+        height, width, _ = input_shape
+        k, s, p = self.kernel_size, self.stride, self.padding
+        return (height + 2 * p - k) // s + 1, (width + 2 * p - k) // s + 1, self.params["W"].shape[3]
+
+    def forward(self, x: np.ndarray, training: bool = True) -> np.ndarray:
+        n, height, width, channels = x.shape
+        k, p = self.kernel_size, self.padding
+        if p > 0:
+            x_padded = np.zeros((n, height + 2 * p, width + 2 * p, channels), dtype=x.dtype)
+            x_padded[:, p:p + height, p:p + width, :] = x
+        else:
+            x_padded = x
+        cols = im2col(x_padded, k, self.stride)  # (N, Ho, Wo, k, k, C)
+        _, out_h, out_w = cols.shape[:3]
+        weights = self.params["W"].reshape(k * k * channels, -1)  # (k*k*C, F)
+        y = cols.reshape(n * out_h * out_w, -1) @ weights + self.params["b"]  # (N*Ho*Wo, F)
+        if training:
+            self.cols, self.padded_shape = cols, x_padded.shape
+        return y.reshape(n, out_h, out_w, -1)
+
+    def backward(self, grad_out: np.ndarray) -> np.ndarray | None:
+        n, out_h, out_w, filters = grad_out.shape
+        k, p = self.kernel_size, self.padding
+        grad_rows = grad_out.reshape(-1, filters)  # (N*Ho*Wo, F)
+        cols = self.cols.reshape(grad_rows.shape[0], -1)  # (N*Ho*Wo, k*k*C)
+        self.grads["W"][...] = (cols.T @ grad_rows).reshape(self.params["W"].shape)
+        self.grads["b"][...] = grad_rows.sum(axis=0)
+        if not self.need_input_grad:
+            return None
+        weights = self.params["W"].reshape(cols.shape[1], filters)
+        grad_cols = (grad_rows @ weights.T).reshape(self.cols.shape)  # (N, Ho, Wo, k, k, C)
+        grad_padded = col2im(grad_cols, self.padded_shape, self.stride)
+        height, width = self.padded_shape[1] - 2 * p, self.padded_shape[2] - 2 * p
+        return grad_padded[:, p:p + height, p:p + width, :]
+
+
+class MaxPool2D:
+    """Max pooling per channel over pool x pool windows, 'valid' (leftover rows/columns are dropped).
+
+    Input (N, H, W, C) -> output (N, Ho, Wo, C), Ho = (H - pool) // stride + 1. stride defaults to pool
+    (non-overlapping windows); stride < pool gives overlapping windows.
+    Backward: each window's gradient goes to the one input that was its maximum; with ties, to the
+    first maximum in row-major order. (A mask `x == max` would send it to every tied input, and ties
+    are common: MNIST's background is exactly 0 everywhere, so a window of four zeros would get 4x.)
+    """
+
+    def __init__(self, pool_size: int = 2, stride: int | None = None) -> None:
+        self.pool_size = pool_size
+        self.stride = stride if stride is not None else pool_size
+        self.params: dict[str, np.ndarray] = {}
+        self.grads: dict[str, np.ndarray] = {}
+
+    def output_shape(self, input_shape: tuple[int, int, int]) -> tuple[int, int, int]:
+        height, width, channels = input_shape
+        return (height - self.pool_size) // self.stride + 1, (width - self.pool_size) // self.stride + 1, channels
+
+    def _offset_slices(self, out_h: int, out_w: int) -> Iterator[tuple[int, slice, slice]]:
+        """For each offset (di, dj) inside the window, in row-major order: its number and the slices
+        that pick, for every output pixel at once, the input pixel at that offset of its window."""
+        s = self.stride
+        for di in range(self.pool_size):
+            for dj in range(self.pool_size):
+                rows = slice(di, di + s * (out_h - 1) + 1, s)
+                cols = slice(dj, dj + s * (out_w - 1) + 1, s)
+                yield di * self.pool_size + dj, rows, cols
+
+    def forward(self, x: np.ndarray, training: bool = True) -> np.ndarray:
+        out_h, out_w, _ = self.output_shape(x.shape[1:])
+        y = None
+        # argmax: which offset (0 .. pool*pool-1) of its window each output came from.
+        argmax = np.zeros((x.shape[0], out_h, out_w, x.shape[3]), dtype=np.uint8 if self.pool_size < 16 else np.int32)
+        for offset, rows, cols in self._offset_slices(out_h, out_w):
+            candidate = x[:, rows, cols, :]
+            if y is None:
+                y = candidate.copy()
+                continue
+            # Strictly greater: on a tie the earlier (first) maximum keeps the gradient.
+            better = candidate > y
+            np.copyto(y, candidate, where=better)
+            argmax[better] = offset
+        if training:
+            self.argmax, self.input_shape = argmax, x.shape
+        return y
+
+    def backward(self, grad_out: np.ndarray) -> np.ndarray:
+        out_h, out_w = grad_out.shape[1:3]
+        grad_in = np.zeros(self.input_shape, dtype=grad_out.dtype)
+        for offset, rows, cols in self._offset_slices(out_h, out_w):
+            # += because overlapping windows can pick the same input pixel.
+            grad_in[:, rows, cols, :] += np.where(self.argmax == offset, grad_out, 0)
+        return grad_in
+
+
+class ReLU:
+    """y = max(x, 0), elementwise, any shape. Backward: dx = grad_out * (x > 0)."""
+
+    def __init__(self) -> None:
+        self.params: dict[str, np.ndarray] = {}
+        self.grads: dict[str, np.ndarray] = {}
+
+    def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return input_shape
+
+    def forward(self, x: np.ndarray, training: bool = True) -> np.ndarray:
+        if training:
+            self.positive = x > 0
+        return np.maximum(x, 0)
+
+    def backward(self, grad_out: np.ndarray) -> np.ndarray:
+        return grad_out * self.positive
+
+
+class Flatten:
+    """(N, H, W, C) -> (N, H*W*C). Backward reshapes the gradient back."""
+
+    def __init__(self) -> None:
+        self.params: dict[str, np.ndarray] = {}
+        self.grads: dict[str, np.ndarray] = {}
+
+    def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int]:
+        return (math.prod(input_shape),)
+
+    def forward(self, x: np.ndarray, training: bool = True) -> np.ndarray:
+        self.input_shape = x.shape
+        return x.reshape(x.shape[0], -1)
+
+    def backward(self, grad_out: np.ndarray) -> np.ndarray:
+        return grad_out.reshape(self.input_shape)
+
+
+class Dense:
+    """Fully connected layer: (N, in_features) -> (N, units), y = x @ W + b.
+
+    params: W (in_features, units), b (units,).
+    Backward: dW = x^T @ grad_out,  db = sum over N of grad_out,  dx = grad_out @ W^T.
+    """
+
+    def __init__(self, in_features: int, units: int, *, rng: np.random.Generator | None = None) -> None:
+        rng = rng if rng is not None else np.random.default_rng()
+        self.params = {"W": he_normal((in_features, units), in_features, rng), "b": np.zeros(units, dtype=DTYPE)}
+        self.grads = {name: np.zeros_like(p) for name, p in self.params.items()}
+        self.need_input_grad = True
+
+    def output_shape(self, input_shape: tuple[int]) -> tuple[int]:
+        return (self.params["W"].shape[1],)
+
+    def forward(self, x: np.ndarray, training: bool = True) -> np.ndarray:
+        if training:
+            self.x = x
+        return x @ self.params["W"] + self.params["b"]
+
+    def backward(self, grad_out: np.ndarray) -> np.ndarray | None:
+        self.grads["W"][...] = self.x.T @ grad_out
+        self.grads["b"][...] = grad_out.sum(axis=0)
+        if not self.need_input_grad:
+            return None
+        return grad_out @ self.params["W"].T
+
+
+# ------------------------------------------------------------------------------------------------
+# Loss
+# ------------------------------------------------------------------------------------------------
+
+
+class SoftmaxCrossEntropy:
+    """Mean cross-entropy of softmax(logits) against integer labels.
+
+    logits (N, K), labels (N,) -> loss = mean_n( logsumexp(logits_n) - logits_n[label_n] ).
+    Backward: dLoss/dlogits = (softmax(logits) - onehot(labels)) / N.
+    """
+
+    def forward(self, logits: np.ndarray, labels: np.ndarray) -> float:
+        # Subtracting the row max changes nothing mathematically but keeps exp() from overflowing.
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        log_sum_exp = np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        log_probs = shifted - log_sum_exp
+        rows = np.arange(len(labels))
+        self.probs, self.labels = np.exp(log_probs), labels
+        return float(-log_probs[rows, labels].mean())
+
+    def backward(self) -> np.ndarray:
+        grad = self.probs.copy()
+        grad[np.arange(len(self.labels)), self.labels] -= 1
+        return grad / len(self.labels)
+
+
+# ------------------------------------------------------------------------------------------------
+# Model
+# ------------------------------------------------------------------------------------------------
+
+
+class Sequential:
+    """A stack of layers applied in order; backward runs them in reverse (the chain rule).
+
+    `timings`, when set to a dict, collects seconds spent per layer and direction (for --profile).
+    """
+
+    def __init__(self, layers: list, input_shape: tuple[int, ...] | None = None) -> None:
+        self.layers = layers
+        self.input_shape = tuple(input_shape) if input_shape is not None else None
+        self.timings: dict[tuple[int, str], float] | None = None
+        if layers and hasattr(layers[0], "need_input_grad"):
+            # Nothing upstream of the first layer needs dLoss/dx: skipping its col2im saves time.
+            layers[0].need_input_grad = False
+
+    def forward(self, x: np.ndarray, training: bool = True) -> np.ndarray:
+        for index, layer in enumerate(self.layers):
+            start = time.perf_counter()
+            x = layer.forward(x, training)
+            if self.timings is not None:
+                self._record(index, "forward", start)
+        return x
+
+    def backward(self, grad_out: np.ndarray) -> np.ndarray | None:
+        for index in reversed(range(len(self.layers))):
+            start = time.perf_counter()
+            grad_out = self.layers[index].backward(grad_out)
+            if self.timings is not None:
+                self._record(index, "backward", start)
+        return grad_out
+
+    def _record(self, index: int, direction: str, start: float) -> None:
+        key = (index, direction)
+        self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - start
+
+    def predict_proba(self, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+        """Softmax probabilities (N, K), computed batch by batch so memory stays bounded."""
+        chunks = []
+        for start in range(0, len(x), batch_size):
+            logits = self.forward(x[start:start + batch_size], training=False)
+            shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+            chunks.append(shifted / shifted.sum(axis=1, keepdims=True))
+        return np.concatenate(chunks) if chunks else np.zeros((0, 0), dtype=DTYPE)
+
+    def predict(self, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+        """Predicted class per sample (N,)."""
+        return self.predict_proba(x, batch_size).argmax(axis=1)
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int = 1000) -> tuple[float, float]:
+        """(mean loss, accuracy) over the whole set, batch by batch."""
+        loss_fn, total_loss, correct = SoftmaxCrossEntropy(), 0.0, 0
+        for start in range(0, len(x), batch_size):
+            logits = self.forward(x[start:start + batch_size], training=False)
+            labels = y[start:start + batch_size]
+            total_loss += loss_fn.forward(logits, labels) * len(labels)
+            correct += int((logits.argmax(axis=1) == labels).sum())
+        return total_loss / max(len(x), 1), correct / max(len(x), 1)
+
+    def parameter_count(self) -> int:
+        return sum(p.size for layer in self.layers for p in layer.params.values())
+
+    def summary_rows(self) -> list[dict]:
+        """One row per layer: name, output shape (without N) and number of weights."""
+        shape, rows, counts = self.input_shape, [], {}
+        for layer in self.layers:
+            kind = type(layer).__name__
+            counts[kind] = counts.get(kind, 0) + 1
+            shape = layer.output_shape(shape)
+            rows.append({
+                "layer": f"{kind.lower()}_{counts[kind]} ({kind})",
+                "output_shape": list(shape),
+                "parameters": int(sum(p.size for p in layer.params.values())),
+            })
+        return rows
+
+    def summary(self) -> str:
+        """A Keras-like table: layer, output shape, parameter count, and the total."""
+        rows = self.summary_rows()
+        lines = [f"{'Layer (type)':<24}{'Output shape':<18}{'Params':>10}", "-" * 52]
+        lines += [f"{r['layer']:<24}{str(tuple(r['output_shape'])):<18}{r['parameters']:>10,}" for r in rows]
+        lines += ["-" * 52, f"Total parameters: {self.parameter_count():,}  (input {self.input_shape})"]
+        return "\n".join(lines)
+
+
+def build_model(
+    model_cfg: dict, input_shape: tuple[int, int, int], num_classes: int, rng: np.random.Generator
+) -> Sequential:
+    """Conv2D -> ReLU -> MaxPool2D for each entry of model_cfg['conv_layers'] (pooling skipped when
+    pool_size is 0 or null), then Flatten -> Dense(dense_units) -> ReLU -> Dense(num_classes).
+
+    Shapes are inferred from input_shape (H, W, C); a layer that would shrink the image below 1x1
+    raises ConfigError naming it.
+    """
+    layers: list = []
+    shape = tuple(input_shape)
+    for index, spec in enumerate(model_cfg["conv_layers"]):
+        where = f"model.conv_layers[{index}]"
+        k, p = spec["kernel_size"], spec["padding"]
+        if k > shape[0] + 2 * p or k > shape[1] + 2 * p:
+            raise ConfigError(
+                f"{where}: kernel_size {k} is larger than its padded input "
+                f"{shape[0] + 2 * p}x{shape[1] + 2 * p} (input {shape[0]}x{shape[1]}, padding {p})"
+            )
+        conv = Conv2D(shape[2], spec["filters"], k, spec["stride"], p, rng=rng)
+        layers += [conv, ReLU()]
+        shape = conv.output_shape(shape)
+        if spec.get("pool_size"):
+            pool = MaxPool2D(spec["pool_size"], spec.get("pool_stride"))
+            if pool.pool_size > shape[0] or pool.pool_size > shape[1]:
+                raise ConfigError(
+                    f"{where}: pool_size {pool.pool_size} is larger than the {shape[0]}x{shape[1]} image "
+                    "it pools (reduce pool_size, use padding, or drop a layer)"
+                )
+            layers.append(pool)
+            shape = pool.output_shape(shape)
+    flat = math.prod(shape)
+    layers += [Flatten(), Dense(flat, model_cfg["dense_units"], rng=rng), ReLU(),
+               Dense(model_cfg["dense_units"], num_classes, rng=rng)]
+    return Sequential(layers, input_shape)
+
+
+# ------------------------------------------------------------------------------------------------
+# Optimisers
+# ------------------------------------------------------------------------------------------------
+
+
+def _parameters(model: Sequential) -> Iterator[tuple[tuple[int, str], np.ndarray, np.ndarray]]:
+    for index, layer in enumerate(model.layers):
+        for name, param in layer.params.items():
+            yield (index, name), param, layer.grads[name]
+
+
+class SGD:
+    """Stochastic gradient descent with momentum (PyTorch's form): v = momentum * v + g;  w -= lr * v."""
+
+    def __init__(self, learning_rate: float = 0.01, momentum: float = 0.9) -> None:
+        self.learning_rate, self.momentum = learning_rate, momentum
+        self.state: dict[str, np.ndarray] = {}
+
+    def step(self, model: Sequential) -> None:
+        for key, param, grad in _parameters(model):
+            velocity = self.state.setdefault(f"{key[0]}.{key[1]}.velocity", np.zeros_like(param))
+            velocity *= self.momentum
+            velocity += grad
+            param -= self.learning_rate * velocity
+
+
+class Adam:
+    """Adam (Kingma & Ba, 2015) with bias correction.
+
+    m = b1*m + (1-b1)*g;  v = b2*v + (1-b2)*g^2;  w -= lr * m_hat / (sqrt(v_hat) + eps),
+    where m_hat = m / (1 - b1^t) and v_hat = v / (1 - b2^t) undo the zero start of m and v.
+    """
+
+    def __init__(self, learning_rate: float = 0.001, beta1: float = 0.9, beta2: float = 0.999,
+                 eps: float = 1e-8) -> None:
+        self.learning_rate, self.beta1, self.beta2, self.eps = learning_rate, beta1, beta2, eps
+        self.t = 0
+        self.state: dict[str, np.ndarray] = {}
+
+    def step(self, model: Sequential) -> None:
+        self.t += 1
+        correction1 = 1 - self.beta1 ** self.t
+        correction2_sqrt = math.sqrt(1 - self.beta2 ** self.t)
+        for key, param, grad in _parameters(model):
+            m = self.state.setdefault(f"{key[0]}.{key[1]}.m", np.zeros_like(param))
+            v = self.state.setdefault(f"{key[0]}.{key[1]}.v", np.zeros_like(param))
+            m *= self.beta1
+            m += (1 - self.beta1) * grad
+            v *= self.beta2
+            v += (1 - self.beta2) * grad * grad
+            # Same arithmetic as PyTorch: w -= (lr / c1) * m / (sqrt(v) / sqrt(c2) + eps).
+            param -= (self.learning_rate / correction1) * m / (np.sqrt(v) / correction2_sqrt + self.eps)
+
+
+def make_optimizer(training_cfg: dict) -> SGD | Adam:
+    if training_cfg["optimizer"] == "sgd":
+        return SGD(training_cfg["learning_rate"], training_cfg["momentum"])
+    return Adam(training_cfg["learning_rate"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------------
+
+DATASETS = ("mnist", "fashion_mnist", "digits", "synthetic")
+DIGIT_NAMES = [str(digit) for digit in range(10)]
+FASHION_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                 "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+OPENML_NAMES = {"mnist": "mnist_784", "fashion_mnist": "Fashion-MNIST"}
+IDX_FILES = {  # split -> (images, labels), without the optional .gz
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+@dataclass
+class Dataset:
+    """Train and test images (N, H, W, C) float32 in [0, 1] with integer labels (N,)."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    class_names: list[str]
+    name: str
+    source: str  # where the images came from: idx, cache, openml, sklearn or synthetic
+    note: str = ""  # a sentence for humans: which files, what was held out, why a fallback happened
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.x_train.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def make_rngs(seed: int) -> dict[str, np.random.Generator]:
+    """Independent random streams for data sampling, weight initialisation and shuffling, all from one seed,
+    so that changing (say) the model does not change which images are drawn."""
+    streams = np.random.SeedSequence(seed).spawn(3)
+    return {name: np.random.default_rng(s) for name, s in zip(("data", "init", "shuffle"), streams)}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (the MNIST format, optionally gzipped) into a uint8 array.
+
+    Layout: two zero bytes, a type byte (0x08 = unsigned byte), the number of dimensions, one big-endian
+    uint32 per dimension, then the data. Raises DataError naming the file for anything else.
+    """
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as error:
+        raise DataError(f"{path}: cannot read it ({error})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or not 1 <= raw[3] <= 3:
+        magic = raw[:4].hex() if len(raw) >= 4 else f"only {len(raw)} bytes"
+        raise DataError(f"{path}: not an IDX file of unsigned bytes (magic number {magic}, "
+                        "expected 00000801 for labels or 00000803 for images)")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path}: truncated header ({len(raw)} bytes)")
+    shape = struct.unpack(f">{ndim}I", raw[4:header])
+    expected = math.prod(shape)
+    if len(raw) - header != expected:
+        raise DataError(f"{path}: header promises {expected:,} bytes of data for shape {shape}, "
+                        f"file holds {len(raw) - header:,} (truncated or corrupt)")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _find_idx(folder: Path, stem: str) -> Path | None:
+    # Besides the standard names, accept the 'train-images.idx3-ubyte' spelling some archives use.
+    dotted = stem.replace("-idx", ".idx")
+    for name in (stem, stem + ".gz", dotted, dotted + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def load_idx_split(folder: Path, split: str, num_classes: int = 10) -> tuple[np.ndarray, np.ndarray] | None:
+    """Images (N, 28, 28) and labels (N,) of one split from an IDX folder; None if its files are absent."""
+    image_stem, label_stem = IDX_FILES[split]
+    image_path, label_path = _find_idx(folder, image_stem), _find_idx(folder, label_stem)
+    if image_path is None and label_path is None:
+        return None
+    if image_path is None or label_path is None:
+        present, missing = (image_path, label_stem) if label_path is None else (label_path, image_stem)
+        raise DataError(f"{folder}: found {present.name} but not {missing}[.gz] beside it")
+    images, labels = read_idx(image_path), read_idx(label_path)
+    if images.ndim != 3:
+        raise DataError(f"{image_path}: expected images of 3 dimensions (N, H, W), found shape {images.shape}")
+    if labels.ndim != 1:
+        raise DataError(f"{label_path}: expected labels of 1 dimension (N,), found shape {labels.shape}")
+    if len(images) != len(labels):
+        raise DataError(f"{image_path.name} holds {len(images):,} images but {label_path.name} "
+                        f"holds {len(labels):,} labels")
+    if labels.size and labels.max() >= num_classes:
+        raise DataError(f"{label_path}: label {int(labels.max())} is out of range 0..{num_classes - 1}")
+    return images, labels
+
+
+def load_idx_folder(folder: Path) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray] | None]:
+    """(train, test) from a folder of IDX files; test is None when the folder has no t10k files."""
+    if not folder.is_dir():
+        raise DataError(f"data.path: {folder} is not a folder")
+    train = load_idx_split(folder, "train")
+    if train is None:
+        raise DataError(f"{folder}: no {IDX_FILES['train'][0]}[.gz] / {IDX_FILES['train'][1]}[.gz] in this folder")
+    test = load_idx_split(folder, "test")
+    if test is not None and test[0].shape[1:] != train[0].shape[1:]:
+        raise DataError(f"{folder}: test images are {test[0].shape[1:]} but training images {train[0].shape[1:]}")
+    return train, test
+
+
+def load_cache(path: Path) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | None:
+    """The .npz written after a successful download, or None (with a warning) if absent or unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = [archive[key] for key in ("x_train", "y_train", "x_test", "y_test")]
+    except Exception as error:  # any damage means: ignore the cache and download again
+        log.warning("ignoring the unreadable cache %s (%s)", path, error)
+        return None
+    return (arrays[0], arrays[1]), (arrays[2], arrays[3])
+
+
+def download_openml(name: str, cache_dir: Path) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """MNIST or Fashion-MNIST from OpenML: the first 60,000 rows are the official training split,
+    the last 10,000 the test split. Imported lazily: scikit-learn takes a second to import."""
+    from sklearn.datasets import fetch_openml
+
+    log.info("downloading %s from OpenML (the first download and parse can take a minute) ...", OPENML_NAMES[name])
+    bunch = fetch_openml(OPENML_NAMES[name], version=1, as_frame=False, parser="liac-arff",
+                         data_home=str(cache_dir / "openml"))
+    images = np.asarray(bunch.data, dtype=np.uint8).reshape(-1, 28, 28)
+    labels = np.asarray(bunch.target).astype(np.uint8)
+    return (images[:60000], labels[:60000]), (images[60000:], labels[60000:])
+
+
+# The seven segments of a pocket-calculator display, as (x0, y0, x1, y1) in a unit box (y downwards),
+# and which segments light up for each digit: the synthetic fallback draws these, so it has real
+# class structure (and the same labels as MNIST) while needing no download.
+SEGMENTS = np.array([(0, 0, 1, 0), (1, 0, 1, .5), (1, .5, 1, 1), (0, 1, 1, 1),
+                     (0, .5, 0, 1), (0, 0, 0, .5), (0, .5, 1, .5)], dtype=np.float32)
+SEGMENTS_ON = np.array([[1, 1, 1, 1, 1, 1, 0], [0, 1, 1, 0, 0, 0, 0], [1, 1, 0, 1, 1, 0, 1],
+                        [1, 1, 1, 1, 0, 0, 1], [0, 1, 1, 0, 0, 1, 1], [1, 0, 1, 1, 0, 1, 1],
+                        [1, 0, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1],
+                        [1, 1, 1, 1, 0, 1, 1]], dtype=bool)
+
+
+def make_synthetic(n: int, rng: np.random.Generator, size: int = 28) -> tuple[np.ndarray, np.ndarray]:
+    """n seven-segment digits (uint8 images (n, size, size), labels (n,)) with random position, size,
+    slant, stroke width and noise: learnable, but not trivially."""
+    labels = rng.integers(0, 10, n)
+    left, top = rng.uniform(5, 11, (n, 1, 1)), rng.uniform(3, 7, (n, 1, 1))
+    width, height = rng.uniform(7, 12, (n, 1, 1)), rng.uniform(14, 20, (n, 1, 1))
+    slant, stroke = rng.uniform(-0.25, 0.25, (n, 1, 1)), rng.uniform(0.8, 2.0, (n, 1, 1))
+    rows, cols = np.mgrid[0:size, 0:size].astype(np.float32)
+    images = np.zeros((n, size, size), dtype=np.float32)
+    for (x0, y0, x1, y1), on in zip(SEGMENTS, SEGMENTS_ON[labels].T):
+        # Segment end points in pixels; slant shifts x in proportion to the height above the middle.
+        ax, ay = left + width * x0 + slant * height * (0.5 - y0), top + height * y0
+        bx, by = left + width * x1 + slant * height * (0.5 - y1), top + height * y1
+        # Distance from every pixel to the segment: project onto it, clip to its ends.
+        dx, dy = bx - ax, by - ay
+        t = np.clip(((cols - ax) * dx + (rows - ay) * dy) / (dx * dx + dy * dy), 0, 1)
+        distance = np.hypot(cols - (ax + t * dx), rows - (ay + t * dy))
+        ink = np.clip(stroke + 0.5 - distance, 0, 1) * on[:, None, None]
+        np.maximum(images, ink, out=images)
+    images += rng.normal(0, 0.08, images.shape).astype(np.float32)
+    return (np.clip(images, 0, 1) * 255).round().astype(np.uint8), labels.astype(np.uint8)
+
+
+def _draw(split: tuple[np.ndarray, np.ndarray], n: int, rng: np.random.Generator, what: str) -> tuple:
+    images, labels = split
+    if n > len(images):
+        raise DataError(f"{what} = {n:,} but only {len(images):,} images are available")
+    chosen = rng.choice(len(images), n, replace=False)
+    return images[chosen], labels[chosen]
+
+
+def _hold_out(images: np.ndarray, labels: np.ndarray, n_train: int, n_test: int, rng: np.random.Generator,
+              what: str) -> tuple[tuple, tuple]:
+    """Disjoint random train and test draws from one pool that has no official test split."""
+    if n_train + n_test > len(images):
+        raise DataError(f"{what}: n_train + n_test = {n_train + n_test:,} but only {len(images):,} images "
+                        "are available (they are split between training and test)")
+    order = rng.permutation(len(images))
+    test, train = order[:n_test], order[n_test:n_test + n_train]
+    return (images[train], labels[train]), (images[test], labels[test])
+
+
+def load_data(data_cfg: dict) -> Dataset:
+    """Load data_cfg['dataset'] and draw n_train / n_test images from it with the seed.
+
+    MNIST and Fashion-MNIST come from, in order: the IDX folder data_cfg['path'], the cache in
+    data_cfg['cache_dir'], a download from OpenML (cached afterwards), and, if all fail and
+    allow_synthetic_fallback is on, synthetic seven-segment digits, loudly labelled as such.
+    """
+    name, n_train, n_test = data_cfg["dataset"], data_cfg["n_train"], data_cfg["n_test"]
+    rng = make_rngs(data_cfg["random_seed"])["data"]
+    class_names = FASHION_NAMES if name == "fashion_mnist" else DIGIT_NAMES
+    if name == "digits":
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        images = (bunch.images * (255 / 16)).round().astype(np.uint8)  # 0..16 -> 0..255
+        train, test = _hold_out(images, bunch.target, n_train, n_test, rng, "data (digits)")
+        return _to_dataset(train, test, class_names, name, "sklearn",
+                           "scikit-learn's 1,797 8x8 digits, split at random into training and test")
+    if name == "synthetic":
+        return _to_dataset(make_synthetic(n_train, rng), make_synthetic(n_test, rng), class_names, name,
+                           "synthetic", "synthetic seven-segment digits (asked for in the config)")
+
+    if data_cfg["path"]:
+        folder = Path(data_cfg["path"])
+        train, test = load_idx_folder(folder)
+        if test is None:
+            train, test = _hold_out(*train, n_train, n_test, rng, f"data ({folder})")
+            note = f"IDX files in {folder}; it has no t10k files, so {n_test:,} training images were held out as the test set"
+            return _to_dataset(train, test, class_names, name, "idx", note)
+        return _to_dataset(_draw(train, n_train, rng, "data.n_train"), _draw(test, n_test, rng, "data.n_test"),
+                           class_names, name, "idx", f"IDX files in {folder}")
+
+    cache = Path(data_cfg["cache_dir"]) / f"{name}.npz"
+    splits, source, note = load_cache(cache), "cache", f"cached download {cache}"
+    if splits is None:
+        try:
+            splits = download_openml(name, Path(data_cfg["cache_dir"]))
+        except Exception as error:  # offline, firewall, OpenML down, broken download: all mean "fall back"
+            reason = f"could not load {name}: no data.path, no cache at {cache}, and the download failed " \
+                     f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+            if not data_cfg["allow_synthetic_fallback"]:
+                raise DataError(reason + "; synthetic fallback is off (--no-fallback)") from None
+            log.warning("!" * 78)
+            log.warning("SYNTHETIC DATA: %s", reason)
+            log.warning("Training on synthetic seven-segment digits instead: the accuracy says nothing about %s.", name)
+            log.warning("!" * 78)
+            return _to_dataset(make_synthetic(n_train, rng), make_synthetic(n_test, rng), DIGIT_NAMES, name,
+                               "synthetic", "FALLBACK: " + reason)
+        source, note = "openml", f"downloaded from OpenML ({OPENML_NAMES[name]}), cached in {cache}"
+        write_atomic(cache, lambda f: np.savez_compressed(
+            f, x_train=splits[0][0], y_train=splits[0][1], x_test=splits[1][0], y_test=splits[1][1]))
+    train, test = splits
+    return _to_dataset(_draw(train, n_train, rng, "data.n_train"), _draw(test, n_test, rng, "data.n_test"),
+                       class_names, name, source, note)
+
+
+def _to_dataset(train: tuple, test: tuple, class_names: list[str], name: str, source: str, note: str) -> Dataset:
+    """uint8 images (N, H, W) -> float32 (N, H, W, 1) in [0, 1]; labels -> int64."""
+    def scale(images: np.ndarray) -> np.ndarray:
+        return (images.astype(DTYPE) / 255)[..., None]
+
+    return Dataset(scale(train[0]), train[1].astype(np.int64), scale(test[0]), test[1].astype(np.int64),
+                   list(class_names), name, source, note)
+
+
+# ------------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    """What train() did: one history row per completed epoch, and how it ended.
+
+    status: "completed", "interrupted" (a stop was requested) or "diverged" (loss or weights not finite);
+    stopped_at: for the last two, the epoch and batch where it happened.
+    """
+
+    history: list[dict] = field(default_factory=list)
+    status: str = "completed"
+    stopped_at: dict | None = None
+
+
+class ProgressBar:
+    """A one-line progress bar inside an epoch, redrawn at most 10 times a second; silent when the output
+    is not a terminal (a log file or a pipe should not fill up with carriage returns)."""
+
+    def __init__(self, total: int, label: str, stream: Any = None) -> None:
+        self.stream = stream if stream is not None else sys.stdout
+        self.enabled = self.stream.isatty()
+        self.total, self.label, self.last_draw = total, label, 0.0
+
+    def update(self, done: int, loss: float) -> None:
+        now = time.perf_counter()
+        if not self.enabled or (now - self.last_draw < 0.1 and done < self.total):
+            return
+        self.last_draw = now
+        filled = 30 * done // self.total
+        self.stream.write(f"\r{self.label} [{'=' * filled}{' ' * (30 - filled)}] {done}/{self.total} loss {loss:.4f}")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.stream.write("\r" + " " * 79 + "\r")
+            self.stream.flush()
+
+
+def weights_finite(model: Sequential) -> bool:
+    return all(np.isfinite(p).all() for layer in model.layers for p in layer.params.values())
+
+
+def train(
+    model: Sequential,
+    optimizer: SGD | Adam,
+    data: Dataset,
+    *,
+    epochs: int,
+    batch_size: int,
+    rng: np.random.Generator,
+    should_stop: Callable[[], bool] = lambda: False,
+    first_epoch: int = 1,
+) -> TrainResult:
+    """Mini-batch training: each epoch shuffles the training set, and for every batch runs
+    forward -> loss -> backward -> optimiser step; then it evaluates on the test set.
+
+    Stops early, with the matching status, when the loss or a weight stops being finite (diverged) or
+    when should_stop() turns true after a batch (interrupted). first_epoch numbers the epochs of a
+    continued run.
+    """
+    loss_fn, result = SoftmaxCrossEntropy(), TrainResult()
+    n_train = len(data.x_train)
+    n_batches = math.ceil(n_train / batch_size)
+    for epoch in range(first_epoch, first_epoch + epochs):
+        start = time.perf_counter()
+        order = rng.permutation(n_train)
+        bar = ProgressBar(n_batches, f"epoch {epoch}/{first_epoch + epochs - 1}")
+        total_loss, correct = 0.0, 0
+        for batch in range(n_batches):
+            chosen = order[batch * batch_size:(batch + 1) * batch_size]
+            x, labels = data.x_train[chosen], data.y_train[chosen]
+            logits = model.forward(x)
+            loss = loss_fn.forward(logits, labels)
+            if not math.isfinite(loss):
+                bar.close()
+                result.status, result.stopped_at = "diverged", {"epoch": epoch, "batch": batch + 1, "loss": str(loss)}
+                return result
+            model.backward(loss_fn.backward())
+            optimizer_start = time.perf_counter()
+            optimizer.step(model)
+            if model.timings is not None:
+                model.timings[("optimizer", "step")] = (model.timings.get(("optimizer", "step"), 0.0)
+                                                        + time.perf_counter() - optimizer_start)
+            total_loss += loss * len(labels)
+            correct += int((logits.argmax(axis=1) == labels).sum())
+            bar.update(batch + 1, loss)
+            if should_stop():
+                bar.close()
+                result.status, result.stopped_at = "interrupted", {"epoch": epoch, "batch": batch + 1}
+                return result
+        bar.close()
+        seconds = time.perf_counter() - start
+        if not weights_finite(model):
+            result.status, result.stopped_at = "diverged", {"epoch": epoch, "batch": n_batches, "loss": "weights"}
+            return result
+        test_loss, test_accuracy = model.evaluate(data.x_test, data.y_test)
+        row = {"epoch": epoch, "train_loss": total_loss / n_train, "train_accuracy": correct / n_train,
+               "test_loss": test_loss, "test_accuracy": test_accuracy, "seconds": round(seconds, 3),
+               "images_per_second": round(n_train / seconds, 1)}
+        result.history.append(row)
+        log.info("epoch %*d/%d  train loss %.4f acc %.2f%%  test loss %.4f acc %.2f%%  %.1fs  %.0f img/s",
+                 len(str(first_epoch + epochs - 1)), epoch, first_epoch + epochs - 1, row["train_loss"],
+                 100 * row["train_accuracy"], test_loss, 100 * test_accuracy, seconds, row["images_per_second"])
+        if should_stop():
+            result.status, result.stopped_at = "interrupted", {"epoch": epoch, "batch": n_batches}
+            return result
+    return result
+
+
+def profile_table(model: Sequential, n_batches: int) -> str:
+    """Seconds per layer and direction collected in model.timings, as a table with each row's share."""
+    timings = model.timings or {}
+    names = [row["layer"].split(" ")[0] for row in model.summary_rows()]
+    rows = [(name, timings.get((index, "forward"), 0.0), timings.get((index, "backward"), 0.0))
+            for index, name in enumerate(names)]
+    rows.append(("optimizer step", 0.0, timings.get(("optimizer", "step"), 0.0)))
+    total = sum(forward + backward for _, forward, backward in rows) or 1.0
+    lines = [f"{'layer':<18}{'forward s':>11}{'backward s':>12}{'ms/batch':>10}{'share':>8}", "-" * 59]
+    for name, forward, backward in rows:
+        lines.append(f"{name:<18}{forward:>11.3f}{backward:>12.3f}{1000 * (forward + backward) / max(n_batches, 1):>10.2f}"
+                     f"{100 * (forward + backward) / total:>7.1f}%")
+    lines += ["-" * 59, f"{'total':<18}{sum(r[1] for r in rows):>11.3f}{sum(r[2] for r in rows):>12.3f}"
+              f"{1000 * total / max(n_batches, 1):>10.2f}{100.0:>7.1f}%"]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# Gradient check: every backward pass against central differences, in float64
+# ------------------------------------------------------------------------------------------------
+
+
+def relative_error(analytic: np.ndarray, numeric: np.ndarray) -> float:
+    """max |a - n| / max(|a| + |n|, 1e-8): relative where the gradient is large, absolute where it is ~0."""
+    return float(np.max(np.abs(analytic - numeric) / np.maximum(np.abs(analytic) + np.abs(numeric), 1e-8)))
+
+
+def numeric_gradient(objective: Callable[[], float], array: np.ndarray, coords: np.ndarray,
+                     eps: float = 1e-6) -> np.ndarray:
+    """Central differences (f(a + eps) - f(a - eps)) / 2eps at the given flat coordinates of `array`,
+    which objective() must read (it is changed in place and restored)."""
+    flat = array.reshape(-1)  # a view: array must be contiguous
+    grads = np.empty(len(coords))
+    for i, coord in enumerate(coords):
+        original = flat[coord]
+        flat[coord] = original + eps
+        plus = objective()
+        flat[coord] = original - eps
+        minus = objective()
+        flat[coord] = original
+        grads[i] = (plus - minus) / (2 * eps)
+    return grads
+
+
+def gradient_check(model: Sequential, x: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
+                   n_coords: int = 20, tolerance: float = 1e-6) -> list[dict]:
+    """Check each layer's backward pass on its real input inside the model, in float64.
+
+    For layer L with input a and a random upstream gradient G, the objective sum(L(a) * G) has gradient
+    L.backward(G) with respect to a, and L.grads with respect to its weights; both are compared with
+    central differences on n_coords random coordinates per tensor. A last check runs the whole model
+    and loss end to end. Returns one row per tensor: layer, tensor, shape, coordinates, error, ok.
+    The model's weights are converted to float64 in place.
+    """
+    for layer in model.layers:
+        for name in layer.params:
+            layer.params[name] = layer.params[name].astype(np.float64)
+            layer.grads[name] = np.zeros_like(layer.params[name])
+    names = [row["layer"].split(" ")[0] for row in model.summary_rows()]
+    rows: list[dict] = []
+
+    def check(layer_name: str, tensor: str, array: np.ndarray, analytic: np.ndarray, objective: Callable) -> None:
+        coords = rng.choice(array.size, min(n_coords, array.size), replace=False)
+        error = relative_error(analytic.reshape(-1)[coords], numeric_gradient(objective, array, coords))
+        rows.append({"layer": layer_name, "tensor": tensor, "shape": list(array.shape), "coords": len(coords),
+                     "max_rel_error": error, "ok": error < tolerance})
+
+    activation = np.ascontiguousarray(x, dtype=np.float64)
+    for name, layer in zip(names, model.layers):
+        upstream = rng.standard_normal(layer.forward(activation).shape)
+
+        def objective(layer: Any = layer, activation: np.ndarray = activation, upstream: np.ndarray = upstream) -> float:
+            return float(np.sum(layer.forward(activation, training=False) * upstream))
+
+        needed = getattr(layer, "need_input_grad", True)
+        layer.need_input_grad = True
+        layer.forward(activation)
+        grad_in = layer.backward(upstream)
+        layer.need_input_grad = needed
+        check(name, "input", activation, grad_in, objective)
+        for tensor, param in layer.params.items():
+            check(name, tensor, param, layer.grads[tensor].copy(), objective)
+        activation = np.ascontiguousarray(layer.forward(activation, training=False))
+
+    loss_fn = SoftmaxCrossEntropy()
+    loss_fn.forward(activation, labels)
+    check("softmax_ce", "logits", activation, loss_fn.backward(), lambda: loss_fn.forward(activation, labels))
+
+    def model_loss() -> float:
+        return loss_fn.forward(model.forward(x, training=False), labels)
+
+    first = next((i for i, layer in enumerate(model.layers) if layer.params), None)
+    if first is not None:
+        loss_fn.forward(model.forward(x), labels)
+        model.backward(loss_fn.backward())
+        check("whole model", f"{names[first]}.W", model.layers[first].params["W"],
+              model.layers[first].grads["W"].copy(), model_loss)
+    return rows
+
+
+def gradient_check_table(rows: list[dict]) -> str:
+    lines = [f"{'layer':<14}{'tensor':<12}{'shape':<20}{'coords':>7}{'max rel error':>15}  result", "-" * 76]
+    for row in rows:
+        lines.append(f"{row['layer']:<14}{row['tensor']:<12}{str(tuple(row['shape'])):<20}{row['coords']:>7}"
+                     f"{row['max_rel_error']:>15.2e}  {'ok' if row['ok'] else 'FAIL'}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# Saving and loading models (.npz, no pickle), predicting image files
+# ------------------------------------------------------------------------------------------------
+
+MODEL_FORMAT = "numpy-cnn-model"
+
+
+def write_atomic(path: Path, write: Callable[[Any], None], binary: bool = True) -> None:
+    """Write to a temporary file beside `path`, then rename it into place: a crash or Ctrl-C midway
+    leaves the old file (or none) rather than half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb" if binary else "w", encoding=None if binary else "utf-8") as f:
+            write(f)
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def save_model(path: Path, model: Sequential, model_cfg: dict, data: Dataset, summary: dict,
+               optimizer: SGD | Adam | None = None) -> None:
+    """One .npz: every weight ('layer<i>.<name>'), the optimiser's state ('optimizer.<key>'), and a JSON
+    'meta' entry with the architecture, input shape, class names and training summary."""
+    arrays = {f"layer{i}.{name}": p for i, layer in enumerate(model.layers) for name, p in layer.params.items()}
+    meta = {"format": MODEL_FORMAT, "version": 1, "model": model_cfg, "input_shape": list(model.input_shape),
+            "class_names": data.class_names, "dataset": data.name, "training": summary}
+    if optimizer is not None:
+        meta["optimizer"] = {"name": type(optimizer).__name__.lower(), "t": getattr(optimizer, "t", 0)}
+        arrays.update({f"optimizer.{key}": value for key, value in optimizer.state.items()})
+    arrays["meta"] = np.array(json.dumps(meta))
+    write_atomic(path, lambda f: np.savez(f, **arrays))
+
+
+@dataclass
+class LoadedModel:
+    model: Sequential
+    meta: dict
+    optimizer_state: dict[str, np.ndarray]
+
+
+def load_model(path: Path) -> LoadedModel:
+    """Rebuild a model saved by save_model. Never unpickles; any defect is a ModelFileError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no such model file")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+    except Exception as error:  # not a zip, truncated, pickled objects, bad CRC: all "not a model file"
+        raise ModelFileError(f"{path}: not a readable numpy-cnn model file ({type(error).__name__}: {error})") from None
+    if "meta" not in arrays:
+        raise ModelFileError(f"{path}: not a numpy-cnn model file (it has no 'meta' entry)")
+    try:
+        meta = json.loads(str(arrays.pop("meta")))
+        if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
+            raise ValueError(f"its format is not {MODEL_FORMAT!r}")
+        model_cfg = _check_mapping("model", meta["model"], SCHEMA["model"], DEFAULT_CONFIG["model"])
+        input_shape, class_names = tuple(int(v) for v in meta["input_shape"]), [str(c) for c in meta["class_names"]]
+        if len(input_shape) != 3 or min(input_shape) < 1 or len(class_names) < 2:
+            raise ValueError(f"input shape {input_shape} or class names {class_names} make no sense")
+    except (KeyError, TypeError, ValueError, ConfigError) as error:
+        raise ModelFileError(f"{path}: not a valid numpy-cnn model file (meta: {error})") from None
+    try:
+        model = build_model(model_cfg, input_shape, len(class_names), np.random.default_rng(0))
+    except ConfigError as error:
+        raise ModelFileError(f"{path}: the stored architecture does not fit its input shape ({error})") from None
+    expected = {f"layer{i}.{name}" for i, layer in enumerate(model.layers) for name in layer.params}
+    stored = {key for key in arrays if not key.startswith("optimizer.")}
+    if stored != expected:
+        raise ModelFileError(f"{path}: weights {sorted(stored ^ expected)[:3]} do not fit the stored architecture")
+    for i, layer in enumerate(model.layers):
+        for name, param in layer.params.items():
+            weights = arrays[f"layer{i}.{name}"]
+            if weights.shape != param.shape or weights.dtype.kind != "f":
+                raise ModelFileError(f"{path}: layer{i}.{name} has shape {weights.shape} ({weights.dtype}), "
+                                     f"the stored architecture needs {param.shape} (float)")
+            param[...] = weights
+    optimizer_state = {key.removeprefix("optimizer."): arrays[key] for key in arrays if key.startswith("optimizer.")}
+    return LoadedModel(model, meta, optimizer_state)
+
+
+def restore_optimizer(optimizer: SGD | Adam, loaded: LoadedModel) -> bool:
+    """Continue with the saved optimiser state when it is the same kind of optimiser and fits the weights."""
+    saved = loaded.meta.get("optimizer") or {}
+    if saved.get("name") != type(optimizer).__name__.lower():
+        return False
+    params = {f"{i}.{name}": p for i, layer in enumerate(loaded.model.layers) for name, p in layer.params.items()}
+    for key, value in loaded.optimizer_state.items():
+        owner = key.rsplit(".", 1)[0]
+        if owner not in params or params[owner].shape != value.shape:
+            return False
+    optimizer.state = {key: value.astype(DTYPE) for key, value in loaded.optimizer_state.items()}
+    if isinstance(optimizer, Adam):
+        optimizer.t = int(saved.get("t", 0))
+    return True
+
+
+def read_image(path: Path) -> np.ndarray:
+    """A grayscale image file (PNG, JPEG, ... via Pillow, or .npy) as a 2-D float array in [0, 1]."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such image file")
+    try:
+        if path.suffix.lower() == ".npy":
+            image = np.load(path, allow_pickle=False).astype(np.float64)
+            if image.ndim == 3 and image.shape[2] in (1, 3, 4):
+                image = image[..., :3].mean(axis=2)
+            if image.ndim != 2:
+                raise ValueError(f"expected a 2-D array (H, W), got shape {image.shape}")
+            top = image.max()
+            return image / 255 if top > 1 else image
+        from PIL import Image
+
+        with Image.open(path) as picture:
+            return np.asarray(picture.convert("L"), dtype=np.float64) / 255
+    except Exception as error:
+        raise DataError(f"{path}: cannot read it as an image ({type(error).__name__}: {error})") from None
+
+
+def prepare_image(image: np.ndarray, input_shape: tuple[int, int, int], fill: float = 20 / 28) -> np.ndarray:
+    """Turn any grayscale image into what the model saw in training: (H, W, 1) float32 in [0, 1].
+
+    A light background (a digit drawn dark on white) is inverted, since MNIST digits are light on black.
+    An image of another size is cropped to its ink, scaled so that its longer side fills `fill` of the
+    frame (MNIST fitted each digit into 20x20 of 28x28) and centred on its centre of mass, as MNIST was made.
+    """
+    from PIL import Image
+
+    height, width = input_shape[:2]
+    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+    if np.median(border) > 0.5:
+        image = 1 - image
+    if image.shape != (height, width):
+        ink = np.argwhere(image > 0.2 * image.max()) if image.max() > 0 else np.zeros((0, 2), int)
+        if len(ink):
+            (top, left), (bottom, right) = ink.min(axis=0), ink.max(axis=0) + 1
+            image = image[top:bottom, left:right]
+        scale = fill * min(height / image.shape[0], width / image.shape[1])
+        size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+        resized = np.asarray(Image.fromarray(image.astype(np.float32), mode="F").resize(size, Image.BILINEAR))
+        resized = np.clip(resized, 0, 1)
+        framed = np.zeros((height, width), dtype=np.float32)
+        mass = resized.sum()
+        rows, cols = np.indices(resized.shape)
+        centre_r = (rows * resized).sum() / mass if mass > 0 else resized.shape[0] / 2
+        centre_c = (cols * resized).sum() / mass if mass > 0 else resized.shape[1] / 2
+        top = int(np.clip(round(height / 2 - centre_r), 0, height - resized.shape[0]))
+        left = int(np.clip(round(width / 2 - centre_c), 0, width - resized.shape[1]))
+        framed[top:top + resized.shape[0], left:left + resized.shape[1]] = resized
+        image = framed
+    return image.astype(DTYPE)[..., None]
+
+
+def predict_files(model: Sequential, paths: list[Path], class_names: list[str], fill: float) -> list[dict]:
+    """Top-3 classes with probabilities for each image file."""
+    images = np.stack([prepare_image(read_image(p), model.input_shape, fill) for p in paths])
+    probabilities = model.predict_proba(images)
+    results = []
+    for path, probs in zip(paths, probabilities):
+        top = np.argsort(probs)[::-1][:3]
+        results.append({"file": str(path), "top": [{"class": class_names[i], "probability": float(probs[i])}
+                                                   for i in top]})
+    return results
+
+
+# ------------------------------------------------------------------------------------------------
+# Configuration: defaults, YAML loading and validation
+# ------------------------------------------------------------------------------------------------
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+OPTIMIZERS = ("adam", "sgd")
+CONV_LAYER_DEFAULTS = {"filters": 32, "kernel_size": 3, "stride": 1, "padding": 0, "pool_size": 2, "pool_stride": None}
+DEFAULT_CONFIG: dict = {
+    "logging": {"level": "INFO", "file": "logs/app.log"},
+    "data": {"dataset": "mnist", "path": None, "cache_dir": "data", "allow_synthetic_fallback": True,
+             "n_train": 5000, "n_test": 1000, "random_seed": 42},
+    "model": {"conv_layers": [dict(CONV_LAYER_DEFAULTS, filters=32, padding=1),
+                              dict(CONV_LAYER_DEFAULTS, filters=64, padding=1)],
+              "dense_units": 128},
+    "training": {"epochs": 10, "learning_rate": 0.001, "batch_size": 32, "optimizer": "adam", "momentum": 0.9},
+    "output": {"plot_dir": None},
+}
+
+
+def _fail(path: str, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"{path}: got {value!r}, expected {allowed}")
+
+
+def _integer(minimum: int, nullable: bool = False) -> Callable[[Any, str], Any]:
+    allowed = f"an integer >= {minimum}" + (" or null" if nullable else "")
+
+    def check(value: Any, path: str) -> Any:
+        if value is None and nullable:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise _fail(path, value, allowed)
+        return value
+    return check
+
+
+def _number(low: float, high: float = math.inf, low_inclusive: bool = False) -> Callable[[Any, str], float]:
+    allowed = f"a number {'>=' if low_inclusive else '>'} {low:g}" + (f" and < {high:g}" if high < math.inf else "")
+
+    def check(value: Any, path: str) -> float:
+        number = value
+        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string: take any string that is a number
+            try:
+                number = float(value)
+            except ValueError:
+                raise _fail(path, value, allowed) from None
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
+            raise _fail(path, value, allowed)
+        if number < low or (number == low and not low_inclusive) or number >= high:
+            raise _fail(path, value, allowed)
+        return float(number)
+    return check
+
+
+def _choice(options: tuple[str, ...], case_insensitive: bool = False) -> Callable[[Any, str], str]:
+    def check(value: Any, path: str) -> str:
+        candidate = value.upper() if case_insensitive and isinstance(value, str) else value
+        if candidate not in options:
+            raise _fail(path, value, "one of " + ", ".join(options))
+        return candidate
+    return check
+
+
+def _boolean(value: Any, path: str) -> bool:
+    if not isinstance(value, bool):
+        raise _fail(path, value, "true or false")
+    return value
+
+
+def _optional_path(value: Any, path: str) -> str | None:
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise _fail(path, value, "a path (a non-empty string) or null")
+    return value
+
+
+def _check_mapping(path: str, raw: Any, schema: dict, defaults: dict) -> dict:
+    """Check a mapping read from YAML against schema {key: check}, taking missing keys from defaults."""
+    if not isinstance(raw, dict):
+        raise _fail(path, raw, f"a mapping with keys {', '.join(schema)}")
+    for key in raw:
+        if key not in schema:
+            close = difflib.get_close_matches(str(key), list(schema), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{path}.{key}: unknown key{hint}; allowed: {', '.join(schema)}")
+    return {key: check(raw.get(key, defaults[key]), f"{path}.{key}") for key, check in schema.items()}
+
+
+CONV_LAYER_SCHEMA = {"filters": _integer(1), "kernel_size": _integer(1), "stride": _integer(1),
+                     "padding": _integer(0), "pool_size": _integer(0, nullable=True),
+                     "pool_stride": _integer(1, nullable=True)}
+
+
+def _conv_layers(value: Any, path: str) -> list[dict]:
+    if not isinstance(value, list):
+        raise _fail(path, value, "a list of layers, each a mapping like {filters: 32, kernel_size: 3}")
+    return [_check_mapping(f"{path}[{i}]", layer, CONV_LAYER_SCHEMA, CONV_LAYER_DEFAULTS)
+            for i, layer in enumerate(value)]
+
+
+SCHEMA: dict[str, dict[str, Callable[[Any, str], Any]]] = {
+    "logging": {"level": _choice(LOG_LEVELS, case_insensitive=True), "file": _optional_path},
+    "data": {"dataset": _choice(DATASETS), "path": _optional_path, "cache_dir": _optional_path,
+             "allow_synthetic_fallback": _boolean, "n_train": _integer(1), "n_test": _integer(1),
+             "random_seed": _integer(0)},
+    "model": {"conv_layers": _conv_layers, "dense_units": _integer(1)},
+    "training": {"epochs": _integer(0), "learning_rate": _number(0), "batch_size": _integer(1),
+                 "optimizer": _choice(OPTIMIZERS), "momentum": _number(0, 1, low_inclusive=True)},
+    "output": {"plot_dir": _optional_path},
+}
+
+
+def validate_config(raw: Any) -> dict:
+    """The full, checked config: every section and key present, defaults filled in, values normalised.
+    Raises ConfigError naming the key path, the value given and what is allowed."""
+    if not isinstance(raw, dict):
+        shown = "an empty file" if raw is None else f"{type(raw).__name__} {raw!r:.60}"
+        raise ConfigError(f"expected a mapping with sections {', '.join(SCHEMA)}, got {shown}")
+    for section in raw:
+        if section not in SCHEMA:
+            close = difflib.get_close_matches(str(section), list(SCHEMA), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{section}: unknown section{hint}; allowed: {', '.join(SCHEMA)}")
+    return {section: _check_mapping(section, {} if raw.get(section) is None else raw[section], schema,
+                                    DEFAULT_CONFIG[section])
+            for section, schema in SCHEMA.items()}
+
+
+def load_config(path: str | Path) -> dict:
+    """Read and validate a YAML config file. Raises ConfigError (one line) for any problem."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: cannot read the config file ({error})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{path}: YAML syntax error{where}: {problem}") from None
+    try:
+        return validate_config(raw)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+
+EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_DIVERGED = 0, 1, 2, 3
+EXIT_BY_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal number, as shells report it
+# flag -> (section, key) that it overrides
+OVERRIDES = {"epochs": ("training", "epochs"), "batch_size": ("training", "batch_size"),
+             "learning_rate": ("training", "learning_rate"), "n_train": ("data", "n_train"),
+             "n_test": ("data", "n_test"), "seed": ("data", "random_seed"), "dataset": ("data", "dataset"),
+             "data_path": ("data", "path"), "log_level": ("logging", "level"), "plot_dir": ("output", "plot_dir")}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse would print the whole usage; one line is clearer
+        raise CNNError(f"{message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="python src/main.py",
+        description="Train a convolutional neural network written from scratch in NumPy on MNIST.",
+        epilog="Precedence: flags > environment (RANDOM_SEED, also from .env) > config file > defaults. "
+               "Exit codes: 0 done, 1 unexpected error, 2 bad usage/config/data, 3 training diverged, "
+               "130 interrupted (Ctrl-C), 143 terminated.")
+    parser.add_argument("--config", metavar="FILE", help="YAML config (default: ./config.yaml if present, "
+                        "else built-in defaults)")
+    parser.add_argument("--output", metavar="FILE", help="write results as JSON to FILE")
+    group = parser.add_argument_group("overrides of config values")
+    group.add_argument("--epochs", type=int, metavar="N", help="training.epochs (0: only evaluate)")
+    group.add_argument("--batch-size", type=int, metavar="N", help="training.batch_size")
+    group.add_argument("--learning-rate", metavar="LR", help="training.learning_rate")
+    group.add_argument("--n-train", type=int, metavar="N", help="data.n_train")
+    group.add_argument("--n-test", type=int, metavar="N", help="data.n_test")
+    group.add_argument("--seed", type=int, metavar="N", help="data.random_seed (seeds everything)")
+    group.add_argument("--dataset", metavar="NAME", help="data.dataset: " + ", ".join(DATASETS))
+    group.add_argument("--data-path", metavar="DIR", help="data.path: a folder of MNIST IDX files")
+    group.add_argument("--no-fallback", action="store_true", help="fail instead of using synthetic data")
+    group.add_argument("--log-level", metavar="LEVEL", help="logging.level: " + ", ".join(LOG_LEVELS))
+    group.add_argument("--plot-dir", metavar="DIR", help="output.plot_dir: write PNG pictures there")
+    extra = parser.add_argument_group("models, predictions and teaching")
+    extra.add_argument("--save-model", metavar="FILE", help="save the trained model (.npz)")
+    extra.add_argument("--load-model", metavar="FILE", help="start from a saved model (with --epochs 0: evaluate)")
+    extra.add_argument("--predict", metavar="IMAGE", nargs="+", help="classify image files with --load-model")
+    extra.add_argument("--profile", action="store_true", help="print time per layer after training")
+    extra.add_argument("--gradcheck", action="store_true", help="check every gradient of the configured model")
+    return parser
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[dict, str]:
+    """Config file (or defaults), then RANDOM_SEED from the environment, then flags; every value checked."""
+    if args.config:
+        cfg, source = load_config(args.config), args.config
+    elif Path("config.yaml").is_file():
+        cfg, source = load_config("config.yaml"), "config.yaml"
+    else:
+        cfg, source = validate_config(json.loads(json.dumps(DEFAULT_CONFIG))), "built-in defaults"
+    seed_text = os.environ.get("RANDOM_SEED", "").strip()
+    if seed_text and args.seed is None:
+        try:
+            cfg["data"]["random_seed"] = SCHEMA["data"]["random_seed"](int(seed_text), "RANDOM_SEED")
+        except ValueError:
+            raise _fail("RANDOM_SEED (environment)", seed_text, "an integer >= 0") from None
+    for flag, (section, key) in OVERRIDES.items():
+        value = getattr(args, flag)
+        if value is not None:
+            cfg[section][key] = SCHEMA[section][key](value, f"--{flag.replace('_', '-')}")
+    if args.no_fallback:
+        cfg["data"]["allow_synthetic_fallback"] = False
+    return cfg, source
+
+
+class ConsoleFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        return message if record.levelno < logging.WARNING else f"{record.levelname}: {message}"
+
+
+def setup_logging(logging_cfg: dict) -> None:
+    """Console (stdout, at the configured level) and, if logging.file is set, a file with timestamps."""
+    close_logging()
+    log.setLevel(logging.DEBUG)
+    log.propagate = False
+    console = logging.StreamHandler(sys.stdout)
+    console.setLevel(logging_cfg["level"])
+    console.setFormatter(ConsoleFormatter("%(message)s"))
+    log.addHandler(console)
+    if logging_cfg["file"]:
+        path = Path(logging_cfg["file"])
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handler = logging.FileHandler(path, encoding="utf-8")
+        except OSError as error:
+            raise CNNError(f"logging.file: cannot write the log file {path} ({error.strerror or error})") from None
+        handler.setLevel(logging_cfg["level"])
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+
+
+def close_logging() -> None:
+    for handler in list(log.handlers):
+        handler.close()
+        log.removeHandler(handler)
+
+
+def log_to_file(level: int, message: str, with_traceback: bool = False) -> None:
+    """Record something in the log file only (errors already go to stderr; tracebacks never to the console)."""
+    record = log.makeRecord(log.name, level, __file__, 0, message, None, sys.exc_info() if with_traceback else None)
+    for handler in log.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def check_writable(path: str | None, what: str, folder: bool = False) -> None:
+    """Fail now, before training, if `path` cannot be written later."""
+    if not path:
+        return
+    target = Path(path)
+    if not folder and target.is_dir():
+        raise CNNError(f"{what} {target}: is a folder, expected a file name")
+    directory = target if folder else target.parent
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as error:
+        raise CNNError(f"{what} {target}: cannot write there ({error.strerror or error})") from None
+
+
+class StopRequest:
+    """SIGINT / SIGTERM handler: the first signal asks training to stop after the current batch (and keep
+    what was done); a second one stops at once."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.previous: dict = {}
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("%s received: stopping after this batch and keeping what was done (again to abort at once)",
+                    signal.Signals(signum).name)
+
+    def __enter__(self) -> StopRequest:
+        self.previous = {s: signal.signal(s, self) for s in EXIT_BY_SIGNAL}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def versions() -> dict:
+    return {"python": platform.python_version(), "numpy": np.__version__, "platform": platform.platform()}
+
+
+def write_json(path: str | Path, payload: dict) -> None:
+    write_atomic(Path(path), lambda f: json.dump(payload, f, indent=2, default=str), binary=False)
+
+
+def input_shape_of(dataset: str) -> tuple[int, int, int]:
+    return (8, 8, 1) if dataset == "digits" else (28, 28, 1)
+
+
+def run_gradcheck(cfg: dict) -> int:
+    """--gradcheck: the configured model, two random inputs, float64, every layer's backward checked."""
+    rng = make_rngs(cfg["data"]["random_seed"])["init"]
+    input_shape = input_shape_of(cfg["data"]["dataset"])
+    model = build_model(cfg["model"], input_shape, 10, rng)
+    x, labels = rng.random((2, *input_shape)), rng.integers(0, 10, 2)
+    start = time.perf_counter()
+    rows = gradient_check(model, x, labels, rng)
+    failed = [row for row in rows if not row["ok"]]
+    log.info("gradient check of the configured model, input %s, float64, central differences:\n%s",
+             input_shape, gradient_check_table(rows))
+    verdict = f"{len(rows) - len(failed)}/{len(rows)} tensors ok (tolerance 1e-6) in {time.perf_counter() - start:.1f}s"
+    if failed:
+        log.error("gradient check FAILED: %s; broken: %s", verdict,
+                  ", ".join(f"{row['layer']}.{row['tensor']}" for row in failed))
+        return EXIT_UNEXPECTED
+    log.info("gradient check passed: %s", verdict)
+    return EXIT_OK
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    """--predict: classify image files with a saved model, one line each, no training."""
+    if not args.load_model:
+        raise CNNError("--predict needs --load-model FILE (a model saved with --save-model)")
+    check_writable(args.output, "--output")
+    loaded = load_model(Path(args.load_model))
+    # MNIST fitted its digits into 20x20 pixels of 28x28; the other data sets fill the frame.
+    fill = 20 / 28 if loaded.meta.get("dataset") in ("mnist", "synthetic") else 1.0
+    predictions = predict_files(loaded.model, [Path(p) for p in args.predict], loaded.meta["class_names"], fill)
+    for prediction in predictions:
+        ranked = ", ".join(f"{t['class']} ({100 * t['probability']:.1f}%)" for t in prediction["top"])
+        print(f"{prediction['file']}: {ranked}")
+        log_to_file(logging.INFO, f"prediction {prediction['file']}: {ranked}")
+    if args.output:
+        write_json(args.output, {"status": "predicted", "model": args.load_model, "predictions": predictions,
+                                 "versions": versions()})
+    return EXIT_OK
+
+
+def run_training(args: argparse.Namespace, cfg: dict, source: str) -> int:
+    """The default command: load data, build (or load) the model, train, evaluate, write what was asked."""
+    plot_dir = cfg["output"]["plot_dir"]
+    check_writable(args.output, "--output")
+    check_writable(args.save_model, "--save-model")
+    check_writable(plot_dir, "output.plot_dir", folder=True)
+    seed, training_cfg = cfg["data"]["random_seed"], cfg["training"]
+    log.info("numpy-cnn: config from %s, seed %d", source, seed)
+    rngs = make_rngs(seed)
+    data = load_data(cfg["data"])
+    log.info("data: %s from %s: %s training and %s test images of %s, %d classes; %s", data.name, data.source,
+             f"{len(data.x_train):,}", f"{len(data.x_test):,}", data.input_shape, data.num_classes, data.note)
+
+    model_cfg, first_epoch, loaded = cfg["model"], 1, None
+    if args.load_model:
+        loaded = load_model(Path(args.load_model))
+        model, model_cfg = loaded.model, loaded.meta["model"]
+        if model.input_shape != data.input_shape or len(loaded.meta["class_names"]) != data.num_classes:
+            raise DataError(f"--load-model {args.load_model}: the model takes {model.input_shape} images and "
+                            f"{len(loaded.meta['class_names'])} classes, the data has {data.input_shape} "
+                            f"and {data.num_classes}")
+        first_epoch = int(loaded.meta.get("training", {}).get("epochs_completed", 0)) + 1
+        log.info("loaded %s (trained for %d epochs); its architecture replaces the config's model section",
+                 args.load_model, first_epoch - 1)
+    else:
+        model = build_model(model_cfg, data.input_shape, data.num_classes, rngs["init"])
+    optimizer = make_optimizer(training_cfg)
+    if loaded is not None and restore_optimizer(optimizer, loaded):
+        log.info("continuing with the saved %s state", training_cfg["optimizer"])
+    log.info("model:\n%s", model.summary())
+    log.info("training: %d epochs, batch %d, %s, learning rate %g", training_cfg["epochs"], training_cfg["batch_size"],
+             training_cfg["optimizer"], training_cfg["learning_rate"])
+    if args.profile:
+        model.timings = {}
+
+    started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    with StopRequest() as stop:
+        start = time.perf_counter()
+        result = train(model, optimizer, data, epochs=training_cfg["epochs"], batch_size=training_cfg["batch_size"],
+                       rng=rngs["shuffle"], should_stop=lambda: stop.signum is not None, first_epoch=first_epoch)
+        train_seconds = time.perf_counter() - start
+
+    test_loss = test_accuracy = None
+    if result.status == "diverged":
+        where = result.stopped_at
+        log.error("training diverged at epoch %d, batch %d (loss %s is not finite): try a lower learning rate "
+                  "than %g", where["epoch"], where["batch"], where["loss"], training_cfg["learning_rate"])
+    elif result.history and result.status == "completed":
+        test_loss, test_accuracy = result.history[-1]["test_loss"], result.history[-1]["test_accuracy"]
+    else:
+        test_loss, test_accuracy = model.evaluate(data.x_test, data.y_test)
+    if result.status == "interrupted":
+        log.warning("interrupted after %d completed epochs", len(result.history))
+    if test_accuracy is not None:
+        log.info("test accuracy %.2f%%, test loss %.4f, training took %.1fs", 100 * test_accuracy, test_loss,
+                 train_seconds)
+    if args.profile and model.timings:
+        n_batches = sum(math.ceil(len(data.x_train) / training_cfg["batch_size"]) for _ in result.history)
+        log.info("time per layer over %d batches (forward includes the test-set evaluation):\n%s", n_batches,
+                 profile_table(model, n_batches))
+
+    files: dict[str, Any] = {}
+    epochs_completed = first_epoch - 1 + len(result.history)
+    summary = {"epochs_completed": epochs_completed, "test_accuracy": test_accuracy, "test_loss": test_loss,
+               "status": result.status, "seed": seed, "history": result.history, "saved_at": started_at}
+    if args.save_model:
+        if result.status == "diverged":
+            log.warning("not saving the model: its weights are not finite")
+        else:
+            save_model(Path(args.save_model), model, model_cfg, data, summary, optimizer)
+            files["model"] = args.save_model
+            log.info("saved the model to %s", args.save_model)
+    if plot_dir and result.status != "diverged":
+        from plots import write_plots
+
+        files["plots"] = write_plots(Path(plot_dir), model, data, result.history)
+        log.info("pictures written to %s: %s", plot_dir, ", ".join(Path(p).name for p in files["plots"].values()))
+    if cfg["logging"]["file"]:
+        files["log"] = cfg["logging"]["file"]
+    if args.output:
+        files["results"] = args.output
+        write_json(args.output, {
+            "status": result.status, "stopped_at": result.stopped_at, "started_at": started_at, "config": cfg,
+            "data": {"dataset": data.name, "source": data.source, "n_train": len(data.x_train),
+                     "n_test": len(data.x_test), "input_shape": list(data.input_shape), "note": data.note,
+                     "class_names": data.class_names},
+            "model": {"summary": model.summary_rows(), "parameters": model.parameter_count(),
+                      "loaded_from": args.load_model},
+            "history": result.history, "epochs_completed": epochs_completed, "test_accuracy": test_accuracy,
+            "test_loss": test_loss, "train_seconds": round(train_seconds, 3), "files": files, "versions": versions(),
+        })
+        log.info("results written to %s", args.output)
+    if result.status == "diverged":
+        return EXIT_DIVERGED
+    if result.status == "interrupted":
+        return EXIT_BY_SIGNAL[stop.signum]
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code (0 done, 1 unexpected, 2 bad input, 3 diverged,
+    130 / 143 interrupted)."""
+    try:
+        args = build_parser().parse_args(argv)
+        from dotenv import find_dotenv, load_dotenv
+
+        load_dotenv(find_dotenv(usecwd=True))  # never overrides variables already set
+        cfg, source = resolve_config(args)
+        setup_logging(cfg["logging"])
+        # Overflow in a diverging run is reported as divergence, not as a NumPy warning.
+        with np.errstate(all="ignore"):
+            if args.gradcheck:
+                return run_gradcheck(cfg)
+            if args.predict:
+                return run_predict(args)
+            return run_training(args, cfg, source)
+    except CNNError as error:
+        log_to_file(logging.ERROR, str(error))
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        log_to_file(logging.WARNING, "interrupted")
+        print("interrupted", file=sys.stderr)
+        return EXIT_BY_SIGNAL[signal.SIGINT]
+    except Exception as error:
+        log_to_file(logging.ERROR, "unexpected error", with_traceback=True)
+        where = " (traceback in the log file)" if any(isinstance(h, logging.FileHandler) for h in log.handlers) else ""
+        print(f"error: unexpected {type(error).__name__}: {error}{where}", file=sys.stderr)
+        return EXIT_UNEXPECTED
+    finally:
+        close_logging()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
