@@ -137,7 +137,8 @@ class Conv2D:
         cols = im2col(x_padded, k, self.stride)  # (N, Ho, Wo, k, k, C)
         _, out_h, out_w = cols.shape[:3]
         weights = self.params["W"].reshape(k * k * channels, -1)  # (k*k*C, F)
-        y = cols.reshape(n * out_h * out_w, -1) @ weights + self.params["b"]  # (N*Ho*Wo, F)
+        y = cols.reshape(n * out_h * out_w, -1) @ weights  # (N*Ho*Wo, F)
+        y += self.params["b"]
         if training:
             self.cols, self.padded_shape = cols, x_padded.shape
         return y.reshape(n, out_h, out_w, -1)
@@ -165,7 +166,7 @@ class MaxPool2D:
     (non-overlapping windows); stride < pool gives overlapping windows.
     Backward: each window's gradient goes to the one input that was its maximum; with ties, to the
     first maximum in row-major order. (A mask `x == max` would send it to every tied input, and ties
-    are common: MNIST's background is exactly 0 everywhere, so a window of four zeros would get 4x.)
+    are common: after a ReLU, a window of the MNIST background is four exact zeros.)
     """
 
     def __init__(self, pool_size: int = 2, stride: int | None = None) -> None:
@@ -178,40 +179,40 @@ class MaxPool2D:
         height, width, channels = input_shape
         return (height - self.pool_size) // self.stride + 1, (width - self.pool_size) // self.stride + 1, channels
 
-    def _offset_slices(self, out_h: int, out_w: int) -> Iterator[tuple[int, slice, slice]]:
-        """For each offset (di, dj) inside the window, in row-major order: its number and the slices
-        that pick, for every output pixel at once, the input pixel at that offset of its window."""
+    def _offsets(self, out_h: int, out_w: int) -> Iterator[tuple[int, slice, slice]]:
+        """For each offset (di, dj) of the window, in row-major order: its number and the strided slices
+        that pick, for all output pixels at once, the input pixel at that offset of their window."""
         s = self.stride
         for di in range(self.pool_size):
             for dj in range(self.pool_size):
-                rows = slice(di, di + s * (out_h - 1) + 1, s)
-                cols = slice(dj, dj + s * (out_w - 1) + 1, s)
-                yield di * self.pool_size + dj, rows, cols
+                yield di * self.pool_size + dj, slice(di, di + s * (out_h - 1) + 1, s), slice(dj, dj + s * (out_w - 1) + 1, s)
 
     def forward(self, x: np.ndarray, training: bool = True) -> np.ndarray:
         out_h, out_w, _ = self.output_shape(x.shape[1:])
-        y = None
-        # argmax: which offset (0 .. pool*pool-1) of its window each output came from.
-        argmax = np.zeros((x.shape[0], out_h, out_w, x.shape[3]), dtype=np.uint8 if self.pool_size < 16 else np.int32)
-        for offset, rows, cols in self._offset_slices(out_h, out_w):
-            candidate = x[:, rows, cols, :]
-            if y is None:
-                y = candidate.copy()
-                continue
-            # Strictly greater: on a tie the earlier (first) maximum keeps the gradient.
-            better = candidate > y
-            np.copyto(y, candidate, where=better)
-            argmax[better] = offset
+        # Loop over the pool*pool offsets (not over pixels): each step handles every window at once.
+        y = x[:, :self.stride * (out_h - 1) + 1:self.stride, :self.stride * (out_w - 1) + 1:self.stride, :].copy()
+        for _, rows, cols in self._offsets(out_h, out_w):
+            np.maximum(y, x[:, rows, cols, :], out=y)
         if training:
-            self.argmax, self.input_shape = argmax, x.shape
+            # winner[k]: the window's maximum sits at offset k and no earlier offset had it (first max wins).
+            self.winner = np.empty((self.pool_size ** 2, *y.shape), dtype=bool)
+            unclaimed = np.ones(y.shape, dtype=bool)
+            for offset, rows, cols in self._offsets(out_h, out_w):
+                is_max = np.equal(x[:, rows, cols, :], y, out=self.winner[offset])
+                is_max &= unclaimed
+                unclaimed ^= is_max
+            self.input_shape = x.shape
         return y
 
     def backward(self, grad_out: np.ndarray) -> np.ndarray:
         out_h, out_w = grad_out.shape[1:3]
         grad_in = np.zeros(self.input_shape, dtype=grad_out.dtype)
-        for offset, rows, cols in self._offset_slices(out_h, out_w):
-            # += because overlapping windows can pick the same input pixel.
-            grad_in[:, rows, cols, :] += np.where(self.argmax == offset, grad_out, 0)
+        overlapping = self.stride < self.pool_size
+        for offset, rows, cols in self._offsets(out_h, out_w):
+            if overlapping:  # two windows can share an input pixel: their gradients add up
+                grad_in[:, rows, cols, :] += grad_out * self.winner[offset]
+            else:  # each input pixel is in at most one window: write in place, no temporary
+                np.multiply(grad_out, self.winner[offset], out=grad_in[:, rows, cols, :])
         return grad_in
 
 
@@ -271,7 +272,9 @@ class Dense:
     def forward(self, x: np.ndarray, training: bool = True) -> np.ndarray:
         if training:
             self.x = x
-        return x @ self.params["W"] + self.params["b"]
+        y = x @ self.params["W"]
+        y += self.params["b"]
+        return y
 
     def backward(self, grad_out: np.ndarray) -> np.ndarray | None:
         self.grads["W"][...] = self.x.T @ grad_out
@@ -471,20 +474,30 @@ class Adam:
         self.learning_rate, self.beta1, self.beta2, self.eps = learning_rate, beta1, beta2, eps
         self.t = 0
         self.state: dict[str, np.ndarray] = {}
+        self.scratch: dict[tuple[int, str], np.ndarray] = {}
 
     def step(self, model: Sequential) -> None:
         self.t += 1
-        correction1 = 1 - self.beta1 ** self.t
+        step_size = self.learning_rate / (1 - self.beta1 ** self.t)
         correction2_sqrt = math.sqrt(1 - self.beta2 ** self.t)
         for key, param, grad in _parameters(model):
             m = self.state.setdefault(f"{key[0]}.{key[1]}.m", np.zeros_like(param))
             v = self.state.setdefault(f"{key[0]}.{key[1]}.v", np.zeros_like(param))
+            # In place, through one scratch array: this runs for every weight at every batch, and fresh
+            # temporaries for each of the ~10 operations would cost more than the arithmetic.
+            scratch = self.scratch.get(key)
+            if scratch is None or scratch.shape != param.shape:
+                scratch = self.scratch[key] = np.empty_like(param)
             m *= self.beta1
-            m += (1 - self.beta1) * grad
+            m += np.multiply(grad, 1 - self.beta1, out=scratch)
             v *= self.beta2
-            v += (1 - self.beta2) * grad * grad
+            np.multiply(grad, grad, out=scratch)
+            v += np.multiply(scratch, 1 - self.beta2, out=scratch)
             # Same arithmetic as PyTorch: w -= (lr / c1) * m / (sqrt(v) / sqrt(c2) + eps).
-            param -= (self.learning_rate / correction1) * m / (np.sqrt(v) / correction2_sqrt + self.eps)
+            denominator = np.sqrt(v, out=scratch)
+            denominator /= correction2_sqrt
+            denominator += self.eps
+            param -= np.multiply(np.divide(m, denominator, out=scratch), step_size, out=scratch)
 
 
 def make_optimizer(training_cfg: dict) -> SGD | Adam:
@@ -1283,9 +1296,11 @@ def load_config(path: str | Path) -> dict:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
+        mark, context = getattr(error, "problem_mark", None), getattr(error, "context_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        if context is not None and getattr(error, "context", None):
+            problem += f" ({error.context} started at line {context.line + 1})"
         raise ConfigError(f"{path}: YAML syntax error{where}: {problem}") from None
     try:
         return validate_config(raw)

@@ -1,0 +1,38 @@
+"""Shared test fixtures: paths, the optional real-MNIST sample, and a helper that runs the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+MAIN = ROOT / "src" / "main.py"
+MNIST_5K = ROOT.parent / "shared" / "data" / "mnist-5k"
+
+
+@pytest.fixture
+def mnist_5k() -> Path:
+    """The 5,000 real MNIST digits that developers and CI have beside the project; skip where absent."""
+    if not (MNIST_5K / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"real MNIST sample not found at {MNIST_5K}")
+    return MNIST_5K
+
+
+def write_config(folder: Path, **sections: dict) -> Path:
+    """A config.yaml in `folder` whose log goes into `folder`, with the given sections merged in."""
+    config = {"logging": {"level": "INFO", "file": str(folder / "logs" / "app.log")}}
+    for name, values in sections.items():
+        config.setdefault(name, {}).update(values)
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run `python src/main.py ARGS` in a fresh process, as a user would."""
+    return subprocess.run([sys.executable, str(MAIN), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)

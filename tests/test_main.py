@@ -1,0 +1,308 @@
+"""End-to-end behaviour of the trainer: data loading, config, learning on real digits, the CLI and its results."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import struct
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT, run_cli, write_config
+
+import main
+
+# ---- data --------------------------------------------------------------------------------------
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write a uint8 array as an IDX file (gzipped when the name ends in .gz)."""
+    payload = struct.pack(">HBB", 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    payload += array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(payload) if path.suffix == ".gz" else payload)
+
+
+def test_read_idx_round_trip_plain_and_gzipped(tmp_path: Path) -> None:
+    """read_idx returns exactly what was written, header dims and bytes, with or without gzip."""
+    images = np.random.default_rng(0).integers(0, 256, (7, 5, 3), dtype=np.uint8)
+    for name in ("images-idx3-ubyte", "images-idx3-ubyte.gz"):
+        write_idx(tmp_path / name, images)
+        assert np.array_equal(main.read_idx(tmp_path / name), images)
+
+
+def test_real_mnist_sample_loads_with_held_out_test_set(mnist_5k: Path) -> None:
+    """The 5k sample has no t10k files: the test set is held out of the training files, disjoint, seeded."""
+    cfg = dict(main.DEFAULT_CONFIG["data"], path=str(mnist_5k), n_train=4000, n_test=1000)
+    data = main.load_data(cfg)
+    assert data.source == "idx" and "held out" in data.note
+    assert data.x_train.shape == (4000, 28, 28, 1) and data.x_test.shape == (1000, 28, 28, 1)
+    assert data.x_train.dtype == np.float32 and 0 <= data.x_train.min() and data.x_train.max() <= 1
+    # Disjoint: no test image is also a training image.
+    train_rows = {row.tobytes() for row in data.x_train.reshape(4000, -1)}
+    assert not any(row.tobytes() in train_rows for row in data.x_test.reshape(1000, -1))
+    assert set(np.unique(data.y_test)) == set(range(10))
+    again = main.load_data(cfg)
+    assert np.array_equal(again.y_train, data.y_train), "same seed, same draw"
+
+
+def test_idx_folder_with_test_files_draws_from_each_split(tmp_path: Path) -> None:
+    """With t10k files present, training images come from train files and test images from t10k files."""
+    rng = np.random.default_rng(1)
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", np.full((30, 28, 28), 10))
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, 30))
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", np.full((20, 28, 28), 200))
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", rng.integers(0, 10, 20))
+    data = main.load_data(dict(main.DEFAULT_CONFIG["data"], path=str(tmp_path), n_train=25, n_test=15))
+    assert np.allclose(data.x_train, 10 / 255) and np.allclose(data.x_test, 200 / 255)
+    with pytest.raises(main.DataError, match="only 20 images"):
+        main.load_data(dict(main.DEFAULT_CONFIG["data"], path=str(tmp_path), n_train=25, n_test=21))
+
+
+def test_cached_download_is_used_without_network(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cache .npz in data.cache_dir is loaded (source 'cache') and the downloader is never called."""
+    def no_download(*args: object) -> None:
+        raise AssertionError("must not download when a cache exists")
+
+    monkeypatch.setattr(main, "download_openml", no_download)
+    rng = np.random.default_rng(2)
+    np.savez(tmp_path / "mnist.npz", x_train=rng.integers(0, 256, (50, 28, 28), dtype=np.uint8),
+             y_train=rng.integers(0, 10, 50).astype(np.uint8),
+             x_test=rng.integers(0, 256, (20, 28, 28), dtype=np.uint8), y_test=rng.integers(0, 10, 20).astype(np.uint8))
+    data = main.load_data(dict(main.DEFAULT_CONFIG["data"], cache_dir=str(tmp_path), n_train=40, n_test=20))
+    assert data.source == "cache" and len(data.x_train) == 40
+
+
+def test_download_is_cached_for_the_next_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a (simulated) successful download the arrays are cached, so the second load reads the cache."""
+    rng = np.random.default_rng(3)
+    fake = ((rng.integers(0, 256, (60, 28, 28), dtype=np.uint8), rng.integers(0, 10, 60).astype(np.uint8)),
+            (rng.integers(0, 256, (10, 28, 28), dtype=np.uint8), rng.integers(0, 10, 10).astype(np.uint8)))
+    calls = []
+    monkeypatch.setattr(main, "download_openml", lambda name, cache_dir: calls.append(name) or fake)
+    cfg = dict(main.DEFAULT_CONFIG["data"], cache_dir=str(tmp_path), n_train=50, n_test=10)
+    assert main.load_data(cfg).source == "openml"
+    assert main.load_data(cfg).source == "cache"
+    assert calls == ["mnist"] and (tmp_path / "mnist.npz").is_file()
+
+
+def test_offline_falls_back_to_labelled_synthetic_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No path, no cache, download fails: synthetic data, labelled as such with the reason; or an error
+    when the fallback is switched off."""
+    def offline(name: str, cache_dir: Path) -> None:
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(main, "download_openml", offline)
+    cfg = dict(main.DEFAULT_CONFIG["data"], cache_dir=str(tmp_path), n_train=100, n_test=50)
+    data = main.load_data(cfg)
+    assert data.source == "synthetic" and "URLError" in data.note and data.note.startswith("FALLBACK")
+    with pytest.raises(main.DataError, match="fallback is off"):
+        main.load_data(dict(cfg, allow_synthetic_fallback=False))
+
+
+def test_synthetic_digits_have_class_structure() -> None:
+    """Seven-segment digits: every class present, images differ within a class, and a '1' has less ink
+    than an '8' (it lights 2 segments of 7)."""
+    images, labels = main.make_synthetic(2000, np.random.default_rng(0))
+    assert images.shape == (2000, 28, 28) and images.dtype == np.uint8
+    assert set(np.unique(labels)) == set(range(10))
+    ink = images.reshape(2000, -1).mean(axis=1)
+    assert ink[labels == 1].mean() < 0.5 * ink[labels == 8].mean()
+    ones = images[labels == 1]
+    assert not np.array_equal(ones[0], ones[1])
+
+
+# ---- configuration -----------------------------------------------------------------------------
+
+
+def test_repo_config_is_the_default_config() -> None:
+    """config.yaml keeps the seed's values, and a missing key takes the same default."""
+    assert main.load_config(ROOT / "config.yaml") == main.validate_config({})
+
+
+def test_missing_keys_take_defaults_and_numbers_in_strings_are_read(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  learning_rate: 1e-3\nmodel:\n  conv_layers:\n    - filters: 8\n")
+    cfg = main.load_config(path)
+    assert cfg["training"]["learning_rate"] == 0.001  # PyYAML reads 1e-3 as the string "1e-3"
+    assert cfg["model"]["conv_layers"] == [dict(main.CONV_LAYER_DEFAULTS, filters=8)]
+    assert cfg["data"] == main.DEFAULT_CONFIG["data"]
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("training:\n  epochs: ten\n", "training.epochs: got 'ten', expected an integer >= 0"),
+    ("trainig: {}\n", "did you mean 'training'"),
+    ("model:\n  conv_layers:\n    - {filters: 8, kernel: 3}\n", "model.conv_layers[0].kernel: unknown key"),
+    ("data:\n  n_train: [1\n", "line 2"),
+])
+def test_config_errors_name_the_key(tmp_path: Path, text: str, expected: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(main.ConfigError) as error:
+        main.load_config(path)
+    assert expected in str(error.value) and str(path) in str(error.value)
+
+
+def test_precedence_flag_over_environment_over_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--seed beats RANDOM_SEED (also read from .env) beats data.random_seed in the file."""
+    config = write_config(tmp_path, data={"random_seed": 1})
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RANDOM_SEED", raising=False)
+    parser = main.build_parser()
+    assert main.resolve_config(parser.parse_args(["--config", str(config)]))[0]["data"]["random_seed"] == 1
+    monkeypatch.setenv("RANDOM_SEED", "2")
+    assert main.resolve_config(parser.parse_args(["--config", str(config)]))[0]["data"]["random_seed"] == 2
+    args = parser.parse_args(["--config", str(config), "--seed", "3", "--epochs", "4", "--learning-rate", "5e-4"])
+    cfg = main.resolve_config(args)[0]
+    assert (cfg["data"]["random_seed"], cfg["training"]["epochs"], cfg["training"]["learning_rate"]) == (3, 4, 5e-4)
+
+
+# ---- learning ----------------------------------------------------------------------------------
+
+
+def digits_config(**training: object) -> dict:
+    cfg = main.validate_config({
+        "data": {"dataset": "digits", "n_train": 1297, "n_test": 500, "random_seed": 0},
+        "model": {"conv_layers": [{"filters": 16, "kernel_size": 3, "padding": 1, "pool_size": 2}], "dense_units": 64},
+        "training": {"epochs": 8, "batch_size": 32, **training},
+    })
+    return cfg
+
+
+def fit(cfg: dict) -> tuple[main.Dataset, main.TrainResult]:
+    rngs = main.make_rngs(cfg["data"]["random_seed"])
+    data = main.load_data(cfg["data"])
+    model = main.build_model(cfg["model"], data.input_shape, data.num_classes, rngs["init"])
+    result = main.train(model, main.make_optimizer(cfg["training"]), data, epochs=cfg["training"]["epochs"],
+                        batch_size=cfg["training"]["batch_size"], rng=rngs["shuffle"])
+    return data, result
+
+
+def test_learns_sklearn_digits_to_95_percent() -> None:
+    """Real 8x8 digits, always offline: >= 95% test accuracy after a few seconds of training."""
+    data, result = fit(digits_config())
+    assert data.input_shape == (8, 8, 1)
+    assert result.status == "completed" and len(result.history) == 8
+    assert result.history[-1]["test_accuracy"] >= 0.95
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+
+
+def test_sgd_with_momentum_also_learns_digits() -> None:
+    _, result = fit(digits_config(optimizer="sgd", learning_rate=0.05, momentum=0.9))
+    assert result.history[-1]["test_accuracy"] >= 0.93
+
+
+def test_learns_real_mnist_to_95_percent_in_3_epochs(mnist_5k: Path) -> None:
+    """The default model on 4,000 real MNIST digits reaches >= 95% on 1,000 held-back ones in 3 epochs."""
+    cfg = main.validate_config({"data": {"path": str(mnist_5k), "n_train": 4000, "n_test": 1000},
+                                "training": {"epochs": 3}})
+    _, result = fit(cfg)
+    assert result.history[-1]["test_accuracy"] >= 0.95
+
+
+def test_synthetic_digits_are_learnable() -> None:
+    cfg = main.validate_config({"data": {"dataset": "synthetic", "n_train": 1500, "n_test": 500},
+                                "model": {"conv_layers": [{"filters": 8, "kernel_size": 3, "padding": 1}],
+                                          "dense_units": 32},
+                                "training": {"epochs": 3}})
+    _, result = fit(cfg)
+    assert result.history[-1]["test_accuracy"] >= 0.9
+
+
+# ---- command line ------------------------------------------------------------------------------
+
+
+def test_cli_run_writes_complete_results(tmp_path: Path) -> None:
+    """A real run of `python src/main.py --config ... --output ...`: exit 0, a results file with every
+    promised field, consistent numbers, a log file, a summary table and epoch lines on the console."""
+    config = write_config(tmp_path, data={"dataset": "digits", "n_train": 600, "n_test": 200},
+                          model={"conv_layers": [{"filters": 8, "kernel_size": 3, "padding": 1}], "dense_units": 32},
+                          training={"epochs": 2})
+    proc = run_cli(["--config", str(config), "--output", "out/results.json"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert "Total parameters" in proc.stdout and "epoch 2/2" in proc.stdout
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["status"] == "completed"
+    assert results["config"]["training"]["epochs"] == 2 and results["config"]["data"]["dataset"] == "digits"
+    assert results["data"] | {"note": ""} == {"dataset": "digits", "source": "sklearn", "n_train": 600, "n_test": 200,
+                                              "input_shape": [8, 8, 1], "note": "", "class_names": main.DIGIT_NAMES}
+    assert [row["epoch"] for row in results["history"]] == [1, 2]
+    for row in results["history"]:
+        assert set(row) >= {"train_loss", "train_accuracy", "test_loss", "test_accuracy", "seconds"}
+    assert results["test_accuracy"] == results["history"][-1]["test_accuracy"]
+    assert results["model"]["parameters"] == sum(r["parameters"] for r in results["model"]["summary"])
+    assert results["train_seconds"] > 0 and results["versions"]["numpy"] == np.__version__
+    assert "epoch 2/2" in (tmp_path / "logs" / "app.log").read_text()
+    assert not list((tmp_path / "out").glob(".*tmp")), "no temporary file left behind"
+
+
+def test_cli_offline_fallback_is_labelled_in_log_and_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(main, "download_openml", lambda name, cache_dir: (_ for _ in ()).throw(
+        urllib.error.URLError("offline")))
+    config = write_config(tmp_path, data={"n_train": 200, "n_test": 100, "cache_dir": str(tmp_path / "cache")},
+                          training={"epochs": 1})
+    assert main.main(["--config", str(config), "--output", "r.json"]) == 0
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["data"]["source"] == "synthetic" and "URLError" in results["data"]["note"]
+    assert "SYNTHETIC DATA" in capsys.readouterr().out
+    assert "SYNTHETIC DATA" in (tmp_path / "logs" / "app.log").read_text()
+    assert main.main(["--config", str(config), "--no-fallback", "--output", "r2.json"]) == 2
+    assert "fallback is off" in capsys.readouterr().err and not (tmp_path / "r2.json").exists()
+
+
+def test_cli_bad_config_is_one_line_exit_2(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("training:\n  batch_size: 0\n")
+    proc = run_cli(["--config", str(config), "--output", "r.json"], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "training.batch_size: got 0" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "r.json").exists()
+
+
+def test_cli_epochs_zero_only_evaluates(tmp_path: Path) -> None:
+    config = write_config(tmp_path, data={"dataset": "digits", "n_train": 100, "n_test": 100},
+                          training={"epochs": 0})
+    proc = run_cli(["--config", str(config), "--output", "r.json"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["history"] == [] and 0 <= results["test_accuracy"] <= 1
+
+
+def test_cli_help_lists_every_flag(tmp_path: Path) -> None:
+    proc = run_cli(["--help"], cwd=tmp_path)
+    assert proc.returncode == 0
+    for flag in ("--config", "--output", "--epochs", "--batch-size", "--learning-rate", "--n-train", "--n-test",
+                 "--seed", "--dataset", "--data-path", "--no-fallback", "--log-level", "--profile", "--gradcheck",
+                 "--plot-dir", "--save-model", "--load-model", "--predict"):
+        assert flag in proc.stdout
+
+
+def test_cli_profile_prints_a_row_per_layer(tmp_path: Path) -> None:
+    config = write_config(tmp_path, data={"dataset": "digits", "n_train": 200, "n_test": 50}, training={"epochs": 1})
+    proc = run_cli(["--config", str(config), "--profile"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("conv2d_1", "maxpool2d_2", "dense_2", "optimizer step", "total"):
+        assert name in proc.stdout
+
+
+def test_default_run_from_a_checkout_without_data_uses_fallback_fast(tmp_path: Path) -> None:
+    """No config file in the folder: built-in defaults. The download is not attempted because data.path
+    points to a real folder; this checks the default model end to end on a (tiny) real IDX folder."""
+    rng = np.random.default_rng(4)
+    folder = tmp_path / "idx"
+    folder.mkdir()
+    write_idx(folder / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (80, 28, 28)))
+    write_idx(folder / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, 80))
+    env = dict(os.environ, RANDOM_SEED="7")
+    proc = run_cli(["--data-path", str(folder), "--n-train", "60", "--n-test", "20", "--epochs", "1",
+                    "--output", "r.json"], cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["config"]["data"]["random_seed"] == 7
+    assert results["model"]["parameters"] == 421_642  # the default architecture
+    assert (tmp_path / "logs" / "app.log").is_file()
