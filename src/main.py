@@ -24,9 +24,12 @@ import struct
 import sys
 import tempfile
 import time
+import zipfile
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -144,8 +147,7 @@ class Conv2D:
         return y.reshape(n, out_h, out_w, -1)
 
     def backward(self, grad_out: np.ndarray) -> np.ndarray | None:
-        n, out_h, out_w, filters = grad_out.shape
-        k, p = self.kernel_size, self.padding
+        filters, p = grad_out.shape[3], self.padding
         grad_rows = grad_out.reshape(-1, filters)  # (N*Ho*Wo, F)
         cols = self.cols.reshape(grad_rows.shape[0], -1)  # (N*Ho*Wo, k*k*C)
         self.grads["W"][...] = (cols.T @ grad_rows).reshape(self.params["W"].shape)
@@ -185,7 +187,8 @@ class MaxPool2D:
         s = self.stride
         for di in range(self.pool_size):
             for dj in range(self.pool_size):
-                yield di * self.pool_size + dj, slice(di, di + s * (out_h - 1) + 1, s), slice(dj, dj + s * (out_w - 1) + 1, s)
+                rows, cols = slice(di, di + s * (out_h - 1) + 1, s), slice(dj, dj + s * (out_w - 1) + 1, s)
+                yield di * self.pool_size + dj, rows, cols
 
     def forward(self, x: np.ndarray, training: bool = True) -> np.ndarray:
         out_h, out_w, _ = self.output_shape(x.shape[1:])
@@ -326,9 +329,10 @@ class Sequential:
         self.layers = layers
         self.input_shape = tuple(input_shape) if input_shape is not None else None
         self.timings: dict[tuple[int, str], float] | None = None
-        if layers and hasattr(layers[0], "need_input_grad"):
-            # Nothing upstream of the first layer needs dLoss/dx: skipping its col2im saves time.
-            layers[0].need_input_grad = False
+        # Nothing upstream of the first layer with weights needs dLoss/dx: skipping it saves a col2im per batch.
+        first = next((layer for layer in layers if hasattr(layer, "need_input_grad")), None)
+        if first is not None:
+            first.need_input_grad = False
 
     def forward(self, x: np.ndarray, training: bool = True) -> np.ndarray:
         for index, layer in enumerate(self.layers):
@@ -344,6 +348,8 @@ class Sequential:
             grad_out = self.layers[index].backward(grad_out)
             if self.timings is not None:
                 self._record(index, "backward", start)
+            if grad_out is None:  # the first layer with weights skipped dx: nothing below needs it
+                break
         return grad_out
 
     def _record(self, index: int, direction: str, start: float) -> None:
@@ -394,7 +400,7 @@ class Sequential:
         """A Keras-like table: layer, output shape, parameter count, and the total."""
         rows = self.summary_rows()
         lines = [f"{'Layer (type)':<24}{'Output shape':<18}{'Params':>10}", "-" * 52]
-        lines += [f"{r['layer']:<24}{str(tuple(r['output_shape'])):<18}{r['parameters']:>10,}" for r in rows]
+        lines += [f"{r['layer']:<24}{tuple(r['output_shape'])!s:<18}{r['parameters']:>10,}" for r in rows]
         lines += ["-" * 52, f"Total parameters: {self.parameter_count():,}  (input {self.input_shape})"]
         return "\n".join(lines)
 
@@ -486,7 +492,7 @@ class Adam:
             # In place, through one scratch array: this runs for every weight at every batch, and fresh
             # temporaries for each of the ~10 operations would cost more than the arithmetic.
             scratch = self.scratch.get(key)
-            if scratch is None or scratch.shape != param.shape:
+            if scratch is None or scratch.shape != param.shape or scratch.dtype != param.dtype:
                 scratch = self.scratch[key] = np.empty_like(param)
             m *= self.beta1
             m += np.multiply(grad, 1 - self.beta1, out=scratch)
@@ -560,7 +566,7 @@ def read_idx(path: Path) -> np.ndarray:
     try:
         with opener(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as error:
+    except (OSError, EOFError, zlib.error) as error:  # zlib.error: a damaged .gz
         raise DataError(f"{path}: cannot read it ({error})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or not 1 <= raw[3] <= 3:
         magic = raw[:4].hex() if len(raw) >= 4 else f"only {len(raw)} bytes"
@@ -612,7 +618,7 @@ def load_idx_split(folder: Path, split: str, num_classes: int = 10) -> tuple[np.
 def load_idx_folder(folder: Path) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray] | None]:
     """(train, test) from a folder of IDX files; test is None when the folder has no t10k files."""
     if not folder.is_dir():
-        raise DataError(f"data.path: {folder} is not a folder")
+        raise DataError(f"data.path (--data-path): {folder} is not a folder")
     train = load_idx_split(folder, "train")
     if train is None:
         raise DataError(f"{folder}: no {IDX_FILES['train'][0]}[.gz] / {IDX_FILES['train'][1]}[.gz] in this folder")
@@ -711,6 +717,8 @@ def load_data(data_cfg: dict) -> Dataset:
     name, n_train, n_test = data_cfg["dataset"], data_cfg["n_train"], data_cfg["n_test"]
     rng = make_rngs(data_cfg["random_seed"])["data"]
     class_names = FASHION_NAMES if name == "fashion_mnist" else DIGIT_NAMES
+    if data_cfg["path"] and name in ("digits", "synthetic"):
+        log.warning("data.path %s is ignored: the %s data set is built in", data_cfg["path"], name)
     if name == "digits":
         from sklearn.datasets import load_digits
 
@@ -728,7 +736,8 @@ def load_data(data_cfg: dict) -> Dataset:
         train, test = load_idx_folder(folder)
         if test is None:
             train, test = _hold_out(*train, n_train, n_test, rng, f"data ({folder})")
-            note = f"IDX files in {folder}; it has no t10k files, so {n_test:,} training images were held out as the test set"
+            note = (f"IDX files in {folder}; it has no t10k files, so {n_test:,} training images were held out "
+                    "as the test set")
             return _to_dataset(train, test, class_names, name, "idx", note)
         return _to_dataset(_draw(train, n_train, rng, "data.n_train"), _draw(test, n_test, rng, "data.n_test"),
                            class_names, name, "idx", f"IDX files in {folder}")
@@ -832,6 +841,8 @@ def train(
     """
     loss_fn, result = SoftmaxCrossEntropy(), TrainResult()
     n_train = len(data.x_train)
+    # Guessing at random costs log(classes); a loss 1000 times that is an explosion, even while finite.
+    exploded = 1000 * math.log(max(data.num_classes, 2))
     n_batches = math.ceil(n_train / batch_size)
     for epoch in range(first_epoch, first_epoch + epochs):
         start = time.perf_counter()
@@ -843,7 +854,7 @@ def train(
             x, labels = data.x_train[chosen], data.y_train[chosen]
             logits = model.forward(x)
             loss = loss_fn.forward(logits, labels)
-            if not math.isfinite(loss):
+            if not loss < exploded:  # also catches NaN, for which every comparison is false
                 bar.close()
                 result.status, result.stopped_at = "diverged", {"epoch": epoch, "batch": batch + 1, "loss": str(loss)}
                 return result
@@ -889,8 +900,9 @@ def profile_table(model: Sequential, n_batches: int) -> str:
     total = sum(forward + backward for _, forward, backward in rows) or 1.0
     lines = [f"{'layer':<18}{'forward s':>11}{'backward s':>12}{'ms/batch':>10}{'share':>8}", "-" * 59]
     for name, forward, backward in rows:
-        lines.append(f"{name:<18}{forward:>11.3f}{backward:>12.3f}{1000 * (forward + backward) / max(n_batches, 1):>10.2f}"
-                     f"{100 * (forward + backward) / total:>7.1f}%")
+        per_batch = 1000 * (forward + backward) / max(n_batches, 1)
+        share = 100 * (forward + backward) / total
+        lines.append(f"{name:<18}{forward:>11.3f}{backward:>12.3f}{per_batch:>10.2f}{share:>7.1f}%")
     lines += ["-" * 59, f"{'total':<18}{sum(r[1] for r in rows):>11.3f}{sum(r[2] for r in rows):>12.3f}"
               f"{1000 * total / max(n_batches, 1):>10.2f}{100.0:>7.1f}%"]
     return "\n".join(lines)
@@ -902,8 +914,13 @@ def profile_table(model: Sequential, n_batches: int) -> str:
 
 
 def relative_error(analytic: np.ndarray, numeric: np.ndarray) -> float:
-    """max |a - n| / max(|a| + |n|, 1e-8): relative where the gradient is large, absolute where it is ~0."""
-    return float(np.max(np.abs(analytic - numeric) / np.maximum(np.abs(analytic) + np.abs(numeric), 1e-8)))
+    """max |a - n| / max(|a| + |n|), over the checked entries of one tensor.
+
+    Relative to the tensor's largest gradient rather than entry by entry: central differences carry
+    ~1e-10 of rounding noise, which would look like a large error on an entry that happens to be ~0.
+    """
+    scale = float(np.max(np.abs(analytic) + np.abs(numeric)))
+    return float(np.max(np.abs(analytic - numeric))) / max(scale, 1e-12)
 
 
 def numeric_gradient(objective: Callable[[], float], array: np.ndarray, coords: np.ndarray,
@@ -948,17 +965,20 @@ def gradient_check(model: Sequential, x: np.ndarray, labels: np.ndarray, rng: np
 
     activation = np.ascontiguousarray(x, dtype=np.float64)
     for name, layer in zip(names, model.layers):
-        upstream = rng.standard_normal(layer.forward(activation).shape)
+        # A ReLU's output has exact zeros, so the next pooling window may hold a tie of zeros: there the slope
+        # is undefined and central differences give half of it. Check each layer at a nearby tie-free point.
+        probe = activation + rng.uniform(-0.01, 0.01, activation.shape)
+        upstream = rng.standard_normal(layer.forward(probe).shape)
 
-        def objective(layer: Any = layer, activation: np.ndarray = activation, upstream: np.ndarray = upstream) -> float:
-            return float(np.sum(layer.forward(activation, training=False) * upstream))
+        def objective(layer: Any = layer, probe: np.ndarray = probe, upstream: np.ndarray = upstream) -> float:
+            return float(np.sum(layer.forward(probe, training=False) * upstream))
 
         needed = getattr(layer, "need_input_grad", True)
         layer.need_input_grad = True
-        layer.forward(activation)
+        layer.forward(probe)
         grad_in = layer.backward(upstream)
         layer.need_input_grad = needed
-        check(name, "input", activation, grad_in, objective)
+        check(name, "input", probe, grad_in, objective)
         for tensor, param in layer.params.items():
             check(name, tensor, param, layer.grads[tensor].copy(), objective)
         activation = np.ascontiguousarray(layer.forward(activation, training=False))
@@ -982,7 +1002,7 @@ def gradient_check(model: Sequential, x: np.ndarray, labels: np.ndarray, rng: np
 def gradient_check_table(rows: list[dict]) -> str:
     lines = [f"{'layer':<14}{'tensor':<12}{'shape':<20}{'coords':>7}{'max rel error':>15}  result", "-" * 76]
     for row in rows:
-        lines.append(f"{row['layer']:<14}{row['tensor']:<12}{str(tuple(row['shape'])):<20}{row['coords']:>7}"
+        lines.append(f"{row['layer']:<14}{row['tensor']:<12}{tuple(row['shape'])!s:<20}{row['coords']:>7}"
                      f"{row['max_rel_error']:>15.2e}  {'ok' if row['ok'] else 'FAIL'}")
     return "\n".join(lines)
 
@@ -1036,6 +1056,8 @@ def load_model(path: Path) -> LoadedModel:
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"{path}: no such model file")
+    if not zipfile.is_zipfile(path):
+        raise ModelFileError(f"{path}: not a numpy-cnn model file (not an .npz archive)")
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {key: archive[key] for key in archive.files}
@@ -1422,41 +1444,58 @@ def log_to_file(level: int, message: str, with_traceback: bool = False) -> None:
 
 
 def check_writable(path: str | None, what: str, folder: bool = False) -> None:
-    """Fail now, before training, if `path` cannot be written later."""
+    """Fail now, before any training, if `path` could not be written later. Creates nothing: missing
+    folders are made when the file is written."""
     if not path:
         return
     target = Path(path)
     if not folder and target.is_dir():
         raise CNNError(f"{what} {target}: is a folder, expected a file name")
-    directory = target if folder else target.parent
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
-            pass
-    except OSError as error:
-        raise CNNError(f"{what} {target}: cannot write there ({error.strerror or error})") from None
+    if folder and target.exists() and not target.is_dir():
+        raise CNNError(f"{what} {target}: is a file, expected a folder")
+    existing = target if folder else target.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CNNError(f"{what} {target}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CNNError(f"{what} {target}: the folder {existing} is not writable")
+
+
+class Interrupted(BaseException):
+    """A signal that must stop the program now (a BaseException, like KeyboardInterrupt, so that no
+    `except Exception` swallows it); `signum` gives the exit code."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 class StopRequest:
-    """SIGINT / SIGTERM handler: the first signal asks training to stop after the current batch (and keep
-    what was done); a second one stops at once."""
+    """SIGINT (Ctrl-C) and SIGTERM handler for the whole run.
+
+    Before training, a signal stops the program at once. Once `graceful` is set (training has started), the
+    first signal only asks training to stop after the current batch, so that the results and the model are
+    still written; a second signal stops at once.
+    """
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.graceful = False
         self.previous: dict = {}
 
     def __call__(self, signum: int, frame: Any) -> None:
-        if self.signum is not None:
-            raise KeyboardInterrupt
+        if not self.graceful or self.signum is not None:
+            raise Interrupted(signum)
         self.signum = signum
-        log.warning("%s received: stopping after this batch and keeping what was done (again to abort at once)",
+        log.warning("%s received: stopping after this batch and keeping what was done (again to stop at once)",
                     signal.Signals(signum).name)
 
     def __enter__(self) -> StopRequest:
         self.previous = {s: signal.signal(s, self) for s in EXIT_BY_SIGNAL}
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         for s, handler in self.previous.items():
             signal.signal(s, handler)
 
@@ -1512,7 +1551,7 @@ def run_predict(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def run_training(args: argparse.Namespace, cfg: dict, source: str) -> int:
+def run_training(args: argparse.Namespace, cfg: dict, source: str, stop: StopRequest) -> int:
     """The default command: load data, build (or load) the model, train, evaluate, write what was asked."""
     plot_dir = cfg["output"]["plot_dir"]
     check_writable(args.output, "--output")
@@ -1548,17 +1587,17 @@ def run_training(args: argparse.Namespace, cfg: dict, source: str) -> int:
         model.timings = {}
 
     started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    with StopRequest() as stop:
-        start = time.perf_counter()
-        result = train(model, optimizer, data, epochs=training_cfg["epochs"], batch_size=training_cfg["batch_size"],
-                       rng=rngs["shuffle"], should_stop=lambda: stop.signum is not None, first_epoch=first_epoch)
-        train_seconds = time.perf_counter() - start
+    stop.graceful = True
+    start = time.perf_counter()
+    result = train(model, optimizer, data, epochs=training_cfg["epochs"], batch_size=training_cfg["batch_size"],
+                   rng=rngs["shuffle"], should_stop=lambda: stop.signum is not None, first_epoch=first_epoch)
+    train_seconds = time.perf_counter() - start
 
     test_loss = test_accuracy = None
     if result.status == "diverged":
         where = result.stopped_at
-        log.error("training diverged at epoch %d, batch %d (loss %s is not finite): try a lower learning rate "
-                  "than %g", where["epoch"], where["batch"], where["loss"], training_cfg["learning_rate"])
+        log.error("training diverged at epoch %d, batch %d (loss %s): try a lower learning rate than %g",
+                  where["epoch"], where["batch"], where["loss"], training_cfg["learning_rate"])
     elif result.history and result.status == "completed":
         test_loss, test_accuracy = result.history[-1]["test_loss"], result.history[-1]["test_accuracy"]
     else:
@@ -1584,11 +1623,17 @@ def run_training(args: argparse.Namespace, cfg: dict, source: str) -> int:
             save_model(Path(args.save_model), model, model_cfg, data, summary, optimizer)
             files["model"] = args.save_model
             log.info("saved the model to %s", args.save_model)
+    problems = []
     if plot_dir and result.status != "diverged":
-        from plots import write_plots
+        try:  # a picture that fails must not cost the results of the run
+            from plots import write_plots
 
-        files["plots"] = write_plots(Path(plot_dir), model, data, result.history)
-        log.info("pictures written to %s: %s", plot_dir, ", ".join(Path(p).name for p in files["plots"].values()))
+            files["plots"] = write_plots(Path(plot_dir), model, data, result.history)
+            log.info("pictures written to %s: %s", plot_dir, ", ".join(Path(p).name for p in files["plots"].values()))
+        except Exception as error:
+            log_to_file(logging.ERROR, "drawing the pictures failed", with_traceback=True)
+            problems.append(f"pictures: {type(error).__name__}: {error}")
+            log.error("could not draw the pictures (%s: %s)", type(error).__name__, error)
     if cfg["logging"]["file"]:
         files["log"] = cfg["logging"]["file"]
     if args.output:
@@ -1601,14 +1646,15 @@ def run_training(args: argparse.Namespace, cfg: dict, source: str) -> int:
             "model": {"summary": model.summary_rows(), "parameters": model.parameter_count(),
                       "loaded_from": args.load_model},
             "history": result.history, "epochs_completed": epochs_completed, "test_accuracy": test_accuracy,
-            "test_loss": test_loss, "train_seconds": round(train_seconds, 3), "files": files, "versions": versions(),
+            "test_loss": test_loss, "train_seconds": round(train_seconds, 3), "files": files, "problems": problems,
+            "versions": versions(),
         })
         log.info("results written to %s", args.output)
     if result.status == "diverged":
         return EXIT_DIVERGED
-    if result.status == "interrupted":
+    if stop.signum is not None:  # interrupted, or a signal came while the results were being written
         return EXIT_BY_SIGNAL[stop.signum]
-    return EXIT_OK
+    return EXIT_UNEXPECTED if problems else EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1622,20 +1668,21 @@ def main(argv: list[str] | None = None) -> int:
         cfg, source = resolve_config(args)
         setup_logging(cfg["logging"])
         # Overflow in a diverging run is reported as divergence, not as a NumPy warning.
-        with np.errstate(all="ignore"):
+        with np.errstate(all="ignore"), StopRequest() as stop:
             if args.gradcheck:
                 return run_gradcheck(cfg)
             if args.predict:
                 return run_predict(args)
-            return run_training(args, cfg, source)
+            return run_training(args, cfg, source, stop)
     except CNNError as error:
         log_to_file(logging.ERROR, str(error))
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        log_to_file(logging.WARNING, "interrupted")
-        print("interrupted", file=sys.stderr)
-        return EXIT_BY_SIGNAL[signal.SIGINT]
+    except (KeyboardInterrupt, Interrupted) as stopped:
+        signum = getattr(stopped, "signum", signal.SIGINT)
+        log_to_file(logging.WARNING, f"stopped by {signal.Signals(signum).name}")
+        print(f"interrupted ({signal.Signals(signum).name}): stopped before anything was written", file=sys.stderr)
+        return EXIT_BY_SIGNAL[signum]
     except Exception as error:
         log_to_file(logging.ERROR, "unexpected error", with_traceback=True)
         where = " (traceback in the log file)" if any(isinstance(h, logging.FileHandler) for h in log.handlers) else ""

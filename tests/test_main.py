@@ -39,7 +39,7 @@ def test_real_mnist_sample_loads_with_held_out_test_set(mnist_5k: Path) -> None:
     data = main.load_data(cfg)
     assert data.source == "idx" and "held out" in data.note
     assert data.x_train.shape == (4000, 28, 28, 1) and data.x_test.shape == (1000, 28, 28, 1)
-    assert data.x_train.dtype == np.float32 and 0 <= data.x_train.min() and data.x_train.max() <= 1
+    assert data.x_train.dtype == np.float32 and data.x_train.min() >= 0 and data.x_train.max() <= 1
     # Disjoint: no test image is also a training image.
     train_rows = {row.tobytes() for row in data.x_train.reshape(4000, -1)}
     assert not any(row.tobytes() in train_rows for row in data.x_test.reshape(1000, -1))

@@ -1,0 +1,375 @@
+"""Saved models (--save-model / --load-model) and predictions on image files (--predict).
+
+A small model is trained and saved once for the whole file, through the real command line, on synthetic
+seven-segment digits (offline, a few seconds); the other tests load it, continue it, damage it, and ask it
+to read digits drawn with Pillow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+import main
+
+ROOT = Path(__file__).resolve().parents[1]
+# One BLAS thread per child process: on a busy 2-core machine, OpenBLAS's default of one thread per core
+# makes the small matrix products of these runs up to 6x slower (threads spinning while they wait).
+CHILD_ENV = {**os.environ, "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS", "1")}
+CONFIG = {
+    "logging": {"level": "INFO", "file": None},  # file: set per folder by write_config
+    "data": {"dataset": "synthetic", "n_train": 2000, "n_test": 300, "random_seed": 0},
+    "model": {"conv_layers": [{"filters": 8, "kernel_size": 3, "padding": 1, "pool_size": 2}], "dense_units": 64},
+    "training": {"epochs": 3, "batch_size": 32, "optimizer": "adam", "learning_rate": 0.001},
+}
+
+
+def write_config(folder: Path) -> Path:
+    """CONFIG as a YAML file in folder (JSON is valid YAML), logging into that folder, not into the repo."""
+    config = json.loads(json.dumps(CONFIG))
+    config["logging"]["file"] = str(folder / "app.log")
+    path = folder / "config.yaml"
+    path.write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return path
+
+
+def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """python src/main.py ARGS in cwd, as a user would run it."""
+    return subprocess.run([sys.executable, str(ROOT / "src" / "main.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300, env=CHILD_ENV)
+
+
+@dataclass
+class SavedModel:
+    folder: Path
+    config: Path
+    path: Path
+    results: dict  # the results JSON of the run that saved it
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> SavedModel:
+    """Train for 3 epochs on the command line, save the model and the results JSON (once per test session)."""
+    folder = tmp_path_factory.mktemp("saved_model")
+    config = write_config(folder)
+    run = run_cli(["--config", str(config), "--save-model", "model.npz", "--output", "trained.json"], folder)
+    assert run.returncode == 0, run.stderr
+    results = json.loads((folder / "trained.json").read_text(encoding="utf-8"))
+    assert results["epochs_completed"] == 3 and results["files"]["model"] == "model.npz"
+    return SavedModel(folder, config, folder / "model.npz", results)
+
+
+def one_error_line(stderr: str, must_name: str) -> str:
+    """The single `error: ...` line the CLI printed, after checking it names `must_name`."""
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("error: ") and "Traceback" not in stderr
+    assert must_name in lines[0], lines[0]
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Saving and loading
+# ------------------------------------------------------------------------------------------------
+
+
+def test_save_then_load_gives_bit_identical_predictions_and_optimizer_state(tmp_path: Path) -> None:
+    """A model saved and loaded again predicts exactly the same probabilities (np.array_equal, not close),
+    the file holds only plain arrays (readable without pickle), and Adam's state and step count come back."""
+    cfg = main.validate_config({**CONFIG, "data": {**CONFIG["data"], "n_train": 300, "n_test": 50}})
+    data = main.load_data(cfg["data"])
+    rngs = main.make_rngs(1)
+    model = main.build_model(cfg["model"], data.input_shape, data.num_classes, rngs["init"])
+    optimizer = main.make_optimizer(cfg["training"])
+    main.train(model, optimizer, data, epochs=1, batch_size=32, rng=rngs["shuffle"])
+    path = tmp_path / "model.npz"
+    main.save_model(path, model, cfg["model"], data, {"epochs_completed": 1}, optimizer)
+
+    with np.load(path, allow_pickle=False) as archive:  # would raise on any pickled entry
+        assert all(archive[key].dtype != object for key in archive.files)
+    loaded = main.load_model(path)
+    assert np.array_equal(loaded.model.predict_proba(data.x_test), model.predict_proba(data.x_test))
+    for original, restored in zip(model.layers, loaded.model.layers):
+        for name, param in original.params.items():
+            assert restored.params[name].dtype == main.DTYPE
+            assert np.array_equal(restored.params[name], param)
+    assert loaded.meta["class_names"] == data.class_names and loaded.meta["input_shape"] == [28, 28, 1]
+
+    adam = main.Adam()
+    assert main.restore_optimizer(adam, loaded)
+    assert adam.t == optimizer.t > 0
+    assert adam.state.keys() == optimizer.state.keys()
+    assert all(np.array_equal(adam.state[key], value) for key, value in optimizer.state.items())
+    assert not main.restore_optimizer(main.SGD(), loaded), "a different optimiser must start afresh"
+
+
+def test_loaded_model_continues_training_where_it_stopped(saved: SavedModel, tmp_path: Path) -> None:
+    """`--load-model m.npz --epochs 1` trains one more epoch numbered 4 (after the saved 3), continues with
+    the saved Adam state, says where it came from, and a model saved again knows it has 4 epochs."""
+    run = run_cli(["--config", str(saved.config), "--load-model", str(saved.path), "--epochs", "1",
+                   "--save-model", "more.npz", "--output", "results.json"], tmp_path)
+    assert run.returncode == 0, run.stderr
+    results = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
+    assert [row["epoch"] for row in results["history"]] == [4]
+    assert results["epochs_completed"] == 4
+    assert results["model"]["loaded_from"] == str(saved.path)
+    assert "continuing with the saved adam state" in run.stdout
+    assert "epoch 4/4" in run.stdout
+    assert main.load_model(tmp_path / "more.npz").meta["training"]["epochs_completed"] == 4
+
+
+def test_epochs_0_only_evaluates_and_reproduces_the_saved_accuracy(saved: SavedModel, tmp_path: Path) -> None:
+    """`--load-model m.npz --epochs 0` trains nothing and, on the same data and seed, reports exactly the
+    test accuracy that the training run reported and stored in the file."""
+    run = run_cli(["--config", str(saved.config), "--load-model", str(saved.path), "--epochs", "0",
+                   "--output", "results.json"], tmp_path)
+    assert run.returncode == 0, run.stderr
+    results = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
+    assert results["history"] == [] and results["epochs_completed"] == 3
+    stored = main.load_model(saved.path).meta["training"]
+    assert results["test_accuracy"] == saved.results["test_accuracy"] == stored["test_accuracy"]
+    assert results["test_loss"] == pytest.approx(stored["test_loss"], rel=1e-6)
+
+
+def _model_arrays(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as archive:
+        return {key: archive[key] for key in archive.files}
+
+
+def _with_meta(arrays: dict[str, np.ndarray], change: dict) -> dict[str, np.ndarray]:
+    meta = json.loads(str(arrays["meta"]))
+    meta["model"].update(change)
+    return {**arrays, "meta": np.array(json.dumps(meta))}
+
+
+def make_bad_model_file(kind: str, good: Path, folder: Path) -> Path:
+    """A damaged copy of the good model file `good`, of the given kind, in folder."""
+    path = folder / f"{kind.replace(' ', '_')}.npz"
+    content = good.read_bytes()
+    if kind == "random bytes":
+        path.write_bytes(np.random.default_rng(0).bytes(len(content)))
+    elif kind == "truncated":
+        path.write_bytes(content[:len(content) // 2])
+    elif kind == "pickled npz":  # a real model plus an object array, which only unpickling could read
+        np.savez(path, **_model_arrays(good), extra=np.array([{"runs": "code"}, None], dtype=object))
+    elif kind == "plain pickle":
+        with open(path, "wb") as f:
+            pickle.dump(_model_arrays(good), f)
+    elif kind == "no meta":
+        np.savez(path, **{k: v for k, v in _model_arrays(good).items() if k != "meta"})
+    elif kind == "wrong weight shape":
+        np.savez(path, **{**_model_arrays(good), "layer0.W": np.zeros((5, 5, 1, 8), dtype=np.float32)})
+    elif kind == "changed architecture":
+        np.savez(path, **_with_meta(_model_arrays(good), {"dense_units": 65}))
+    elif kind != "missing":
+        raise ValueError(kind)
+    return path
+
+
+BAD_KINDS = ["random bytes", "truncated", "pickled npz", "plain pickle", "no meta", "wrong weight shape",
+             "changed architecture", "missing"]
+
+
+@pytest.mark.parametrize("kind", BAD_KINDS)
+def test_bad_model_files_are_rejected_with_one_line_naming_the_file(
+        kind: str, saved: SavedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture) -> None:
+    """Corrupt, truncated, pickled, mismatched or missing model files: load_model raises ModelFileError
+    naming the file (never unpickling anything), and the CLI exits with 2 and one `error:` line naming it."""
+    path = make_bad_model_file(kind, saved.path, tmp_path)
+    with pytest.raises(main.ModelFileError, match=re.escape(str(path))):
+        main.load_model(path)
+
+    monkeypatch.chdir(tmp_path)
+    code = main.main(["--config", str(saved.config), "--n-train", "20", "--n-test", "10", "--epochs", "0",
+                      "--load-model", str(path)])
+    assert code == main.EXIT_USAGE
+    one_error_line(capsys.readouterr().err, str(path))
+
+
+# ------------------------------------------------------------------------------------------------
+# Predicting image files
+# ------------------------------------------------------------------------------------------------
+
+
+def draw_digit(digit: int, path: Path, size: int = 112) -> None:
+    """A seven-segment digit (the segments main.make_synthetic draws) in black ink on white paper,
+    size x size pixels: what a user might draw, and a light background that --predict must invert."""
+    picture = Image.new("L", (size, size), color=255)
+    pen = ImageDraw.Draw(picture)
+    left, top, width, height = 0.34 * size, 0.2 * size, 0.32 * size, 0.6 * size
+    for (x0, y0, x1, y1), lit in zip(main.SEGMENTS, main.SEGMENTS_ON[digit]):
+        if lit:
+            pen.line([(left + width * x0, top + height * y0), (left + width * x1, top + height * y1)],
+                     fill=0, width=size // 10)
+    picture.save(path)
+
+
+@dataclass
+class Predictions:
+    folder: Path
+    run: subprocess.CompletedProcess
+    files: list[str]
+    json: dict
+    synthetic_image: np.ndarray  # the uint8 28x28 digit saved as digit.npy and digit_float.npy
+
+
+@pytest.fixture(scope="module")
+def predictions(saved: SavedModel, tmp_path_factory: pytest.TempPathFactory) -> Predictions:
+    """One `--predict` run over ten drawn digits (0.png .. 9.png) and a synthetic digit saved as .npy twice
+    (uint8 0..255 and float 0..1), with --output."""
+    folder = tmp_path_factory.mktemp("predict")
+    files = []
+    for digit in range(10):
+        draw_digit(digit, folder / f"{digit}.png")
+        files.append(f"{digit}.png")
+    images, _ = main.make_synthetic(1, np.random.default_rng(7))
+    np.save(folder / "digit.npy", images[0])
+    np.save(folder / "digit_float.npy", images[0] / 255)
+    files += ["digit.npy", "digit_float.npy"]
+    run = run_cli(["--config", str(saved.config), "--load-model", str(saved.path), "--predict", *files,
+                   "--output", "predictions.json"], folder)
+    assert run.returncode == 0, run.stderr
+    written = json.loads((folder / "predictions.json").read_text(encoding="utf-8"))
+    return Predictions(folder, run, files, written, images[0])
+
+
+PREDICTION_LINE = re.compile(r"^(?P<file>\S+): (?P<top>\S+) \((?P<percent>\d+\.\d)%\)(, \S+ \(\d+\.\d%\)){2}$")
+
+
+def printed_top_classes(stdout: str) -> dict[str, tuple[str, float]]:
+    """{file: (top class, percent)} from the lines `FILE: CLASS (NN.N%), CLASS (NN.N%), CLASS (NN.N%)`."""
+    found = {}
+    for line in stdout.splitlines():
+        match = PREDICTION_LINE.match(line)
+        if match:
+            found[match["file"]] = (match["top"], float(match["percent"]))
+    return found
+
+
+def test_predict_prints_one_line_per_file_matching_the_model(saved: SavedModel, predictions: Predictions) -> None:
+    """Each image gets one line `FILE: CLASS (NN.N%), ...` with the top 3 classes, and the top class is the
+    one the loaded model gives the same prepared image in-process (read_image -> prepare_image -> model)."""
+    printed = printed_top_classes(predictions.run.stdout)
+    assert list(printed) == predictions.files
+    loaded = main.load_model(saved.path)
+    for name in predictions.files:
+        image = main.prepare_image(main.read_image(predictions.folder / name), loaded.model.input_shape, 20 / 28)
+        probabilities = loaded.model.predict_proba(image[None])[0]
+        assert printed[name][0] == str(probabilities.argmax()), name
+        assert printed[name][1] == pytest.approx(100 * probabilities.max(), abs=0.051)
+
+
+def test_predict_writes_the_predictions_into_the_output_json(predictions: Predictions) -> None:
+    """--output with --predict: status 'predicted', and per file the top 3 classes with descending
+    probabilities, the first being the one printed."""
+    written = predictions.json
+    assert written["status"] == "predicted"
+    printed = printed_top_classes(predictions.run.stdout)
+    assert [p["file"] for p in written["predictions"]] == predictions.files
+    for prediction in written["predictions"]:
+        top = prediction["top"]
+        probabilities = [t["probability"] for t in top]
+        assert len(top) == 3 and probabilities == sorted(probabilities, reverse=True)
+        assert 0 < sum(probabilities) <= 1 + 1e-6
+        assert top[0]["class"] == printed[prediction["file"]][0]
+
+
+def test_npy_images_work_in_bytes_or_fractions(saved: SavedModel, predictions: Predictions) -> None:
+    """A 28x28 .npy image is read as is: uint8 0..255 and float 0..1 give the same answer, the one the
+    model gives that array directly."""
+    by_file = {p["file"]: p["top"] for p in predictions.json["predictions"]}
+    assert by_file["digit.npy"] == pytest.approx(by_file["digit_float.npy"])
+    model = main.load_model(saved.path).model
+    direct = model.predict((predictions.synthetic_image / 255).astype(np.float32)[None, :, :, None])[0]
+    assert by_file["digit.npy"][0]["class"] == str(direct)
+
+
+def test_drawn_digits_are_recognised(predictions: Predictions) -> None:
+    """Every digit 0..9 drawn black on white at 112x112 is read as itself: the light background is
+    inverted and the digit is scaled and centred the way the model's training digits were."""
+    printed = printed_top_classes(predictions.run.stdout)
+    read_as = {digit: printed[f"{digit}.png"][0] for digit in range(10)}
+    assert read_as == {digit: str(digit) for digit in range(10)}
+
+
+@pytest.mark.parametrize("problem", ["missing", "not an image", "3-D array"])
+def test_unreadable_image_files_exit_2_naming_the_file(
+        problem: str, saved: SavedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture) -> None:
+    """A missing image, a file that is no image, or a .npy that is not 2-D: exit 2, one line naming it."""
+    if problem == "missing":
+        path = tmp_path / "nowhere.png"
+    elif problem == "not an image":
+        path = tmp_path / "broken.png"
+        path.write_bytes(b"this is not a PNG")
+    else:
+        path = tmp_path / "cube.npy"
+        np.save(path, np.zeros((4, 28, 28)))
+    monkeypatch.chdir(tmp_path)
+    code = main.main(["--config", str(saved.config), "--load-model", str(saved.path), "--predict", str(path)])
+    assert code == main.EXIT_USAGE
+    one_error_line(capsys.readouterr().err, str(path))
+
+
+# ------------------------------------------------------------------------------------------------
+# prepare_image
+# ------------------------------------------------------------------------------------------------
+
+
+def test_prepare_image_inverts_a_light_background() -> None:
+    """A dark stroke on white becomes a light stroke on black (like MNIST); at the model's own size
+    nothing else changes."""
+    paper = np.ones((28, 28))
+    paper[4:24, 12:16] = 0.0  # a black vertical bar
+    prepared = main.prepare_image(paper, (28, 28, 1))
+    np.testing.assert_array_equal(prepared[:, :, 0], (1 - paper).astype(np.float32))
+
+
+def test_prepare_image_keeps_a_dark_background() -> None:
+    """An image that is already light on black is passed through unchanged."""
+    night = np.zeros((28, 28))
+    night[4:24, 12:16] = 0.9
+    np.testing.assert_array_equal(main.prepare_image(night, (28, 28, 1))[:, :, 0], night.astype(np.float32))
+
+
+@pytest.mark.parametrize("size", [(5, 7), (28, 28), (40, 100), (300, 20), (111, 113)])
+@pytest.mark.parametrize("input_shape", [(28, 28, 1), (8, 8, 1)])
+def test_prepare_image_gives_the_model_input_shape_for_any_size(size: tuple[int, int],
+                                                                input_shape: tuple[int, int, int]) -> None:
+    """Any image size becomes the model's (H, W, 1) float32 in [0, 1], with the ink still there."""
+    rng = np.random.default_rng(0)
+    image = np.zeros(size)
+    image[size[0] // 4:3 * size[0] // 4 + 1, size[1] // 4:3 * size[1] // 4 + 1] = rng.uniform(0.5, 1.0)
+    prepared = main.prepare_image(image, input_shape)
+    assert prepared.shape == input_shape and prepared.dtype == np.float32
+    assert prepared.min() >= 0 and 0 < prepared.max() <= 1
+
+
+def test_prepare_image_centres_the_ink_by_its_mass() -> None:
+    """A blob in the corner of a large image ends up with its centre of mass in the middle of the frame,
+    scaled so that its longer side fills 20 of 28 pixels, as MNIST's digits were made."""
+    image = np.zeros((200, 200))
+    image[10:50, 150:170] = 1.0  # 40 tall, 20 wide, top right
+    prepared = main.prepare_image(image, (28, 28, 1))[:, :, 0]
+    rows, cols = np.indices(prepared.shape)
+    centre = ((rows * prepared).sum() / prepared.sum(), (cols * prepared).sum() / prepared.sum())
+    assert centre == pytest.approx((14, 14), abs=1.0)
+    inked_rows = np.flatnonzero(prepared.max(axis=1) > 0.5)
+    assert inked_rows[-1] - inked_rows[0] + 1 == pytest.approx(20, abs=1)
+
+
+def test_prepare_image_of_a_blank_page_is_blank() -> None:
+    """A page with no ink at all (white, so inverted to black) gives an all-zero image, not a crash."""
+    prepared = main.prepare_image(np.ones((50, 40)), (28, 28, 1))
+    assert prepared.shape == (28, 28, 1) and not prepared.any()

@@ -1,0 +1,169 @@
+"""Property-based tests (hypothesis): on randomly drawn shapes, kernel sizes, strides, paddings and pool
+sizes, the vectorised Conv2D and MaxPool2D equal the slow loop reference, and every model config that
+main.validate_config accepts either trains for one step or is refused with a ConfigError naming the
+layer that shrinks the image below 1x1.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import reference
+from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import strategies as st
+
+import main
+
+# Modest example counts and no deadline: the loop reference is slow and the machine is shared.
+FEW = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+seeds = st.integers(0, 2**32 - 1)
+
+
+def to_float64(layer: main.Conv2D) -> None:
+    """Convert a layer's weights and gradient buffers to float64 in place."""
+    for name in layer.params:
+        layer.params[name] = layer.params[name].astype(np.float64)
+        layer.grads[name] = np.zeros_like(layer.params[name])
+
+
+@FEW
+@given(n=st.integers(1, 3), height=st.integers(1, 12), width=st.integers(1, 12), channels=st.integers(1, 3),
+       filters=st.integers(1, 3), kernel=st.integers(1, 5), stride=st.integers(1, 3), padding=st.integers(0, 2),
+       seed=seeds)
+def test_conv2d_equals_loop_reference(n: int, height: int, width: int, channels: int, filters: int, kernel: int,
+                                      stride: int, padding: int, seed: int) -> None:
+    """For any shape where the output is at least 1x1, Conv2D's output shape follows
+    (H + 2p - k)//s + 1 and its forward and backward (dx, dW, db) equal the loop reference (float64)."""
+    assume(kernel <= height + 2 * padding and kernel <= width + 2 * padding)
+    rng = np.random.default_rng(seed)
+    layer = main.Conv2D(channels, filters, kernel, stride, padding, rng=rng)
+    to_float64(layer)
+    layer.params["b"] = rng.standard_normal(filters)
+    x = rng.standard_normal((n, height, width, channels))
+
+    y = layer.forward(x)
+    out_h, out_w = (height + 2 * padding - kernel) // stride + 1, (width + 2 * padding - kernel) // stride + 1
+    assert y.shape == (n, out_h, out_w, filters)
+    assert tuple(layer.output_shape((height, width, channels))) == (out_h, out_w, filters)
+    np.testing.assert_allclose(y, reference.conv2d_forward(x, layer.params["W"], layer.params["b"], stride, padding),
+                               rtol=1e-10, atol=1e-12)
+
+    upstream = rng.standard_normal(y.shape)
+    grad_x = layer.backward(upstream)
+    ref_x, ref_w, ref_b = reference.conv2d_backward(x, layer.params["W"], upstream, stride, padding)
+    np.testing.assert_allclose(grad_x, ref_x, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(layer.grads["W"], ref_w, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(layer.grads["b"], ref_b, rtol=1e-10, atol=1e-12)
+
+
+@st.composite
+def pool_cases(draw: st.DrawFn) -> tuple[int, int | None, int, int]:
+    """(pool_size, stride, height, width) with the image at least one window large. The stride is the
+    default (None = pool_size), smaller than the pool (overlapping windows), or at least the pool
+    (disjoint or gapped windows): every kind of tiling gets its share of examples."""
+    pool_size = draw(st.integers(1, 5))
+    overlapping = st.integers(1, pool_size - 1) if pool_size > 1 else st.just(1)
+    stride = draw(st.one_of(st.none(), overlapping, st.integers(pool_size, pool_size + 2)))
+    return pool_size, stride, draw(st.integers(pool_size, 12)), draw(st.integers(pool_size, 12))
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 3), case=pool_cases(), channels=st.integers(1, 3),
+       value_range=st.sampled_from([1, 2, 3, None]), seed=seeds)
+def test_maxpool2d_equals_loop_reference(n: int, case: tuple[int, int | None, int, int], channels: int,
+                                         value_range: int | None, seed: int) -> None:
+    """For any pool size and stride (overlapping, disjoint, gapped; dividing the input or not) MaxPool2D's
+    output shape follows (H - pool)//stride + 1 and forward and backward equal the loop reference, also on
+    inputs full of exact ties (small integers, even all zeros) where the first maximum must win."""
+    pool_size, stride, height, width = case
+    event("overlapping windows" if (stride or pool_size) < pool_size else "disjoint windows")
+    rng = np.random.default_rng(seed)
+    if value_range is None:
+        x = rng.standard_normal((n, height, width, channels))
+    else:  # integers 0 .. value_range-1 as floats: ties everywhere (all zeros when value_range is 1)
+        x = rng.integers(0, value_range, (n, height, width, channels)).astype(np.float64)
+    layer = main.MaxPool2D(pool_size, stride)
+
+    y = layer.forward(x)
+    step = pool_size if stride is None else stride
+    assert y.shape == (n, (height - pool_size) // step + 1, (width - pool_size) // step + 1, channels)
+    np.testing.assert_array_equal(y, reference.maxpool_forward(x, pool_size, stride))
+
+    upstream = rng.standard_normal(y.shape)
+    np.testing.assert_allclose(layer.backward(upstream), reference.maxpool_backward(x, upstream, pool_size, stride),
+                               rtol=1e-12, atol=1e-12)
+
+
+conv_layer_specs = st.fixed_dictionaries(
+    {"filters": st.integers(1, 3), "kernel_size": st.integers(1, 7), "stride": st.integers(1, 3),
+     "padding": st.integers(0, 2)},
+    optional={"pool_size": st.one_of(st.none(), st.integers(0, 5)),
+              "pool_stride": st.one_of(st.none(), st.integers(1, 3))},
+)
+raw_configs = st.fixed_dictionaries({
+    "model": st.fixed_dictionaries({"conv_layers": st.lists(conv_layer_specs, max_size=3),
+                                    "dense_units": st.integers(1, 16)}),
+    "data": st.fixed_dictionaries({"dataset": st.sampled_from(["digits", "mnist"])}),
+    "training": st.fixed_dictionaries({"optimizer": st.sampled_from(["adam", "sgd"]),
+                                       "learning_rate": st.sampled_from([1e-3, 0.05])}),
+})
+
+
+def first_layer_emptying_image(conv_layers: list[dict], height: int, width: int) -> int | None:
+    """Index of the first conv layer whose kernel, or whose pool, does not fit its input; None if all fit.
+    Worked out here from the shape formulas, independently of build_model."""
+    for index, spec in enumerate(conv_layers):
+        kernel, stride, padding = spec["kernel_size"], spec["stride"], spec["padding"]
+        if kernel > height + 2 * padding or kernel > width + 2 * padding:
+            return index
+        height, width = (height + 2 * padding - kernel) // stride + 1, (width + 2 * padding - kernel) // stride + 1
+        pool = spec["pool_size"]
+        if pool:
+            if pool > height or pool > width:
+                return index
+            pool_stride = spec["pool_stride"] or pool
+            height, width = (height - pool) // pool_stride + 1, (width - pool) // pool_stride + 1
+    return None
+
+
+@settings(max_examples=40, deadline=None)
+@given(raw=raw_configs, seed=seeds)
+def test_valid_config_trains_one_step_or_raises_config_error(raw: dict, seed: int) -> None:
+    """Every config validate_config accepts either builds a model that runs one training step (forward,
+    loss, backward, optimiser step) on a small batch of 8x8 or 28x28 images, with finite loss and finite
+    float32 weights, or raises ConfigError naming the layer that shrinks the image below 1x1 -- never
+    another exception."""
+    cfg = main.validate_config(raw)
+    input_shape = main.input_shape_of(cfg["data"]["dataset"])
+    rng = np.random.default_rng(seed)
+    bad_layer = first_layer_emptying_image(cfg["model"]["conv_layers"], *input_shape[:2])
+    event("refused" if bad_layer is not None else "trained one step")
+    if bad_layer is not None:
+        try:
+            main.build_model(cfg["model"], input_shape, 10, rng)
+        except main.ConfigError as error:
+            assert re.search(re.escape(f"model.conv_layers[{bad_layer}]"), str(error)), str(error)
+            return
+        raise AssertionError(f"build_model accepted a config whose layer {bad_layer} empties the image")
+
+    model = main.build_model(cfg["model"], input_shape, 10, rng)
+    optimizer = main.make_optimizer(cfg["training"])
+    x = rng.random((4, *input_shape)).astype(np.float32)
+    labels = rng.integers(0, 10, 4).astype(np.uint8)
+    loss_fn = main.SoftmaxCrossEntropy()
+
+    logits = model.forward(x)
+    assert logits.shape == (4, 10)
+    assert logits.dtype == np.float32
+    loss = loss_fn.forward(logits, labels)
+    assert np.isfinite(loss)
+    grad_x = model.backward(loss_fn.backward())
+    assert grad_x is None or grad_x.shape == x.shape  # None: the first layer skips dLoss/dx
+    before = [param.copy() for layer in model.layers for param in layer.params.values()]
+    optimizer.step(model)
+    after = [param for layer in model.layers for param in layer.params.values()]
+    assert all(param.dtype == np.float32 and np.isfinite(param).all() for param in after)
+    assert any(not np.array_equal(old, new) for old, new in zip(before, after)), "the step changed no weight"
+    assert model.summary_rows()[-1]["output_shape"] == [10]
