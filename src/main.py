@@ -666,23 +666,33 @@ SEGMENTS_ON = np.array([[1, 1, 1, 1, 1, 1, 0], [0, 1, 1, 0, 0, 0, 0], [1, 1, 0, 
 
 
 def make_synthetic(n: int, rng: np.random.Generator, size: int = 28) -> tuple[np.ndarray, np.ndarray]:
-    """n seven-segment digits (uint8 images (n, size, size), labels (n,)) with random position, size,
-    slant, stroke width and noise: learnable, but not trivially."""
+    """n seven-segment digits (uint8 images (n, size, size), labels (n,)) with random size, slant, stroke
+    width and noise, centred on their centre of mass give or take 1.5 pixels, as MNIST's digits are (and as
+    prepare_image centres image files): learnable, but not trivially."""
     labels = rng.integers(0, 10, n)
-    left, top = rng.uniform(5, 11, (n, 1, 1)), rng.uniform(3, 7, (n, 1, 1))
-    width, height = rng.uniform(7, 12, (n, 1, 1)), rng.uniform(14, 20, (n, 1, 1))
-    slant, stroke = rng.uniform(-0.25, 0.25, (n, 1, 1)), rng.uniform(0.8, 2.0, (n, 1, 1))
+    width, height = rng.uniform(7, 12, (n, 1)), rng.uniform(14, 20, (n, 1))
+    slant, stroke = rng.uniform(-0.25, 0.25, (n, 1)), rng.uniform(0.8, 2.0, (n, 1))
+    x0, y0, x1, y1 = SEGMENTS.T  # each (7,)
+    # Segment end points (n, 7) of a digit whose box starts at (0, 0); slant shifts x in proportion to
+    # the height above the middle.
+    ax, ay = width * x0 + slant * height * (0.5 - y0), height * y0
+    bx, by = width * x1 + slant * height * (0.5 - y1), height * y1
+    # Centre of mass: the lit segments' midpoints weighted by their lengths. Move it to the middle.
+    mass = np.hypot(bx - ax, by - ay) * SEGMENTS_ON[labels]
+    centre_x = (mass * (ax + bx) / 2).sum(axis=1, keepdims=True) / mass.sum(axis=1, keepdims=True)
+    centre_y = (mass * (ay + by) / 2).sum(axis=1, keepdims=True) / mass.sum(axis=1, keepdims=True)
+    shift_x = size / 2 - centre_x + rng.uniform(-1.5, 1.5, (n, 1))
+    shift_y = size / 2 - centre_y + rng.uniform(-1.5, 1.5, (n, 1))
     rows, cols = np.mgrid[0:size, 0:size].astype(np.float32)
     images = np.zeros((n, size, size), dtype=np.float32)
-    for (x0, y0, x1, y1), on in zip(SEGMENTS, SEGMENTS_ON[labels].T):
-        # Segment end points in pixels; slant shifts x in proportion to the height above the middle.
-        ax, ay = left + width * x0 + slant * height * (0.5 - y0), top + height * y0
-        bx, by = left + width * x1 + slant * height * (0.5 - y1), top + height * y1
+    ax, ay, bx, by = ax + shift_x, ay + shift_y, bx + shift_x, by + shift_y
+    for segment in range(len(SEGMENTS)):
+        start_x, start_y = ax[:, segment, None, None], ay[:, segment, None, None]
+        dx, dy = (bx - ax)[:, segment, None, None], (by - ay)[:, segment, None, None]
         # Distance from every pixel to the segment: project onto it, clip to its ends.
-        dx, dy = bx - ax, by - ay
-        t = np.clip(((cols - ax) * dx + (rows - ay) * dy) / (dx * dx + dy * dy), 0, 1)
-        distance = np.hypot(cols - (ax + t * dx), rows - (ay + t * dy))
-        ink = np.clip(stroke + 0.5 - distance, 0, 1) * on[:, None, None]
+        t = np.clip(((cols - start_x) * dx + (rows - start_y) * dy) / (dx * dx + dy * dy), 0, 1)
+        distance = np.hypot(cols - (start_x + t * dx), rows - (start_y + t * dy))
+        ink = np.clip(stroke[:, :, None] + 0.5 - distance, 0, 1) * SEGMENTS_ON[labels, segment][:, None, None]
         np.maximum(images, ink, out=images)
     images += rng.normal(0, 0.08, images.shape).astype(np.float32)
     return (np.clip(images, 0, 1) * 255).round().astype(np.uint8), labels.astype(np.uint8)
@@ -1614,8 +1624,9 @@ def run_training(args: argparse.Namespace, cfg: dict, source: str, stop: StopReq
 
     files: dict[str, Any] = {}
     epochs_completed = first_epoch - 1 + len(result.history)
+    earlier = loaded.meta.get("training", {}).get("history", []) if loaded is not None else []
     summary = {"epochs_completed": epochs_completed, "test_accuracy": test_accuracy, "test_loss": test_loss,
-               "status": result.status, "seed": seed, "history": result.history, "saved_at": started_at}
+               "status": result.status, "seed": seed, "history": earlier + result.history, "saved_at": started_at}
     if args.save_model:
         if result.status == "diverged":
             log.warning("not saving the model: its weights are not finite")

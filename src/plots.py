@@ -9,8 +9,8 @@ write_plots() draws five PNG files:
 
 Only NumPy and matplotlib are needed: the model and the data come in as arguments, and the layers are
 recognised by their class names, so this module never imports main.py (which imports it). matplotlib
-runs on its Agg backend, which draws into memory and needs no display. Every figure has a fixed size in
-inches (FIGURE_SIZES) and is saved at DPI dots per inch, so each PNG is exactly size * DPI pixels.
+runs on its Agg backend, which draws into memory and needs no display. Each figure's size in inches is
+fixed in advance (figure_size) and it is saved at DPI dots per inch, so each PNG is exactly size * DPI pixels.
 """
 
 from __future__ import annotations
@@ -69,8 +69,14 @@ def write_plots(plot_dir: Path, model: Any, data: Any, history: list[dict]) -> d
     paths = {}
     for name, draw in figures.items():
         path = plot_dir / f"{name}.png"
-        with plt.rc_context(STYLE):
-            save_figure(draw(), path)
+        open_before = set(plt.get_fignums())
+        try:
+            with plt.rc_context(STYLE):
+                save_figure(draw(), path)
+        except BaseException:
+            for number in set(plt.get_fignums()) - open_before:  # a figure half drawn when it failed
+                plt.close(number)
+            raise
         paths[name] = str(path)
     return paths
 
@@ -235,7 +241,7 @@ def plot_filters(model: Any) -> plt.Figure:
     columns = min(shown, 8 if shown <= 32 else 16)
     rows = math.ceil(shown / columns)
     fig = new_figure("filters")
-    axes_grid = np.atleast_1d(fig.subplots(rows, columns, squeeze=False)).ravel()
+    axes_grid = fig.subplots(rows, columns, squeeze=False).ravel()
     for f, axes in enumerate(axes_grid):
         hide_axes(axes)
         if f >= shown:
@@ -300,7 +306,7 @@ def plot_feature_maps(model: Any, images: np.ndarray, labels: np.ndarray, probab
         row_figure = fig.add_subfigure(maps_grid[row])
         row_figure.suptitle(f"{label}: {maps.shape[0]}x{maps.shape[1]} maps, channels 1-{shown} of {maps.shape[2]}",
                             fontsize=LABEL_SIZE, x=0.0, ha="left")
-        axes_row = np.atleast_1d(row_figure.subplots(1, columns))
+        axes_row = row_figure.subplots(1, columns, squeeze=False).ravel()
         for channel, axes in enumerate(axes_row):
             hide_axes(axes)
             if channel < shown:
@@ -324,15 +330,15 @@ def plot_mistakes(images: np.ndarray, labels: np.ndarray, probabilities: np.ndar
     shown = wrong[np.argsort(-confidence, kind="stable")][:MAX_MISTAKES]
     columns = 5
     fig = new_figure("mistakes")
-    axes_grid = fig.subplots(columns, columns, squeeze=False).ravel()
-    for axes, index in zip(axes_grid, [*shown, *([None] * (len(axes_grid) - len(shown)))]):
+    for position, axes in enumerate(fig.subplots(columns, columns, squeeze=False).ravel()):
         hide_axes(axes)
-        if index is None:
+        if position >= len(shown):
             continue
+        index = shown[position]
         axes.imshow(images[index][:, :, 0], cmap=IMAGE_CMAP, vmin=0, vmax=1)
         axes.set_title(mistake_title(class_names, int(labels[index]), int(predicted[index]),
-                                     float(probabilities[index, predicted[index]])), fontsize=SMALL_SIZE + 1)
-    fig.suptitle(f"{len(shown)} of the {len(wrong):,} misclassified test images "
-                 f"({100 * len(wrong) / len(labels):.1f}% of {len(labels):,}), most confident first",
-                 fontweight="bold")
+                                     float(probabilities[index, predicted[index]])), fontsize=SMALL_SIZE)
+    which = f"All {len(wrong)}" if len(shown) == len(wrong) else f"{len(shown)} of the {len(wrong):,}"
+    fig.suptitle(f"{which} misclassified test images ({100 * len(wrong) / len(labels):.1f}% of "
+                 f"{len(labels):,}), most confident first", fontweight="bold")
     return fig

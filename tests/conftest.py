@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from threadpoolctl import threadpool_limits
+
+# One BLAS thread for the tests and the programs they start: on a shared machine, two OpenBLAS threads
+# competing with other processes for two cores can run 9x slower, and the suite's time should not depend
+# on what else runs. The results are the same; only the benchmark (bench/) measures speed.
+threadpool_limits(1)
+for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_variable, "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 MAIN = ROOT / "src" / "main.py"

@@ -8,45 +8,30 @@ to read digits drawn with Pillow.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import conftest
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
 import main
 
-ROOT = Path(__file__).resolve().parents[1]
-# One BLAS thread per child process: on a busy 2-core machine, OpenBLAS's default of one thread per core
-# makes the small matrix products of these runs up to 6x slower (threads spinning while they wait).
-CHILD_ENV = {**os.environ, "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS", "1")}
+# A small model that learns the synthetic digits in 3 epochs of 2,000 images (a few seconds).
 CONFIG = {
-    "logging": {"level": "INFO", "file": None},  # file: set per folder by write_config
     "data": {"dataset": "synthetic", "n_train": 2000, "n_test": 300, "random_seed": 0},
     "model": {"conv_layers": [{"filters": 8, "kernel_size": 3, "padding": 1, "pool_size": 2}], "dense_units": 64},
     "training": {"epochs": 3, "batch_size": 32, "optimizer": "adam", "learning_rate": 0.001},
 }
 
 
-def write_config(folder: Path) -> Path:
-    """CONFIG as a YAML file in folder (JSON is valid YAML), logging into that folder, not into the repo."""
-    config = json.loads(json.dumps(CONFIG))
-    config["logging"]["file"] = str(folder / "app.log")
-    path = folder / "config.yaml"
-    path.write_text(json.dumps(config, indent=2), encoding="utf-8")
-    return path
-
-
 def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    """python src/main.py ARGS in cwd, as a user would run it."""
-    return subprocess.run([sys.executable, str(ROOT / "src" / "main.py"), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=300, env=CHILD_ENV)
+    """python src/main.py ARGS in cwd, as a user would ."""
+    return conftest.run_cli(args, cwd, timeout=300)
 
 
 @dataclass
@@ -59,9 +44,9 @@ class SavedModel:
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory: pytest.TempPathFactory) -> SavedModel:
-    """Train for 3 epochs on the command line, save the model and the results JSON (once per test session)."""
+    """Train for 3 epochs on the command line, save the model and the results JSON (once for this file)."""
     folder = tmp_path_factory.mktemp("saved_model")
-    config = write_config(folder)
+    config = conftest.write_config(folder, **CONFIG)  # logs into folder/logs, not into the repo
     run = run_cli(["--config", str(config), "--save-model", "model.npz", "--output", "trained.json"], folder)
     assert run.returncode == 0, run.stderr
     results = json.loads((folder / "trained.json").read_text(encoding="utf-8"))

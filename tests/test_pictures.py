@@ -8,24 +8,18 @@ One small model is trained once for the whole file, on synthetic seven-segment d
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
+from conftest import run_cli, write_config
 from PIL import Image
 
 import main
 import plots
 
-ROOT = Path(__file__).resolve().parents[1]
-# One BLAS thread per child process: on a busy 2-core machine, OpenBLAS's default of one thread per core
-# makes the small matrix products of these runs up to 6x slower (threads spinning while they wait).
-CHILD_ENV = {**os.environ, "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS", "1")}
 NAMES = ("curves", "confusion_matrix", "filters", "feature_maps", "mistakes")
 TWO_CONV_LAYERS = [{"filters": 4, "padding": 1, "pool_size": 2}, {"filters": 6, "padding": 1, "pool_size": 2}]
 
@@ -162,6 +156,11 @@ def test_mistakes_show_the_most_confident_first_and_say_when_there_are_none() ->
     assert "25 of the 30 misclassified" in texts_of(fig)
     plt.close(fig)
 
+    few = plots.plot_mistakes(images[25:], labels[25:], probabilities[25:], main.DIGIT_NAMES)  # 5 wrong of 15
+    assert len([axes for axes in few.axes if axes.images]) == 5
+    assert "All 5 misclassified test images (33.3% of 15)" in texts_of(few)
+    plt.close(few)
+
     none = plots.plot_mistakes(images, labels, np.eye(10)[labels], main.DIGIT_NAMES)
     assert "No mistakes" in texts_of(none)
     plt.close(none)
@@ -224,17 +223,31 @@ def test_a_failed_save_keeps_the_old_picture_and_leaves_no_temporary_file(tmp_pa
     assert plt.get_fignums() == []
 
 
+def test_a_picture_that_fails_leaves_no_open_figure_or_temporary_file(
+        trained: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """If drawing one picture fails halfway, write_plots raises, the pictures drawn before it are complete
+    files, and neither its half-drawn figure nor a temporary file is left behind."""
+    model, data, history = trained
+
+    def broken_filters(model: main.Sequential) -> plt.Figure:
+        plt.figure()
+        raise RuntimeError("broken filters")
+
+    monkeypatch.setattr(plots, "plot_filters", broken_filters)
+    small = replace(data, x_test=data.x_test[:20], y_test=data.y_test[:20])
+    with pytest.raises(RuntimeError, match="broken filters"):
+        plots.write_plots(tmp_path, model, small, history)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["confusion_matrix.png", "curves.png"]
+    assert plt.get_fignums() == []
+
+
 def test_cli_plot_dir_writes_the_pictures_and_lists_them_in_the_results(tmp_path: Path) -> None:
     """`--plot-dir` after a real (tiny) training run on the command line: exit 0, the five PNGs of the
     promised sizes in the folder (and nothing else), and the results JSON lists their paths under files.plots."""
-    config = {"logging": {"level": "WARNING", "file": str(tmp_path / "app.log")},
-              "data": {"dataset": "synthetic", "n_train": 200, "n_test": 100},
-              "model": {"conv_layers": [{"filters": 4, "padding": 1}], "dense_units": 16},
-              "training": {"epochs": 1}}
-    (tmp_path / "config.yaml").write_text(json.dumps(config), encoding="utf-8")  # JSON is valid YAML
-    run = subprocess.run([sys.executable, str(ROOT / "src" / "main.py"), "--config", "config.yaml",
-                          "--plot-dir", "pictures", "--output", "results.json"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=120, env=CHILD_ENV)
+    config = write_config(tmp_path, data={"dataset": "synthetic", "n_train": 200, "n_test": 100},
+                          model={"conv_layers": [{"filters": 4, "padding": 1}], "dense_units": 16},
+                          training={"epochs": 1})  # logs into tmp_path/logs, not into the repo
+    run = run_cli(["--config", str(config), "--plot-dir", "pictures", "--output", "results.json"], tmp_path)
     assert run.returncode == 0, run.stderr
     assert run.stderr == ""
     results = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
