@@ -1,0 +1,732 @@
+"""How fast does numpy-cnn train, compared with PyTorch on the same CPU, and how far is it from the hardware's limit?
+
+Run from the project root:
+
+    python bench/benchmark.py                              # 5,000 images, 5 repeats of 1 epoch: about 2 minutes
+    python bench/benchmark.py --images 60000 --repeats 3   # full MNIST-sized epochs: several minutes
+    python bench/benchmark.py --threads 1                  # steadier numbers on a busy, shared machine
+    python bench/benchmark.py --json bench.json            # also write every number to a file
+
+Flags:
+    --images N     training images per epoch (synthetic 28x28 seven-segment digits; default 5000)
+    --repeats R    how many times each side is measured, alternating project / PyTorch (default 5)
+    --epochs E     timed epochs per measurement (default 1); a short warm-up always runs first
+    --threads T    BLAS / PyTorch threads on both sides (default: every CPU this process may use)
+    --no-torch     behave as if PyTorch were not installed (report the project alone)
+    --json FILE    write all numbers (and the environment) to FILE
+
+What is measured:
+- Training: the seed architecture (main.DEFAULT_CONFIG["model"]: conv 32 k3 p1 -> ReLU -> pool 2 -> conv 64 k3 p1
+  -> ReLU -> pool 2 -> flatten -> dense 128 -> ReLU -> dense 10), batch 32, Adam lr 1e-3, float32, trained by
+  main.train itself, so the number is exactly what users see in the log ("seconds" of an epoch, which excludes the
+  test-set evaluation). PyTorch trains the same layers, from the same initial weights, on the same images, with
+  the same batch size, optimiser and thread count (data kept as one tensor and indexed per batch: no DataLoader).
+- Inference: images per second of a forward pass plus softmax at batch 1000 (Sequential.predict_proba), on
+  (at most) the first 5,000 images, median of 3 passes.
+- Peak memory (RSS) of each worker process; training and inference run in separate processes, so the
+  training figure is not inflated by the much larger batch-1000 activations.
+- The GEMM lower bound: almost all the arithmetic of a CNN is in a few matrix multiplies (convolutions become
+  matrix multiplies through im2col). Their shapes follow from the model; timing np.matmul on exactly those
+  shapes gives the time an epoch would take if everything else (im2col, col2im, pooling, ReLU, Adam, Python)
+  were free. "project epoch / lower bound" says how much time goes elsewhere; one extra profiled project epoch
+  (model.timings, main.profile_table) shows where: time per layer and direction, and the optimiser step.
+- CPU time next to wall time, to see how busy the threads were. On a shared machine, BLAS and OpenMP threads
+  that wait for each other stall badly when other processes hold the cores: --threads 1 gives steadier numbers.
+
+Every measurement runs in a fresh child process (this script re-invoking itself with the hidden --worker flag,
+answering with one JSON line), and the two sides alternate (project, PyTorch, project, PyTorch, ...) so that
+other load on the machine hits both alike. PyTorch is optional: without it the project is reported alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+BATCH_SIZE = 32
+LEARNING_RATE = 1e-3
+INFERENCE_BATCH = 1000
+INFERENCE_IMAGES = 5000  # at most this many of the images are classified per inference pass (the rate is what counts)
+N_TEST = 100  # a token test set: main.train evaluates after every epoch, outside the timed "seconds"
+WARMUP_BATCHES = 20  # first calls allocate buffers, start BLAS threads, build PyTorch's kernels
+SEED = 42
+THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+SLOW_BLAS_VARIABLES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+TARGETS = {"epoch_ratio": 1.0, "epoch_ratio_goal": 0.9, "lower_bound_ratio": 2.5, "training_rss_mib": 150.0}
+
+
+# ------------------------------------------------------------------------------------------------
+# Helpers used on both sides
+# ------------------------------------------------------------------------------------------------
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far, in MiB (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def import_main() -> Any:
+    """The project's module, src/main.py."""
+    if str(ROOT / "src") not in sys.path:
+        sys.path.insert(0, str(ROOT / "src"))
+    import main
+
+    return main
+
+
+def load_images(data_file: str, n_train: int) -> Any:
+    """The cached synthetic images as main.Dataset: float32 (N, 28, 28, 1) in [0, 1], the last N_TEST as test set."""
+    import numpy as np
+
+    main = import_main()
+    with np.load(data_file) as archive:
+        images, labels = archive["images"], archive["labels"].astype(np.int64)
+    x = images.astype(np.float32)[..., None]
+    x /= 255  # in place: no second full-size temporary on top of the peak RSS
+    return main.Dataset(x[:n_train], labels[:n_train], x[n_train:], labels[n_train:], main.DIGIT_NAMES,
+                        "synthetic", "synthetic", "benchmark data")
+
+
+def limit_blas_threads(threads: int) -> Any:
+    """threadpoolctl's limit if it is installed (the environment variables were set before numpy started anyway)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return None
+    return threadpool_limits(limits=threads)
+
+
+# ------------------------------------------------------------------------------------------------
+# Worker: setup (data, FLOP count, GEMM timing, BLAS information)
+# ------------------------------------------------------------------------------------------------
+
+
+def model_gemms(model: Any, batch_size: int) -> list[dict]:
+    """Every matrix multiply one training batch performs, read off the model's layers.
+
+    A layer computing Y = X @ W with X (M, K), W (K, N) needs in training:
+      forward  X @ W      (M, K) @ (K, N)
+      dW       X^T @ dY   (K, M) @ (M, N)
+      dX       dY @ W^T   (M, N) @ (N, K)   -- skipped for the first layer (need_input_grad is False)
+    For a convolution, X is the im2col matrix: M = batch * Ho * Wo output pixels, K = k * k * C, N = filters.
+    For a dense layer, M = batch, K = in_features, N = units.
+    """
+    main = import_main()
+    gemms, shape, counts = [], tuple(model.input_shape), {}
+    for layer in model.layers:
+        kind = type(layer).__name__
+        counts[kind] = counts.get(kind, 0) + 1
+        out_shape = layer.output_shape(shape)
+        if isinstance(layer, (main.Conv2D, main.Dense)):
+            name = f"{kind.lower()}_{counts[kind]}"
+            if isinstance(layer, main.Conv2D):
+                k, _, channels, filters = layer.params["W"].shape
+                m, kk, n = batch_size * out_shape[0] * out_shape[1], k * k * channels, filters
+            else:
+                (kk, n), m = layer.params["W"].shape, batch_size
+            gemms.append({"layer": name, "op": "forward", "m": m, "k": kk, "n": n, "layout": "X @ W"})
+            gemms.append({"layer": name, "op": "dW", "m": kk, "k": m, "n": n, "layout": "X.T @ dY"})
+            if getattr(layer, "need_input_grad", True):
+                gemms.append({"layer": name, "op": "dX", "m": m, "k": n, "n": kk, "layout": "dY @ W.T"})
+        shape = out_shape
+    for gemm in gemms:
+        gemm["mflop_per_image"] = 2 * gemm["m"] * gemm["k"] * gemm["n"] / batch_size / 1e6
+    return gemms
+
+
+def gemm_operands(gemm: dict, rng: Any) -> tuple[Any, Any]:
+    """Random float32 operands laid out as the project lays them out: a transposed operand is a transposed
+    view (as `cols.T` and `W.T` are in main.py), not a contiguous copy."""
+    import numpy as np
+
+    m, k, n = gemm["m"], gemm["k"], gemm["n"]
+    if gemm["layout"] == "X @ W":
+        return rng.random((m, k), dtype=np.float32), rng.random((k, n), dtype=np.float32)
+    if gemm["layout"] == "X.T @ dY":
+        return rng.random((k, m), dtype=np.float32).T, rng.random((k, n), dtype=np.float32)
+    return rng.random((m, k), dtype=np.float32), rng.random((n, k), dtype=np.float32).T
+
+
+def time_gemms(gemms: list[dict], rng: Any, rounds: int = 10, min_seconds: float = 0.02) -> list[float]:
+    """Best seconds per call of np.matmul for each GEMM.
+
+    The GEMMs take turns (round 1: each GEMM for ~min_seconds, round 2: each again, ...) and each keeps its
+    best round, so that a burst of other load on a shared machine spoils one round, not one GEMM's result.
+    """
+    import numpy as np
+
+    operands = [gemm_operands(gemm, rng) for gemm in gemms]
+    calls = []
+    for a, b in operands:
+        np.matmul(a, b)  # warm-up: thread start, page faults of the output
+        start = time.perf_counter()
+        np.matmul(a, b)
+        calls.append(max(1, int(min_seconds / max(time.perf_counter() - start, 1e-6))))
+    best = [math.inf] * len(gemms)
+    for _ in range(rounds):
+        for index, ((a, b), n_calls) in enumerate(zip(operands, calls)):
+            start = time.perf_counter()
+            for _ in range(n_calls):
+                np.matmul(a, b)
+            best[index] = min(best[index], (time.perf_counter() - start) / n_calls)
+    return best
+
+
+def blas_info() -> list[dict]:
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return []
+    return [{key: str(value) for key, value in pool.items()} for pool in threadpool_info()]
+
+
+def numpy_config_text() -> str:
+    """numpy.show_config()'s text (the fallback when threadpoolctl is missing)."""
+    import contextlib
+    import io
+
+    import numpy as np
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        np.show_config()
+    return buffer.getvalue()
+
+
+def worker_setup(args: argparse.Namespace) -> dict:
+    """Write the synthetic images to args.data, count and time the model's GEMMs, describe numpy's BLAS."""
+    import numpy as np
+
+    main = import_main()
+    limit = limit_blas_threads(args.threads)
+    total, rng = args.images + N_TEST, np.random.default_rng(SEED)
+    images, labels = np.empty((total, 28, 28), np.uint8), np.empty(total, np.uint8)
+    for start in range(0, total, 5000):  # in chunks: make_synthetic's temporaries grow with n
+        stop = min(start + 5000, total)
+        images[start:stop], labels[start:stop] = main.make_synthetic(stop - start, rng)
+    np.savez(args.data, images=images, labels=labels)
+
+    model = main.build_model(main.DEFAULT_CONFIG["model"], (28, 28, 1), 10, np.random.default_rng(SEED))
+    gemms = model_gemms(model, BATCH_SIZE)
+    for gemm, seconds in zip(gemms, time_gemms(gemms, rng)):
+        gemm["seconds_per_batch"] = seconds
+        gemm["gflop_per_second"] = gemm["mflop_per_image"] * BATCH_SIZE / 1e3 / gemm["seconds_per_batch"]
+    # For comparison: a large square GEMM, which BLAS runs near the CPU's peak rate.
+    square = {"m": 1024, "k": 1024, "n": 1024, "layout": "X @ W"}
+    peak_gflop_per_second = 2 * 1024**3 / 1e9 / time_gemms([square], rng, rounds=5)[0]
+    blas = blas_info()  # while the thread limit is in force, so that it shows the threads used
+    del limit
+    return {"gemms": gemms, "peak_gflop_per_second": peak_gflop_per_second, "summary": model.summary(),
+            "blas": blas, "numpy_config": "" if blas else numpy_config_text(), "numpy": np.__version__}
+
+
+# ------------------------------------------------------------------------------------------------
+# Worker: the project (NumPy)
+# ------------------------------------------------------------------------------------------------
+
+
+def worker_numpy(args: argparse.Namespace) -> dict:
+    """Train (args.task == "train" or "profile") or run inference ("infer") with the project's own code."""
+    import numpy as np
+
+    main = import_main()
+    limit_blas_threads(args.threads)
+    data = load_images(args.data, args.images)
+    rss_with_data = peak_rss_mib()
+    model = main.build_model(main.DEFAULT_CONFIG["model"], (28, 28, 1), 10, np.random.default_rng(SEED))
+    result: dict[str, Any] = {"rss_after_data_mib": rss_with_data, "data_mib": data.x_train.nbytes / 2**20}
+
+    if args.task == "infer":
+        images = data.x_train[:INFERENCE_IMAGES]
+        model.predict_proba(images[:INFERENCE_BATCH], batch_size=INFERENCE_BATCH)  # warm-up
+        seconds = []
+        for _ in range(3):
+            start = time.perf_counter()
+            model.predict_proba(images, batch_size=INFERENCE_BATCH)
+            seconds.append(time.perf_counter() - start)
+        result.update(images_per_second=len(images) / statistics.median(seconds), peak_rss_mib=peak_rss_mib())
+        return result
+
+    optimizer, shuffle = main.Adam(LEARNING_RATE), np.random.default_rng(SEED)
+    warmup = main.Dataset(data.x_train[:WARMUP_BATCHES * BATCH_SIZE], data.y_train[:WARMUP_BATCHES * BATCH_SIZE],
+                          data.x_test, data.y_test, data.class_names, "warm-up", "synthetic")
+    main.train(model, optimizer, warmup, epochs=1, batch_size=BATCH_SIZE, rng=shuffle)
+    if args.task == "profile":
+        model.timings = {}
+    cpu_start = time.process_time()
+    history = main.train(model, optimizer, data, epochs=args.epochs, batch_size=BATCH_SIZE, rng=shuffle).history
+    result.update(epoch_seconds=[row["seconds"] for row in history], train_accuracy=history[-1]["train_accuracy"],
+                  cpu_seconds_per_epoch=(time.process_time() - cpu_start) / args.epochs, peak_rss_mib=peak_rss_mib())
+    if args.task == "profile":
+        n_batches = args.epochs * math.ceil(args.images / BATCH_SIZE)
+        result["profile"] = main.profile_table(model, n_batches)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# Worker: PyTorch, the same network
+# ------------------------------------------------------------------------------------------------
+
+
+def torch_twin(model: Any) -> Any:
+    """The PyTorch network with the same layers and the same weights as the project's model.
+
+    PyTorch wants channels first: images (N, C, H, W), conv weights (F, C, k, k) where the project has
+    (k, k, C, F), dense weights (out, in) where the project has (in, out). The project flattens (H, W, C)
+    and PyTorch (C, H, W), so the rows of the dense layer after Flatten are permuted to match.
+    """
+    import torch
+    from torch import nn
+
+    main = import_main()
+    layers, shape, flattened_from = [], tuple(model.input_shape), None
+    for layer in model.layers:
+        if isinstance(layer, main.Conv2D):
+            k, _, channels, filters = layer.params["W"].shape
+            twin = nn.Conv2d(channels, filters, k, stride=layer.stride, padding=layer.padding)
+            twin.weight.data = torch.from_numpy(layer.params["W"].transpose(3, 2, 0, 1).copy())
+        elif isinstance(layer, main.Dense):
+            weights = layer.params["W"]
+            if flattened_from is not None:  # rows in (H, W, C) order -> (C, H, W) order
+                height, width, channels = flattened_from
+                weights = weights.reshape(height, width, channels, -1).transpose(2, 0, 1, 3).reshape(weights.shape)
+                flattened_from = None
+            twin = nn.Linear(*weights.shape)
+            twin.weight.data = torch.from_numpy(weights.T.copy())
+        elif isinstance(layer, main.ReLU):
+            twin = nn.ReLU()
+        elif isinstance(layer, main.MaxPool2D):
+            twin = nn.MaxPool2d(layer.pool_size, layer.stride)
+        elif isinstance(layer, main.Flatten):
+            twin, flattened_from = nn.Flatten(), shape
+        else:
+            raise TypeError(f"no PyTorch twin for {type(layer).__name__}")
+        if "b" in layer.params:
+            twin.bias.data = torch.from_numpy(layer.params["b"].copy())
+        layers.append(twin)
+        shape = layer.output_shape(shape)
+    return nn.Sequential(*layers)
+
+
+def worker_torch(args: argparse.Namespace) -> dict:
+    """The same training (or inference) in PyTorch: same images, initial weights, batch, Adam, threads."""
+    import numpy as np
+    import torch
+    from torch.nn import functional
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(SEED)
+    main = import_main()
+    data = load_images(args.data, args.images)
+    x = torch.from_numpy(np.ascontiguousarray(data.x_train.transpose(0, 3, 1, 2)))  # NHWC -> NCHW, once
+    y = torch.from_numpy(data.y_train)
+    del data
+    rss_with_data = peak_rss_mib()
+    model = torch_twin(main.build_model(main.DEFAULT_CONFIG["model"], (28, 28, 1), 10, np.random.default_rng(SEED)))
+    result: dict[str, Any] = {"rss_after_data_mib": rss_with_data, "data_mib": x.numel() * 4 / 2**20}
+
+    if args.task == "infer":
+        model.eval()
+        with torch.inference_mode():
+            images = x[:INFERENCE_IMAGES]
+
+            def predict_proba() -> None:
+                for start in range(0, len(images), INFERENCE_BATCH):
+                    torch.softmax(model(images[start:start + INFERENCE_BATCH]), dim=1)
+
+            model(images[:INFERENCE_BATCH])  # warm-up
+            seconds = []
+            for _ in range(3):
+                start = time.perf_counter()
+                predict_proba()
+                seconds.append(time.perf_counter() - start)
+        result.update(images_per_second=len(images) / statistics.median(seconds), peak_rss_mib=peak_rss_mib())
+        return result
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
+
+    def epoch(n_images: int) -> tuple[float, float, float]:
+        """One epoch as main.train does it: shuffle, then per batch forward, loss, backward, step, and the
+        running loss and accuracy. Returns (seconds, CPU seconds, train accuracy)."""
+        start, correct = time.perf_counter(), 0
+        cpu_start = time.process_time()
+        order = torch.randperm(n_images)
+        for first in range(0, n_images, BATCH_SIZE):
+            chosen = order[first:first + BATCH_SIZE]
+            images, labels = x[chosen], y[chosen]
+            optimizer.zero_grad(set_to_none=True)
+            logits = model(images)
+            loss = functional.cross_entropy(logits, labels)
+            loss.backward()
+            optimizer.step()
+            float(loss)
+            correct += int((logits.argmax(dim=1) == labels).sum())
+        return time.perf_counter() - start, time.process_time() - cpu_start, correct / n_images
+
+    epoch(min(WARMUP_BATCHES * BATCH_SIZE, len(x)))
+    runs = [epoch(len(x)) for _ in range(args.epochs)]
+    result.update(epoch_seconds=[seconds for seconds, _, _ in runs], train_accuracy=runs[-1][2],
+                  cpu_seconds_per_epoch=statistics.mean(cpu for _, cpu, _ in runs), peak_rss_mib=peak_rss_mib())
+    return result
+
+
+def worker_versions() -> dict:
+    """Library versions and thread setup as seen inside a worker."""
+    info = {"python": platform.python_version()}
+    if "torch" in sys.modules:
+        import torch
+
+        info.update(torch=torch.__version__, torch_threads=torch.get_num_threads(),
+                    torch_backend=torch.__config__.parallel_info().splitlines()[-1].strip())
+    return info
+
+
+def run_worker(args: argparse.Namespace) -> None:
+    """Child process: measure one thing, print one JSON line."""
+    workers = {"setup": worker_setup, "numpy": worker_numpy, "torch": worker_torch}
+    result = workers[args.worker](args)
+    result.update(worker_versions())
+    print(json.dumps(result))
+
+
+# ------------------------------------------------------------------------------------------------
+# Parent: orchestration and report
+# ------------------------------------------------------------------------------------------------
+
+
+def call_worker(args: argparse.Namespace, worker: str, task: str = "train") -> dict:
+    """Run this script as a child measuring one thing; its last stdout line is the JSON answer."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", worker, "--task", task,
+               "--data", args.data, "--images", str(args.images), "--epochs", str(args.epochs),
+               "--threads", str(args.threads)]
+    env = dict(os.environ, **{name: str(args.threads) for name in THREAD_VARIABLES})
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
+    if done.returncode != 0:
+        sys.exit(f"error: the {worker} {task} worker failed (exit {done.returncode}):\n{done.stderr.strip()}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def available_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "all": values}
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count:,} {noun}" + ("" if count == 1 else "s")
+
+
+def verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("PASS" if ok else "MISS")
+
+
+def print_gemm_table(setup: dict, images: int) -> float:
+    """The matrix multiplies of one training batch; returns their time per epoch (the lower bound)."""
+    print(f"\nWhere the arithmetic is: the matrix multiplies of one training batch of {BATCH_SIZE} (float32, "
+          "np.matmul, best of 10 rounds)")
+    print(f"{'layer':<10}{'op':<9}{'shape (M x K) @ (K x N)':<30}{'MFLOP/image':>12}{'ms/batch':>10}{'GFLOP/s':>9}")
+    print("-" * 80)
+    for g in setup["gemms"]:
+        shape = f"({g['m']} x {g['k']}) @ ({g['k']} x {g['n']})"
+        print(f"{g['layer']:<10}{g['op']:<9}{shape:<30}{g['mflop_per_image']:>12.2f}"
+              f"{1e3 * g['seconds_per_batch']:>10.3f}{g['gflop_per_second']:>9.1f}")
+    mflop = sum(g["mflop_per_image"] for g in setup["gemms"])
+    per_batch = sum(g["seconds_per_batch"] for g in setup["gemms"])
+    lower_bound = per_batch * images / BATCH_SIZE
+    print("-" * 80)
+    print(f"{'total':<49}{mflop:>12.2f}{1e3 * per_batch:>10.3f}{mflop * BATCH_SIZE / 1e3 / per_batch:>9.1f}")
+    peak = setup["peak_gflop_per_second"]
+    print(f"GEMM lower bound: {mflop:.1f} MFLOP per training image x {images:,} images = {mflop * images / 1e3:.0f} "
+          f"GFLOP, {lower_bound:.2f} s per epoch at these shapes on this machine")
+    print(f"(a 1024 x 1024 x 1024 GEMM runs at {peak:.0f} GFLOP/s here: at that rate the epoch's GEMMs would take "
+          f"{mflop * images / 1e3 / peak:.2f} s; thin shapes such as K = 9 or M = {BATCH_SIZE} run slower)")
+    return lower_bound
+
+
+def markdown_summary(report: dict) -> str:
+    """The compact table for the README."""
+    project, torch_side, n = report["project"], report.get("torch"), report["config"]["images"]
+
+    def epoch(side: dict) -> str:
+        e = side["epoch_seconds"]
+        return f"{e['median']:.2f} s ({e['min']:.2f}-{e['max']:.2f})"
+
+    def training_rate(side: dict) -> str:
+        return f"{n / side['epoch_seconds']['median']:,.0f}"
+
+    def inference_rate(side: dict) -> str:
+        return f"{side['inference_images_per_second']['median']:,.0f}"
+
+    def rss(key: str) -> Callable[[dict], str]:
+        return lambda side: f"{side[key]:.0f} MiB"
+
+    def both(describe: Callable[[dict], str], ratio: str = "") -> tuple[str, str, str]:
+        if torch_side is None:
+            return describe(project), "not installed", "-"
+        return describe(project), describe(torch_side), ratio or "-"
+
+    ratios = {"epoch": f"{report['epoch_ratio']['median']:.2f}", "inference": f"{report['inference_ratio']:.2f}"} \
+        if torch_side else {"epoch": "", "inference": ""}
+    rows = [
+        ("", "project (NumPy)", "PyTorch", "project / PyTorch"),
+        ("---", "---:", "---:", "---:"),
+        (f"training epoch, {n:,} images (median, min-max)", *both(epoch, ratios["epoch"])),
+        ("training images/s", *both(training_rate)),
+        ("GEMM lower bound per epoch (project / bound)",
+         f"{report['lower_bound_seconds']:.2f} s ({report['lower_bound_ratio']:.2f}x)", "-", "-"),
+        (f"inference images/s (batch {INFERENCE_BATCH})", *both(inference_rate, ratios["inference"])),
+        ("peak RSS, training", *both(rss("training_rss_mib"))),
+        ("peak RSS, inference", *both(rss("inference_rss_mib"))),
+    ]
+    env = report["environment"]
+    lines = ["| " + " | ".join(row) + " |" for row in rows]
+    lines.append(f"\n{env['cpu']}, {report['config']['threads']} threads, {env['blas']}; Python {env['python']}, "
+                 f"NumPy {env['numpy']}" + (f", PyTorch {env['torch']}" if env.get("torch") else "")
+                 + f"; batch {BATCH_SIZE}, Adam, float32; {env['date']}; `python bench/benchmark.py`")
+    return "\n".join(lines)
+
+
+def summarise_side(train_runs: list[dict], infer_runs: list[dict]) -> dict:
+    """Per side: the median over workers of each worker's median epoch, inference rate and peak RSS."""
+    epochs = [statistics.median(run["epoch_seconds"]) for run in train_runs]
+    return {
+        "epoch_seconds": spread(epochs),
+        "cpu_seconds_per_epoch": statistics.median([run["cpu_seconds_per_epoch"] for run in train_runs]),
+        "train_accuracy": [run["train_accuracy"] for run in train_runs],
+        "inference_images_per_second": spread([run["images_per_second"] for run in infer_runs]),
+        "training_rss_mib": max(run["peak_rss_mib"] for run in train_runs),
+        "training_rss_after_data_mib": max(run["rss_after_data_mib"] for run in train_runs),
+        "data_mib": train_runs[0]["data_mib"],
+        "inference_rss_mib": max(run["peak_rss_mib"] for run in infer_runs),
+    }
+
+
+def describe_blas(setup: dict) -> str:
+    if not setup["blas"]:
+        return "BLAS unknown to threadpoolctl (pip install threadpoolctl); numpy.show_config() says:\n" \
+               + setup["numpy_config"]
+    return "; ".join(f"{p.get('internal_api')} {p.get('version')} ({p.get('architecture', '?')}, "
+                     f"{p.get('threading_layer', '?')}), {p.get('num_threads')} threads" for p in setup["blas"])
+
+
+def describe_environment(args: argparse.Namespace, has_torch: bool) -> dict:
+    """Print (and return) what the numbers depend on: machine, load, settings that slow BLAS down."""
+    environment = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": cpu_model(), "cpus": available_cpus(),
+                   "python": platform.python_version(), "platform": platform.platform(),
+                   "slow_blas_variables": {v: os.environ[v] for v in SLOW_BLAS_VARIABLES if v in os.environ},
+                   "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+    print(f"numpy-cnn benchmark: {args.images:,} synthetic 28x28 images, batch {BATCH_SIZE}, Adam lr "
+          f"{LEARNING_RATE:g}, float32, {plural(args.threads, 'thread')}, {plural(args.repeats, 'repeat')} x "
+          f"{plural(args.epochs, 'epoch')}")
+    print(f"machine: {environment['cpu']}, {environment['cpus']} CPUs usable; {environment['platform']}; "
+          f"Python {environment['python']}; {environment['date']}")
+    for name, value in environment["slow_blas_variables"].items():
+        print(f"WARNING: {name}={value} is set: it can make BLAS much slower. Rerun with "
+              f"`env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/benchmark.py ...`")
+    if (environment["load_average_at_start"] or 0) > 0.5:
+        print(f"note: the load average is {environment['load_average_at_start']:.1f}: other processes are using the "
+              "CPU, so expect noisy numbers (the medians and the alternation soften that; on a shared machine "
+              "--threads 1 is far steadier: threads that wait for each other stall when cores are taken)")
+    if not has_torch:
+        why = "hidden by --no-torch" if args.no_torch else "not installed (pip install torch)"
+        print(f"PyTorch: {why}; reporting the project alone")
+    return environment
+
+
+def median_epoch(run: dict) -> float:
+    return statistics.median(run["epoch_seconds"])
+
+
+def measure(args: argparse.Namespace, has_torch: bool) -> dict:
+    """All the child processes, in order: setup, training pairs, inference pairs, one profiled epoch."""
+    runs: dict[str, Any] = {"train": {"project": [], "torch": []}, "infer": {"project": [], "torch": []},
+                            "load_averages": []}
+    with tempfile.TemporaryDirectory(prefix="numpy-cnn-bench-") as folder:
+        args.data = str(Path(folder) / "images.npz")
+        print("\npreparing the images and timing the model's matrix multiplies ...", flush=True)
+        runs["setup"] = call_worker(args, "setup")
+        print(f"NumPy {runs['setup']['numpy']}, BLAS: {describe_blas(runs['setup'])}")
+        print(f"model (main.DEFAULT_CONFIG['model']):\n{runs['setup']['summary']}")
+        runs["lower_bound"] = print_gemm_table(runs["setup"], args.images)
+
+        print(f"\ntraining: {plural(args.repeats, 'repeat')}, each side in its own process"
+              + (", alternating project / PyTorch" if has_torch else ""))
+        header = f"{'repeat':>6}{'project s':>11}" + (f"{'PyTorch s':>11}{'project/PyTorch':>17}" if has_torch else "")
+        header += f"{'load average':>14}"
+        print(header + "\n" + "-" * len(header))
+        train = runs["train"]
+        for repeat in range(1, args.repeats + 1):
+            train["project"].append(call_worker(args, "numpy"))
+            line = f"{repeat:>6}{median_epoch(train['project'][-1]):>11.3f}"
+            if has_torch:
+                train["torch"].append(call_worker(args, "torch"))
+                ratio = median_epoch(train["project"][-1]) / median_epoch(train["torch"][-1])
+                line += f"{median_epoch(train['torch'][-1]):>11.3f}{ratio:>17.2f}"
+            runs["load_averages"].append(os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan)
+            print(f"{line}{runs['load_averages'][-1]:>14.1f}", flush=True)
+
+        print(f"\ninference at batch {INFERENCE_BATCH}: {plural(args.repeats, 'repeat')} ...", flush=True)
+        for _ in range(args.repeats):
+            runs["infer"]["project"].append(call_worker(args, "numpy", "infer"))
+            if has_torch:
+                runs["infer"]["torch"].append(call_worker(args, "torch", "infer"))
+
+        print("one more project epoch, profiled (model.timings) ...", flush=True)
+        runs["profile"] = call_worker(args, "numpy", "profile")["profile"]
+    return runs
+
+
+def build_report(args: argparse.Namespace, environment: dict, runs: dict, has_torch: bool) -> dict:
+    """Every number, as --json writes it."""
+    setup, train, infer = runs["setup"], runs["train"], runs["infer"]
+    environment.update(numpy=setup["numpy"], blas=describe_blas(setup))
+    report: dict[str, Any] = {
+        "config": {"images": args.images, "repeats": args.repeats, "epochs": args.epochs, "threads": args.threads,
+                   "batch_size": BATCH_SIZE, "learning_rate": LEARNING_RATE, "inference_batch": INFERENCE_BATCH},
+        "environment": environment, "gemms": setup["gemms"], "lower_bound_seconds": runs["lower_bound"],
+        "square_gemm_gflop_per_second": setup["peak_gflop_per_second"],
+        "project": summarise_side(train["project"], infer["project"]), "profile": runs["profile"],
+        "load_averages_after_each_repeat": runs["load_averages"],
+    }
+    report["lower_bound_ratio"] = report["project"]["epoch_seconds"]["median"] / runs["lower_bound"]
+    if has_torch:
+        first = train["torch"][0]
+        environment.update(torch=first["torch"], torch_threads=first["torch_threads"],
+                           torch_backend=first["torch_backend"])
+        report["torch"] = summarise_side(train["torch"], infer["torch"])
+        report["epoch_ratio"] = spread([median_epoch(a) / median_epoch(b)
+                                        for a, b in zip(train["project"], train["torch"])])
+        report["inference_ratio"] = (report["project"]["inference_images_per_second"]["median"]
+                                     / report["torch"]["inference_images_per_second"]["median"])
+    report["targets"] = check_targets(report)
+    report["markdown"] = markdown_summary(report)
+    return report
+
+
+def check_targets(report: dict) -> list[dict]:
+    """The issue's targets, each PASS, MISS or n/a (without PyTorch)."""
+    project, has_torch = report["project"], "torch" in report
+    epoch_ratio = report["epoch_ratio"]["median"] if has_torch else None
+    goal = "" if epoch_ratio is None or epoch_ratio >= TARGETS["epoch_ratio_goal"] else " (goal met)"
+    checks = [
+        (f"epoch time project / PyTorch <= {TARGETS['epoch_ratio']} (goal < {TARGETS['epoch_ratio_goal']})",
+         "-" if epoch_ratio is None else f"{epoch_ratio:.2f}{goal}",
+         None if epoch_ratio is None else epoch_ratio <= TARGETS["epoch_ratio"]),
+        (f"project epoch / GEMM lower bound <= {TARGETS['lower_bound_ratio']}", f"{report['lower_bound_ratio']:.2f}",
+         report["lower_bound_ratio"] <= TARGETS["lower_bound_ratio"]),
+        ("inference images/s >= PyTorch's", f"{report['inference_ratio']:.2f}x" if has_torch else "-",
+         report["inference_ratio"] >= 1.0 if has_torch else None),
+        (f"training peak RSS < {TARGETS['training_rss_mib']:.0f} MiB", f"{project['training_rss_mib']:.0f} MiB",
+         project["training_rss_mib"] < TARGETS["training_rss_mib"]),
+    ]
+    return [{"target": text, "value": value, "result": verdict(ok)} for text, value, ok in checks]
+
+
+def print_results(report: dict) -> None:
+    n, project, threads = report["config"]["images"], report["project"], report["config"]["threads"]
+    print(f"\nWhere the project's time goes (one profiled epoch of {n:,} images; forward includes the "
+          f"{N_TEST}-image test evaluation):\n{report['profile']}")
+    print("\nResults")
+    sides = [("project", project)] + ([("PyTorch", report["torch"])] if "torch" in report else [])
+    for name, side in sides:
+        e, i = side["epoch_seconds"], side["inference_images_per_second"]
+        print(f"{name:<8} epoch median {e['median']:.3f} s (min {e['min']:.3f} - max {e['max']:.3f}), "
+              f"{n / e['median']:,.0f} images/s, train accuracy {statistics.median(side['train_accuracy']):.1%}\n"
+              f"{'':<8} CPU time {side['cpu_seconds_per_epoch']:.2f} s per epoch "
+              f"({side['cpu_seconds_per_epoch'] / (threads * e['median']):.0%} of {threads} threads x epoch time)\n"
+              f"{'':<8} inference {i['median']:,.0f} images/s (min {i['min']:,.0f} - max {i['max']:,.0f})\n"
+              f"{'':<8} peak RSS: training {side['training_rss_mib']:.0f} MiB (imports + data "
+              f"{side['training_rss_after_data_mib']:.0f}, of which data {side['data_mib']:.0f}), "
+              f"inference {side['inference_rss_mib']:.0f} MiB")
+    if "torch" in report:
+        r = report["epoch_ratio"]
+        print(f"epoch time project / PyTorch, pair by pair: {', '.join(f'{v:.2f}' for v in r['all'])}; "
+              f"median {r['median']:.2f}")
+        print(f"inference images/s project / PyTorch: {report['inference_ratio']:.2f}")
+    env = report["environment"]
+    if "torch" in report:
+        print(f"PyTorch {env['torch']}: {env['torch_threads']} threads, {env['torch_backend']}")
+    print(f"project epoch / GEMM lower bound: {project['epoch_seconds']['median']:.2f} s / "
+          f"{report['lower_bound_seconds']:.2f} s = {report['lower_bound_ratio']:.2f}")
+
+    print(f"\nTargets (from the issue)\n{'target':<58}{'value':>18}  result\n" + "-" * 84)
+    for row in report["targets"]:
+        print(f"{row['target']:<58}{row['value']:>18}  {row['result']}")
+    if project["data_mib"] > 0.5 * TARGETS["training_rss_mib"]:
+        print(f"(note: the {n:,} training images alone take {project['data_mib']:.0f} MiB as float32)")
+    print(f"\nSummary (Markdown)\n\n{report['markdown']}")
+
+
+def run_benchmark(args: argparse.Namespace) -> int:
+    has_torch = not args.no_torch and importlib.util.find_spec("torch") is not None
+    environment = describe_environment(args, has_torch)
+    runs = measure(args, has_torch)
+    report = build_report(args, environment, runs, has_torch)
+    print_results(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        print(f"\nall numbers written to {args.json}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Time training epochs and inference of numpy-cnn's seed model against PyTorch (if installed) "
+                    "on the same CPU, and against the GEMM lower bound. Run from the project root.",
+        epilog="Example: python bench/benchmark.py --images 60000 --repeats 3 --json bench.json")
+    parser.add_argument("--images", type=int, default=5000, help="training images per epoch (default 5000; "
+                        "60000 for a full MNIST-sized epoch)")
+    parser.add_argument("--repeats", type=int, default=5, help="measurements per side, alternating (default 5)")
+    parser.add_argument("--epochs", type=int, default=1, help="timed epochs per measurement (default 1)")
+    parser.add_argument("--threads", type=int, default=available_cpus(),
+                        help="BLAS and PyTorch threads, the same on both sides (default: all usable CPUs, "
+                             f"here {available_cpus()})")
+    parser.add_argument("--no-torch", action="store_true", help="ignore PyTorch even if it is installed")
+    parser.add_argument("--json", metavar="FILE", help="write every number to FILE")
+    # Internal: the parent runs this script again as a worker that measures one thing and prints one JSON line.
+    parser.add_argument("--worker", choices=("setup", "numpy", "torch"), help=argparse.SUPPRESS)
+    parser.add_argument("--task", choices=("train", "infer", "profile"), default="train", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for flag in ("images", "repeats", "epochs", "threads"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be at least 1")
+    if args.worker:
+        run_worker(args)
+        return 0
+    return run_benchmark(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
