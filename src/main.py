@@ -1,6 +1,7 @@
 """numpy-cnn: a convolutional neural network from scratch in NumPy, trained on MNIST.
 
-Read it top to bottom: layers -> loss -> model -> optimisers -> data -> training -> CLI.
+Read it top to bottom: layers -> loss -> model -> optimisers -> data -> training, then the tools around
+them (gradient check, saving and predicting, configuration) and the command line.
 
 Conventions used everywhere:
 - Images are channels-last arrays of shape (N, H, W, C), as in Keras: N samples, H x W pixels, C channels.
@@ -62,8 +63,22 @@ class ModelFileError(CNNError):
 # ------------------------------------------------------------------------------------------------
 
 
+class Layer:
+    """What every layer has: `forward(x, training=True) -> y` and `backward(grad_out) -> grad_in`, side by
+    side; `output_shape(input_shape)` without the batch axis; `params` and `grads`, dicts with the same keys
+    (empty for a layer without weights). forward keeps what backward will need only when training."""
+
+    def __init__(self) -> None:
+        self.params: dict[str, np.ndarray] = {}
+        self.grads: dict[str, np.ndarray] = {}
+
+    def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return input_shape
+
+
 def he_normal(shape: tuple[int, ...], fan_in: int, rng: np.random.Generator) -> np.ndarray:
-    """He initialisation: N(0, 2 / fan_in) keeps the activations' variance steady through ReLU layers."""
+    """He initialisation: mean 0, variance 2 / fan_in (standard deviation sqrt(2 / fan_in)), which keeps the
+    activations' variance steady through ReLU layers (a ReLU zeroes half of them, so the weights make up 2x)."""
     return (rng.standard_normal(shape) * math.sqrt(2.0 / fan_in)).astype(DTYPE)
 
 
@@ -97,13 +112,14 @@ def col2im(grad_cols: np.ndarray, padded_shape: tuple[int, ...], stride: int) ->
     return grad_x
 
 
-class Conv2D:
+class Conv2D(Layer):
     """2-D convolution (cross-correlation, as in every framework), zero padding, any stride.
 
     Input (N, H, W, C) -> output (N, Ho, Wo, F), Ho = (H + 2p - k) // s + 1 (same for Wo).
     params: W (k, k, C, F), b (F,).
-    Forward:  y = im2col(x) @ W + b.
-    Backward: dW = cols^T @ grad_out,  db = sum(grad_out),  dx = col2im(grad_out @ W^T).
+    Forward:  y = im2col(pad(x)) @ W + b.
+    Backward: dW = cols^T @ grad_out,  db = sum(grad_out),  dx = crop(col2im(grad_out @ W^T))
+              (None when need_input_grad is False).
     """
 
     def __init__(
@@ -116,6 +132,7 @@ class Conv2D:
         *,
         rng: np.random.Generator | None = None,
     ) -> None:
+        super().__init__()
         rng = rng if rng is not None else np.random.default_rng()
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
         fan_in = kernel_size * kernel_size * in_channels
@@ -171,7 +188,7 @@ class Conv2D:
         return grad_padded[:, p:p + height, p:p + width, :]
 
 
-class MaxPool2D:
+class MaxPool2D(Layer):
     """Max pooling per channel over pool x pool windows, 'valid' (leftover rows/columns are dropped).
 
     Input (N, H, W, C) -> output (N, Ho, Wo, C), Ho = (H - pool) // stride + 1. stride defaults to pool
@@ -182,10 +199,9 @@ class MaxPool2D:
     """
 
     def __init__(self, pool_size: int = 2, stride: int | None = None) -> None:
+        super().__init__()
         self.pool_size = pool_size
         self.stride = stride if stride is not None else pool_size
-        self.params: dict[str, np.ndarray] = {}
-        self.grads: dict[str, np.ndarray] = {}
 
     def output_shape(self, input_shape: tuple[int, int, int]) -> tuple[int, int, int]:
         height, width, channels = input_shape
@@ -204,8 +220,9 @@ class MaxPool2D:
         out_h, out_w, _ = self.output_shape(x.shape[1:])
         # Loop over the pool*pool offsets (not over pixels): each step handles every window at once.
         offsets = list(self._offsets(out_h, out_w))
-        y = x[:, offsets[0][1], offsets[0][2], :].copy()
-        for _, rows, cols in offsets[1:]:
+        (_, first_rows, first_cols), *others = offsets
+        y = x[:, first_rows, first_cols, :].copy()
+        for _, rows, cols in others:
             np.maximum(y, x[:, rows, cols, :], out=y)
         if training:
             # winner[k]: the window's maximum sits at offset k and no earlier offset had it (first max wins).
@@ -230,15 +247,8 @@ class MaxPool2D:
         return grad_in
 
 
-class ReLU:
+class ReLU(Layer):
     """y = max(x, 0), elementwise, any shape. Backward: dx = grad_out * (x > 0)."""
-
-    def __init__(self) -> None:
-        self.params: dict[str, np.ndarray] = {}
-        self.grads: dict[str, np.ndarray] = {}
-
-    def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
-        return input_shape
 
     def forward(self, x: np.ndarray, training: bool = True) -> np.ndarray:
         positive = x > 0
@@ -252,12 +262,8 @@ class ReLU:
         return grad_out * self.positive
 
 
-class Flatten:
+class Flatten(Layer):
     """(N, H, W, C) -> (N, H*W*C). Backward reshapes the gradient back."""
-
-    def __init__(self) -> None:
-        self.params: dict[str, np.ndarray] = {}
-        self.grads: dict[str, np.ndarray] = {}
 
     def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int]:
         return (math.prod(input_shape),)
@@ -270,7 +276,7 @@ class Flatten:
         return grad_out.reshape(self.input_shape)
 
 
-class Dense:
+class Dense(Layer):
     """Fully connected layer: (N, in_features) -> (N, units), y = x @ W + b.
 
     params: W (in_features, units), b (units,).
@@ -278,6 +284,7 @@ class Dense:
     """
 
     def __init__(self, in_features: int, units: int, *, rng: np.random.Generator | None = None) -> None:
+        super().__init__()
         rng = rng if rng is not None else np.random.default_rng()
         self.params = {"W": he_normal((in_features, units), in_features, rng), "b": np.zeros(units, dtype=DTYPE)}
         self.grads = {name: np.zeros_like(p) for name, p in self.params.items()}
@@ -339,7 +346,7 @@ class Sequential:
     `timings`, when set to a dict, collects seconds spent per layer and direction (for --profile).
     """
 
-    def __init__(self, layers: list, input_shape: tuple[int, ...] | None = None) -> None:
+    def __init__(self, layers: list[Layer], input_shape: tuple[int, ...] | None = None) -> None:
         self.layers = layers
         self.input_shape = tuple(input_shape) if input_shape is not None else None
         self.timings: dict[tuple[int, str], float] | None = None
@@ -428,7 +435,7 @@ def build_model(
     Shapes are inferred from input_shape (H, W, C); a layer that would shrink the image below 1x1
     raises ConfigError naming it.
     """
-    layers: list = []
+    layers: list[Layer] = []
     shape = tuple(input_shape)
     for index, spec in enumerate(model_cfg["conv_layers"]):
         where = f"model.conv_layers[{index}]"
@@ -978,11 +985,12 @@ def numeric_gradient(objective: Callable[[], float], array: np.ndarray, coords: 
 
 def gradient_check(model: Sequential, x: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
                    n_coords: int = 20, tolerance: float = 1e-6) -> list[dict]:
-    """Check each layer's backward pass on its real input inside the model, in float64.
+    """Check each layer's backward pass near its real input inside the model, in float64.
 
     For layer L with input a and a random upstream gradient G, the objective sum(L(a) * G) has gradient
     L.backward(G) with respect to a, and L.grads with respect to its weights; both are compared with
-    central differences on n_coords random coordinates per tensor. A last check runs the whole model
+    central differences on n_coords random coordinates per tensor, at the real input plus uniform noise of
+    +-0.01 (so that no ReLU zero or pooling tie sits exactly on a kink). A last check runs the whole model
     and loss end to end. Returns one row per tensor: layer, tensor, shape, coordinates, error, ok.
     The model's weights are converted to float64 in place.
     """

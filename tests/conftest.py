@@ -7,7 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import reference
 import yaml
 from threadpoolctl import threadpool_limits
 
@@ -45,3 +47,23 @@ def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: float 
     """Run `python src/main.py ARGS` in a fresh process, as a user would."""
     return subprocess.run([sys.executable, str(MAIN), *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def to_float64(layer: object) -> None:
+    """Convert a layer's weights and gradient buffers to float64 in place (for exact comparisons)."""
+    for name in layer.params:
+        layer.params[name] = layer.params[name].astype(np.float64)
+        layer.grads[name] = np.zeros_like(layer.params[name])
+
+
+def assert_conv2d_matches_reference(layer: object, x: np.ndarray, rng: np.random.Generator) -> None:
+    """A float64 Conv2D's forward and backward (dx, dW, db) equal the loop reference on input x."""
+    y = layer.forward(x)
+    expected = reference.conv2d_forward(x, layer.params["W"], layer.params["b"], layer.stride, layer.padding)
+    np.testing.assert_allclose(y, expected, rtol=1e-10, atol=1e-12)
+    upstream = rng.standard_normal(y.shape)
+    grad_x = layer.backward(upstream)
+    ref_x, ref_w, ref_b = reference.conv2d_backward(x, layer.params["W"], upstream, layer.stride, layer.padding)
+    np.testing.assert_allclose(grad_x, ref_x, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(layer.grads["W"], ref_w, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(layer.grads["b"], ref_b, rtol=1e-10, atol=1e-12)

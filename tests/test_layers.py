@@ -16,6 +16,7 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 import reference
+from conftest import assert_conv2d_matches_reference, to_float64
 
 import main
 
@@ -56,13 +57,6 @@ def gradient_error(analytic: np.ndarray, numeric: np.ndarray) -> float:
     assert analytic.shape == numeric.shape
     scale = max(float(np.max(np.abs(analytic))), float(np.max(np.abs(numeric))), 1e-12)
     return float(np.max(np.abs(analytic - numeric))) / scale
-
-
-def to_float64(layer: Any) -> None:
-    """Convert a layer's weights and gradient buffers to float64 in place (for gradient checks)."""
-    for name in layer.params:
-        layer.params[name] = layer.params[name].astype(np.float64)
-        layer.grads[name] = np.zeros_like(layer.params[name])
 
 
 def layer_gradient_errors(layer: Any, x: np.ndarray, rng: np.random.Generator) -> dict[str, float]:
@@ -357,16 +351,7 @@ def test_conv2d_matches_loop_reference(n: int, height: int, width: int, channels
     layer = main.Conv2D(channels, filters, kernel, stride, padding, rng=rng)
     to_float64(layer)
     layer.params["b"] = rng.standard_normal(filters)
-    x = rng.standard_normal((n, height, width, channels))
-    y = layer.forward(x)
-    np.testing.assert_allclose(y, reference.conv2d_forward(x, layer.params["W"], layer.params["b"], stride, padding),
-                               rtol=1e-10, atol=1e-12)
-    upstream = rng.standard_normal(y.shape)
-    grad_x = layer.backward(upstream)
-    ref_x, ref_w, ref_b = reference.conv2d_backward(x, layer.params["W"], upstream, stride, padding)
-    np.testing.assert_allclose(grad_x, ref_x, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(layer.grads["W"], ref_w, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(layer.grads["b"], ref_b, rtol=1e-10, atol=1e-12)
+    assert_conv2d_matches_reference(layer, rng.standard_normal((n, height, width, channels)), rng)
 
 
 # (N, H, W, C, pool, stride)

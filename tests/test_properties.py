@@ -10,6 +10,7 @@ import re
 
 import numpy as np
 import reference
+from conftest import assert_conv2d_matches_reference, to_float64
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
@@ -19,13 +20,6 @@ import main
 FEW = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 seeds = st.integers(0, 2**32 - 1)
-
-
-def to_float64(layer: main.Conv2D) -> None:
-    """Convert a layer's weights and gradient buffers to float64 in place."""
-    for name in layer.params:
-        layer.params[name] = layer.params[name].astype(np.float64)
-        layer.grads[name] = np.zeros_like(layer.params[name])
 
 
 @FEW
@@ -43,19 +37,10 @@ def test_conv2d_equals_loop_reference(n: int, height: int, width: int, channels:
     layer.params["b"] = rng.standard_normal(filters)
     x = rng.standard_normal((n, height, width, channels))
 
-    y = layer.forward(x)
     out_h, out_w = (height + 2 * padding - kernel) // stride + 1, (width + 2 * padding - kernel) // stride + 1
-    assert y.shape == (n, out_h, out_w, filters)
+    assert layer.forward(x).shape == (n, out_h, out_w, filters)
     assert tuple(layer.output_shape((height, width, channels))) == (out_h, out_w, filters)
-    np.testing.assert_allclose(y, reference.conv2d_forward(x, layer.params["W"], layer.params["b"], stride, padding),
-                               rtol=1e-10, atol=1e-12)
-
-    upstream = rng.standard_normal(y.shape)
-    grad_x = layer.backward(upstream)
-    ref_x, ref_w, ref_b = reference.conv2d_backward(x, layer.params["W"], upstream, stride, padding)
-    np.testing.assert_allclose(grad_x, ref_x, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(layer.grads["W"], ref_w, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(layer.grads["b"], ref_b, rtol=1e-10, atol=1e-12)
+    assert_conv2d_matches_reference(layer, x, rng)
 
 
 @st.composite
