@@ -1,0 +1,705 @@
+"""Why is numpy-cnn fast? Measure each design choice of docs/HOW_IT_WORKS.md ("Why it is fast") against the
+obvious alternative, on the real shapes of the default model at batch 32.
+
+Run from the project root:
+
+    python bench/why_fast.py              # every comparison, about 1.5 minutes
+    python bench/why_fast.py --quick      # a smoke run: few rounds, numbers only roughly right
+    python bench/why_fast.py --threads 1  # one BLAS thread: steadier on a busy machine
+
+The comparisons (project's way first, the alternative second):
+
+1. im2col + one BLAS matrix multiply against the loop reference of tests/reference.py (conv2d_2, one image).
+2. float32 against float64: a whole training step (forward, loss, backward, Adam) of the default model.
+3. channels-last (NHWC, the project) against channels-first (NCHW, like PyTorch): conv2d_2 forward + backward.
+4. col2im with one sliced `+=` per kernel offset against np.add.at: conv2d_2's shapes, and a whole epoch.
+5. max pooling with running maxima and winner masks against argmax + scatter: maxpool2d_1.
+6. ReLU as x * (x > 0) against np.maximum(x, 0): relu_1's input.
+
+How it measures: the machine may be shared and noisy, so the two sides ALTERNATE (project, alternative,
+project, alternative, ...), each round timing enough calls to last a moment, and the report gives the median
+of each side and the median of the pair-by-pair ratios (alternative / project: above 1, the project's way is
+faster), with the range of those ratios as the spread. Every alternative is first checked to compute the same
+numbers as the project's code; a mismatch stops the script with exit code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import gc
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+ROOT = Path(__file__).resolve().parent.parent
+for _folder in ("src", "tests"):  # main.py, and the loop reference tests/reference.py
+    if str(ROOT / _folder) not in sys.path:
+        sys.path.insert(0, str(ROOT / _folder))
+
+import reference  # noqa: E402
+
+import main  # noqa: E402
+
+BATCH = 32
+SEED = 42
+CONV1_INPUT = (BATCH, 28, 28, 1)  # conv2d_1: 32 filters, 3x3, padding 1
+CONV2_INPUT = (BATCH, 14, 14, 32)  # conv2d_2: 64 filters, 3x3, padding 1
+POOL1_INPUT = (BATCH, 28, 28, 32)  # maxpool2d_1 (2x2) and relu_1 see this shape
+
+
+class MismatchError(Exception):
+    """An alternative computed different numbers from the project's code: its timing would mean nothing."""
+
+
+@dataclass
+class Settings:
+    rounds: int  # alternating pairs per comparison
+    min_seconds: float  # each side of a pair repeats its call until it has run this long
+    loop_images: int  # how many single images the loop reference computes (about 5 s each)
+    loop_crop: int | None  # quick mode: the loop reference runs on a crop of the image, scaled up
+    epoch_images: int  # training images of the per-epoch col2im comparison
+    epoch_rounds: int
+
+
+FULL = Settings(rounds=30, min_seconds=0.12, loop_images=2, loop_crop=None, epoch_images=2000, epoch_rounds=3)
+QUICK = Settings(rounds=3, min_seconds=0.01, loop_images=1, loop_crop=5, epoch_images=160, epoch_rounds=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Timing: alternate the two sides, report medians and the ratios pair by pair
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    """One row of the final table: seconds per call of each side, one entry per alternating round."""
+
+    choice: str  # the table's first column: "project's way vs alternative: where"
+    project: str
+    alternative: str
+    project_seconds: list[float]
+    alternative_seconds: list[float]
+    unit: str = "ms"  # how the times are printed: "ms", "s" or "us"
+    note: str = ""
+
+    @property
+    def ratios(self) -> list[float]:
+        """alternative / project, pair by pair (above 1: the project's way is faster)."""
+        return [a / p for p, a in zip(self.project_seconds, self.alternative_seconds)]
+
+    @property
+    def ratio(self) -> float:
+        return statistics.median(self.ratios)
+
+    def spread(self) -> str:
+        ratios = self.ratios
+        if len(ratios) == 1:
+            return "1 pair"
+        return f"{show_ratio(min(ratios))}-{show_ratio(max(ratios))} ({len(ratios)} pairs)"
+
+
+def show_ratio(ratio: float) -> str:
+    return f"{ratio:,.2f}" if ratio < 100 else f"{ratio:,.0f}"
+
+
+def show_time(seconds: float, unit: str) -> str:
+    scale = {"s": 1.0, "ms": 1e3, "us": 1e6}[unit]
+    value = seconds * scale
+    digits = 3 if value < 10 else (1 if value < 1000 else 0)
+    return f"{value:,.{digits}f} {unit}"
+
+
+def seconds_per_call(function: Callable[[], object], calls: int) -> float:
+    """Mean wall time of `calls` calls, with the garbage collector paused (as timeit does)."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        start = time.perf_counter()
+        for _ in range(calls):
+            function()
+        return (time.perf_counter() - start) / calls
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def calls_for(function: Callable[[], object], min_seconds: float) -> int:
+    """How many calls last at least min_seconds (after one warm-up call, which allocates and starts threads)."""
+    function()
+    once = seconds_per_call(function, 1)
+    return max(1, math.ceil(min_seconds / max(once, 1e-9)))
+
+
+def alternate(project: Callable[[], object], alternative: Callable[[], object],
+              settings: Settings) -> tuple[list[float], list[float]]:
+    """Seconds per call of each side over settings.rounds rounds of project, alternative, project, ..."""
+    project_calls = calls_for(project, settings.min_seconds)
+    alternative_calls = calls_for(alternative, settings.min_seconds)
+    project_seconds, alternative_seconds = [], []
+    for _ in range(settings.rounds):
+        project_seconds.append(seconds_per_call(project, project_calls))
+        alternative_seconds.append(seconds_per_call(alternative, alternative_calls))
+    return project_seconds, alternative_seconds
+
+
+def report(result: Result) -> Result:
+    """Print one comparison's medians, ratio and spread as soon as it is measured."""
+    print(f"  {result.project}: median {show_time(statistics.median(result.project_seconds), result.unit)}")
+    print(f"  {result.alternative}: median {show_time(statistics.median(result.alternative_seconds), result.unit)}")
+    verdict = "faster" if result.ratio >= 1 else "SLOWER"
+    print(f"  alternative / project: {show_ratio(result.ratio)} (the project's way is {verdict}); pair ratios "
+          f"{result.spread()}")
+    if result.note:
+        print(f"  {result.note}")
+    return result
+
+
+def check_close(what: str, actual: np.ndarray, expected: np.ndarray, tolerance: float) -> None:
+    """max |actual - expected| must be below tolerance times the largest |expected|."""
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    if actual.shape != expected.shape:
+        raise MismatchError(f"{what}: shape {actual.shape}, expected {expected.shape}")
+    error = float(np.max(np.abs(actual.astype(np.float64) - expected))) / max(float(np.max(np.abs(expected))), 1e-30)
+    if not error <= tolerance:
+        raise MismatchError(f"{what}: relative difference {error:.2e} above {tolerance:.0e}")
+
+
+def check_equal(what: str, actual: np.ndarray, expected: np.ndarray) -> None:
+    if actual.shape != expected.shape or not np.array_equal(actual, expected):
+        raise MismatchError(f"{what}: the two versions do not compute the same array")
+
+
+def random_array(rng: np.random.Generator, shape: tuple[int, ...], dtype: type = np.float32) -> np.ndarray:
+    return rng.standard_normal(shape).astype(dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. im2col + one BLAS multiply against the loop reference
+# ------------------------------------------------------------------------------------------------
+
+
+def check_loop_reference(conv: main.Conv2D, image: np.ndarray, grad_out: np.ndarray) -> None:
+    """The project's Conv2D forward and backward on one image equal the loops of tests/reference.py."""
+    W, b = conv.params["W"], conv.params["b"]
+    expected_y = reference.conv2d_forward(image, W, b, conv.stride, conv.padding)
+    expected_dx, expected_dW, expected_db = reference.conv2d_backward(image, W, grad_out, conv.stride, conv.padding)
+    check_close("conv forward vs loops", conv.forward(image), expected_y, 1e-5)
+    check_close("conv dx vs loops", conv.backward(grad_out), expected_dx, 1e-5)
+    check_close("conv dW vs loops", conv.grads["W"], expected_dW, 1e-5)
+    check_close("conv db vs loops", conv.grads["b"], expected_db, 1e-5)
+
+
+def compare_loops(settings: Settings, rng: np.random.Generator) -> list[Result]:
+    """conv2d_2 forward + backward, one image: loops against im2col + GEMM at batch 1 and at batch 32."""
+    conv = main.Conv2D(CONV2_INPUT[3], 64, 3, 1, 1, rng=rng)
+    x, grad_out = random_array(rng, CONV2_INPUT), random_array(rng, (*CONV2_INPUT[:3], 64))
+    image, image_grad = x[:1], grad_out[:1]
+    crop_scale = 1.0
+    if settings.loop_crop:  # quick mode: a crop of the image, timed, then scaled by the number of output pixels
+        size = settings.loop_crop
+        image, image_grad = image[:, :size, :size], image_grad[:, :size, :size]
+        crop_scale = (CONV2_INPUT[1] * CONV2_INPUT[2]) / (size * size)
+    check_loop_reference(conv, image, image_grad)
+
+    def loops() -> None:
+        reference.conv2d_forward(image, conv.params["W"], conv.params["b"], 1, 1)
+        reference.conv2d_backward(image, conv.params["W"], image_grad, 1, 1)
+
+    def vectorised(batch: np.ndarray, batch_grad: np.ndarray) -> Callable[[], object]:
+        return lambda: (conv.forward(batch), conv.backward(batch_grad))
+
+    one_image = vectorised(x[:1], grad_out[:1])
+    whole_batch = vectorised(x, grad_out)
+    one_calls, batch_calls = calls_for(one_image, settings.min_seconds), calls_for(whole_batch, settings.min_seconds)
+    loop_seconds, one_seconds, batch_seconds = [], [], []
+    for _ in range(settings.loop_images):  # alternating, one slow loop image per round
+        loop_seconds.append(seconds_per_call(loops, 1) * crop_scale)
+        one_seconds.append(seconds_per_call(one_image, one_calls))
+        batch_seconds.append(seconds_per_call(whole_batch, batch_calls) / BATCH)
+    how = f"{len(loop_seconds)} single images, each alternated with the vectorised code"
+    if len(loop_seconds) == 1:
+        how = "1 single image, alternated with the vectorised code"
+    if settings.loop_crop:
+        how += f"; quick: the loops ran on a {settings.loop_crop}x{settings.loop_crop} crop, scaled x{crop_scale:.1f}"
+    per_second = 1 / statistics.median(batch_seconds)
+    print(f"  loop reference (tests/reference.py, float64 loops): {statistics.median(loop_seconds):.2f} s per image "
+          f"({how})")
+    print(f"  vectorised at batch 32: {1e3 * statistics.median(batch_seconds):.3f} ms per image, "
+          f"{per_second:,.0f} images/s (forward + backward of conv2d_2)")
+    return [
+        report(Result("im2col + GEMM vs loops: conv2d_2 fwd+bwd, 1 image",
+                      "im2col + GEMM, batch 1", "loops (tests/reference.py)", one_seconds, loop_seconds)),
+        report(Result("  the same, per image at batch 32",
+                      "im2col + GEMM, batch 32, per image", "loops (tests/reference.py)", batch_seconds,
+                      loop_seconds, note=f"{per_second:,.0f} images/s through conv2d_2 forward + backward")),
+    ]
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. float32 against float64: a whole training step
+# ------------------------------------------------------------------------------------------------
+
+
+def default_model(dtype: type) -> main.Sequential:
+    """The default model with the weights of seed 42, its weights and gradients converted to dtype."""
+    model = main.build_model(main.DEFAULT_CONFIG["model"], CONV1_INPUT[1:], 10, np.random.default_rng(SEED))
+    for layer in model.layers:
+        for name in layer.params:
+            layer.params[name] = layer.params[name].astype(dtype)
+            layer.grads[name] = np.zeros_like(layer.params[name])
+    return model
+
+
+def synthetic_batch(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """n synthetic seven-segment digits as the project trains on them: float32 (n, 28, 28, 1) in [0, 1]."""
+    images, labels = main.make_synthetic(n, rng)
+    return (images.astype(np.float32) / 255)[..., None], labels.astype(np.int64)
+
+
+def training_step(model: main.Sequential, optimizer: main.Adam, x: np.ndarray, labels: np.ndarray) -> float:
+    """What main.train does for one batch: forward, loss, backward, Adam."""
+    loss_fn = main.SoftmaxCrossEntropy()
+    loss = loss_fn.forward(model.forward(x), labels)
+    model.backward(loss_fn.backward())
+    optimizer.step(model)
+    return loss
+
+
+def check_dtypes(model32: main.Sequential, model64: main.Sequential, x: np.ndarray, labels: np.ndarray) -> None:
+    """Both models give the same loss and gradients, and the float64 one really computes in float64."""
+    losses, grads = [], []
+    for model, dtype in ((model32, np.float32), (model64, np.float64)):
+        loss_fn = main.SoftmaxCrossEntropy()
+        logits = model.forward(x.astype(dtype))
+        if logits.dtype != dtype:
+            raise MismatchError(f"the {np.dtype(dtype).name} model computed logits in {logits.dtype}")
+        losses.append(loss_fn.forward(logits, labels))
+        model.backward(loss_fn.backward())
+        grads.append([g.copy() for layer in model.layers for g in layer.grads.values()])
+    check_close("float32 vs float64 loss", np.array(losses[0]), np.array(losses[1]), 1e-5)
+    for index, (g32, g64) in enumerate(zip(*grads)):
+        if g64.dtype != np.float64:
+            raise MismatchError(f"a float64 gradient came out as {g64.dtype}")
+        check_close(f"float32 vs float64 gradient {index}", g32, g64, 1e-3)
+
+
+def compare_dtypes(settings: Settings, rng: np.random.Generator) -> list[Result]:
+    x32, labels = synthetic_batch(BATCH, rng)
+    x64 = x32.astype(np.float64)
+    model32, model64 = default_model(np.float32), default_model(np.float64)
+    check_dtypes(model32, model64, x32, labels)
+    adam32, adam64 = main.Adam(1e-3), main.Adam(1e-3)  # Adam's state and scratch follow each param's dtype
+    project, alternative = alternate(lambda: training_step(model32, adam32, x32, labels),
+                                     lambda: training_step(model64, adam64, x64, labels), settings)
+    if any(m.dtype != np.float64 for m in adam64.state.values()):
+        raise MismatchError("Adam's float64 state is not float64")
+    steps = math.ceil(5000 / BATCH)
+    note = (f"per epoch of 5,000 images ({steps} steps, evaluation excluded): about "
+            f"{steps * statistics.median(project):.1f} s vs {steps * statistics.median(alternative):.1f} s")
+    return [report(Result("float32 vs float64: training step, batch 32", "float32", "float64",
+                          project, alternative, note=note))]
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. channels-last (the project) against channels-first, conv2d_2 forward + backward
+# ------------------------------------------------------------------------------------------------
+
+
+def nchw_im2col(x_padded: np.ndarray, kernel_size: int) -> np.ndarray:
+    """Every k x k window of a channels-first (N, C, Hp, Wp) input, stride 1 -> (N, Ho, Wo, C, k, k), contiguous.
+
+    One row per output pixel, like main.im2col. C comes before H and W in memory, so this copy gathers runs of
+    k neighbouring numbers (3), where the project's im2col copies runs of C (32 in conv2d_2).
+    """
+    windows = sliding_window_view(x_padded, (kernel_size, kernel_size), axis=(2, 3))  # (N, C, Ho, Wo, k, k), a view
+    return np.ascontiguousarray(windows.transpose(0, 2, 3, 1, 4, 5))
+
+
+def nchw_conv_forward(x: np.ndarray, weights: np.ndarray, bias: np.ndarray,
+                      padding: int) -> tuple[np.ndarray, tuple[np.ndarray, tuple[int, ...]]]:
+    """Channels-first convolution, stride 1, the same im2col + one GEMM as the project.
+
+    x (N, C, H, W), weights (F, C, k, k) as in PyTorch -> y (N, F, Ho, Wo), and what backward needs.
+    """
+    n, channels, height, width = x.shape
+    filters, _, k, _ = weights.shape
+    x_padded = np.zeros((n, channels, height + 2 * padding, width + 2 * padding), dtype=x.dtype)
+    x_padded[:, :, padding:padding + height, padding:padding + width] = x
+    cols = nchw_im2col(x_padded, k)  # (N, Ho, Wo, C, k, k)
+    _, out_h, out_w, _, _, _ = cols.shape
+    y_rows = cols.reshape(n * out_h * out_w, -1) @ weights.reshape(filters, -1).T  # (N*Ho*Wo, F)
+    y_rows += bias
+    # The GEMM's rows are pixels and its columns filters: channels-first needs a transposing copy.
+    y = np.ascontiguousarray(y_rows.reshape(n, out_h, out_w, filters).transpose(0, 3, 1, 2))
+    return y, (cols, x_padded.shape)
+
+
+def nchw_conv_backward(grad_out: np.ndarray, cache: tuple[np.ndarray, tuple[int, ...]], weights: np.ndarray,
+                       padding: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gradients of nchw_conv_forward: (dx (N, C, H, W), dW (F, C, k, k), db (F,))."""
+    cols, padded_shape = cache
+    n, filters, out_h, out_w = grad_out.shape
+    _, channels, k, _ = weights.shape
+    grad_rows = np.ascontiguousarray(grad_out.transpose(0, 2, 3, 1)).reshape(-1, filters)  # transposing copy
+    grad_weights = (grad_rows.T @ cols.reshape(len(grad_rows), -1)).reshape(weights.shape)
+    grad_bias = np.ones(len(grad_rows), dtype=grad_rows.dtype) @ grad_rows
+    # grad_cols one kernel offset at a time, (k*k, N*Ho*Wo, C), as the project computes it.
+    weights_by_offset = weights.reshape(filters, channels, k * k).transpose(2, 0, 1)  # (k*k, F, C)
+    grad_cols = np.matmul(grad_rows, weights_by_offset).reshape(k, k, n, out_h, out_w, channels)
+    grad_padded = np.zeros(padded_shape, dtype=grad_out.dtype)
+    for di in range(k):
+        for dj in range(k):
+            grad_padded[:, :, di:di + out_h, dj:dj + out_w] += grad_cols[di, dj].transpose(0, 3, 1, 2)
+    height, width = padded_shape[2] - 2 * padding, padded_shape[3] - 2 * padding
+    return grad_padded[:, :, padding:padding + height, padding:padding + width], grad_weights, grad_bias
+
+
+def check_nchw(conv: main.Conv2D, x: np.ndarray, grad_out: np.ndarray) -> None:
+    """The channels-first version computes the project's numbers, transposed."""
+    weights = np.ascontiguousarray(conv.params["W"].transpose(3, 2, 0, 1))  # (k, k, C, F) -> (F, C, k, k)
+    y, cache = nchw_conv_forward(x.transpose(0, 3, 1, 2), weights, conv.params["b"], conv.padding)
+    dx, dW, db = nchw_conv_backward(np.ascontiguousarray(grad_out.transpose(0, 3, 1, 2)), cache, weights,
+                                    conv.padding)
+    expected_y = conv.forward(x)
+    expected_dx = conv.backward(grad_out)
+    check_close("NCHW forward", y.transpose(0, 2, 3, 1), expected_y, 1e-5)
+    check_close("NCHW dx", dx.transpose(0, 2, 3, 1), expected_dx, 1e-5)
+    check_close("NCHW dW", dW.transpose(2, 3, 1, 0), conv.grads["W"], 1e-5)
+    check_close("NCHW db", db, conv.grads["b"], 1e-5)
+    x_padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    check_equal("NCHW im2col", nchw_im2col(x_padded.transpose(0, 3, 1, 2), 3),
+                main.im2col(x_padded, 3, 1).transpose(0, 1, 2, 5, 3, 4))
+
+
+def compare_layouts(settings: Settings, rng: np.random.Generator) -> list[Result]:
+    conv = main.Conv2D(CONV2_INPUT[3], 64, 3, 1, 1, rng=rng)
+    x, grad_out = random_array(rng, CONV2_INPUT), random_array(rng, (*CONV2_INPUT[:3], 64))
+    check_nchw(conv, x, grad_out)
+    # A channels-first network hands every layer channels-first arrays: convert once, outside the timing.
+    x_nchw = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    grad_nchw = np.ascontiguousarray(grad_out.transpose(0, 3, 1, 2))
+    weights = np.ascontiguousarray(conv.params["W"].transpose(3, 2, 0, 1))
+
+    def channels_first() -> None:
+        _, cache = nchw_conv_forward(x_nchw, weights, conv.params["b"], conv.padding)
+        nchw_conv_backward(grad_nchw, cache, weights, conv.padding)
+
+    def channels_first_by_transposes() -> None:
+        """What the transposes alone cost: channels-first arrays in and out, the project's Conv2D inside."""
+        y = conv.forward(np.ascontiguousarray(x_nchw.transpose(0, 2, 3, 1)))
+        np.ascontiguousarray(y.transpose(0, 3, 1, 2))
+        dx = conv.backward(np.ascontiguousarray(grad_nchw.transpose(0, 2, 3, 1)))
+        np.ascontiguousarray(dx.transpose(0, 3, 1, 2))
+
+    def channels_last() -> None:
+        conv.forward(x)
+        conv.backward(grad_out)
+
+    project, alternative = alternate(channels_last, channels_first, settings)
+    results = [report(Result("NHWC vs NCHW: conv2d_2 fwd+bwd", "NHWC (Conv2D)",
+                             "NCHW, the same im2col + GEMM written channels-first", project, alternative))]
+    project, alternative = alternate(channels_last, channels_first_by_transposes, settings)
+    results.append(report(Result("  NCHW by 4 transposes around Conv2D", "NHWC (Conv2D)",
+                                 "NCHW in and out, transposed to NHWC around Conv2D", project, alternative)))
+    # Where the rest of the difference comes from: im2col's copy, on conv2d_2's padded input.
+    x_padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    x_padded_nchw = np.ascontiguousarray(x_padded.transpose(0, 3, 1, 2))
+    project, alternative = alternate(lambda: main.im2col(x_padded, 3, 1), lambda: nchw_im2col(x_padded_nchw, 3),
+                                     settings)
+    results.append(report(Result("  im2col's copy alone", "main.im2col (runs of 32)", "NCHW im2col (runs of 3)",
+                                 project, alternative)))
+    return results
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. col2im: sliced += per kernel offset against np.add.at
+# ------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=8)
+def scatter_index(grad_cols_shape: tuple[int, ...], padded_shape: tuple[int, ...], stride: int) -> np.ndarray:
+    """For every entry of the gradient columns, in (k, k, N, Ho, Wo, C) order, its flat position in the padded
+    input (N, Hp, Wp, C): where im2col copied it from. Built once per shape (cached)."""
+    n, out_h, out_w, k, _, channels = grad_cols_shape
+    _, padded_h, padded_w, _ = padded_shape
+    offset = np.arange(k)
+    sample = np.arange(n).reshape(1, 1, n, 1, 1, 1)
+    row = offset.reshape(k, 1, 1, 1, 1, 1) + stride * np.arange(out_h).reshape(1, 1, 1, out_h, 1, 1)
+    col = offset.reshape(1, k, 1, 1, 1, 1) + stride * np.arange(out_w).reshape(1, 1, 1, 1, out_w, 1)
+    channel = np.arange(channels).reshape(1, 1, 1, 1, 1, channels)
+    return ((sample * padded_h + row) * padded_w + col) * channels + channel
+
+
+def col2im_add_at(grad_cols: np.ndarray, padded_shape: tuple[int, ...], stride: int) -> np.ndarray:
+    """main.col2im done with np.add.at: one unbuffered scatter-add of every entry to where it came from.
+
+    The entries go in (k, k, N, Ho, Wo, C) order, which is how Conv2D.backward lays them out in memory, and
+    which adds each pixel's contributions in the same order as main.col2im (so the sums are bit for bit equal).
+    """
+    index = scatter_index(grad_cols.shape, tuple(padded_shape), stride)
+    grad_x = np.zeros(padded_shape, dtype=grad_cols.dtype)
+    np.add.at(grad_x.reshape(-1), index, grad_cols.transpose(3, 4, 0, 1, 2, 5))
+    return grad_x
+
+
+@contextlib.contextmanager
+def col2im_replaced_by(function: Callable) -> Iterator[None]:
+    """main.col2im is `function` inside the block (Conv2D.backward looks it up in main at every call)."""
+    original = main.col2im
+    main.col2im = function
+    try:
+        yield
+    finally:
+        main.col2im = original
+
+
+def conv2_grad_cols(rng: np.random.Generator) -> tuple[np.ndarray, tuple[int, ...], int]:
+    """The arguments conv2d_2's backward really passes to col2im at batch 32 (recorded from a real call)."""
+    conv = main.Conv2D(CONV2_INPUT[3], 64, 3, 1, 1, rng=rng)
+    recorded = []
+
+    def record(grad_cols: np.ndarray, padded_shape: tuple[int, ...], stride: int) -> np.ndarray:
+        recorded.append((grad_cols, tuple(padded_shape), stride))
+        return np.zeros(padded_shape, dtype=grad_cols.dtype)
+
+    with col2im_replaced_by(record):
+        conv.forward(random_array(rng, CONV2_INPUT))
+        conv.backward(random_array(rng, (*CONV2_INPUT[:3], 64)))
+    return recorded[0]
+
+
+def check_col2im(grad_cols: np.ndarray, padded_shape: tuple[int, ...], stride: int) -> None:
+    """np.add.at gives exactly main.col2im's sums."""
+    check_equal("col2im with np.add.at", col2im_add_at(grad_cols, padded_shape, stride),
+                main.col2im(grad_cols, padded_shape, stride))
+
+
+def synthetic_dataset(n_train: int, n_test: int, rng: np.random.Generator) -> main.Dataset:
+    x, y = synthetic_batch(n_train + n_test, rng)
+    return main.Dataset(x[:n_train], y[:n_train], x[n_train:], y[n_train:], main.DIGIT_NAMES, "synthetic",
+                        "synthetic", "bench/why_fast.py")
+
+
+def epoch(data: main.Dataset) -> dict:
+    """One epoch of main.train from the seed-42 weights; its history row ("seconds" excludes evaluation)."""
+    model = main.build_model(main.DEFAULT_CONFIG["model"], data.input_shape, 10, np.random.default_rng(SEED))
+    return main.train(model, main.Adam(1e-3), data, epochs=1, batch_size=BATCH,
+                      rng=np.random.default_rng(SEED)).history[0]
+
+
+def compare_col2im(settings: Settings, rng: np.random.Generator) -> list[Result]:
+    grad_cols, padded_shape, stride = conv2_grad_cols(rng)
+    check_col2im(grad_cols, padded_shape, stride)
+    scatter_index(grad_cols.shape, padded_shape, stride)  # built before the timing
+    project, alternative = alternate(lambda: main.col2im(grad_cols, padded_shape, stride),
+                                     lambda: col2im_add_at(grad_cols, padded_shape, stride), settings)
+    results = [report(Result("col2im += vs np.add.at: conv2d_2, batch 32", "col2im (9 sliced +=)", "np.add.at",
+                             project, alternative))]
+
+    data = synthetic_dataset(settings.epoch_images, 100, rng)
+    warm_up = synthetic_dataset(10 * BATCH, 100, rng)
+    epoch(warm_up)
+    with col2im_replaced_by(col2im_add_at):
+        epoch(warm_up)  # also builds the index arrays of a full batch
+    project_epochs, alternative_epochs = [], []
+    for _ in range(settings.epoch_rounds):
+        project_epochs.append(epoch(data))
+        with col2im_replaced_by(col2im_add_at):
+            alternative_epochs.append(epoch(data))
+    # The same seed and bit-for-bit equal gradients: both runs must train identically.
+    for a, b in zip(project_epochs, alternative_epochs):
+        check_close("training loss with np.add.at", np.array(b["train_loss"]), np.array(a["train_loss"]), 1e-6)
+    results.append(report(Result(f"col2im += vs np.add.at: epoch of {settings.epoch_images:,} images",
+                                 "main.col2im", "np.add.at", [row["seconds"] for row in project_epochs],
+                                 [row["seconds"] for row in alternative_epochs], unit="s")))
+    return results
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. max pooling: winner masks against argmax + scatter
+# ------------------------------------------------------------------------------------------------
+
+
+def argmax_pool_forward(x: np.ndarray, pool: int) -> tuple[np.ndarray, np.ndarray]:
+    """Max pooling (stride = pool) by copying every window into a last axis and taking np.argmax there.
+
+    x (N, H, W, C) -> y (N, Ho, Wo, C), and the winner's position 0..pool*pool-1 in each window (the first
+    maximum in row-major order, as np.argmax picks the first).
+    """
+    windows = sliding_window_view(x, (pool, pool), axis=(1, 2))[:, ::pool, ::pool]  # (N, Ho, Wo, C, pool, pool)
+    windows = windows.reshape(*windows.shape[:4], pool * pool)  # the copy: (N, Ho, Wo, C, pool*pool)
+    winner = np.argmax(windows, axis=-1)[..., None]
+    return np.take_along_axis(windows, winner, axis=-1)[..., 0], winner
+
+
+def argmax_pool_backward(grad_out: np.ndarray, winner: np.ndarray, input_shape: tuple[int, ...],
+                         pool: int) -> np.ndarray:
+    """Scatter each window's gradient to its winner, then lay the windows back out as an image."""
+    n, out_h, out_w, channels = grad_out.shape
+    grad_windows = np.zeros((n, out_h, out_w, channels, pool * pool), dtype=grad_out.dtype)
+    np.put_along_axis(grad_windows, winner, grad_out[..., None], axis=-1)
+    grad_in = np.zeros(input_shape, dtype=grad_out.dtype)
+    grad_in[:, :out_h * pool, :out_w * pool, :] = (
+        grad_windows.reshape(n, out_h, out_w, channels, pool, pool).transpose(0, 1, 4, 2, 5, 3)
+        .reshape(n, out_h * pool, out_w * pool, channels))
+    return grad_in
+
+
+def check_pooling(x: np.ndarray, grad_out: np.ndarray) -> None:
+    """Same maxima and same gradients as MaxPool2D on tie-free inputs."""
+    layer = main.MaxPool2D(2)
+    y, winner = argmax_pool_forward(x, 2)
+    check_equal("argmax pooling forward", y, layer.forward(x))
+    check_equal("argmax pooling backward", argmax_pool_backward(grad_out, winner, x.shape, 2),
+                layer.backward(grad_out))
+
+
+def compare_pooling(settings: Settings, rng: np.random.Generator) -> list[Result]:
+    # Standard normal float32: ties inside a 2x2 window practically never happen (both versions pick the
+    # first maximum anyway).
+    x = random_array(rng, POOL1_INPUT)
+    grad_out = random_array(rng, (BATCH, 14, 14, POOL1_INPUT[3]))
+    check_pooling(x, grad_out)
+    layer = main.MaxPool2D(2)
+
+    def argmax_version() -> None:
+        _, winner = argmax_pool_forward(x, 2)
+        argmax_pool_backward(grad_out, winner, x.shape, 2)
+
+    project, alternative = alternate(lambda: (layer.forward(x), layer.backward(grad_out)), argmax_version, settings)
+    return [report(Result("winner masks vs argmax: maxpool2d_1 fwd+bwd", "MaxPool2D",
+                          "argmax + put_along_axis", project, alternative))]
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. ReLU: x * (x > 0) against np.maximum(x, 0)
+# ------------------------------------------------------------------------------------------------
+
+
+def check_relu(x: np.ndarray) -> None:
+    """x * (x > 0) is np.maximum(x, 0) (its -0.0 for negative x equals 0)."""
+    check_equal("np.maximum(x, 0) vs x * (x > 0)", np.maximum(x, 0), x * (x > 0))
+
+
+def compare_relu(settings: Settings, rng: np.random.Generator) -> list[Result]:
+    x = random_array(rng, POOL1_INPUT)
+    check_relu(x)
+    project, alternative = alternate(lambda: x * (x > 0), lambda: np.maximum(x, 0), settings)
+    return [report(Result("x * (x > 0) vs np.maximum(x, 0): relu_1", "x * (x > 0)",
+                          "np.maximum(x, 0)", project, alternative, unit="us"))]
+
+
+# ------------------------------------------------------------------------------------------------
+# Report
+# ------------------------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def blas_description() -> str:
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return "BLAS unknown (pip install threadpoolctl)"
+    pools = [p for p in threadpool_info() if p.get("user_api") == "blas"]
+    return "; ".join(f"{p['internal_api']} {p['version']} ({p.get('architecture', '?')}), {p['num_threads']} "
+                     "threads" for p in pools) or "no BLAS found by threadpoolctl"
+
+
+def machine_description() -> str:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    return (f"{cpu_model()}, {cpus} CPUs usable{load}; Python {platform.python_version()}, NumPy {np.__version__}, "
+            f"BLAS {blas_description()}; {time.strftime('%Y-%m-%d %H:%M')}")
+
+
+def table(results: list[Result]) -> str:
+    """The summary: one row per comparison, times per call (medians), ratio and its spread."""
+    header = ("design choice: project's way vs alternative", "project", "alternative", "alt / project",
+              "range of pair ratios")
+    rows = [header] + [(r.choice, show_time(statistics.median(r.project_seconds), r.unit),
+                        show_time(statistics.median(r.alternative_seconds), r.unit),
+                        show_ratio(r.ratio), r.spread()) for r in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) if i == 0 else cell.rjust(width)
+                       for i, (cell, width) in enumerate(zip(row, widths))) for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+COMPARISONS = [
+    ("1. im2col + one BLAS multiply vs the loop reference (conv2d_2, one image)", compare_loops),
+    ("2. float32 vs float64 (one training step of the default model, batch 32)", compare_dtypes),
+    ("3. channels-last vs channels-first (conv2d_2 forward + backward, batch 32)", compare_layouts),
+    ("4. col2im: sliced += per kernel offset vs np.add.at (conv2d_2, batch 32; and one epoch)", compare_col2im),
+    ("5. max pooling: winner masks vs argmax + scatter (maxpool2d_1 forward + backward, batch 32)", compare_pooling),
+    ("6. ReLU: x * (x > 0) vs np.maximum(x, 0) on (32, 28, 28, 32)", compare_relu),
+]
+
+
+def run(settings: Settings) -> list[Result]:
+    rng = np.random.default_rng(SEED)
+    results: list[Result] = []
+    for title, compare in COMPARISONS:
+        print(f"\n{title}", flush=True)
+        results += compare(settings, rng)
+    return results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Measure each design choice of docs/HOW_IT_WORKS.md ('Why it is fast') against its "
+                    "alternative, on the default model's shapes at batch 32. Run from the project root.")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: few rounds (numbers only rough)")
+    parser.add_argument("--threads", type=int, help="BLAS threads (default: what NumPy's BLAS picks)")
+    return parser
+
+
+def main_cli(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = QUICK if args.quick else FULL
+    limits = contextlib.nullcontext()
+    if args.threads:
+        from threadpoolctl import threadpool_limits
+
+        limits = threadpool_limits(limits=args.threads)
+    with limits:
+        print(f"numpy-cnn: why it is fast ({'quick smoke run' if args.quick else 'full run'}: "
+              f"{settings.rounds} alternating rounds per comparison)")
+        print(f"machine: {machine_description()}")
+        start = time.perf_counter()
+        try:
+            results = run(settings)
+        except MismatchError as error:
+            print(f"error: an alternative disagrees with the project's code: {error}", file=sys.stderr)
+            return 1
+        print(f"\nSummary: medians per call; 'alt / project' is the median of the pair-by-pair ratios "
+              f"(above 1: the project's way is faster)\n\n{table(results)}")
+        print(f"\nmachine: {machine_description()}")
+        command = "python bench/why_fast.py" + (" --quick" if args.quick else "")
+        print(f"total {time.perf_counter() - start:.0f} s; `{command}`")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_cli())
