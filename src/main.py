@@ -1625,8 +1625,9 @@ def run_training(args: argparse.Namespace, cfg: dict, source: str, stop: StopReq
     if loaded is not None and restore_optimizer(optimizer, loaded):
         log.info("continuing with the saved %s state", training_cfg["optimizer"])
     log.info("model:\n%s", model.summary())
-    log.info("training: %d epochs, batch %d, %s, learning rate %g", training_cfg["epochs"], training_cfg["batch_size"],
-             training_cfg["optimizer"], training_cfg["learning_rate"])
+    epochs = training_cfg["epochs"]
+    log.info("training: %d epoch%s, batch %d, %s, learning rate %g", epochs, "" if epochs == 1 else "s",
+             training_cfg["batch_size"], training_cfg["optimizer"], training_cfg["learning_rate"])
     if args.profile:
         model.timings = {}
 
