@@ -650,8 +650,8 @@ def check_targets(report: dict) -> list[dict]:
 
 def print_results(report: dict) -> None:
     n, project, threads = report["config"]["images"], report["project"], report["config"]["threads"]
-    print(f"\nWhere the project's time goes (one profiled epoch of {n:,} images; forward includes the "
-          f"{N_TEST}-image test evaluation):\n{report['profile']}")
+    print(f"\nWhere the project's time goes (one profiled epoch of {n:,} images, training batches only):"
+          f"\n{report['profile']}")
     print("\nResults")
     sides = [("project", project)] + ([("PyTorch", report["torch"])] if "torch" in report else [])
     for name, side in sides:

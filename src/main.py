@@ -25,9 +25,11 @@ import struct
 import sys
 import tempfile
 import time
+import warnings
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -64,15 +66,26 @@ class ModelFileError(CNNError):
 
 
 class Layer:
-    """What every layer has: `forward(x, training=True) -> y` and `backward(grad_out) -> grad_in`, side by
-    side; `output_shape(input_shape)` without the batch axis; `params` and `grads`, dicts with the same keys
-    (empty for a layer without weights). forward keeps what backward will need only when training."""
+    """What every layer has: `params` and `grads`, dicts with the same keys (empty for a layer without
+    weights), and the three methods below."""
+
+    # A layer with weights skips dLoss/dx when this is False (Sequential sets it on its first such layer).
+    need_input_grad = True
 
     def __init__(self) -> None:
         self.params: dict[str, np.ndarray] = {}
         self.grads: dict[str, np.ndarray] = {}
 
+    def forward(self, x: np.ndarray, training: bool = True) -> np.ndarray:
+        """y for input x; when training, also keep what backward will need."""
+        raise NotImplementedError
+
+    def backward(self, grad_out: np.ndarray) -> np.ndarray | None:
+        """dLoss/dx from dLoss/dy (grad_out), storing dLoss/dweights in self.grads."""
+        raise NotImplementedError
+
     def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of y for an input of this shape, both without the batch axis."""
         return input_shape
 
 
@@ -106,9 +119,10 @@ def col2im(grad_cols: np.ndarray, padded_shape: tuple[int, ...], stride: int) ->
     grad_x = np.zeros(padded_shape, dtype=grad_cols.dtype)
     for di in range(kernel_size):
         for dj in range(kernel_size):
-            rows = slice(di, di + stride * (out_h - 1) + 1, stride)
-            cols = slice(dj, dj + stride * (out_w - 1) + 1, stride)
-            grad_x[:, rows, cols, :] += grad_cols[:, :, :, di, dj, :]
+            # The input pixels that offset (di, dj) of every window read: rows di, di + s, ..., likewise columns.
+            row_slice = slice(di, di + stride * (out_h - 1) + 1, stride)
+            col_slice = slice(dj, dj + stride * (out_w - 1) + 1, stride)
+            grad_x[:, row_slice, col_slice, :] += grad_cols[:, :, :, di, dj, :]
     return grad_x
 
 
@@ -141,8 +155,6 @@ class Conv2D(Layer):
             "b": np.zeros(filters, dtype=DTYPE),
         }
         self.grads = {name: np.zeros_like(p) for name, p in self.params.items()}
-        # The first layer of a model has nobody upstream to pass dx to; Sequential switches this off.
-        self.need_input_grad = True
 
     def output_shape(self, input_shape: tuple[int, int, int]) -> tuple[int, int, int]:
         height, width, _ = input_shape
@@ -213,37 +225,38 @@ class MaxPool2D(Layer):
         s = self.stride
         for di in range(self.pool_size):
             for dj in range(self.pool_size):
-                rows, cols = slice(di, di + s * (out_h - 1) + 1, s), slice(dj, dj + s * (out_w - 1) + 1, s)
-                yield di * self.pool_size + dj, rows, cols
+                row_slice = slice(di, di + s * (out_h - 1) + 1, s)
+                col_slice = slice(dj, dj + s * (out_w - 1) + 1, s)
+                yield di * self.pool_size + dj, row_slice, col_slice
 
     def forward(self, x: np.ndarray, training: bool = True) -> np.ndarray:
         out_h, out_w, _ = self.output_shape(x.shape[1:])
         # Loop over the pool*pool offsets (not over pixels): each step handles every window at once.
         offsets = list(self._offsets(out_h, out_w))
-        (_, first_rows, first_cols), *others = offsets
-        y = x[:, first_rows, first_cols, :].copy()
-        for _, rows, cols in others:
-            np.maximum(y, x[:, rows, cols, :], out=y)
+        _, row_slice, col_slice = offsets[0]
+        y = x[:, row_slice, col_slice, :].copy()
+        for _, row_slice, col_slice in offsets[1:]:
+            np.maximum(y, x[:, row_slice, col_slice, :], out=y)
         if training:
             # winner[k]: the window's maximum sits at offset k and no earlier offset had it (first max wins).
             self.winner = np.empty((self.pool_size ** 2, *y.shape), dtype=bool)
             unclaimed = np.ones(y.shape, dtype=bool)
-            for offset, rows, cols in offsets:
-                is_max = np.equal(x[:, rows, cols, :], y, out=self.winner[offset])
+            for offset, row_slice, col_slice in offsets:
+                is_max = np.equal(x[:, row_slice, col_slice, :], y, out=self.winner[offset])
                 is_max &= unclaimed
                 unclaimed ^= is_max
-            self.input_shape = x.shape
+            self.x_shape = x.shape
         return y
 
     def backward(self, grad_out: np.ndarray) -> np.ndarray:
         out_h, out_w = grad_out.shape[1:3]
-        grad_in = np.zeros(self.input_shape, dtype=grad_out.dtype)
+        grad_in = np.zeros(self.x_shape, dtype=grad_out.dtype)
         overlapping = self.stride < self.pool_size
-        for offset, rows, cols in self._offsets(out_h, out_w):
+        for offset, row_slice, col_slice in self._offsets(out_h, out_w):
             if overlapping:  # two windows can share an input pixel: their gradients add up
-                grad_in[:, rows, cols, :] += grad_out * self.winner[offset]
+                grad_in[:, row_slice, col_slice, :] += grad_out * self.winner[offset]
             else:  # each input pixel is in at most one window: write in place, no temporary
-                np.multiply(grad_out, self.winner[offset], out=grad_in[:, rows, cols, :])
+                np.multiply(grad_out, self.winner[offset], out=grad_in[:, row_slice, col_slice, :])
         return grad_in
 
 
@@ -269,11 +282,12 @@ class Flatten(Layer):
         return (math.prod(input_shape),)
 
     def forward(self, x: np.ndarray, training: bool = True) -> np.ndarray:
-        self.input_shape = x.shape
+        if training:
+            self.x_shape = x.shape
         return x.reshape(x.shape[0], -1)
 
     def backward(self, grad_out: np.ndarray) -> np.ndarray:
-        return grad_out.reshape(self.input_shape)
+        return grad_out.reshape(self.x_shape)
 
 
 class Dense(Layer):
@@ -288,7 +302,6 @@ class Dense(Layer):
         rng = rng if rng is not None else np.random.default_rng()
         self.params = {"W": he_normal((in_features, units), in_features, rng), "b": np.zeros(units, dtype=DTYPE)}
         self.grads = {name: np.zeros_like(p) for name, p in self.params.items()}
-        self.need_input_grad = True
 
     def output_shape(self, input_shape: tuple[int]) -> tuple[int]:
         return (self.params["W"].shape[1],)
@@ -313,6 +326,12 @@ class Dense(Layer):
 # ------------------------------------------------------------------------------------------------
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax, (N, K) -> (N, K); shifted by each row's max so that exp() cannot overflow."""
+    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
 class SoftmaxCrossEntropy:
     """Mean cross-entropy of softmax(logits) against integer labels.
 
@@ -321,7 +340,9 @@ class SoftmaxCrossEntropy:
     """
 
     def forward(self, logits: np.ndarray, labels: np.ndarray) -> float:
-        # Subtracting the row max changes nothing mathematically but keeps exp() from overflowing.
+        # Subtracting the row max changes nothing mathematically but keeps exp() from overflowing. The log
+        # probabilities come from log-sum-exp, not log(softmax): a probability of exp(-20000) is 0 in
+        # floating point, and log(0) would make the loss infinite where it is really 20000.
         shifted = logits - logits.max(axis=1, keepdims=True)
         log_sum_exp = np.log(np.exp(shifted).sum(axis=1, keepdims=True))
         log_probs = shifted - log_sum_exp
@@ -343,47 +364,46 @@ class SoftmaxCrossEntropy:
 class Sequential:
     """A stack of layers applied in order; backward runs them in reverse (the chain rule).
 
-    `timings`, when set to a dict, collects seconds spent per layer and direction (for --profile).
+    `timings`, when set to a dict, collects the seconds spent per (layer name, "forward" or "backward"), and
+    in whatever else runs in a `timed` block (for --profile).
     """
 
     def __init__(self, layers: list[Layer], input_shape: tuple[int, ...] | None = None) -> None:
         self.layers = layers
         self.input_shape = tuple(input_shape) if input_shape is not None else None
-        self.timings: dict[tuple[int, str], float] | None = None
+        self.names = layer_names(layers)
+        self.timings: dict[tuple[str, str], float] | None = None
         # Nothing upstream of the first layer with weights needs dLoss/dx: skipping it saves a col2im per batch.
-        first = next((layer for layer in layers if hasattr(layer, "need_input_grad")), None)
+        first = next((layer for layer in layers if layer.params), None)
         if first is not None:
             first.need_input_grad = False
 
     def forward(self, x: np.ndarray, training: bool = True) -> np.ndarray:
-        for index, layer in enumerate(self.layers):
-            start = time.perf_counter()
-            x = layer.forward(x, training)
-            if self.timings is not None:
-                self._record(index, "forward", start)
+        for name, layer in zip(self.names, self.layers):
+            with self.timed(name, "forward"):
+                x = layer.forward(x, training)
         return x
 
     def backward(self, grad_out: np.ndarray) -> np.ndarray | None:
-        for index in reversed(range(len(self.layers))):
-            start = time.perf_counter()
-            grad_out = self.layers[index].backward(grad_out)
-            if self.timings is not None:
-                self._record(index, "backward", start)
+        for name, layer in zip(reversed(self.names), reversed(self.layers)):
+            with self.timed(name, "backward"):
+                grad_out = layer.backward(grad_out)
             if grad_out is None:  # the first layer with weights skipped dx: nothing below needs it
                 break
         return grad_out
 
-    def _record(self, index: int, direction: str, start: float) -> None:
-        key = (index, direction)
-        self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - start
+    @contextmanager
+    def timed(self, part: str, direction: str) -> Iterator[None]:
+        """Add the seconds spent in the with-block to timings[(part, direction)] when profiling."""
+        start = time.perf_counter()
+        yield
+        if self.timings is not None:
+            self.timings[part, direction] = self.timings.get((part, direction), 0.0) + time.perf_counter() - start
 
     def predict_proba(self, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
         """Softmax probabilities (N, K), computed batch by batch so memory stays bounded."""
-        chunks = []
-        for start in range(0, len(x), batch_size):
-            logits = self.forward(x[start:start + batch_size], training=False)
-            shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-            chunks.append(shifted / shifted.sum(axis=1, keepdims=True))
+        chunks = [softmax(self.forward(x[start:start + batch_size], training=False))
+                  for start in range(0, len(x), batch_size)]
         return np.concatenate(chunks) if chunks else np.zeros((0, 0), dtype=DTYPE)
 
     def predict(self, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
@@ -405,13 +425,11 @@ class Sequential:
 
     def summary_rows(self) -> list[dict]:
         """One row per layer: name, output shape (without N) and number of weights."""
-        shape, rows, counts = self.input_shape, [], {}
-        for layer in self.layers:
-            kind = type(layer).__name__
-            counts[kind] = counts.get(kind, 0) + 1
+        shape, rows = self.input_shape, []
+        for name, layer in zip(self.names, self.layers):
             shape = layer.output_shape(shape)
             rows.append({
-                "layer": f"{kind.lower()}_{counts[kind]} ({kind})",
+                "layer": f"{name} ({type(layer).__name__})",
                 "output_shape": list(shape),
                 "parameters": int(sum(p.size for p in layer.params.values())),
             })
@@ -424,6 +442,17 @@ class Sequential:
         lines += [f"{r['layer']:<24}{tuple(r['output_shape'])!s:<18}{r['parameters']:>10,}" for r in rows]
         lines += ["-" * 52, f"Total parameters: {self.parameter_count():,}  (input {self.input_shape})"]
         return "\n".join(lines)
+
+
+def layer_names(layers: list[Layer]) -> list[str]:
+    """conv2d_1, relu_1, maxpool2d_1, conv2d_2, ...: each layer's type, numbered within its type."""
+    counts: dict[str, int] = {}
+    names = []
+    for layer in layers:
+        kind = type(layer).__name__.lower()
+        counts[kind] = counts.get(kind, 0) + 1
+        names.append(f"{kind}_{counts[kind]}")
+    return names
 
 
 def build_model(
@@ -468,10 +497,11 @@ def build_model(
 # ------------------------------------------------------------------------------------------------
 
 
-def _parameters(model: Sequential) -> Iterator[tuple[tuple[int, str], np.ndarray, np.ndarray]]:
+def _parameters(model: Sequential) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """(key, weights, gradient) for every weight array; the key, like '3.W', is its layer number and name."""
     for index, layer in enumerate(model.layers):
         for name, param in layer.params.items():
-            yield (index, name), param, layer.grads[name]
+            yield f"{index}.{name}", param, layer.grads[name]
 
 
 class SGD:
@@ -483,7 +513,7 @@ class SGD:
 
     def step(self, model: Sequential) -> None:
         for key, param, grad in _parameters(model):
-            velocity = self.state.setdefault(f"{key[0]}.{key[1]}.velocity", np.zeros_like(param))
+            velocity = self.state.setdefault(f"{key}.velocity", np.zeros_like(param))
             velocity *= self.momentum
             velocity += grad
             param -= self.learning_rate * velocity
@@ -501,17 +531,20 @@ class Adam:
         self.learning_rate, self.beta1, self.beta2, self.eps = learning_rate, beta1, beta2, eps
         self.t = 0
         self.state: dict[str, np.ndarray] = {}
-        self.scratch: dict[tuple[int, str], np.ndarray] = {}
+        self.scratch: dict[str, np.ndarray] = {}
 
     def step(self, model: Sequential) -> None:
         self.t += 1
         step_size = self.learning_rate / (1 - self.beta1 ** self.t)
         correction2_sqrt = math.sqrt(1 - self.beta2 ** self.t)
         for key, param, grad in _parameters(model):
-            m = self.state.setdefault(f"{key[0]}.{key[1]}.m", np.zeros_like(param))
-            v = self.state.setdefault(f"{key[0]}.{key[1]}.v", np.zeros_like(param))
-            # In place, through one scratch array: this runs for every weight at every batch, and fresh
-            # temporaries for each of the ~10 operations would cost more than the arithmetic.
+            m = self.state.setdefault(f"{key}.m", np.zeros_like(param))
+            v = self.state.setdefault(f"{key}.v", np.zeros_like(param))
+            # In plain NumPy this step is
+            #     m = b1 * m + (1 - b1) * g;  v = b2 * v + (1 - b2) * g**2
+            #     param -= lr * (m / c1) / (np.sqrt(v / c2) + eps)
+            # It runs for every weight at every batch, so it works in place through one scratch array:
+            # fresh temporaries for each of the ~10 operations would cost more than the arithmetic.
             scratch = self.scratch.get(key)
             if scratch is None or scratch.shape != param.shape or scratch.dtype != param.dtype:
                 scratch = self.scratch[key] = np.empty_like(param)
@@ -520,11 +553,13 @@ class Adam:
             v *= self.beta2
             np.multiply(grad, grad, out=scratch)
             v += np.multiply(scratch, 1 - self.beta2, out=scratch)
-            # Same arithmetic as PyTorch: w -= (lr / c1) * m / (sqrt(v) / sqrt(c2) + eps).
+            # Same arithmetic as PyTorch: w -= (lr / c1) * m / (sqrt(v) / sqrt(c2) + eps). The denominator is
+            # built in scratch, then scratch is overwritten with the step itself.
             denominator = np.sqrt(v, out=scratch)
             denominator /= correction2_sqrt
             denominator += self.eps
-            param -= np.multiply(np.divide(m, denominator, out=scratch), step_size, out=scratch)
+            step = np.divide(m, denominator, out=scratch)
+            param -= np.multiply(step, step_size, out=scratch)
 
 
 def make_optimizer(training_cfg: dict) -> SGD | Adam:
@@ -668,8 +703,10 @@ def download_openml(name: str, cache_dir: Path) -> tuple[tuple[np.ndarray, np.nd
     from sklearn.datasets import fetch_openml
 
     log.info("downloading %s from OpenML (the first download and parse can take a minute) ...", OPENML_NAMES[name])
-    bunch = fetch_openml(OPENML_NAMES[name], version=1, as_frame=False, parser="liac-arff",
-                         data_home=str(cache_dir / "openml"))
+    with warnings.catch_warnings():  # scikit-learn warns at each retry; the failure itself is reported below
+        warnings.simplefilter("ignore")
+        bunch = fetch_openml(OPENML_NAMES[name], version=1, as_frame=False, parser="liac-arff",
+                             data_home=str(cache_dir))
     images = np.asarray(bunch.data, dtype=np.uint8).reshape(-1, 28, 28)
     labels = np.asarray(bunch.target).astype(np.uint8)
     return (images[:60000], labels[:60000]), (images[60000:], labels[60000:])
@@ -828,12 +865,14 @@ class TrainResult:
     """What train() did: one history row per completed epoch, and how it ended.
 
     status: "completed", "interrupted" (a stop was requested) or "diverged" (loss or weights not finite);
-    stopped_at: for the last two, the epoch and batch where it happened.
+    stopped_at: for the last two, the epoch and batch where it happened (and, when diverged, why);
+    batches: how many training batches ran in all (for --profile's time per batch).
     """
 
     history: list[dict] = field(default_factory=list)
     status: str = "completed"
     stopped_at: dict | None = None
+    batches: int = 0
 
 
 class ProgressBar:
@@ -899,14 +938,13 @@ def train(
             loss = loss_fn.forward(logits, labels)
             if not loss < exploded:  # also catches NaN, for which every comparison is false
                 bar.close()
-                result.status, result.stopped_at = "diverged", {"epoch": epoch, "batch": batch + 1, "loss": str(loss)}
+                result.status = "diverged"
+                result.stopped_at = {"epoch": epoch, "batch": batch + 1, "reason": f"the loss became {loss:.4g}"}
                 return result
             model.backward(loss_fn.backward())
-            optimizer_start = time.perf_counter()
-            optimizer.step(model)
-            if model.timings is not None:
-                model.timings[("optimizer", "step")] = (model.timings.get(("optimizer", "step"), 0.0)
-                                                        + time.perf_counter() - optimizer_start)
+            with model.timed("optimizer", "step"):
+                optimizer.step(model)
+            result.batches += 1
             total_loss += loss * len(labels)
             correct += int((logits.argmax(axis=1) == labels).sum())
             bar.update(batch + 1, loss)
@@ -917,9 +955,12 @@ def train(
         bar.close()
         seconds = time.perf_counter() - start
         if not weights_finite(model):
-            result.status, result.stopped_at = "diverged", {"epoch": epoch, "batch": n_batches, "loss": "weights"}
+            result.status = "diverged"
+            result.stopped_at = {"epoch": epoch, "batch": n_batches, "reason": "a weight became infinite or NaN"}
             return result
+        profiling, model.timings = model.timings, None  # the profile covers training batches only
         test_loss, test_accuracy = model.evaluate(data.x_test, data.y_test, EVAL_BATCH_SIZE)
+        model.timings = profiling
         row = {"epoch": epoch, "train_loss": total_loss / n_train, "train_accuracy": correct / n_train,
                "test_loss": test_loss, "test_accuracy": test_accuracy, "seconds": round(seconds, 3),
                "images_per_second": round(n_train / seconds, 1)}
@@ -936,9 +977,7 @@ def train(
 def profile_table(model: Sequential, n_batches: int) -> str:
     """Seconds per layer and direction collected in model.timings, as a table with each row's share."""
     timings = model.timings or {}
-    names = [row["layer"].split(" ")[0] for row in model.summary_rows()]
-    rows = [(name, timings.get((index, "forward"), 0.0), timings.get((index, "backward"), 0.0))
-            for index, name in enumerate(names)]
+    rows = [(name, timings.get((name, "forward"), 0.0), timings.get((name, "backward"), 0.0)) for name in model.names]
     rows.append(("optimizer step", 0.0, timings.get(("optimizer", "step"), 0.0)))
     total = sum(forward + backward for _, forward, backward in rows) or 1.0
     lines = [f"{'layer':<18}{'forward s':>11}{'backward s':>12}{'ms/batch':>10}{'share':>8}", "-" * 59]
@@ -998,7 +1037,7 @@ def gradient_check(model: Sequential, x: np.ndarray, labels: np.ndarray, rng: np
         for name in layer.params:
             layer.params[name] = layer.params[name].astype(np.float64)
             layer.grads[name] = np.zeros_like(layer.params[name])
-    names = [row["layer"].split(" ")[0] for row in model.summary_rows()]
+    names = model.names
     rows: list[dict] = []
 
     def check(layer_name: str, tensor: str, array: np.ndarray, analytic: np.ndarray, objective: Callable) -> None:
@@ -1017,8 +1056,7 @@ def gradient_check(model: Sequential, x: np.ndarray, labels: np.ndarray, rng: np
         def objective(layer: Any = layer, probe: np.ndarray = probe, upstream: np.ndarray = upstream) -> float:
             return float(np.sum(layer.forward(probe, training=False) * upstream))
 
-        needed = getattr(layer, "need_input_grad", True)
-        layer.need_input_grad = True
+        needed, layer.need_input_grad = layer.need_input_grad, True
         layer.forward(probe)
         grad_in = layer.backward(upstream)
         layer.need_input_grad = needed
@@ -1166,12 +1204,18 @@ def read_image(path: Path) -> np.ndarray:
                 image = image[..., :3].mean(axis=2)
             if image.ndim != 2:
                 raise ValueError(f"expected a 2-D array (H, W), got shape {image.shape}")
-            top = image.max()
-            return image / 255 if top > 1 else image
-        from PIL import Image
+            if not np.isfinite(image).all():
+                raise ValueError("it holds NaN or infinite values")
+            return image / 255 if image.max() > 1 else image
+        from PIL import Image, ImageOps
 
         with Image.open(path) as picture:
-            return np.asarray(picture.convert("L"), dtype=np.float64) / 255
+            # A phone photo is stored sideways with a tag saying how to turn it.
+            upright = ImageOps.exif_transpose(picture)
+            if upright.mode in ("RGBA", "LA", "PA") or "transparency" in upright.info:
+                # Ink on a transparent background, as drawing apps save it: show it on white, as a screen does.
+                upright = Image.alpha_composite(Image.new("RGBA", upright.size, "white"), upright.convert("RGBA"))
+            return np.asarray(upright.convert("L"), dtype=np.float64) / 255
     except Exception as error:
         raise DataError(f"{path}: cannot read it as an image ({type(error).__name__}: {error})") from None
 
@@ -1180,17 +1224,21 @@ def prepare_image(image: np.ndarray, input_shape: tuple[int, int, int], fill: fl
     """Turn any grayscale image into what the model saw in training: (H, W, 1) float32 in [0, 1].
 
     A light background (a digit drawn dark on white) is inverted, since MNIST digits are light on black.
-    An image of another size is cropped to its ink, scaled so that its longer side fills `fill` of the
-    frame (MNIST fitted each digit into 20x20 of 28x28) and centred on its centre of mass, as MNIST was made.
+    An image of the model's size is then taken as it is. Any other image (a drawing, a photo) is stretched so
+    that its background is 0 and its brightest ink 1 (a photo of grey paper is not black), cropped to its
+    ink, scaled so that its longer side fills `fill` of the frame (MNIST fitted each digit into 20x20 of
+    28x28) and centred on its centre of mass, as MNIST was made.
     """
     from PIL import Image
 
     height, width = input_shape[:2]
     border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
     if np.median(border) > 0.5:
-        image = 1 - image
+        image, border = 1 - image, 1 - border
     if image.shape != (height, width):
-        ink = np.argwhere(image > 0.2 * image.max()) if image.max() > 0 else np.zeros((0, 2), int)
+        background = np.percentile(border, 90)
+        image = np.clip((image - background) / max(image.max() - background, 1e-6), 0, 1)
+        ink = np.argwhere(image > 0.2)
         if len(ink):
             (top, left), (bottom, right) = ink.min(axis=0), ink.max(axis=0) + 1
             image = image[top:bottom, left:right]
@@ -1211,14 +1259,16 @@ def prepare_image(image: np.ndarray, input_shape: tuple[int, int, int], fill: fl
 
 
 def predict_files(model: Sequential, paths: list[Path], class_names: list[str], fill: float) -> list[dict]:
-    """Top-3 classes with probabilities for each image file."""
+    """Top-3 classes with probabilities for each image file (and a warning for an image with no ink)."""
     images = np.stack([prepare_image(read_image(p), model.input_shape, fill) for p in paths])
     probabilities = model.predict_proba(images)
     results = []
-    for path, probs in zip(paths, probabilities):
+    for path, image, probs in zip(paths, images, probabilities):
         top = np.argsort(probs)[::-1][:3]
-        results.append({"file": str(path), "top": [{"class": class_names[i], "probability": float(probs[i])}
-                                                   for i in top]})
+        result = {"file": str(path), "top": [{"class": class_names[i], "probability": float(probs[i])} for i in top]}
+        if image.max() < 0.05:
+            result["warning"] = "the image is blank (no ink found): the prediction means nothing"
+        results.append(result)
     return results
 
 
@@ -1243,6 +1293,12 @@ DEFAULT_CONFIG: dict = {
 
 def _fail(path: str, value: Any, allowed: str) -> ConfigError:
     return ConfigError(f"{path}: got {value!r}, expected {allowed}")
+
+
+def _did_you_mean(word: Any, options: Iterable[str]) -> str:
+    """' (did you mean 'x'?)' for the closest option to a mistyped word, or ''."""
+    close = difflib.get_close_matches(str(word).lower().replace("-", "_"), list(options), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def _integer(minimum: int, nullable: bool = False) -> Callable[[Any, str], Any]:
@@ -1279,7 +1335,8 @@ def _choice(options: tuple[str, ...], case_insensitive: bool = False) -> Callabl
     def check(value: Any, path: str) -> str:
         candidate = value.upper() if case_insensitive and isinstance(value, str) else value
         if candidate not in options:
-            raise _fail(path, value, "one of " + ", ".join(options))
+            raise ConfigError(f"{path}: got {value!r}{_did_you_mean(value, options)}, expected one of "
+                              + ", ".join(options))
         return candidate
     return check
 
@@ -1296,15 +1353,19 @@ def _optional_path(value: Any, path: str) -> str | None:
     return value
 
 
+def _path(value: Any, path: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _fail(path, value, "a path (a non-empty string)")
+    return value
+
+
 def _check_mapping(path: str, raw: Any, schema: dict, defaults: dict) -> dict:
     """Check a mapping read from YAML against schema {key: check}, taking missing keys from defaults."""
     if not isinstance(raw, dict):
         raise _fail(path, raw, f"a mapping with keys {', '.join(schema)}")
     for key in raw:
         if key not in schema:
-            close = difflib.get_close_matches(str(key), list(schema), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"{path}.{key}: unknown key{hint}; allowed: {', '.join(schema)}")
+            raise ConfigError(f"{path}.{key}: unknown key{_did_you_mean(key, schema)}; allowed: {', '.join(schema)}")
     return {key: check(raw.get(key, defaults[key]), f"{path}.{key}") for key, check in schema.items()}
 
 
@@ -1322,7 +1383,7 @@ def _conv_layers(value: Any, path: str) -> list[dict]:
 
 SCHEMA: dict[str, dict[str, Callable[[Any, str], Any]]] = {
     "logging": {"level": _choice(LOG_LEVELS, case_insensitive=True), "file": _optional_path},
-    "data": {"dataset": _choice(DATASETS), "path": _optional_path, "cache_dir": _optional_path,
+    "data": {"dataset": _choice(DATASETS), "path": _optional_path, "cache_dir": _path,
              "allow_synthetic_fallback": _boolean, "n_train": _integer(1), "n_test": _integer(1),
              "random_seed": _integer(0)},
     "model": {"conv_layers": _conv_layers, "dense_units": _integer(1)},
@@ -1340,9 +1401,8 @@ def validate_config(raw: Any) -> dict:
         raise ConfigError(f"expected a mapping with sections {', '.join(SCHEMA)}, got {shown}")
     for section in raw:
         if section not in SCHEMA:
-            close = difflib.get_close_matches(str(section), list(SCHEMA), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"{section}: unknown section{hint}; allowed: {', '.join(SCHEMA)}")
+            raise ConfigError(f"{section}: unknown section{_did_you_mean(section, SCHEMA)}; "
+                              f"allowed: {', '.join(SCHEMA)}")
     return {section: _check_mapping(section, {} if raw.get(section) is None else raw[section], schema,
                                     DEFAULT_CONFIG[section])
             for section, schema in SCHEMA.items()}
@@ -1384,7 +1444,11 @@ EXIT_BY_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal numbe
 OVERRIDES = {"epochs": ("training", "epochs"), "batch_size": ("training", "batch_size"),
              "learning_rate": ("training", "learning_rate"), "n_train": ("data", "n_train"),
              "n_test": ("data", "n_test"), "seed": ("data", "random_seed"), "dataset": ("data", "dataset"),
-             "data_path": ("data", "path"), "log_level": ("logging", "level"), "plot_dir": ("output", "plot_dir")}
+             "data_path": ("data", "path"), "log_level": ("logging", "level"), "plot_dir": ("output", "plot_dir"),
+             "optimizer": ("training", "optimizer")}
+# Flags that would do nothing in the --predict or --gradcheck mode: an error rather than silently ignored.
+IGNORED_IN_MODE = {"predict": ("epochs", "save_model", "plot_dir", "profile"),
+                   "gradcheck": ("epochs", "load_model", "save_model", "plot_dir", "profile")}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -1406,6 +1470,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--epochs", type=int, metavar="N", help="training.epochs (0: only evaluate)")
     group.add_argument("--batch-size", type=int, metavar="N", help="training.batch_size")
     group.add_argument("--learning-rate", metavar="LR", help="training.learning_rate")
+    group.add_argument("--optimizer", metavar="NAME", help="training.optimizer: " + ", ".join(OPTIMIZERS))
     group.add_argument("--n-train", type=int, metavar="N", help="data.n_train")
     group.add_argument("--n-test", type=int, metavar="N", help="data.n_test")
     group.add_argument("--seed", type=int, metavar="N", help="data.random_seed (seeds everything)")
@@ -1417,33 +1482,59 @@ def build_parser() -> argparse.ArgumentParser:
     extra = parser.add_argument_group("models, predictions and teaching")
     extra.add_argument("--save-model", metavar="FILE", help="save the trained model (.npz)")
     extra.add_argument("--load-model", metavar="FILE", help="start from a saved model (with --epochs 0: evaluate)")
-    extra.add_argument("--predict", metavar="IMAGE", nargs="+", help="classify image files with --load-model")
     extra.add_argument("--profile", action="store_true", help="print time per layer after training")
-    extra.add_argument("--gradcheck", action="store_true", help="check every gradient of the configured model")
+    mode = extra.add_mutually_exclusive_group()
+    mode.add_argument("--predict", metavar="IMAGE", nargs="+", help="classify image files with --load-model")
+    mode.add_argument("--gradcheck", action="store_true", help="check every gradient of the configured model")
     return parser
 
 
-def resolve_config(args: argparse.Namespace) -> tuple[dict, str]:
-    """Config file (or defaults), then RANDOM_SEED from the environment, then flags; every value checked."""
+def check_flag_combinations(args: argparse.Namespace) -> None:
+    if args.predict and not args.load_model:
+        raise CNNError("--predict needs --load-model FILE (a model saved with --save-model)")
+    for mode, ignored in IGNORED_IN_MODE.items():
+        if getattr(args, mode):
+            for flag in ignored:
+                if getattr(args, flag) not in (None, False):
+                    option = "--" + flag.replace("_", "-")
+                    raise CNNError(f"{option} has no effect with --{mode}, which "
+                                   + ("only classifies images" if mode == "predict" else "trains nothing"))
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[dict, dict[str, str]]:
+    """Config file (or defaults), then RANDOM_SEED from the environment, then flags; every value checked.
+
+    Returns the config and where it came from: {"config": file or "built-in defaults", "seed": ...}.
+    """
     if args.config:
-        cfg, source = load_config(args.config), args.config
+        cfg, origin = load_config(args.config), {"config": args.config, "seed": args.config}
     elif Path("config.yaml").is_file():
-        cfg, source = load_config("config.yaml"), "config.yaml"
+        cfg, origin = load_config("config.yaml"), {"config": "config.yaml", "seed": "config.yaml"}
     else:
-        cfg, source = validate_config(json.loads(json.dumps(DEFAULT_CONFIG))), "built-in defaults"
+        cfg, origin = validate_config({}), {"config": "built-in defaults", "seed": "built-in default"}
     seed_text = os.environ.get("RANDOM_SEED", "").strip()
     if seed_text and args.seed is None:
         try:
             cfg["data"]["random_seed"] = SCHEMA["data"]["random_seed"](int(seed_text), "RANDOM_SEED")
         except ValueError:
             raise _fail("RANDOM_SEED (environment)", seed_text, "an integer >= 0") from None
+        origin["seed"] = "RANDOM_SEED"
     for flag, (section, key) in OVERRIDES.items():
         value = getattr(args, flag)
         if value is not None:
             cfg[section][key] = SCHEMA[section][key](value, f"--{flag.replace('_', '-')}")
+    if args.seed is not None:
+        origin["seed"] = "--seed"
     if args.no_fallback:
         cfg["data"]["allow_synthetic_fallback"] = False
-    return cfg, source
+    if not args.load_model:
+        # Build the configured model once on the data set's image size, so that an impossible architecture
+        # is reported now, not after a minute of downloading. (A loaded model brings its own architecture.)
+        try:
+            build_model(cfg["model"], input_shape_of(cfg["data"]["dataset"]), 10, np.random.default_rng(0))
+        except ConfigError as error:
+            raise ConfigError(f"{origin['config']}: {error}") from None
+    return cfg, origin
 
 
 class ConsoleFormatter(logging.Formatter):
@@ -1453,14 +1544,19 @@ class ConsoleFormatter(logging.Formatter):
 
 
 def setup_logging(logging_cfg: dict) -> None:
-    """Console (stdout, at the configured level) and, if logging.file is set, a file with timestamps."""
+    """Console (stdout at the configured level; errors on stderr) and, if logging.file is set, a file with
+    timestamps."""
     close_logging()
     log.setLevel(logging.DEBUG)
     log.propagate = False
     console = logging.StreamHandler(sys.stdout)
     console.setLevel(logging_cfg["level"])
-    console.setFormatter(ConsoleFormatter("%(message)s"))
-    log.addHandler(console)
+    console.addFilter(lambda record: record.levelno < logging.ERROR)
+    errors = logging.StreamHandler(sys.stderr)
+    errors.setLevel(logging.ERROR)
+    for handler in (console, errors):
+        handler.setFormatter(ConsoleFormatter("%(message)s"))
+        log.addHandler(handler)
     if logging_cfg["file"]:
         path = Path(logging_cfg["file"])
         try:
@@ -1488,8 +1584,8 @@ def log_to_file(level: int, message: str, with_traceback: bool = False) -> None:
 
 
 def check_writable(path: str | None, what: str, folder: bool = False) -> None:
-    """Fail now, before any training, if `path` could not be written later. Creates nothing: missing
-    folders are made when the file is written."""
+    """Fail now, before any training, if `path` could not be written later. Leaves nothing behind: folders
+    it has to create for the test are removed again (they are made for real when the file is written)."""
     if not path:
         return
     target = Path(path)
@@ -1497,13 +1593,24 @@ def check_writable(path: str | None, what: str, folder: bool = False) -> None:
         raise CNNError(f"{what} {target}: is a folder, expected a file name")
     if folder and target.exists() and not target.is_dir():
         raise CNNError(f"{what} {target}: is a file, expected a folder")
-    existing = target if folder else target.parent
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise CNNError(f"{what} {target}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise CNNError(f"{what} {target}: the folder {existing} is not writable")
+    directory = target if folder else target.parent
+    missing = []
+    while not directory.exists() and directory != directory.parent:
+        missing.append(directory)
+        directory = directory.parent
+    if not directory.is_dir():
+        raise CNNError(f"{what} {target}: {directory} is a file, not a folder")
+    try:
+        for new_folder in reversed(missing):
+            new_folder.mkdir()
+        with tempfile.TemporaryFile(dir=target if folder else target.parent):
+            pass
+    except OSError as error:
+        raise CNNError(f"{what} {target}: cannot write there ({error.strerror or error})") from None
+    finally:
+        for new_folder in missing:
+            if new_folder.is_dir():
+                new_folder.rmdir()
 
 
 class Interrupted(BaseException):
@@ -1556,8 +1663,10 @@ def input_shape_of(dataset: str) -> tuple[int, int, int]:
     return (8, 8, 1) if dataset == "digits" else (28, 28, 1)
 
 
-def run_gradcheck(cfg: dict) -> int:
-    """--gradcheck: the configured model, two random inputs, float64, every layer's backward checked."""
+def run_gradcheck(args: argparse.Namespace, cfg: dict) -> int:
+    """--gradcheck: the configured model, two random inputs, float64, every layer's backward checked.
+    The table is the command's output, so it is printed whatever the log level."""
+    check_writable(args.output, "--output")
     rng = make_rngs(cfg["data"]["random_seed"])["init"]
     input_shape = input_shape_of(cfg["data"]["dataset"])
     model = build_model(cfg["model"], input_shape, 10, rng)
@@ -1565,21 +1674,24 @@ def run_gradcheck(cfg: dict) -> int:
     start = time.perf_counter()
     rows = gradient_check(model, x, labels, rng)
     failed = [row for row in rows if not row["ok"]]
-    log.info("gradient check of the configured model, input %s, float64, central differences:\n%s",
-             input_shape, gradient_check_table(rows))
+    table = gradient_check_table(rows)
+    print(f"gradient check of the configured model, input {input_shape}, float64, central differences:\n{table}")
+    log_to_file(logging.INFO, f"gradient check:\n{table}")
     verdict = f"{len(rows) - len(failed)}/{len(rows)} tensors ok (tolerance 1e-6) in {time.perf_counter() - start:.1f}s"
+    if args.output:
+        write_json(args.output, {"status": "failed" if failed else "passed", "rows": rows, "config": cfg,
+                                 "versions": versions()})
     if failed:
         log.error("gradient check FAILED: %s; broken: %s", verdict,
                   ", ".join(f"{row['layer']}.{row['tensor']}" for row in failed))
         return EXIT_UNEXPECTED
-    log.info("gradient check passed: %s", verdict)
+    print(f"gradient check passed: {verdict}")
+    log_to_file(logging.INFO, f"gradient check passed: {verdict}")
     return EXIT_OK
 
 
 def run_predict(args: argparse.Namespace) -> int:
     """--predict: classify image files with a saved model, one line each, no training."""
-    if not args.load_model:
-        raise CNNError("--predict needs --load-model FILE (a model saved with --save-model)")
     check_writable(args.output, "--output")
     loaded = load_model(Path(args.load_model))
     # MNIST fitted its digits into 20x20 pixels of 28x28; the other data sets fill the frame.
@@ -1588,6 +1700,8 @@ def run_predict(args: argparse.Namespace) -> int:
     for prediction in predictions:
         ranked = ", ".join(f"{t['class']} ({100 * t['probability']:.1f}%)" for t in prediction["top"])
         print(f"{prediction['file']}: {ranked}")
+        if "warning" in prediction:
+            log.warning("%s: %s", prediction["file"], prediction["warning"])
         log_to_file(logging.INFO, f"prediction {prediction['file']}: {ranked}")
     if args.output:
         write_json(args.output, {"status": "predicted", "model": args.load_model, "predictions": predictions,
@@ -1595,38 +1709,65 @@ def run_predict(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def run_training(args: argparse.Namespace, cfg: dict, source: str, stop: StopRequest) -> int:
+def plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def model_for_run(args: argparse.Namespace, cfg: dict, data: Dataset,
+                  rng: np.random.Generator) -> tuple[Sequential, dict, SGD | Adam, dict]:
+    """The model to train: loaded from --load-model (with its optimiser state) or built from the config.
+    Returns the model, its architecture, the optimiser and what the model file says of earlier training."""
+    optimizer = make_optimizer(cfg["training"])
+    if not args.load_model:
+        return build_model(cfg["model"], data.input_shape, data.num_classes, rng), cfg["model"], optimizer, {}
+    loaded = load_model(Path(args.load_model))
+    if loaded.model.input_shape != data.input_shape or len(loaded.meta["class_names"]) != data.num_classes:
+        raise DataError(f"--load-model {args.load_model}: the model takes {loaded.model.input_shape} images and "
+                        f"{len(loaded.meta['class_names'])} classes, the data has {data.input_shape} "
+                        f"and {data.num_classes}")
+    earlier = loaded.meta.get("training", {})
+    log.info("loaded %s (trained for %s); its architecture replaces the config's model section", args.load_model,
+             plural(int(earlier.get("epochs_completed", 0)), "epoch"))
+    if restore_optimizer(optimizer, loaded):
+        log.info("continuing with the saved %s state", cfg["training"]["optimizer"])
+    else:
+        saved = (loaded.meta.get("optimizer") or {}).get("name", "no")
+        log.info("starting %s afresh: the model file holds %s optimiser state", cfg["training"]["optimizer"], saved)
+    return loaded.model, loaded.meta["model"], optimizer, earlier
+
+
+def results_document(args: argparse.Namespace, cfg: dict, data: Dataset, model: Sequential, result: TrainResult,
+                     summary: dict, train_seconds: float, files: dict, problems: list[str]) -> dict:
+    """Everything --output records about a training run (the README's 'Results file' table)."""
+    return {
+        "status": result.status, "stopped_at": result.stopped_at, "started_at": summary["saved_at"], "config": cfg,
+        "data": {"dataset": data.name, "source": data.source, "n_train": len(data.x_train), "n_test": len(data.x_test),
+                 "input_shape": list(data.input_shape), "note": data.note, "class_names": data.class_names},
+        "model": {"summary": model.summary_rows(), "parameters": model.parameter_count(),
+                  "loaded_from": args.load_model},
+        "history": result.history, "epochs_completed": summary["epochs_completed"],
+        "test_accuracy": summary["test_accuracy"], "test_loss": summary["test_loss"],
+        "train_seconds": round(train_seconds, 3), "files": files, "problems": problems, "versions": versions(),
+    }
+
+
+def run_training(args: argparse.Namespace, cfg: dict, origin: dict[str, str], stop: StopRequest) -> int:
     """The default command: load data, build (or load) the model, train, evaluate, write what was asked."""
     plot_dir = cfg["output"]["plot_dir"]
     check_writable(args.output, "--output")
     check_writable(args.save_model, "--save-model")
     check_writable(plot_dir, "output.plot_dir", folder=True)
     seed, training_cfg = cfg["data"]["random_seed"], cfg["training"]
-    log.info("numpy-cnn: config from %s, seed %d", source, seed)
+    log.info("numpy-cnn: config from %s, seed %d (from %s)", origin["config"], seed, origin["seed"])
     rngs = make_rngs(seed)
     data = load_data(cfg["data"])
-    log.info("data: %s from %s: %s training and %s test images of %s, %d classes; %s", data.name, data.source,
-             f"{len(data.x_train):,}", f"{len(data.x_test):,}", data.input_shape, data.num_classes, data.note)
-
-    model_cfg, first_epoch, loaded = cfg["model"], 1, None
-    if args.load_model:
-        loaded = load_model(Path(args.load_model))
-        model, model_cfg = loaded.model, loaded.meta["model"]
-        if model.input_shape != data.input_shape or len(loaded.meta["class_names"]) != data.num_classes:
-            raise DataError(f"--load-model {args.load_model}: the model takes {model.input_shape} images and "
-                            f"{len(loaded.meta['class_names'])} classes, the data has {data.input_shape} "
-                            f"and {data.num_classes}")
-        first_epoch = int(loaded.meta.get("training", {}).get("epochs_completed", 0)) + 1
-        log.info("loaded %s (trained for %d epochs); its architecture replaces the config's model section",
-                 args.load_model, first_epoch - 1)
-    else:
-        model = build_model(model_cfg, data.input_shape, data.num_classes, rngs["init"])
-    optimizer = make_optimizer(training_cfg)
-    if loaded is not None and restore_optimizer(optimizer, loaded):
-        log.info("continuing with the saved %s state", training_cfg["optimizer"])
+    log.info("data: %s (source: %s), %s training and %s test images of %s, %d classes; %s", data.name,
+             data.source, f"{len(data.x_train):,}", f"{len(data.x_test):,}", data.input_shape, data.num_classes,
+             data.note)
+    model, model_cfg, optimizer, earlier = model_for_run(args, cfg, data, rngs["init"])
+    first_epoch = int(earlier.get("epochs_completed", 0)) + 1
     log.info("model:\n%s", model.summary())
-    epochs = training_cfg["epochs"]
-    log.info("training: %d epoch%s, batch %d, %s, learning rate %g", epochs, "" if epochs == 1 else "s",
+    log.info("training: %s, batch %d, %s, learning rate %g", plural(training_cfg["epochs"], "epoch"),
              training_cfg["batch_size"], training_cfg["optimizer"], training_cfg["learning_rate"])
     if args.profile:
         model.timings = {}
@@ -1641,27 +1782,25 @@ def run_training(args: argparse.Namespace, cfg: dict, source: str, stop: StopReq
     test_loss = test_accuracy = None
     if result.status == "diverged":
         where = result.stopped_at
-        log.error("training diverged at epoch %d, batch %d (loss %s): try a lower learning rate than %g",
-                  where["epoch"], where["batch"], where["loss"], training_cfg["learning_rate"])
+        log.error("training diverged at epoch %d, batch %d (%s): try a lower learning rate than %g",
+                  where["epoch"], where["batch"], where["reason"], training_cfg["learning_rate"])
     elif result.history and result.status == "completed":
         test_loss, test_accuracy = result.history[-1]["test_loss"], result.history[-1]["test_accuracy"]
     else:
         test_loss, test_accuracy = model.evaluate(data.x_test, data.y_test, EVAL_BATCH_SIZE)
     if result.status == "interrupted":
-        log.warning("interrupted after %d completed epochs", len(result.history))
+        log.warning("interrupted after %s", plural(len(result.history), "completed epoch"))
     if test_accuracy is not None:
         log.info("test accuracy %.2f%%, test loss %.4f, training took %.1fs", 100 * test_accuracy, test_loss,
                  train_seconds)
-    if args.profile and model.timings:
-        n_batches = sum(math.ceil(len(data.x_train) / training_cfg["batch_size"]) for _ in result.history)
-        log.info("time per layer over %d batches (forward includes the test-set evaluation):\n%s", n_batches,
-                 profile_table(model, n_batches))
+    if args.profile and result.batches:
+        log.info("time per layer over %d training batches (evaluation not included):\n%s", result.batches,
+                 profile_table(model, result.batches))
 
     files: dict[str, Any] = {}
-    epochs_completed = first_epoch - 1 + len(result.history)
-    earlier = loaded.meta.get("training", {}).get("history", []) if loaded is not None else []
-    summary = {"epochs_completed": epochs_completed, "test_accuracy": test_accuracy, "test_loss": test_loss,
-               "status": result.status, "seed": seed, "history": earlier + result.history, "saved_at": started_at}
+    summary = {"epochs_completed": first_epoch - 1 + len(result.history), "test_accuracy": test_accuracy,
+               "test_loss": test_loss, "status": result.status, "stopped_at": result.stopped_at, "seed": seed,
+               "history": earlier.get("history", []) + result.history, "saved_at": started_at}
     if args.save_model:
         if result.status == "diverged":
             log.warning("not saving the model: its weights are not finite")
@@ -1684,17 +1823,8 @@ def run_training(args: argparse.Namespace, cfg: dict, source: str, stop: StopReq
         files["log"] = cfg["logging"]["file"]
     if args.output:
         files["results"] = args.output
-        write_json(args.output, {
-            "status": result.status, "stopped_at": result.stopped_at, "started_at": started_at, "config": cfg,
-            "data": {"dataset": data.name, "source": data.source, "n_train": len(data.x_train),
-                     "n_test": len(data.x_test), "input_shape": list(data.input_shape), "note": data.note,
-                     "class_names": data.class_names},
-            "model": {"summary": model.summary_rows(), "parameters": model.parameter_count(),
-                      "loaded_from": args.load_model},
-            "history": result.history, "epochs_completed": epochs_completed, "test_accuracy": test_accuracy,
-            "test_loss": test_loss, "train_seconds": round(train_seconds, 3), "files": files, "problems": problems,
-            "versions": versions(),
-        })
+        write_json(args.output, results_document(args, cfg, data, model, result, summary, train_seconds, files,
+                                                 problems))
         log.info("results written to %s", args.output)
     if result.status == "diverged":
         return EXIT_DIVERGED
@@ -1708,18 +1838,19 @@ def main(argv: list[str] | None = None) -> int:
     130 / 143 interrupted)."""
     try:
         args = build_parser().parse_args(argv)
+        check_flag_combinations(args)
         from dotenv import find_dotenv, load_dotenv
 
         load_dotenv(find_dotenv(usecwd=True))  # never overrides variables already set
-        cfg, source = resolve_config(args)
+        cfg, origin = resolve_config(args)
         setup_logging(cfg["logging"])
         # Overflow in a diverging run is reported as divergence, not as a NumPy warning.
         with np.errstate(all="ignore"), StopRequest() as stop:
             if args.gradcheck:
-                return run_gradcheck(cfg)
+                return run_gradcheck(args, cfg)
             if args.predict:
                 return run_predict(args)
-            return run_training(args, cfg, source, stop)
+            return run_training(args, cfg, origin, stop)
     except CNNError as error:
         log_to_file(logging.ERROR, str(error))
         print(f"error: {error}", file=sys.stderr)

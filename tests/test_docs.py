@@ -10,7 +10,6 @@ makes them disagree fails here.
 
 from __future__ import annotations
 
-import logging
 import math
 import re
 from pathlib import Path
@@ -158,7 +157,7 @@ def one_training_step_shapes() -> tuple[main.Sequential, list[tuple[int, ...]], 
         for name, value in vars(layer).items():
             if isinstance(value, np.ndarray):
                 seen.add(value.shape)
-            elif name in ("padded_shape", "input_shape"):
+            elif name in ("padded_shape", "x_shape"):
                 seen.add(tuple(value))
         seen.update(p.shape for p in layer.params.values())
         if isinstance(layer, main.Conv2D):
@@ -404,20 +403,17 @@ def test_adam_example_is_what_Adam_computes() -> None:
     example["uncorrected"].assert_matches(-adam.learning_rate * m / (np.sqrt(v) + adam.eps), "no bias correction")
 
 
-def test_gradcheck_output_matches_what_run_gradcheck_prints(caplog: pytest.LogCaptureFixture) -> None:
-    """The quoted --gradcheck output is what `python src/main.py --gradcheck` logs for the default config:
+def test_gradcheck_output_matches_what_run_gradcheck_prints(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    """The quoted --gradcheck output is what `python src/main.py --gradcheck` prints for the default config:
     the same header, layers, tensors, shapes and coordinate counts (the errors vary with the machine, so
     only their verdict is compared), and the check passes."""
-    caplog.set_level(logging.INFO, logger=main.log.name)
-    main.log.addHandler(caplog.handler)  # main's logger may have propagation switched off by setup_logging
-    try:
-        exit_code = main.run_gradcheck(main.validate_config({}))
-    finally:
-        main.log.removeHandler(caplog.handler)
+    monkeypatch.chdir(tmp_path)  # built-in defaults, and the log goes into tmp_path
+    exit_code = main.main(["--gradcheck"])
     assert exit_code == main.EXIT_OK
-    messages = [record.getMessage() for record in caplog.records]
-    table = next(message for message in messages if message.startswith("gradient check of the configured model"))
-    printed = [*table.splitlines()[1:], re.sub(r" in [\d.]+s$", "", messages[-1])]
+    lines = capsys.readouterr().out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("gradient check of the configured model"))
+    printed = [*lines[start + 1:-1], re.sub(r" in [\d.]+s$", "", lines[-1])]
     quoted = BLOCKS["gradcheck-output"].strip().splitlines()
     assert len(quoted) == len(printed)
     assert quoted[:2] == printed[:2] and quoted[-1] == printed[-1]

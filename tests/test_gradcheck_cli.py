@@ -59,7 +59,7 @@ def test_gradcheck_fails_when_col2im_assigns_instead_of_adding(tmp_path: Path, m
     monkeypatch.chdir(tmp_path)
     config = write_config(tmp_path)
     assert main.main(["--gradcheck", "--config", str(config)]) == 1
-    out = capsys.readouterr().out
-    failing = [line.split()[:2] for line in out.splitlines() if line.endswith(" FAIL")]
+    captured = capsys.readouterr()
+    failing = [line.split()[:2] for line in captured.out.splitlines() if line.endswith(" FAIL")]
     assert ["conv2d_2", "input"] in failing
-    assert "gradient check FAILED" in out and "conv2d_2.input" in out
+    assert "gradient check FAILED" in captured.err and "conv2d_2.input" in captured.err

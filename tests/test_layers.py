@@ -680,7 +680,7 @@ def maxpool_backward_averaging(self: main.MaxPool2D, grad_out: np.ndarray) -> np
     """BROKEN MaxPool2D.backward: spreads each window's gradient evenly (average-pool backward)."""
     out_h, out_w = grad_out.shape[1:3]
     pool, stride = self.pool_size, self.stride
-    grad_in = np.zeros(self.input_shape, dtype=grad_out.dtype)
+    grad_in = np.zeros(self.x_shape, dtype=grad_out.dtype)
     for i, j in itertools.product(range(out_h), range(out_w)):
         window = (slice(None), slice(i * stride, i * stride + pool), slice(j * stride, j * stride + pool))
         grad_in[window] += grad_out[:, i:i + 1, j:j + 1, :] / pool**2
