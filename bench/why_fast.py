@@ -44,11 +44,12 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 ROOT = Path(__file__).resolve().parent.parent
-for _folder in ("src", "tests"):  # main.py, and the loop reference tests/reference.py
+for _folder in ("src", "tests", "bench"):  # main.py, the loop reference tests/reference.py, benchmark.py
     if str(ROOT / _folder) not in sys.path:
         sys.path.insert(0, str(ROOT / _folder))
 
 import reference  # noqa: E402
+from benchmark import cpu_model  # noqa: E402
 
 import main  # noqa: E402
 
@@ -604,16 +605,6 @@ def compare_relu(settings: Settings, rng: np.random.Generator) -> list[Result]:
 # ------------------------------------------------------------------------------------------------
 # Report
 # ------------------------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def blas_description() -> str:
