@@ -572,6 +572,23 @@ def make_optimizer(training_cfg: dict) -> SGD | Adam:
 # Data
 # ------------------------------------------------------------------------------------------------
 
+
+def write_atomic(path: Path, write: Callable[[Any], None], binary: bool = True) -> None:
+    """Write to a temporary file beside `path`, then rename it into place: a crash or Ctrl-C midway
+    leaves the old file (or none) rather than half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb" if binary else "w", encoding=None if binary else "utf-8") as f:
+            write(f)
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
 DATASETS = ("mnist", "fashion_mnist", "digits", "synthetic")
 DIGIT_NAMES = [str(digit) for digit in range(10)]
 FASHION_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -1094,22 +1111,6 @@ def gradient_check_table(rows: list[dict]) -> str:
 # ------------------------------------------------------------------------------------------------
 
 MODEL_FORMAT = "numpy-cnn-model"
-
-
-def write_atomic(path: Path, write: Callable[[Any], None], binary: bool = True) -> None:
-    """Write to a temporary file beside `path`, then rename it into place: a crash or Ctrl-C midway
-    leaves the old file (or none) rather than half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb" if binary else "w", encoding=None if binary else "utf-8") as f:
-            write(f)
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def save_model(path: Path, model: Sequential, model_cfg: dict, data: Dataset, summary: dict,
