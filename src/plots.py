@@ -57,7 +57,8 @@ def write_plots(plot_dir: Path, model: Any, data: Any, history: list[dict]) -> d
     """
     plot_dir = Path(plot_dir)
     plot_dir.mkdir(parents=True, exist_ok=True)
-    # The test set is classified once; the confusion matrix and the mistakes both use it.
+    # The test set is classified once; the confusion matrix and the mistakes both use it. Batches of 128, as
+    # main.EVAL_BATCH_SIZE: bounded memory whatever the test set's size.
     probabilities = model.predict_proba(data.x_test, 128) if len(data.x_test) else np.zeros((0, len(data.class_names)))
     figures = {
         "curves": lambda: plot_curves(history),
