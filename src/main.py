@@ -21,10 +21,12 @@ import math
 import os
 import platform
 import signal
+import socket
 import struct
 import sys
 import tempfile
 import time
+import urllib.request
 import warnings
 import zipfile
 import zlib
@@ -103,8 +105,16 @@ def im2col(x_padded: np.ndarray, kernel_size: int, stride: int) -> np.ndarray:
     """
     # sliding_window_view builds a view of all windows without copying; [::stride] keeps the strided ones.
     windows = sliding_window_view(x_padded, (kernel_size, kernel_size), axis=(1, 2))[:, ::stride, ::stride]
-    # (N, Ho, Wo, C, k, k) -> (N, Ho, Wo, k, k, C): the copy happens here, once.
-    return np.ascontiguousarray(windows.transpose(0, 1, 2, 4, 5, 3))
+    if x_padded.shape[3] > 1:
+        # (N, Ho, Wo, C, k, k) -> (N, Ho, Wo, k, k, C): the copy happens here, once.
+        return np.ascontiguousarray(windows.transpose(0, 1, 2, 4, 5, 3))
+    # With one channel (grey images into the first layer) that copy would move one float at a time; one
+    # copy per kernel offset moves rows of Wo floats instead, 3x faster.
+    cols = np.empty((*windows.shape[:3], kernel_size, kernel_size, 1), dtype=x_padded.dtype)
+    for di in range(kernel_size):
+        for dj in range(kernel_size):
+            cols[:, :, :, di, dj, :] = windows[:, :, :, :, di, dj]
+    return cols
 
 
 def col2im(grad_cols: np.ndarray, padded_shape: tuple[int, ...], stride: int) -> np.ndarray:
@@ -241,10 +251,11 @@ class MaxPool2D(Layer):
             # winner[k]: the window's maximum sits at offset k and no earlier offset had it (first max wins).
             self.winner = np.empty((self.pool_size ** 2, *y.shape), dtype=bool)
             unclaimed = np.ones(y.shape, dtype=bool)
-            for offset, row_slice, col_slice in offsets:
+            for offset, row_slice, col_slice in offsets[:-1]:
                 is_max = np.equal(x[:, row_slice, col_slice, :], y, out=self.winner[offset])
                 is_max &= unclaimed
                 unclaimed ^= is_max
+            self.winner[-1] = unclaimed  # a maximum that no earlier offset had is at the last one
             self.x_shape = x.shape
         return y
 
@@ -497,6 +508,14 @@ def build_model(
 # ------------------------------------------------------------------------------------------------
 
 
+def _slot(state: dict[str, np.ndarray], key: str, param: np.ndarray) -> np.ndarray:
+    """The optimiser's array state[key], created as zeros shaped like param on first use. (Not
+    state.setdefault(key, np.zeros_like(param)): that would allocate the zeros at every step.)"""
+    if key not in state:
+        state[key] = np.zeros_like(param)
+    return state[key]
+
+
 def _parameters(model: Sequential) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
     """(key, weights, gradient) for every weight array; the key, like '3.W', is its layer number and name."""
     for index, layer in enumerate(model.layers):
@@ -513,7 +532,7 @@ class SGD:
 
     def step(self, model: Sequential) -> None:
         for key, param, grad in _parameters(model):
-            velocity = self.state.setdefault(f"{key}.velocity", np.zeros_like(param))
+            velocity = _slot(self.state, f"{key}.velocity", param)
             velocity *= self.momentum
             velocity += grad
             param -= self.learning_rate * velocity
@@ -538,8 +557,7 @@ class Adam:
         step_size = self.learning_rate / (1 - self.beta1 ** self.t)
         correction2_sqrt = math.sqrt(1 - self.beta2 ** self.t)
         for key, param, grad in _parameters(model):
-            m = self.state.setdefault(f"{key}.m", np.zeros_like(param))
-            v = self.state.setdefault(f"{key}.v", np.zeros_like(param))
+            m, v = _slot(self.state, f"{key}.m", param), _slot(self.state, f"{key}.v", param)
             # In plain NumPy this step is
             #     m = b1 * m + (1 - b1) * g;  v = b2 * v + (1 - b2) * g**2
             #     param -= lr * (m / c1) / (np.sqrt(v / c2) + eps)
@@ -594,6 +612,7 @@ DIGIT_NAMES = [str(digit) for digit in range(10)]
 FASHION_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                  "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 OPENML_NAMES = {"mnist": "mnist_784", "fashion_mnist": "Fashion-MNIST"}
+OPENML_HOST = "www.openml.org"  # where scikit-learn's fetch_openml downloads from
 IDX_FILES = {  # split -> (images, labels), without the optional .gz
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -717,6 +736,14 @@ def load_cache(path: Path) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndar
 def download_openml(name: str, cache_dir: Path) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """MNIST or Fashion-MNIST from OpenML: the first 60,000 rows are the official training split,
     the last 10,000 the test split. Imported lazily: scikit-learn takes a second to import."""
+    # Offline, fetch_openml fails only after scikit-learn's import and three retries a second apart; when
+    # the host's name does not resolve (and no proxy would resolve it, and scikit-learn has no files cached),
+    # fail at once instead: that is 5 s of the default run on a machine without internet.
+    if not urllib.request.getproxies().get("https") and not (cache_dir / "openml").exists():
+        try:
+            socket.getaddrinfo(OPENML_HOST, 443)
+        except OSError as error:
+            raise ConnectionError(f"cannot look up {OPENML_HOST}: {error}") from None
     from sklearn.datasets import fetch_openml
 
     log.info("downloading %s from OpenML (the first download and parse can take a minute) ...", OPENML_NAMES[name])
@@ -772,7 +799,9 @@ def draw_seven_segments(n: int, rng: np.random.Generator, size: int = 28) -> tup
     shift_y = size / 2 - centre_y + rng.uniform(-1.5, 1.5, (n, 1))
     rows, cols = np.mgrid[0:size, 0:size].astype(np.float32)
     images = np.zeros((n, size, size), dtype=np.float32)
-    ax, ay, bx, by = ax + shift_x, ay + shift_y, bx + shift_x, by + shift_y
+    # The drawing below touches every pixel of every digit: float32 makes it twice as fast as float64.
+    ax, ay, bx, by = (end.astype(np.float32) for end in (ax + shift_x, ay + shift_y, bx + shift_x, by + shift_y))
+    stroke, brightness = stroke.astype(np.float32), brightness.astype(np.float32)
     for segment in range(len(SEGMENTS)):
         start_x, start_y = ax[:, segment, None, None], ay[:, segment, None, None]
         dx, dy = (bx - ax)[:, segment, None, None], (by - ay)[:, segment, None, None]

@@ -5,9 +5,11 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import socket
 import struct
 import urllib.error
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -100,6 +102,43 @@ def test_offline_falls_back_to_labelled_synthetic_data(tmp_path: Path, monkeypat
     assert data.source == "synthetic" and "URLError" in data.note and data.note.startswith("FALLBACK")
     with pytest.raises(main.DataError, match="fallback is off"):
         main.load_data(dict(cfg, allow_synthetic_fallback=False))
+
+
+class FakeOpenML:
+    """Stands in for sklearn.datasets.fetch_openml: records its calls, returns 70 MNIST-shaped rows."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def __call__(self, name: str, **kwargs: object) -> SimpleNamespace:
+        self.calls.append(name)
+        rng = np.random.default_rng(0)
+        return SimpleNamespace(data=rng.integers(0, 256, (70, 784)), target=rng.integers(0, 10, 70).astype(str))
+
+
+def test_download_without_name_resolution_fails_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Offline (the OpenML host does not resolve, no proxy): a ConnectionError naming the host, without
+    asking scikit-learn, whose retries would take seconds."""
+    import sklearn.datasets
+
+    def no_dns(host: str, *args: object) -> None:
+        raise socket.gaierror(-2, "Name or service not known")
+
+    fake = FakeOpenML()
+    monkeypatch.setattr(sklearn.datasets, "fetch_openml", fake)
+    monkeypatch.setattr(main.socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(main.urllib.request, "getproxies", lambda: {})
+    with pytest.raises(ConnectionError, match=r"cannot look up www\.openml\.org.*not known"):
+        main.download_openml("mnist", tmp_path)
+    assert fake.calls == []
+    # With a proxy, or with scikit-learn's own cached files, the name need not resolve here: it downloads.
+    monkeypatch.setattr(main.urllib.request, "getproxies", lambda: {"https": "http://proxy:3128"})
+    (train_images, train_labels), _ = main.download_openml("mnist", tmp_path)
+    assert fake.calls == ["mnist_784"] and train_images.shape == (70, 28, 28) and train_labels.dtype == np.uint8
+    monkeypatch.setattr(main.urllib.request, "getproxies", lambda: {})
+    (tmp_path / "openml").mkdir()
+    main.download_openml("mnist", tmp_path)
+    assert fake.calls == ["mnist_784"] * 2
 
 
 def test_synthetic_digits_have_class_structure() -> None:
