@@ -1,0 +1,62 @@
+"""bench/benchmark.py: its FLOP count agrees with a count made by hand, and a tiny run completes end to end,
+printing the targets table and writing a JSON report whose ratios are consistent with its own timings."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+
+import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "benchmark.py"
+
+
+def load_benchmark() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gemm_count_of_the_seed_model_matches_a_hand_count() -> None:
+    """Per training image: conv1 forward + dW (no dX: nothing needs it), conv2, dense1 and dense2 forward,
+    dW and dX, each 2 * (output values) * (inputs per output) FLOPs."""
+    benchmark = load_benchmark()
+    model = main.build_model(main.DEFAULT_CONFIG["model"], (28, 28, 1), 10, np.random.default_rng(0))
+    gemms = benchmark.model_gemms(model, 32)
+    conv1 = 2 * 28 * 28 * 32 * (3 * 3 * 1)
+    conv2 = 2 * 14 * 14 * 64 * (3 * 3 * 32)
+    dense1, dense2 = 2 * 3136 * 128, 2 * 128 * 10
+    expected = 2 * conv1 + 3 * (conv2 + dense1 + dense2)
+    assert sum(g["mflop_per_image"] for g in gemms) * 1e6 == pytest.approx(expected)
+    assert [(g["layer"], g["op"]) for g in gemms][:3] == [("conv2d_1", "forward"), ("conv2d_1", "dW"),
+                                                          ("conv2d_2", "forward")]
+    assert len(gemms) == 2 + 3 * 3
+
+
+def test_tiny_run_without_torch_prints_targets_and_writes_consistent_json(tmp_path: Path) -> None:
+    report_file = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, str(SCRIPT), "--images", "64", "--repeats", "2", "--no-torch",
+                           "--threads", "1", "--json", str(report_file)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "PyTorch: hidden by --no-torch" in out and "Targets (from the issue)" in out
+    assert "project epoch / GEMM lower bound <= 2.5" in out and "conv2d_2" in out
+    report = json.loads(report_file.read_text())
+    epochs = report["project"]["epoch_seconds"]["all"]
+    bound = report["lower_bound_ratio"]
+    assert len(epochs) == 2 and len(bound["all"]) == 2 and all(ratio > 1 for ratio in bound["all"])
+    assert report["lower_bound_ratio_at_start"] == pytest.approx(
+        report["project"]["epoch_seconds"]["median"] / report["lower_bound_seconds"])
+    assert report["project"]["training_rss_mib"] > report["project"]["training_rss_after_data_mib"] > 0
+    assert "torch" not in report and {row["result"] for row in report["targets"]} <= {"PASS", "MISS", "n/a"}
