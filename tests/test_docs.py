@@ -316,10 +316,11 @@ def test_col2im_example_is_what_col2im_and_Conv2D_backward_compute() -> None:
 
 
 def test_col2im_is_the_adjoint_of_im2col_as_the_page_claims() -> None:
-    """<im2col(x), G> = <x, col2im(G)> for random x and G, with overlapping and strided windows."""
+    """<im2col(x), G> = <x, col2im(G)> for random x and G, with overlapping and strided windows, and with one
+    channel (im2col's other path)."""
     rng = np.random.default_rng(1)
-    for kernel_size, stride in ((3, 1), (3, 2), (2, 2)):
-        x = rng.standard_normal((2, 7, 6, 3))
+    for kernel_size, stride, channels in ((3, 1, 3), (3, 2, 3), (2, 2, 3), (3, 1, 1), (3, 2, 1)):
+        x = rng.standard_normal((2, 7, 6, channels))
         cols = main.im2col(x, kernel_size, stride)
         grad = rng.standard_normal(cols.shape)
         assert np.isclose(np.sum(cols * grad), np.sum(x * main.col2im(grad, x.shape, stride)), rtol=1e-12)

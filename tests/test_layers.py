@@ -340,6 +340,7 @@ CONV_CASES = [
     (2, 4, 4, 3, 3, 5, 1, 2),  # kernel larger than the unpadded input
     (1, 9, 7, 1, 2, 1, 2, 1),  # 1x1 kernel, stride 2: padding-only pixels in the output
     (2, 10, 3, 2, 2, 3, 3, 0),  # stride leaves rows unused
+    (2, 9, 8, 1, 3, 3, 2, 1),  # one channel (im2col's per-offset copy), stride 2
 ]
 
 
@@ -729,3 +730,13 @@ def test_layers_preserve_dtype(make_layer: Callable, dtype: type) -> None:
     grad_in = layer.backward(np.ones_like(y))
     assert grad_in.dtype == dtype
     assert all(grad.dtype == dtype for grad in layer.grads.values())
+
+
+@pytest.mark.parametrize(("kernel", "stride"), [(1, 1), (2, 2), (3, 1), (3, 2), (3, 3)])
+def test_im2col_one_channel_path_gives_the_windows_exactly(kernel: int, stride: int) -> None:
+    """With C = 1, im2col copies offset by offset: the result must equal the general path's windows, bit for bit."""
+    x = np.random.default_rng(kernel * 10 + stride).standard_normal((2, 9, 8, 1)).astype(np.float32)
+    windows = np.lib.stride_tricks.sliding_window_view(x, (kernel, kernel), axis=(1, 2))[:, ::stride, ::stride]
+    expected = windows.transpose(0, 1, 2, 4, 5, 3)  # (N, Ho, Wo, k, k, 1)
+    cols = main.im2col(x, kernel, stride)
+    assert cols.shape == expected.shape and cols.flags.c_contiguous and np.array_equal(cols, expected)

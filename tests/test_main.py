@@ -8,6 +8,7 @@ import os
 import socket
 import struct
 import urllib.error
+import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -127,15 +128,15 @@ def test_download_without_name_resolution_fails_at_once(tmp_path: Path, monkeypa
     fake = FakeOpenML()
     monkeypatch.setattr(sklearn.datasets, "fetch_openml", fake)
     monkeypatch.setattr(main.socket, "getaddrinfo", no_dns)
-    monkeypatch.setattr(main.urllib.request, "getproxies", lambda: {})
+    monkeypatch.setattr(urllib.request, "getproxies", lambda: {})
     with pytest.raises(ConnectionError, match=r"cannot look up www\.openml\.org.*not known"):
         main.download_openml("mnist", tmp_path)
     assert fake.calls == []
     # With a proxy, or with scikit-learn's own cached files, the name need not resolve here: it downloads.
-    monkeypatch.setattr(main.urllib.request, "getproxies", lambda: {"https": "http://proxy:3128"})
+    monkeypatch.setattr(urllib.request, "getproxies", lambda: {"https": "http://proxy:3128"})
     (train_images, train_labels), _ = main.download_openml("mnist", tmp_path)
     assert fake.calls == ["mnist_784"] and train_images.shape == (70, 28, 28) and train_labels.dtype == np.uint8
-    monkeypatch.setattr(main.urllib.request, "getproxies", lambda: {})
+    monkeypatch.setattr(urllib.request, "getproxies", lambda: {})
     (tmp_path / "openml").mkdir()
     main.download_openml("mnist", tmp_path)
     assert fake.calls == ["mnist_784"] * 2
