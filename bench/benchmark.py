@@ -2,7 +2,7 @@
 
 Run from the project root:
 
-    python bench/benchmark.py                              # 5,000 images, 5 repeats of 1 epoch: about 2 minutes
+    python bench/benchmark.py                              # 5,000 images, 5 repeats of 1 epoch: 3-5 minutes
     python bench/benchmark.py --images 60000 --repeats 3   # full MNIST-sized epochs: several minutes
     python bench/benchmark.py --threads 1                  # steadier numbers on a busy, shared machine
     python bench/benchmark.py --json bench.json            # also write every number to a file
