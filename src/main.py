@@ -39,9 +39,10 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 DTYPE = np.float32
-# Evaluation during training runs in batches of 128 images: an eighth of the memory of 1000 (the API's default,
-# whose im2col columns take 226 MB in the second conv layer), and 15% faster here (the arrays stay in cache).
-EVAL_BATCH_SIZE = 128
+# Evaluation during training runs in batches of 32 images: a 30th of the memory of 1000 (the API's default,
+# whose im2col columns take 226 MB in the second conv layer), and faster, since the arrays stay in the CPU's
+# caches: 1,000 test images took 0.26-0.28 s at 32, 0.32 s at 128 and 0.42 s at 500 here.
+EVAL_BATCH_SIZE = 32
 log = logging.getLogger("numpy_cnn")
 
 

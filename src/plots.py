@@ -57,9 +57,9 @@ def write_plots(plot_dir: Path, model: Any, data: Any, history: list[dict]) -> d
     """
     plot_dir = Path(plot_dir)
     plot_dir.mkdir(parents=True, exist_ok=True)
-    # The test set is classified once; the confusion matrix and the mistakes both use it. Batches of 128, as
+    # The test set is classified once; the confusion matrix and the mistakes both use it. Batches of 32, as
     # main.EVAL_BATCH_SIZE: bounded memory whatever the test set's size.
-    probabilities = model.predict_proba(data.x_test, 128) if len(data.x_test) else np.zeros((0, len(data.class_names)))
+    probabilities = model.predict_proba(data.x_test, 32) if len(data.x_test) else np.zeros((0, len(data.class_names)))
     figures = {
         "curves": lambda: plot_curves(history),
         "confusion_matrix": lambda: plot_confusion_matrix(data.y_test, probabilities, data.class_names),
