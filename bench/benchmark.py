@@ -713,7 +713,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
     report = build_report(args, environment, runs, has_torch)
     print_results(report)
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        import_main().write_atomic(Path(args.json), lambda f: f.write(json.dumps(report, indent=2) + "\n"),
+                                   binary=False)
         print(f"\nall numbers written to {args.json}")
     return 0
 
@@ -748,6 +749,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         run_worker(args)
         return 0
+    main = import_main()
+    try:  # minutes of measuring should not end in an unwritable --json path
+        main.check_writable(args.json, "--json")
+    except main.CNNError as error:
+        parser.error(str(error))
     return run_benchmark(args)
 
 

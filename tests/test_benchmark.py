@@ -65,3 +65,14 @@ def test_tiny_run_without_torch_prints_targets_and_writes_consistent_json(tmp_pa
         report["project"]["epoch_seconds"]["median"] / report["lower_bound_seconds_at_start"])
     assert report["project"]["training_rss_mib"] > report["project"]["training_rss_after_data_mib"] > 0
     assert "torch" not in report and {row["result"] for row in report["targets"]} <= {"PASS", "MISS", "n/a"}
+
+
+def test_unwritable_json_path_fails_at_once_with_one_line(tmp_path: Path) -> None:
+    """--json into a missing parent that cannot be created (under a file) is refused before any measuring."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    done = subprocess.run([sys.executable, str(SCRIPT), "--no-torch", "--json", str(blocker / "out.json")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "--json" in done.stderr and "is a file, not a folder" in done.stderr
+    assert "preparing the images" not in done.stdout
