@@ -600,7 +600,7 @@ def measure(args: argparse.Namespace, has_torch: bool) -> dict:
             line = f"{repeat:>6}{project:>11.3f}{bound:>9.3f}{project / bound:>9.2f}"
             if has_torch:
                 train["torch"].append(call_worker(args, "torch"))
-                ratio = median_epoch(train["project"][-1]) / median_epoch(train["torch"][-1])
+                ratio = project / median_epoch(train["torch"][-1])
                 line += f"{median_epoch(train['torch'][-1]):>11.3f}{ratio:>17.2f}"
             runs["load_averages"].append(os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan)
             print(f"{line}{runs['load_averages'][-1]:>14.1f}", flush=True)
@@ -749,10 +749,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         run_worker(args)
         return 0
-    main = import_main()
+    project = import_main()
     try:  # minutes of measuring should not end in an unwritable --json path
-        main.check_writable(args.json, "--json")
-    except main.CNNError as error:
+        project.check_writable(args.json, "--json")
+    except project.CNNError as error:
         parser.error(str(error))
     return run_benchmark(args)
 
