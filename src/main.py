@@ -13,6 +13,7 @@ Conventions used everywhere:
 from __future__ import annotations
 
 import argparse
+import copy
 import difflib
 import gzip
 import json
@@ -30,6 +31,7 @@ import warnings
 import zipfile
 import zlib
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +39,7 @@ from typing import Any, Callable
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+from threadpoolctl import threadpool_info, threadpool_limits
 
 DTYPE = np.float32
 # Evaluation during training runs in batches of 32 images: a 30th of the memory of 1000 (the API's default,
@@ -377,8 +380,8 @@ class SoftmaxCrossEntropy:
 class Sequential:
     """A stack of layers applied in order; backward runs them in reverse (the chain rule).
 
-    `timings`, when set to a dict, collects the seconds spent per (layer name, "forward" or "backward"), and
-    in whatever else runs in a `timed` block (for --profile).
+    `timings`, when set to a dict, collects the seconds spent per (layer name, "forward", "backward" or
+    "inference"), and in whatever else runs in a `timed` block (for --profile).
     """
 
     def __init__(self, layers: list[Layer], input_shape: tuple[int, ...] | None = None) -> None:
@@ -393,7 +396,8 @@ class Sequential:
 
     def forward(self, x: np.ndarray, training: bool = True) -> np.ndarray:
         for name, layer in zip(self.names, self.layers):
-            with self.timed(name, "forward"):
+            # Timed apart from training passes, so that the profile of training leaves evaluation out.
+            with self.timed(name, "forward" if training else "inference"):
                 x = layer.forward(x, training)
         return x
 
@@ -432,6 +436,16 @@ class Sequential:
             total_loss += loss_fn.forward(logits, labels) * len(labels)
             correct += int((logits.argmax(axis=1) == labels).sum())
         return total_loss / max(len(x), 1), correct / max(len(x), 1)
+
+    def replicate(self) -> Sequential:
+        """A twin that shares this model's weights (the same arrays) but has its own gradients and its own
+        saved activations, so that it can run another slice of the batch at the same time (DataParallel)."""
+        layers = []
+        for layer in self.layers:
+            twin = copy.copy(layer)  # shallow: twin.params is the very dict of the very arrays of layer.params
+            twin.grads = {name: np.zeros_like(grad) for name, grad in layer.grads.items()}
+            layers.append(twin)
+        return Sequential(layers, self.input_shape)
 
     def parameter_count(self) -> int:
         return sum(p.size for layer in self.layers for p in layer.params.values())
@@ -951,6 +965,98 @@ class ProgressBar:
             self.stream.flush()
 
 
+def default_workers() -> int:
+    """As many training threads as BLAS would use: every usable CPU, unless OPENBLAS_NUM_THREADS,
+    OMP_NUM_THREADS, MKL_NUM_THREADS or a threadpoolctl limit says fewer."""
+    return max(min((pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"), default=1), 1)
+
+
+def forward_backward(model: Sequential, x: np.ndarray, labels: np.ndarray,
+                     share: float = 1.0) -> tuple[np.ndarray, float]:
+    """Forward, loss and backward for one batch: returns logits (N, K) and the mean loss, and leaves
+    share * dLoss/dweights in the layers' grads. (No backward from a loss that is not finite.)"""
+    loss_fn = SoftmaxCrossEntropy()
+    logits = model.forward(x)
+    loss = loss_fn.forward(logits, labels)
+    if math.isfinite(loss):
+        grad_logits = loss_fn.backward()
+        if share != 1.0:
+            grad_logits *= share
+        model.backward(grad_logits)
+    return logits, loss
+
+
+class DataParallel:
+    """Runs every batch as `workers` slices at once: one thread and one replica of the model per slice.
+
+    Why: NumPy does the elementwise work (im2col, col2im, ReLU, pooling) on one core; only the matrix
+    multiplies spread over cores, through BLAS. A slice of the batch per thread keeps every core busy all
+    the time: NumPy releases Python's GIL inside its loops, so the threads really do run at once. BLAS is
+    held to one thread meanwhile, or its threads and the workers would fight over the cores.
+
+    The gradient is the whole batch's: the loss is a mean over N samples, so for slices s of N_s samples,
+    dLoss/dw = sum_s (N_s / N) * dLoss_s/dw. Each replica starts its backward from (N_s / N) * dLoss_s/dlogits
+    and the model's grads are the sum of the replicas'. Use as `with DataParallel(model, workers) as parallel:`.
+    """
+
+    def __init__(self, model: Sequential, workers: int = 1) -> None:
+        self.model, self.workers = model, max(workers, 1)
+        self.replicas: list[Sequential] = []
+
+    def __enter__(self) -> DataParallel:
+        if self.workers > 1:
+            self.replicas = [self.model.replicate() for _ in range(self.workers)]
+            for replica in self.replicas:
+                replica.timings = None if self.model.timings is None else {}
+            self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="worker")
+            self.blas_limit = threadpool_limits(limits=1, user_api="blas")
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if not self.replicas:
+            return
+        self.blas_limit.restore_original_limits()
+        self.pool.shutdown()
+        if self.model.timings is not None:  # the workers ran side by side, so their mean is the wall time
+            for replica in self.replicas:
+                for key, seconds in (replica.timings or {}).items():
+                    self.model.timings[key] = self.model.timings.get(key, 0.0) + seconds / self.workers
+        self.replicas = []
+
+    def _parts(self, n: int) -> list[slice]:
+        """`workers` contiguous slices of range(n), as equal as can be."""
+        bounds = [n * worker // self.workers for worker in range(self.workers + 1)]
+        return [slice(start, stop) for start, stop in zip(bounds, bounds[1:])]
+
+    def forward_backward(self, x: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, float]:
+        """forward_backward() of the whole batch, leaving dLoss/dweights in the model's grads."""
+        if not self.replicas or len(x) < self.workers:
+            return forward_backward(self.model, x, labels)
+        parts = self._parts(len(x))
+        results = list(self.pool.map(
+            lambda replica, part: forward_backward(replica, x[part], labels[part], (part.stop - part.start) / len(x)),
+            self.replicas, parts))
+        for layer, twins in zip(self.model.layers, zip(*(replica.layers for replica in self.replicas))):
+            for name, grad in layer.grads.items():
+                np.add(twins[0].grads[name], twins[1].grads[name], out=grad)
+                for twin in twins[2:]:
+                    grad += twin.grads[name]
+        loss = sum(part_loss * (part.stop - part.start) for (_, part_loss), part in zip(results, parts)) / len(x)
+        return np.concatenate([logits for logits, _ in results]), loss
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+        """model.evaluate(x, y) in batches of EVAL_BATCH_SIZE, each worker taking a contiguous part of the set."""
+        if not self.replicas or len(x) < self.workers:
+            return self.model.evaluate(x, y, EVAL_BATCH_SIZE)
+        parts = self._parts(len(x))
+        results = list(self.pool.map(lambda replica, part: replica.evaluate(x[part], y[part], EVAL_BATCH_SIZE),
+                                     self.replicas, parts))
+        sizes = [part.stop - part.start for part in parts]
+        loss = sum(part_loss * size for (part_loss, _), size in zip(results, sizes)) / len(x)
+        correct = sum(round(accuracy * size) for (_, accuracy), size in zip(results, sizes))
+        return loss, correct / len(x)
+
+
 def weights_finite(model: Sequential) -> bool:
     return all(np.isfinite(p).all() for layer in model.layers for p in layer.params.values())
 
@@ -965,64 +1071,64 @@ def train(
     rng: np.random.Generator,
     should_stop: Callable[[], bool] = lambda: False,
     first_epoch: int = 1,
+    workers: int | None = None,
 ) -> TrainResult:
     """Mini-batch training: each epoch shuffles the training set, and for every batch runs
     forward -> loss -> backward -> optimiser step; then it evaluates on the test set.
 
+    workers: threads that each take a slice of every batch (DataParallel); None: default_workers().
     Stops early, with the matching status, when the loss or a weight stops being finite (diverged) or
     when should_stop() turns true after a batch (interrupted). first_epoch numbers the epochs of a
     continued run.
     """
-    loss_fn, result = SoftmaxCrossEntropy(), TrainResult()
+    result = TrainResult()
     n_train = len(data.x_train)
     # Guessing at random costs log(classes); a loss 1000 times that is an explosion, even while finite.
     exploded = 1000 * math.log(max(data.num_classes, 2))
     n_batches = math.ceil(n_train / batch_size)
-    for epoch in range(first_epoch, first_epoch + epochs):
-        start = time.perf_counter()
-        order = rng.permutation(n_train)
-        bar = ProgressBar(n_batches, f"epoch {epoch}/{first_epoch + epochs - 1}")
-        total_loss, correct = 0.0, 0
-        for batch in range(n_batches):
-            chosen = order[batch * batch_size:(batch + 1) * batch_size]
-            x, labels = data.x_train[chosen], data.y_train[chosen]
-            logits = model.forward(x)
-            loss = loss_fn.forward(logits, labels)
-            if not loss < exploded:  # also catches NaN, for which every comparison is false
-                bar.close()
+    with DataParallel(model, workers if workers is not None else default_workers()) as parallel:
+        for epoch in range(first_epoch, first_epoch + epochs):
+            start = time.perf_counter()
+            order = rng.permutation(n_train)
+            bar = ProgressBar(n_batches, f"epoch {epoch}/{first_epoch + epochs - 1}")
+            total_loss, correct = 0.0, 0
+            for batch in range(n_batches):
+                chosen = order[batch * batch_size:(batch + 1) * batch_size]
+                x, labels = data.x_train[chosen], data.y_train[chosen]
+                logits, loss = parallel.forward_backward(x, labels)
+                if not loss < exploded:  # also catches NaN, for which every comparison is false
+                    bar.close()
+                    result.status = "diverged"
+                    result.stopped_at = {"epoch": epoch, "batch": batch + 1, "reason": f"the loss became {loss:.4g}"}
+                    return result
+                with model.timed("optimizer", "step"):
+                    optimizer.step(model)
+                result.batches += 1
+                total_loss += loss * len(labels)
+                correct += int((logits.argmax(axis=1) == labels).sum())
+                bar.update(batch + 1, loss)
+                if should_stop():
+                    bar.close()
+                    result.status, result.stopped_at = "interrupted", {"epoch": epoch, "batch": batch + 1}
+                    return result
+            bar.close()
+            seconds = time.perf_counter() - start
+            if not weights_finite(model):
                 result.status = "diverged"
-                result.stopped_at = {"epoch": epoch, "batch": batch + 1, "reason": f"the loss became {loss:.4g}"}
+                result.stopped_at = {"epoch": epoch, "batch": n_batches, "reason": "a weight became infinite or NaN"}
                 return result
-            model.backward(loss_fn.backward())
-            with model.timed("optimizer", "step"):
-                optimizer.step(model)
-            result.batches += 1
-            total_loss += loss * len(labels)
-            correct += int((logits.argmax(axis=1) == labels).sum())
-            bar.update(batch + 1, loss)
+            test_loss, test_accuracy = parallel.evaluate(data.x_test, data.y_test)
+            row = {"epoch": epoch, "train_loss": total_loss / n_train, "train_accuracy": correct / n_train,
+                   "test_loss": test_loss, "test_accuracy": test_accuracy, "seconds": round(seconds, 3),
+                   "images_per_second": round(n_train / seconds, 1)}
+            result.history.append(row)
+            log.info("epoch %*d/%d  train loss %.4f acc %.2f%%  test loss %.4f acc %.2f%%  %.1fs  %.0f img/s",
+                     len(str(first_epoch + epochs - 1)), epoch, first_epoch + epochs - 1, row["train_loss"],
+                     100 * row["train_accuracy"], test_loss, 100 * test_accuracy, seconds,
+                     row["images_per_second"])
             if should_stop():
-                bar.close()
-                result.status, result.stopped_at = "interrupted", {"epoch": epoch, "batch": batch + 1}
+                result.status, result.stopped_at = "interrupted", {"epoch": epoch, "batch": n_batches}
                 return result
-        bar.close()
-        seconds = time.perf_counter() - start
-        if not weights_finite(model):
-            result.status = "diverged"
-            result.stopped_at = {"epoch": epoch, "batch": n_batches, "reason": "a weight became infinite or NaN"}
-            return result
-        profiling, model.timings = model.timings, None  # the profile covers training batches only
-        test_loss, test_accuracy = model.evaluate(data.x_test, data.y_test, EVAL_BATCH_SIZE)
-        model.timings = profiling
-        row = {"epoch": epoch, "train_loss": total_loss / n_train, "train_accuracy": correct / n_train,
-               "test_loss": test_loss, "test_accuracy": test_accuracy, "seconds": round(seconds, 3),
-               "images_per_second": round(n_train / seconds, 1)}
-        result.history.append(row)
-        log.info("epoch %*d/%d  train loss %.4f acc %.2f%%  test loss %.4f acc %.2f%%  %.1fs  %.0f img/s",
-                 len(str(first_epoch + epochs - 1)), epoch, first_epoch + epochs - 1, row["train_loss"],
-                 100 * row["train_accuracy"], test_loss, 100 * test_accuracy, seconds, row["images_per_second"])
-        if should_stop():
-            result.status, result.stopped_at = "interrupted", {"epoch": epoch, "batch": n_batches}
-            return result
     return result
 
 
@@ -1322,7 +1428,8 @@ DEFAULT_CONFIG: dict = {
     "model": {"conv_layers": [dict(CONV_LAYER_DEFAULTS, filters=32, padding=1),
                               dict(CONV_LAYER_DEFAULTS, filters=64, padding=1)],
               "dense_units": 128},
-    "training": {"epochs": 10, "learning_rate": 0.001, "batch_size": 32, "optimizer": "adam", "momentum": 0.9},
+    "training": {"epochs": 10, "learning_rate": 0.001, "batch_size": 32, "optimizer": "adam", "momentum": 0.9,
+                 "workers": None},
     "output": {"plot_dir": None},
 }
 
@@ -1424,7 +1531,8 @@ SCHEMA: dict[str, dict[str, Callable[[Any, str], Any]]] = {
              "random_seed": _integer(0)},
     "model": {"conv_layers": _conv_layers, "dense_units": _integer(1)},
     "training": {"epochs": _integer(0), "learning_rate": _number(0), "batch_size": _integer(1),
-                 "optimizer": _choice(OPTIMIZERS), "momentum": _number(0, 1, low_inclusive=True)},
+                 "optimizer": _choice(OPTIMIZERS), "momentum": _number(0, 1, low_inclusive=True),
+                 "workers": _integer(1, nullable=True)},
     "output": {"plot_dir": _optional_path},
 }
 
@@ -1481,10 +1589,10 @@ OVERRIDES = {"epochs": ("training", "epochs"), "batch_size": ("training", "batch
              "learning_rate": ("training", "learning_rate"), "n_train": ("data", "n_train"),
              "n_test": ("data", "n_test"), "seed": ("data", "random_seed"), "dataset": ("data", "dataset"),
              "data_path": ("data", "path"), "log_level": ("logging", "level"), "plot_dir": ("output", "plot_dir"),
-             "optimizer": ("training", "optimizer")}
+             "optimizer": ("training", "optimizer"), "workers": ("training", "workers")}
 # Flags that would do nothing in the --predict or --gradcheck mode: an error rather than silently ignored.
-IGNORED_IN_MODE = {"predict": ("epochs", "save_model", "plot_dir", "profile"),
-                   "gradcheck": ("epochs", "load_model", "save_model", "plot_dir", "profile")}
+IGNORED_IN_MODE = {"predict": ("epochs", "save_model", "plot_dir", "profile", "workers"),
+                   "gradcheck": ("epochs", "load_model", "save_model", "plot_dir", "profile", "workers")}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -1507,6 +1615,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--batch-size", type=int, metavar="N", help="training.batch_size")
     group.add_argument("--learning-rate", metavar="LR", help="training.learning_rate")
     group.add_argument("--optimizer", metavar="NAME", help="training.optimizer: " + ", ".join(OPTIMIZERS))
+    group.add_argument("--workers", type=int, metavar="N", help="training.workers: threads that each take a slice "
+                       "of every batch (default: one per CPU, or as many as OPENBLAS_NUM_THREADS says)")
     group.add_argument("--n-train", type=int, metavar="N", help="data.n_train")
     group.add_argument("--n-test", type=int, metavar="N", help="data.n_test")
     group.add_argument("--seed", type=int, metavar="N", help="data.random_seed (seeds everything)")
@@ -1803,8 +1913,10 @@ def run_training(args: argparse.Namespace, cfg: dict, origin: dict[str, str], st
     model, model_cfg, optimizer, earlier = model_for_run(args, cfg, data, rngs["init"])
     first_epoch = int(earlier.get("epochs_completed", 0)) + 1
     log.info("model:\n%s", model.summary())
-    log.info("training: %s, batch %d, %s, learning rate %g", plural(training_cfg["epochs"], "epoch"),
-             training_cfg["batch_size"], training_cfg["optimizer"], training_cfg["learning_rate"])
+    workers = training_cfg["workers"] or default_workers()
+    log.info("training: %s, batch %d, %s, learning rate %g, %s", plural(training_cfg["epochs"], "epoch"),
+             training_cfg["batch_size"], training_cfg["optimizer"], training_cfg["learning_rate"],
+             plural(workers, "worker thread"))
     if args.profile:
         model.timings = {}
 
@@ -1812,7 +1924,8 @@ def run_training(args: argparse.Namespace, cfg: dict, origin: dict[str, str], st
     stop.graceful = True
     start = time.perf_counter()
     result = train(model, optimizer, data, epochs=training_cfg["epochs"], batch_size=training_cfg["batch_size"],
-                   rng=rngs["shuffle"], should_stop=lambda: stop.signum is not None, first_epoch=first_epoch)
+                   rng=rngs["shuffle"], should_stop=lambda: stop.signum is not None, first_epoch=first_epoch,
+                   workers=workers)
     train_seconds = time.perf_counter() - start
 
     test_loss = test_accuracy = None
@@ -1830,8 +1943,9 @@ def run_training(args: argparse.Namespace, cfg: dict, origin: dict[str, str], st
         log.info("test accuracy %.2f%%, test loss %.4f, training took %.1fs", 100 * test_accuracy, test_loss,
                  train_seconds)
     if args.profile and result.batches:
-        log.info("time per layer over %d training batches (evaluation not included):\n%s", result.batches,
-                 profile_table(model, result.batches))
+        side_by_side = f"; layers: mean of {workers} worker threads, which run side by side" if workers > 1 else ""
+        log.info("time per layer over %d training batches (evaluation not included%s):\n%s", result.batches,
+                 side_by_side, profile_table(model, result.batches))
 
     files: dict[str, Any] = {}
     summary = {"epochs_completed": first_epoch - 1 + len(result.history), "test_accuracy": test_accuracy,

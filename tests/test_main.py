@@ -320,7 +320,7 @@ def test_cli_help_lists_every_flag(tmp_path: Path) -> None:
     assert proc.returncode == 0
     for flag in ("--config", "--output", "--epochs", "--batch-size", "--learning-rate", "--n-train", "--n-test",
                  "--seed", "--dataset", "--data-path", "--no-fallback", "--log-level", "--profile", "--gradcheck",
-                 "--plot-dir", "--save-model", "--load-model", "--predict"):
+                 "--workers", "--plot-dir", "--save-model", "--load-model", "--predict"):
         assert flag in proc.stdout
 
 

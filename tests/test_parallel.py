@@ -1,0 +1,177 @@
+"""DataParallel: slices of each batch on worker threads must give the whole batch's loss and gradients,
+leave BLAS as it found it, and train as well as one thread does."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import run_cli, to_float64, write_config
+from threadpoolctl import threadpool_info, threadpool_limits
+
+import main
+
+SMALL_MODEL = {"conv_layers": [{"filters": 4, "kernel_size": 3, "padding": 1, "pool_size": 2, "stride": 1,
+                                "pool_stride": None},
+                               {"filters": 6, "kernel_size": 3, "padding": 1, "pool_size": 2, "stride": 1,
+                                "pool_stride": None}],
+               "dense_units": 16}
+
+
+def float64_model(seed: int = 0) -> main.Sequential:
+    model = main.build_model(SMALL_MODEL, (12, 12, 1), 10, np.random.default_rng(seed))
+    for layer in model.layers:
+        to_float64(layer)
+    return model
+
+
+def blas_threads() -> list[int]:
+    return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+
+def digits_data(n_train: int, n_test: int, brightness: float = 1.0) -> main.Dataset:
+    """The first n_train + n_test of scikit-learn's 8x8 digits, as a Dataset in [0, brightness]."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = (digits.images[:n_train + n_test, :, :, None] / 16 * brightness).astype(np.float32)
+    labels = digits.target[:n_train + n_test]
+    return main.Dataset(images[:n_train], labels[:n_train], images[n_train:], labels[n_train:], main.DIGIT_NAMES,
+                        "digits", "test")
+
+
+def whole_batch(model: main.Sequential, x: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, float, list]:
+    logits, loss = main.forward_backward(model, x, labels)
+    return logits, loss, [grad.copy() for layer in model.layers for grad in layer.grads.values()]
+
+
+@pytest.mark.parametrize(("workers", "batch"), [(2, 32), (2, 7), (3, 10), (4, 5), (2, 1), (3, 2)])
+def test_slices_on_threads_give_the_whole_batch_gradient(workers: int, batch: int) -> None:
+    """float64: logits, mean loss and every weight gradient equal one pass over the whole batch (relative
+    1e-12), for even and uneven slices, and for batches smaller than the number of workers."""
+    rng = np.random.default_rng(workers * 100 + batch)
+    x, labels = rng.random((batch, 12, 12, 1)), rng.integers(0, 10, batch)
+    model = float64_model()
+    expected_logits, expected_loss, expected_grads = whole_batch(model, x, labels)
+    for layer in model.layers:  # stale gradients must be overwritten, not added to
+        for grad in layer.grads.values():
+            grad[...] = 1e6
+    with main.DataParallel(model, workers) as parallel:
+        logits, loss = parallel.forward_backward(x, labels)
+    np.testing.assert_allclose(logits, expected_logits, rtol=1e-12, atol=1e-14)
+    assert loss == pytest.approx(expected_loss, rel=1e-12)
+    grads = [grad for layer in model.layers for grad in layer.grads.values()]
+    assert len(grads) == len(expected_grads) == 8
+    for grad, expected in zip(grads, expected_grads):
+        np.testing.assert_allclose(grad, expected, rtol=1e-10, atol=1e-14)
+
+
+def test_replicas_share_weights_and_keep_their_own_gradients() -> None:
+    model = float64_model()
+    twin = model.replicate()
+    for layer, twin_layer in zip(model.layers, twin.layers):
+        for name in layer.params:
+            assert twin_layer.params[name] is layer.params[name]
+            assert twin_layer.grads[name] is not layer.grads[name]
+    model.layers[0].params["W"] += 1.0  # an optimiser step on the model is seen by the replica
+    np.testing.assert_array_equal(twin.layers[0].params["W"], model.layers[0].params["W"])
+
+
+@pytest.mark.parametrize("n", [0, 1, 33, 100])
+def test_parallel_evaluation_equals_one_thread(n: int) -> None:
+    rng = np.random.default_rng(n)
+    x, labels = rng.random((n, 12, 12, 1)), rng.integers(0, 10, n)
+    model = float64_model()
+    expected = model.evaluate(x, labels, main.EVAL_BATCH_SIZE)
+    with main.DataParallel(model, 2) as parallel:
+        loss, accuracy = parallel.evaluate(x, labels)
+    assert loss == pytest.approx(expected[0], rel=1e-12, abs=1e-15)
+    assert accuracy == expected[1]
+
+
+def test_blas_runs_one_thread_per_worker_during_training_and_is_restored() -> None:
+    """Workers with BLAS threads of their own would fight over the cores; afterwards BLAS is as it was."""
+    data = digits_data(200, 100)
+    seen = []
+    with threadpool_limits(2):
+        model = main.build_model(SMALL_MODEL, (8, 8, 1), 10, np.random.default_rng(0))
+        result = main.train(model, main.Adam(), data, epochs=1, batch_size=32, rng=np.random.default_rng(1),
+                            workers=2, should_stop=lambda: seen.append(blas_threads()) and False)
+        assert blas_threads() and set(blas_threads()) == {2}
+    assert result.status == "completed" and len(seen) == 7 + 1  # after each batch, and after the epoch
+    assert all(threads and set(threads) == {1} for threads in seen)
+
+
+def test_default_workers_follow_the_blas_thread_count() -> None:
+    with threadpool_limits(1):
+        assert main.default_workers() == 1
+    with threadpool_limits(2):
+        assert main.default_workers() == 2
+
+
+def test_two_workers_learn_digits_like_one() -> None:
+    """The same training with 1 and 2 workers: float32 sums in another order, so the runs are not bit
+    for bit equal, but both learn the 8x8 digits to >= 93% and end close to each other."""
+    cfg = main.validate_config({"data": {"dataset": "digits", "n_train": 1200, "n_test": 400},
+                                "model": {"conv_layers": [{"filters": 8, "padding": 1}], "dense_units": 32},
+                                "training": {"epochs": 4, "learning_rate": 0.003}})
+    accuracies = []
+    for workers in (1, 2):
+        rngs = main.make_rngs(0)
+        data = main.load_data(cfg["data"])
+        model = main.build_model(cfg["model"], data.input_shape, data.num_classes, rngs["init"])
+        result = main.train(model, main.make_optimizer(cfg["training"]), data, epochs=4, batch_size=32,
+                            rng=rngs["shuffle"], workers=workers)
+        assert result.status == "completed"
+        accuracies.append(result.history[-1]["test_accuracy"])
+    assert min(accuracies) >= 0.93
+    assert abs(accuracies[0] - accuracies[1]) <= 0.02
+
+
+def test_two_workers_stop_cleanly_when_training_diverges() -> None:
+    data = digits_data(160, 40, brightness=1e4)
+    before = blas_threads()
+    model = main.build_model(SMALL_MODEL, (8, 8, 1), 10, np.random.default_rng(0))
+    with np.errstate(all="ignore"):
+        result = main.train(model, main.SGD(learning_rate=1e6, momentum=0.0), data, epochs=3, batch_size=16,
+                            rng=np.random.default_rng(1), workers=2)
+    assert result.status == "diverged"
+    assert blas_threads() == before
+
+
+def test_profile_with_two_workers_counts_each_layer_once(tmp_path: Path) -> None:
+    """With workers side by side, a layer's time is their mean: the per-batch total stays near the wall time
+    of a batch instead of doubling."""
+    data = digits_data(320, 80)
+    model = main.build_model(SMALL_MODEL, (8, 8, 1), 10, np.random.default_rng(0))
+    model.timings = {}
+    result = main.train(model, main.Adam(), data, epochs=1, batch_size=32, rng=np.random.default_rng(1), workers=2)
+    layer_seconds = sum(seconds for (name, direction), seconds in model.timings.items()
+                        if direction in ("forward", "backward"))
+    assert {(name, "forward") for name in model.names} <= set(model.timings)
+    assert ("optimizer", "step") in model.timings
+    epoch_seconds = result.history[0]["seconds"]
+    assert 0 < layer_seconds < epoch_seconds  # the sum over two workers would exceed it
+    table = main.profile_table(model, result.batches)
+    assert "conv2d_1" in table and "optimizer step" in table and "inference" not in table
+
+
+def test_cli_workers_flag_and_key(tmp_path: Path) -> None:
+    """--workers 2 runs (and says so); the results record it; 0 workers is a one-line error naming the key."""
+    config = write_config(tmp_path, data={"dataset": "digits", "n_train": 200, "n_test": 60},
+                          training={"epochs": 1})
+    proc = run_cli(["--config", str(config), "--workers", "2", "--output", "r.json"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "2 worker threads" in proc.stdout
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["config"]["training"]["workers"] == 2 and results["status"] == "completed"
+
+    proc = run_cli(["--config", str(config), "--workers", "0"], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: --workers: got 0, expected an integer >= 1 or null"
+    (tmp_path / "bad").mkdir()
+    bad = write_config(tmp_path / "bad", training={"workers": "many"})
+    proc = run_cli(["--config", str(bad)], cwd=tmp_path)
+    assert proc.returncode == 2 and "training.workers: got 'many'" in proc.stderr
