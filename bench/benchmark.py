@@ -11,7 +11,8 @@ Flags:
     --images N     training images per epoch (synthetic 28x28 seven-segment digits; default 5000)
     --repeats R    how many times each side is measured, alternating project / PyTorch (default 5)
     --epochs E     timed epochs per measurement (default 1); a short warm-up always runs first
-    --threads T    BLAS / PyTorch threads on both sides (default: every CPU this process may use)
+    --threads T    threads on both sides (default: every CPU this process may use): PyTorch's threads, and the
+                   project's worker threads (main.DataParallel, each with one BLAS thread)
     --no-torch     behave as if PyTorch were not installed (report the project alone)
     --json FILE    write all numbers (and the environment) to FILE
 
@@ -19,18 +20,20 @@ What is measured:
 - Training: the seed architecture (main.DEFAULT_CONFIG["model"]: conv 32 k3 p1 -> ReLU -> pool 2 -> conv 64 k3 p1
   -> ReLU -> pool 2 -> flatten -> dense 128 -> ReLU -> dense 10), batch 32, Adam lr 1e-3, float32, trained by
   main.train itself, so the number is exactly what users see in the log ("seconds" of an epoch, which excludes the
-  test-set evaluation). PyTorch trains the same layers, from the same initial weights, on the same images, with
-  the same batch size, optimiser and thread count (data kept as one tensor and indexed per batch: no DataLoader).
+  test-set evaluation). With T threads, main.train runs T worker threads, each on a slice of every batch with
+  one BLAS thread, as `python src/main.py` does by default. PyTorch trains the same layers, from the same initial
+  weights, on the same images, with the same batch size, optimiser and thread count (data kept as one tensor and
+  indexed per batch: no DataLoader).
 - Inference: images per second of a forward pass plus softmax at batch 1000 (Sequential.predict_proba), on
   (at most) the first 5,000 images, median of 3 passes.
 - Peak memory (RSS) of each worker process; training and inference run in separate processes, so the
   training figure is not inflated by the much larger batch-1000 activations.
-- The GEMM lower bound: almost all the arithmetic of a CNN is in a few matrix multiplies (convolutions become
-  matrix multiplies through im2col). Their shapes follow from the model; timing np.matmul on exactly those
-  shapes gives the time an epoch would take if everything else (im2col, col2im, pooling, ReLU, Adam, Python)
-  were free. "project epoch / lower bound" says how much time goes elsewhere; one extra profiled project epoch
-  (model.timings, main.profile_table) shows where: time per layer and direction, and the optimiser step.
-  The table of GEMMs is timed once before the repeats; each training worker times them again right after its
+- The GEMM lower bound: almost all the arithmetic of a CNN is in a few matrix multiplies (convolutions become matrix
+  multiplies through im2col). Their shapes follow from the model; timing np.matmul on exactly those shapes, at batch
+  32 with T BLAS threads, gives the time an epoch would take if everything else (im2col, col2im, pooling, ReLU,
+  Adam, Python) were free. "project epoch / lower bound" says how much time goes elsewhere; one extra profiled
+  project epoch (model.timings, main.profile_table) shows where: time per layer and direction, and the optimiser
+  step. The table of GEMMs is timed once before the repeats; each training worker times them again right after its
   epoch (both best of 10 rounds), and the target uses those same-minute ratios: on a shared machine whose speed
   drifts, a bound timed minutes away from the epoch would skew the ratio either way.
 - CPU time next to wall time, to see how busy the threads were. On a shared machine, BLAS and OpenMP threads
@@ -557,6 +560,9 @@ def describe_environment(args: argparse.Namespace, has_torch: bool) -> dict:
     print(f"numpy-cnn benchmark: {args.images:,} synthetic 28x28 images, batch {BATCH_SIZE}, Adam lr "
           f"{LEARNING_RATE:g}, float32, {plural(args.threads, 'thread')}, {plural(args.repeats, 'repeat')} x "
           f"{plural(args.epochs, 'epoch')}")
+    if args.threads > 1:
+        print(f"(the project trains on {args.threads} worker threads with one BLAS thread each; the GEMM bound "
+              f"uses {args.threads} BLAS threads)")
     print(f"machine: {environment['cpu']}, {environment['cpus']} CPUs usable; {environment['platform']}; "
           f"Python {environment['python']}; {environment['date']}")
     for name, value in environment["slow_blas_variables"].items():
@@ -729,8 +735,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=5, help="measurements per side, alternating (default 5)")
     parser.add_argument("--epochs", type=int, default=1, help="timed epochs per measurement (default 1)")
     parser.add_argument("--threads", type=int, default=available_cpus(),
-                        help="BLAS and PyTorch threads, the same on both sides (default: all usable CPUs, "
-                             f"here {available_cpus()})")
+                        help="threads, the same on both sides: PyTorch's, and the project's worker threads "
+                             f"(one BLAS thread each) (default: all usable CPUs, here {available_cpus()})")
     parser.add_argument("--no-torch", action="store_true", help="ignore PyTorch even if it is installed")
     parser.add_argument("--json", metavar="FILE", help="write every number to FILE")
     # Internal: the parent runs this script again as a worker that measures one thing and prints one JSON line.

@@ -15,6 +15,9 @@ The comparisons (project's way first, the alternative second):
 4. col2im with one sliced `+=` per kernel offset against np.add.at: conv2d_2's shapes, and a whole epoch.
 5. max pooling with running maxima and winner masks against argmax + scatter: maxpool2d_1.
 6. ReLU as x * (x > 0) against np.maximum(x, 0): relu_1's input.
+7. Worker threads (main.DataParallel: one slice of each batch per CPU, one BLAS thread each) against one thread
+   whose BLAS uses every CPU: training epochs of the default model. This one uses every CPU the process may
+   use, whatever --threads says: it is about how to use them.
 
 How it measures: the machine may be shared and noisy, so the two sides ALTERNATE (project, alternative,
 project, alternative, ...), each round timing enough calls to last a moment, and the report gives the median
@@ -49,7 +52,7 @@ for _folder in ("src", "tests", "bench"):  # main.py, the loop reference tests/r
         sys.path.insert(0, str(ROOT / _folder))
 
 import reference  # noqa: E402
-from benchmark import cpu_model  # noqa: E402
+from benchmark import available_cpus, cpu_model  # noqa: E402
 
 import main  # noqa: E402
 
@@ -493,11 +496,11 @@ def synthetic_dataset(n_train: int, n_test: int, rng: np.random.Generator) -> ma
                         "synthetic", "bench/why_fast.py")
 
 
-def epoch(data: main.Dataset) -> dict:
+def epoch(data: main.Dataset, workers: int | None = None) -> dict:
     """One epoch of main.train from the seed-42 weights; its history row ("seconds" excludes evaluation)."""
     model = main.build_model(main.DEFAULT_CONFIG["model"], data.input_shape, 10, np.random.default_rng(SEED))
     return main.train(model, main.Adam(1e-3), data, epochs=1, batch_size=BATCH,
-                      rng=np.random.default_rng(SEED)).history[0]
+                      rng=np.random.default_rng(SEED), workers=workers).history[0]
 
 
 def compare_col2im(settings: Settings, rng: np.random.Generator) -> list[Result]:
@@ -603,6 +606,46 @@ def compare_relu(settings: Settings, rng: np.random.Generator) -> list[Result]:
 
 
 # ------------------------------------------------------------------------------------------------
+# 7. worker threads (DataParallel) against BLAS threads alone, on the same CPUs
+# ------------------------------------------------------------------------------------------------
+
+
+def check_workers(x: np.ndarray, labels: np.ndarray, workers: int) -> None:
+    """Slices of the batch on worker threads give the whole batch's loss and gradients (float32 rounding)."""
+    model = default_model(np.float32)
+    _, expected_loss = main.forward_backward(model, x, labels)
+    expected = [grad.copy() for layer in model.layers for grad in layer.grads.values()]
+    with main.DataParallel(model, workers) as parallel:
+        _, loss = parallel.forward_backward(x, labels)
+    check_close("loss with worker threads", np.array(loss), np.array(expected_loss), 1e-5)
+    grads = [grad for layer in model.layers for grad in layer.grads.values()]
+    for index, (grad, want) in enumerate(zip(grads, expected)):
+        check_close(f"gradient {index} with worker threads", grad, want, 1e-4)
+
+
+def compare_workers(settings: Settings, rng: np.random.Generator) -> list[Result]:
+    from threadpoolctl import threadpool_limits
+
+    cpus = available_cpus()
+    if cpus < 2:
+        print("  skipped: this process may use only one CPU")
+        return []
+    x, labels = synthetic_batch(BATCH, rng)
+    check_workers(x, labels, cpus)
+    data, warm_up = synthetic_dataset(settings.epoch_images, 100, rng), synthetic_dataset(10 * BATCH, 100, rng)
+    project, alternative = [], []
+    with threadpool_limits(limits=cpus):  # BLAS may use every CPU (DataParallel holds it to 1 while it runs)
+        epoch(warm_up, cpus)
+        epoch(warm_up, 1)
+        for _ in range(settings.epoch_rounds):
+            project.append(epoch(data, cpus)["seconds"])
+            alternative.append(epoch(data, 1)["seconds"])
+    return [report(Result(f"worker threads vs BLAS threads: epoch of {settings.epoch_images:,} images",
+                          f"{cpus} workers x 1 BLAS thread", f"1 thread, BLAS {cpus} threads", project,
+                          alternative, unit="s"))]
+
+
+# ------------------------------------------------------------------------------------------------
 # Report
 # ------------------------------------------------------------------------------------------------
 
@@ -645,6 +688,8 @@ COMPARISONS = [
     ("4. col2im: sliced += per kernel offset vs np.add.at (conv2d_2, batch 32; and one epoch)", compare_col2im),
     ("5. max pooling: winner masks vs argmax + scatter (maxpool2d_1 forward + backward, batch 32)", compare_pooling),
     ("6. ReLU: x * (x > 0) vs np.maximum(x, 0) on (32, 28, 28, 32)", compare_relu),
+    ("7. worker threads vs BLAS threads alone (training epochs of the default model, every usable CPU)",
+     compare_workers),
 ]
 
 
