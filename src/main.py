@@ -992,7 +992,8 @@ class DataParallel:
     Why: NumPy does the elementwise work (im2col, col2im, ReLU, pooling) on one core; only the matrix
     multiplies spread over cores, through BLAS. A slice of the batch per thread keeps every core busy all
     the time: NumPy releases Python's GIL inside its loops, so the threads really do run at once. BLAS is
-    held to one thread meanwhile, or its threads and the workers would fight over the cores.
+    held to one thread meanwhile, or its threads and the workers would fight over the cores. On 2 cores an
+    epoch of 2,000 images took 1.17 s, against 1.33 s for one thread with 2 BLAS threads (bench/why_fast.py).
 
     The gradient is the whole batch's: the loss is a mean over N samples, so for slices s of N_s samples,
     dLoss/dw = sum_s (N_s / N) * dLoss_s/dw. Each replica starts its backward from (N_s / N) * dLoss_s/dlogits
