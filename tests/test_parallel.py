@@ -104,11 +104,23 @@ def test_blas_runs_one_thread_per_worker_during_training_and_is_restored() -> No
     assert all(threads and set(threads) == {1} for threads in seen)
 
 
-def test_default_workers_follow_the_blas_thread_count() -> None:
+def test_default_workers_follow_the_blas_thread_count_and_the_work_per_slice() -> None:
+    """One worker per BLAS thread, but only as many as get a big enough slice: the default MNIST model's
+    first layer makes 28 * 28 * 32 = 25,088 values per image, so batch 32 gives two workers 401,408 each;
+    batch 8, or 8x8 digits (2,048 values per image) at batch 32, stay on one thread."""
+    mnist_model = main.build_model(main.DEFAULT_CONFIG["model"], (28, 28, 1), 10, np.random.default_rng(0))
+    digits_model = main.build_model(main.DEFAULT_CONFIG["model"], (8, 8, 1), 10, np.random.default_rng(0))
     with threadpool_limits(1):
         assert main.default_workers() == 1
+        assert main.default_workers(mnist_model, 32) == 1
     with threadpool_limits(2):
         assert main.default_workers() == 2
+        assert main.default_workers(mnist_model, 32) == 2
+        assert main.default_workers(mnist_model, 128) == 2
+        assert main.default_workers(mnist_model, 8) == 1
+        assert main.default_workers(digits_model, 32) == 1
+        assert main.default_workers(digits_model, 128) == 1
+        assert main.default_workers(digits_model, 256) == 2
 
 
 def test_two_workers_learn_digits_like_one() -> None:
