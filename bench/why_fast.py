@@ -17,7 +17,8 @@ The comparisons (project's way first, the alternative second):
 6. ReLU as x * (x > 0) against np.maximum(x, 0): relu_1's input.
 7. Worker threads (main.DataParallel: one slice of each batch per CPU, one BLAS thread each) against one thread
    whose BLAS uses every CPU: training epochs of the default model. This one uses every CPU the process may
-   use, whatever --threads says: it is about how to use them.
+   use, whatever --threads says: it is about how to use them. Then the other side of the trade: on 8x8 digits,
+   whose slices are small, the one thread main.default_workers chooses against as many workers as CPUs.
 
 How it measures: the machine may be shared and noisy, so the two sides ALTERNATE (project, alternative,
 project, alternative, ...), each round timing enough calls to last a moment, and the report gives the median
@@ -496,11 +497,25 @@ def synthetic_dataset(n_train: int, n_test: int, rng: np.random.Generator) -> ma
                         "synthetic", "bench/why_fast.py")
 
 
+def epoch_model(data: main.Dataset) -> main.Sequential:
+    """The default model for data's image size, with the weights of seed 42."""
+    return main.build_model(main.DEFAULT_CONFIG["model"], data.input_shape, 10, np.random.default_rng(SEED))
+
+
 def epoch(data: main.Dataset, workers: int | None = None) -> dict:
     """One epoch of main.train from the seed-42 weights; its history row ("seconds" excludes evaluation)."""
-    model = main.build_model(main.DEFAULT_CONFIG["model"], data.input_shape, 10, np.random.default_rng(SEED))
-    return main.train(model, main.Adam(1e-3), data, epochs=1, batch_size=BATCH,
+    return main.train(epoch_model(data), main.Adam(1e-3), data, epochs=1, batch_size=BATCH,
                       rng=np.random.default_rng(SEED), workers=workers).history[0]
+
+
+def digits_dataset() -> main.Dataset:
+    """scikit-learn's 8x8 digits: 1,400 to train on, 100 to test."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images, labels = (digits.images / 16).astype(np.float32)[..., None], digits.target.astype(np.int64)
+    return main.Dataset(images[:1400], labels[:1400], images[1400:1500], labels[1400:1500], main.DIGIT_NAMES,
+                        "digits", "sklearn", "bench/why_fast.py")
 
 
 def compare_col2im(settings: Settings, rng: np.random.Generator) -> list[Result]:
@@ -640,9 +655,23 @@ def compare_workers(settings: Settings, rng: np.random.Generator) -> list[Result
         for _ in range(settings.epoch_rounds):
             project.append(epoch(data, cpus)["seconds"])
             alternative.append(epoch(data, 1)["seconds"])
-    return [report(Result(f"worker threads vs BLAS threads: epoch of {settings.epoch_images:,} images",
-                          f"{cpus} workers x 1 BLAS thread", f"1 thread, BLAS {cpus} threads", project,
-                          alternative, unit="s"))]
+        results = [report(Result(f"worker threads vs BLAS threads: epoch of {settings.epoch_images:,} images",
+                                 f"{cpus} workers x 1 BLAS thread", f"1 thread, BLAS {cpus} threads", project,
+                                 alternative, unit="s"))]
+        # Small images make small slices, where threads cost more than they save: main.default_workers then
+        # keeps training on one thread. The alternative forces the workers anyway.
+        digits = digits_dataset()
+        workers = main.default_workers(epoch_model(digits), BATCH)
+        epoch(digits, workers)
+        epoch(digits, cpus)
+        project, alternative = [], []
+        for _ in range(3 * settings.epoch_rounds):  # these epochs are short: more rounds
+            project.append(epoch(digits, workers)["seconds"])
+            alternative.append(epoch(digits, cpus)["seconds"])
+    results.append(report(Result(f"default workers vs {cpus} workers: 8x8 digits epoch",
+                                 f"{workers} worker (default_workers)", f"{cpus} workers", project, alternative,
+                                 unit="s")))
+    return results
 
 
 # ------------------------------------------------------------------------------------------------

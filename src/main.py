@@ -439,7 +439,9 @@ class Sequential:
 
     def replicate(self) -> Sequential:
         """A twin that shares this model's weights (the same arrays) but has its own gradients and its own
-        saved activations, so that it can run another slice of the batch at the same time (DataParallel)."""
+        saved activations, so that it can run another slice of the batch at the same time (DataParallel).
+        This relies on every layer's forward and backward making new arrays rather than reusing a buffer kept
+        on the layer: such a buffer would be shared by the twins, and their threads would overwrite it."""
         layers = []
         for layer in self.layers:
             twin = copy.copy(layer)  # shallow: twin.params is the very dict of the very arrays of layer.params
@@ -966,9 +968,9 @@ class ProgressBar:
 
 
 # A worker thread pays off only for a big slice of the batch. With small arrays NumPy's time goes to Python's
-# own overhead, which holds the GIL, so threads wait for each other: on 2 cores, 8x8 digits at batch 32 trained
-# 1.7x slower on 2 workers than on 1, MNIST at batch 8 1.3x slower, MNIST at batch 32 1.2x faster. The size
-# of the largest activation of a slice separates these cases.
+# own overhead, which holds the GIL, so threads wait for each other: on 2 cores (bench/why_fast.py), 8x8 digits
+# at batch 32 trained 1.66x slower on 2 workers than on 1, while 28x28 images trained 1.12-1.20x faster. The
+# size of the largest activation of a slice tells the two cases apart.
 MIN_ACTIVATION_PER_WORKER = 250_000
 
 
@@ -1006,7 +1008,8 @@ class DataParallel:
     multiplies spread over cores, through BLAS. A slice of the batch per thread keeps every core busy all
     the time: NumPy releases Python's GIL inside its loops, so the threads really do run at once. BLAS is
     held to one thread meanwhile, or its threads and the workers would fight over the cores. On 2 cores an
-    epoch of 2,000 images took 1.17 s, against 1.33 s for one thread with 2 BLAS threads (bench/why_fast.py).
+    epoch of 2,000 images took 1.14-1.17 s, against 1.30-1.33 s on one thread with 2 BLAS threads (two runs of
+    bench/why_fast.py).
 
     The gradient is the whole batch's: the loss is a mean over N samples, so for slices s of N_s samples,
     dLoss/dw = sum_s (N_s / N) * dLoss_s/dw. Each replica starts its backward from (N_s / N) * dLoss_s/dlogits
@@ -1029,8 +1032,8 @@ class DataParallel:
     def __exit__(self, *exc_info: object) -> None:
         if not self.replicas:
             return
+        self.pool.shutdown()  # first: a worker still running (after another one failed) keeps one BLAS thread
         self.blas_limit.restore_original_limits()
-        self.pool.shutdown()
         if self.model.timings is not None:  # the workers ran side by side, so their mean is the wall time
             for replica in self.replicas:
                 for key, seconds in (replica.timings or {}).items():
@@ -1047,11 +1050,13 @@ class DataParallel:
         if not self.replicas or len(x) < self.workers:
             return forward_backward(self.model, x, labels)
         parts = self._parts(len(x))
-        results = list(self.pool.map(
-            lambda replica, part: forward_backward(replica, x[part], labels[part], (part.stop - part.start) / len(x)),
-            self.replicas, parts))
+
+        def slice_pass(replica: Sequential, part: slice) -> tuple[np.ndarray, float]:
+            return forward_backward(replica, x[part], labels[part], share=(part.stop - part.start) / len(x))
+
+        results = list(self.pool.map(slice_pass, self.replicas, parts))
         for layer, twins in zip(self.model.layers, zip(*(replica.layers for replica in self.replicas))):
-            for name, grad in layer.grads.items():
+            for name, grad in layer.grads.items():  # into the model's own arrays, which the optimiser reads
                 np.add(twins[0].grads[name], twins[1].grads[name], out=grad)
                 for twin in twins[2:]:
                     grad += twin.grads[name]
@@ -1906,7 +1911,7 @@ def results_document(args: argparse.Namespace, cfg: dict, data: Dataset, model: 
         "model": {"summary": model.summary_rows(), "parameters": model.parameter_count(),
                   "loaded_from": args.load_model},
         "history": result.history, "epochs_completed": summary["epochs_completed"],
-        "test_accuracy": summary["test_accuracy"], "test_loss": summary["test_loss"],
+        "test_accuracy": summary["test_accuracy"], "test_loss": summary["test_loss"], "workers": summary["workers"],
         "train_seconds": round(train_seconds, 3), "files": files, "problems": problems, "versions": versions(),
     }
 
@@ -1964,7 +1969,7 @@ def run_training(args: argparse.Namespace, cfg: dict, origin: dict[str, str], st
     files: dict[str, Any] = {}
     summary = {"epochs_completed": first_epoch - 1 + len(result.history), "test_accuracy": test_accuracy,
                "test_loss": test_loss, "status": result.status, "stopped_at": result.stopped_at, "seed": seed,
-               "history": earlier.get("history", []) + result.history, "saved_at": started_at}
+               "history": earlier.get("history", []) + result.history, "saved_at": started_at, "workers": workers}
     if args.save_model:
         if result.status == "diverged":
             log.warning("not saving the model: its weights are not finite")
