@@ -60,7 +60,7 @@ def test_tiny_run_without_torch_prints_targets_and_writes_consistent_json(tmp_pa
     assert len(epochs) == len(bounds) == 2 and ratios == pytest.approx([e / b for e, b in zip(epochs, bounds)])
     assert all(ratio > 1 for ratio in ratios)
     target = next(row for row in report["targets"] if row["target"].startswith("project epoch / GEMM lower bound"))
-    assert target["value"] == f"{report['lower_bound_paired_ratio']['median']:.2f}"
+    assert target["value"] == f"{report['lower_bound_paired_ratio']['median']:.3f}"
     assert report["lower_bound_ratio_at_start"] == pytest.approx(
         report["project"]["epoch_seconds"]["median"] / report["lower_bound_seconds_at_start"])
     assert report["project"]["training_rss_mib"] > report["project"]["training_rss_after_data_mib"] > 0
