@@ -1050,17 +1050,18 @@ class DataParallel:
         if not self.replicas or len(x) < self.workers:
             return forward_backward(self.model, x, labels)
         parts = self._parts(len(x))
+        sizes = [part.stop - part.start for part in parts]
 
-        def slice_pass(replica: Sequential, part: slice) -> tuple[np.ndarray, float]:
-            return forward_backward(replica, x[part], labels[part], share=(part.stop - part.start) / len(x))
+        def slice_pass(replica: Sequential, part: slice, size: int) -> tuple[np.ndarray, float]:
+            return forward_backward(replica, x[part], labels[part], share=size / len(x))
 
-        results = list(self.pool.map(slice_pass, self.replicas, parts))
+        results = list(self.pool.map(slice_pass, self.replicas, parts, sizes))
         for layer, twins in zip(self.model.layers, zip(*(replica.layers for replica in self.replicas))):
             for name, grad in layer.grads.items():  # into the model's own arrays, which the optimiser reads
                 np.add(twins[0].grads[name], twins[1].grads[name], out=grad)
                 for twin in twins[2:]:
                     grad += twin.grads[name]
-        loss = sum(part_loss * (part.stop - part.start) for (_, part_loss), part in zip(results, parts)) / len(x)
+        loss = sum(part_loss * size for (_, part_loss), size in zip(results, sizes)) / len(x)
         return np.concatenate([logits for logits, _ in results]), loss
 
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
