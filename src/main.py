@@ -283,8 +283,9 @@ class ReLU(Layer):
         positive = x > 0
         if training:
             self.positive = positive
-        # x * (x > 0) is max(x, 0) (negative inputs give -0.0, which equals 0) and here about 1.5x faster than
-        # np.maximum(x, 0), whose NaN handling costs more than the multiply (bench/why_fast.py).
+        # x * (x > 0) is max(x, 0) for finite x (negative inputs give -0.0, which equals 0; -inf would give NaN,
+        # in a run that is diverging anyway) and here about 1.5x faster than np.maximum(x, 0), whose NaN
+        # handling costs more than the multiply (bench/why_fast.py).
         return x * positive
 
     def backward(self, grad_out: np.ndarray) -> np.ndarray:
@@ -419,9 +420,10 @@ class Sequential:
 
     def predict_proba(self, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
         """Softmax probabilities (N, K), computed batch by batch so memory stays bounded."""
-        chunks = [softmax(self.forward(x[start:start + batch_size], training=False))
-                  for start in range(0, len(x), batch_size)]
-        return np.concatenate(chunks) if chunks else np.zeros((0, 0), dtype=DTYPE)
+        if len(x) == 0:  # still K columns: as many as one (blank) image gets
+            return np.zeros((0, self.forward(np.zeros((1, *x.shape[1:]), DTYPE), training=False).shape[1]), DTYPE)
+        return np.concatenate([softmax(self.forward(x[start:start + batch_size], training=False))
+                               for start in range(0, len(x), batch_size)])
 
     def predict(self, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
         """Predicted class per sample (N,)."""
@@ -980,7 +982,7 @@ def default_workers(model: Sequential | None = None, batch_size: int | None = No
     fewer, so that each worker's slice holds at least MIN_ACTIVATION_PER_WORKER values in its largest layer."""
     threads = max(min((pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"),
                       default=1), 1)
-    if model is None or batch_size is None:
+    if model is None or model.input_shape is None or batch_size is None:
         return threads
     largest = max(math.prod(row["output_shape"]) for row in model.summary_rows())
     return max(min(threads, batch_size * largest // MIN_ACTIVATION_PER_WORKER), 1)
@@ -1040,6 +1042,16 @@ class DataParallel:
                     self.model.timings[key] = self.model.timings.get(key, 0.0) + seconds / self.workers
         self.replicas = []
 
+    def _map(self, function: Callable, *iterables: Iterable) -> list:
+        """pool.map(function, *iterables), each call under the calling thread's np.errstate: NumPy keeps its
+        error settings per thread, and a new thread starts from the defaults (which warn on overflow)."""
+        settings = np.geterr()
+
+        def with_settings(*args: Any) -> Any:
+            with np.errstate(**settings):
+                return function(*args)
+        return list(self.pool.map(with_settings, *iterables))
+
     def _parts(self, n: int) -> list[slice]:
         """`workers` contiguous slices of range(n), as equal as can be."""
         bounds = [n * worker // self.workers for worker in range(self.workers + 1)]
@@ -1055,7 +1067,7 @@ class DataParallel:
         def slice_pass(replica: Sequential, part: slice, size: int) -> tuple[np.ndarray, float]:
             return forward_backward(replica, x[part], labels[part], share=size / len(x))
 
-        results = list(self.pool.map(slice_pass, self.replicas, parts, sizes))
+        results = self._map(slice_pass, self.replicas, parts, sizes)
         for layer, twins in zip(self.model.layers, zip(*(replica.layers for replica in self.replicas))):
             for name, grad in layer.grads.items():  # into the model's own arrays, which the optimiser reads
                 np.add(twins[0].grads[name], twins[1].grads[name], out=grad)
@@ -1069,8 +1081,8 @@ class DataParallel:
         if not self.replicas or len(x) < self.workers:
             return self.model.evaluate(x, y, EVAL_BATCH_SIZE)
         parts = self._parts(len(x))
-        results = list(self.pool.map(lambda replica, part: replica.evaluate(x[part], y[part], EVAL_BATCH_SIZE),
-                                     self.replicas, parts))
+        results = self._map(lambda replica, part: replica.evaluate(x[part], y[part], EVAL_BATCH_SIZE),
+                            self.replicas, parts)
         sizes = [part.stop - part.start for part in parts]
         loss = sum(part_loss * size for (part_loss, _), size in zip(results, sizes)) / len(x)
         correct = sum(round(accuracy * size) for (_, accuracy), size in zip(results, sizes))
@@ -1317,6 +1329,16 @@ def load_model(path: Path) -> LoadedModel:
         input_shape, class_names = tuple(int(v) for v in meta["input_shape"]), [str(c) for c in meta["class_names"]]
         if len(input_shape) != 3 or min(input_shape) < 1 or len(class_names) < 2:
             raise ValueError(f"input shape {input_shape} or class names {class_names} make no sense")
+        training, optimizer = meta.setdefault("training", {}), meta.get("optimizer")
+        epochs = training.get("epochs_completed", 0) if isinstance(training, dict) else None
+        if (not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0
+                or not isinstance(training.get("history", []), list)
+                or not all(isinstance(row, dict) for row in training.get("history", []))):
+            raise ValueError(f"its training summary {training!r:.80} is not a mapping with an integer "
+                             "epochs_completed >= 0 and a list of history rows")
+        if optimizer is not None and (not isinstance(optimizer, dict) or not isinstance(optimizer.get("name"), str)
+                                      or not isinstance(optimizer.get("t", 0), int)):
+            raise ValueError(f"its optimizer entry {optimizer!r:.80} is not a mapping with a name and a step count")
     except (KeyError, TypeError, ValueError, ConfigError) as error:
         raise ModelFileError(f"{path}: not a valid numpy-cnn model file (meta: {error})") from None
     try:
@@ -1335,6 +1357,9 @@ def load_model(path: Path) -> LoadedModel:
                                      f"the stored architecture needs {param.shape} (float)")
             param[...] = weights
     optimizer_state = {key.removeprefix("optimizer."): arrays[key] for key in arrays if key.startswith("optimizer.")}
+    for key, state in optimizer_state.items():
+        if state.dtype.kind != "f":
+            raise ModelFileError(f"{path}: optimizer.{key} holds {state.dtype} values, not floats")
     return LoadedModel(model, meta, optimizer_state)
 
 
@@ -1361,14 +1386,17 @@ def read_image(path: Path) -> np.ndarray:
         raise DataError(f"{path}: no such image file")
     try:
         if path.suffix.lower() == ".npy":
-            image = np.load(path, allow_pickle=False).astype(np.float64)
+            raw = np.load(path, allow_pickle=False)
+            image = raw.astype(np.float64)
             if image.ndim == 3 and image.shape[2] in (1, 3, 4):
                 image = image[..., :3].mean(axis=2)
             if image.ndim != 2:
                 raise ValueError(f"expected a 2-D array (H, W), got shape {image.shape}")
             if not np.isfinite(image).all():
                 raise ValueError("it holds NaN or infinite values")
-            return image / 255 if image.max() > 1 else image
+            # 0-255 pixels or [0, 1]? Floats get some room: resampling can overshoot 1 a little.
+            is_bytes = image.max() > (1 if raw.dtype.kind in "iu" else 2)
+            return np.clip(image / 255 if is_bytes else image, 0, 1)
         from PIL import Image, ImageOps
 
         with Image.open(path) as picture:
@@ -1377,6 +1405,10 @@ def read_image(path: Path) -> np.ndarray:
             if upright.mode in ("RGBA", "LA", "PA") or "transparency" in upright.info:
                 # Ink on a transparent background, as drawing apps save it: show it on white, as a screen does.
                 upright = Image.alpha_composite(Image.new("RGBA", upright.size, "white"), upright.convert("RGBA"))
+            if upright.mode.startswith("I") or upright.mode == "F":  # 16/32-bit or float greys: convert("L") clips
+                grey = np.asarray(upright, dtype=np.float64)
+                scale = 65535 if upright.mode.startswith("I;16") or grey.max() > 255 else 255 if grey.max() > 2 else 1
+                return np.clip(grey / scale, 0, 1)
             return np.asarray(upright.convert("L"), dtype=np.float64) / 255
     except Exception as error:
         raise DataError(f"{path}: cannot read it as an image ({type(error).__name__}: {error})") from None
@@ -1486,7 +1518,13 @@ def _number(low: float, high: float = math.inf, low_inclusive: bool = False) -> 
                 number = float(value)
             except ValueError:
                 raise _fail(path, value, allowed) from None
-        if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
+            raise _fail(path, value, allowed)
+        try:
+            number = float(number)  # an integer of 400 digits does not fit
+        except OverflowError:
+            raise _fail(path, f"{str(value)[:20]}... ({len(str(value))} digits)", allowed) from None
+        if not math.isfinite(number):
             raise _fail(path, value, allowed)
         if number < low or (number == low and not low_inclusive) or number >= high:
             raise _fail(path, value, allowed)
@@ -1611,8 +1649,17 @@ OVERRIDES = {"epochs": ("training", "epochs"), "batch_size": ("training", "batch
              "data_path": ("data", "path"), "log_level": ("logging", "level"), "plot_dir": ("output", "plot_dir"),
              "optimizer": ("training", "optimizer"), "workers": ("training", "workers")}
 # Flags that would do nothing in the --predict or --gradcheck mode: an error rather than silently ignored.
-IGNORED_IN_MODE = {"predict": ("epochs", "save_model", "plot_dir", "profile", "workers"),
-                   "gradcheck": ("epochs", "load_model", "save_model", "plot_dir", "profile", "workers")}
+TRAINING_ONLY = ("epochs", "batch_size", "learning_rate", "optimizer", "workers", "n_train", "n_test", "data_path",
+                 "no_fallback", "plot_dir", "save_model", "profile")
+IGNORED_IN_MODE = {"predict": (*TRAINING_ONLY, "seed", "dataset"),  # the saved model brings its own
+                   "gradcheck": (*TRAINING_ONLY, "load_model")}  # it uses the model section, dataset and seed
+
+
+def path_argument(text: str) -> str:
+    """argparse type for a path: an empty string (say, an unset shell variable) is an error, not 'not given'."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a path, got an empty string")
+    return text
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -1627,9 +1674,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Precedence: flags > environment (RANDOM_SEED, also from .env) > config file > defaults. "
                "Exit codes: 0 done, 1 unexpected error, 2 bad usage/config/data, 3 training diverged, "
                "130 interrupted (Ctrl-C), 143 terminated.")
-    parser.add_argument("--config", metavar="FILE", help="YAML config (default: ./config.yaml if present, "
-                        "else built-in defaults)")
-    parser.add_argument("--output", metavar="FILE", help="write results as JSON to FILE")
+    parser.add_argument("--config", type=path_argument, metavar="FILE",
+                        help="YAML config (default: ./config.yaml if present, else built-in defaults)")
+    parser.add_argument("--output", type=path_argument, metavar="FILE", help="write results as JSON to FILE")
     group = parser.add_argument_group("overrides of config values")
     group.add_argument("--epochs", type=int, metavar="N", help="training.epochs (0: only evaluate)")
     group.add_argument("--batch-size", type=int, metavar="N", help="training.batch_size")
@@ -1641,16 +1688,20 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--n-test", type=int, metavar="N", help="data.n_test")
     group.add_argument("--seed", type=int, metavar="N", help="data.random_seed (seeds everything)")
     group.add_argument("--dataset", metavar="NAME", help="data.dataset: " + ", ".join(DATASETS))
-    group.add_argument("--data-path", metavar="DIR", help="data.path: a folder of MNIST IDX files")
+    group.add_argument("--data-path", type=path_argument, metavar="DIR",
+                       help="data.path: a folder of MNIST IDX files")
     group.add_argument("--no-fallback", action="store_true", help="fail instead of using synthetic data")
     group.add_argument("--log-level", metavar="LEVEL", help="logging.level: " + ", ".join(LOG_LEVELS))
-    group.add_argument("--plot-dir", metavar="DIR", help="output.plot_dir: write PNG pictures there")
+    group.add_argument("--plot-dir", type=path_argument, metavar="DIR",
+                       help="output.plot_dir: write PNG pictures there")
     extra = parser.add_argument_group("models, predictions and teaching")
-    extra.add_argument("--save-model", metavar="FILE", help="save the trained model (.npz)")
-    extra.add_argument("--load-model", metavar="FILE", help="start from a saved model (with --epochs 0: evaluate)")
+    extra.add_argument("--save-model", type=path_argument, metavar="FILE", help="save the trained model (.npz)")
+    extra.add_argument("--load-model", type=path_argument, metavar="FILE",
+                       help="start from a saved model (with --epochs 0: evaluate)")
     extra.add_argument("--profile", action="store_true", help="print time per layer after training")
     mode = extra.add_mutually_exclusive_group()
-    mode.add_argument("--predict", metavar="IMAGE", nargs="+", help="classify image files with --load-model")
+    mode.add_argument("--predict", type=path_argument, metavar="IMAGE", nargs="+",
+                      help="classify image files with --load-model")
     mode.add_argument("--gradcheck", action="store_true", help="check every gradient of the configured model")
     return parser
 
@@ -1661,7 +1712,7 @@ def check_flag_combinations(args: argparse.Namespace) -> None:
     for mode, ignored in IGNORED_IN_MODE.items():
         if getattr(args, mode):
             for flag in ignored:
-                if getattr(args, flag) not in (None, False):
+                if getattr(args, flag) is not None and getattr(args, flag) is not False:  # 0 is a value too
                     option = "--" + flag.replace("_", "-")
                     raise CNNError(f"{option} has no effect with --{mode}, which "
                                    + ("only classifies images" if mode == "predict" else "trains nothing"))
@@ -1700,6 +1751,13 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, dict[str, str]]:
             build_model(cfg["model"], input_shape_of(cfg["data"]["dataset"]), 10, np.random.default_rng(0))
         except ConfigError as error:
             raise ConfigError(f"{origin['config']}: {error}") from None
+        except (MemoryError, ValueError) as error:  # numpy cannot allocate the weights
+            raise ConfigError(f"{origin['config']}: model: the weights do not fit in memory ({error}); reduce "
+                              "model.dense_units or the filters of model.conv_layers") from None
+    workers, batch_size = cfg["training"]["workers"], cfg["training"]["batch_size"]
+    if workers is not None and workers > batch_size:
+        raise ConfigError(f"training.workers: got {workers}, expected at most training.batch_size ({batch_size}): "
+                          "each worker takes a slice of every batch")
     return cfg, origin
 
 
@@ -1902,11 +1960,13 @@ def model_for_run(args: argparse.Namespace, cfg: dict, data: Dataset,
     return loaded.model, loaded.meta["model"], optimizer, earlier
 
 
-def results_document(args: argparse.Namespace, cfg: dict, data: Dataset, model: Sequential, result: TrainResult,
-                     summary: dict, train_seconds: float, files: dict, problems: list[str]) -> dict:
+def results_document(args: argparse.Namespace, cfg: dict, model_cfg: dict, data: Dataset, model: Sequential,
+                     result: TrainResult, summary: dict, train_seconds: float, files: dict,
+                     problems: list[str]) -> dict:
     """Everything --output records about a training run (the README's 'Results file' table)."""
     return {
-        "status": result.status, "stopped_at": result.stopped_at, "started_at": summary["saved_at"], "config": cfg,
+        "status": result.status, "stopped_at": result.stopped_at, "started_at": summary["saved_at"],
+        "config": dict(cfg, model=model_cfg),
         "data": {"dataset": data.name, "source": data.source, "n_train": len(data.x_train), "n_test": len(data.x_test),
                  "input_shape": list(data.input_shape), "note": data.note, "class_names": data.class_names},
         "model": {"summary": model.summary_rows(), "parameters": model.parameter_count(),
@@ -1993,8 +2053,8 @@ def run_training(args: argparse.Namespace, cfg: dict, origin: dict[str, str], st
         files["log"] = cfg["logging"]["file"]
     if args.output:
         files["results"] = args.output
-        write_json(args.output, results_document(args, cfg, data, model, result, summary, train_seconds, files,
-                                                 problems))
+        write_json(args.output, results_document(args, cfg, model_cfg, data, model, result, summary, train_seconds,
+                                                 files, problems))
         log.info("results written to %s", args.output)
     if result.status == "diverged":
         return EXIT_DIVERGED
@@ -2028,7 +2088,8 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, Interrupted) as stopped:
         signum = getattr(stopped, "signum", signal.SIGINT)
         log_to_file(logging.WARNING, f"stopped by {signal.Signals(signum).name}")
-        print(f"interrupted ({signal.Signals(signum).name}): stopped before anything was written", file=sys.stderr)
+        # Every file is written whole or not at all (write_atomic), so none is left half-written.
+        print(f"interrupted ({signal.Signals(signum).name}): stopped; no file was left half-written", file=sys.stderr)
         return EXIT_BY_SIGNAL[signum]
     except Exception as error:
         log_to_file(logging.ERROR, "unexpected error", with_traceback=True)

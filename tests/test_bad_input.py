@@ -290,6 +290,11 @@ CASES = [
     Case("load-model-not-a-model", ("notes.npz",), args=("--load-model", "notes.npz"),
          setup=lambda run_dir: (run_dir / "notes.npz").write_text("not a zip archive\n")),
     Case("predict-without-load-model", ("--load-model",), args=("--predict", "digit.png")),
+    Case("learning-rate-400-digits", ("training.learning_rate", "401 digits"),
+         config={"training": {"learning_rate": 10 ** 400}}),
+    Case("dense-units-beyond-memory", ("model.dense_units", "memory"), config={"model": {"dense_units": 10 ** 15}}),
+    Case("workers-above-batch-size", ("training.workers", "9", "training.batch_size (8)"),
+         config={"training": {"workers": 9}}),
 ]
 
 

@@ -19,12 +19,23 @@ import main
     (["--gradcheck", "--save-model", "m.npz"], "--save-model has no effect with --gradcheck"),
     (["--predict", "x.png", "--load-model", "m.npz", "--plot-dir", "p"], "--plot-dir has no effect with --predict"),
     (["--predict", "x.png"], "--predict needs --load-model"),
+    (["--gradcheck", "--epochs", "0"], "--epochs has no effect with --gradcheck"),  # 0 is a value, not "unset"
+    (["--gradcheck", "--batch-size", "7"], "--batch-size has no effect with --gradcheck"),
+    (["--gradcheck", "--no-fallback"], "--no-fallback has no effect with --gradcheck"),
+    (["--predict", "x.png", "--load-model", "m.npz", "--seed", "3"], "--seed has no effect with --predict"),
+    (["--predict", "x.png", "--load-model", "m.npz", "--n-test", "5"], "--n-test has no effect with --predict"),
+    (["--predict", "x.png", "--load-model", "m.npz", "--dataset", "digits"], "--dataset has no effect with --predict"),
+    (["--load-model", "", "--epochs", "0"], "argument --load-model: expected a path, got an empty string"),
+    (["--output", " "], "argument --output: expected a path, got an empty string"),
+    (["--config", ""], "argument --config: expected a path, got an empty string"),
+    (["--predict", "", "--load-model", "m.npz"], "argument --predict: expected a path, got an empty string"),
 ])
 def test_flags_a_mode_would_ignore_are_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                               capsys: pytest.CaptureFixture, argv: list[str], message: str) -> None:
     monkeypatch.chdir(tmp_path)
     assert main.main(argv) == 2
     assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # nothing was trained or written
 
 
 def test_gradcheck_writes_its_rows_as_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

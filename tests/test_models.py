@@ -126,14 +126,29 @@ def test_epochs_0_only_evaluates_and_reproduces_the_saved_accuracy(saved: SavedM
     assert results["test_loss"] == pytest.approx(stored["test_loss"], rel=1e-6)
 
 
+def test_results_record_the_loaded_architecture_as_the_model_config(saved: SavedModel, tmp_path: Path) -> None:
+    """With --load-model, the results' config shows the architecture that ran (the file's), not the config
+    file's model section, which the loaded model replaced."""
+    config = conftest.write_config(tmp_path, **{**CONFIG, "model": {**CONFIG["model"], "dense_units": 16}})
+    run = run_cli(["--config", str(config), "--load-model", str(saved.path), "--epochs", "0", "--output", "r.json"],
+                  tmp_path)
+    assert run.returncode == 0, run.stderr
+    results = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
+    stored = main.load_model(saved.path).meta["model"]
+    assert results["config"]["model"] == stored and stored["dense_units"] != 16
+    dense = [row for row in results["model"]["summary"] if row["layer"].startswith("dense_1")]
+    assert dense[0]["output_shape"] == [stored["dense_units"]]
+
+
 def _model_arrays(path: Path) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as archive:
         return {key: archive[key] for key in archive.files}
 
 
-def _with_meta(arrays: dict[str, np.ndarray], change: dict) -> dict[str, np.ndarray]:
+def _with_meta(arrays: dict[str, np.ndarray], change: dict, section: str | None = "model") -> dict[str, np.ndarray]:
+    """The arrays with meta[section] updated by change (section None: meta itself)."""
     meta = json.loads(str(arrays["meta"]))
-    meta["model"].update(change)
+    (meta if section is None else meta[section]).update(change)
     return {**arrays, "meta": np.array(json.dumps(meta))}
 
 
@@ -156,13 +171,24 @@ def make_bad_model_file(kind: str, good: Path, folder: Path) -> Path:
         np.savez(path, **{**_model_arrays(good), "layer0.W": np.zeros((5, 5, 1, 8), dtype=np.float32)})
     elif kind == "changed architecture":
         np.savez(path, **_with_meta(_model_arrays(good), {"dense_units": 65}))
+    elif kind == "training summary null":
+        np.savez(path, **_with_meta(_model_arrays(good), {"training": None}, section=None))
+    elif kind == "epochs completed a word":
+        np.savez(path, **_with_meta(_model_arrays(good), {"epochs_completed": "one"}, section="training"))
+    elif kind == "optimizer a string":
+        np.savez(path, **_with_meta(_model_arrays(good), {"optimizer": "adam"}, section=None))
+    elif kind == "optimizer state of strings":
+        arrays = _model_arrays(good)
+        key = next(key for key in arrays if key.startswith("optimizer."))
+        np.savez(path, **{**arrays, key: np.full(arrays[key].shape, "x")})
     elif kind != "missing":
         raise ValueError(kind)
     return path
 
 
 BAD_KINDS = ["random bytes", "truncated", "pickled npz", "plain pickle", "no meta", "wrong weight shape",
-             "changed architecture", "missing"]
+             "changed architecture", "training summary null", "epochs completed a word", "optimizer a string",
+             "optimizer state of strings", "missing"]
 
 
 @pytest.mark.parametrize("kind", BAD_KINDS)
@@ -280,6 +306,30 @@ def test_npy_images_work_in_bytes_or_fractions(saved: SavedModel, predictions: P
     model = main.load_model(saved.path).model
     direct = model.predict((predictions.synthetic_image / 255).astype(np.float32)[None, :, :, None])[0]
     assert by_file["digit.npy"][0]["class"] == str(direct)
+
+
+def test_16_bit_and_slightly_overshooting_images_read_like_8_bit_ones(tmp_path: Path) -> None:
+    """A 16-bit grey PNG is scaled by 65535 (Pillow's convert("L") would clip it to white), and a float .npy
+    whose maximum overshoots 1 a little (as after resampling) stays in [0, 1] instead of being taken as 0-255."""
+    picture = np.full((40, 40), 50000, dtype=np.uint16)
+    picture[5:35, 18:22] = 10000
+    Image.fromarray(picture).save(tmp_path / "deep.png")
+    Image.fromarray((picture / 65535 * 255).round().astype(np.uint8)).save(tmp_path / "flat.png")
+    deep, flat = main.read_image(tmp_path / "deep.png"), main.read_image(tmp_path / "flat.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    np.testing.assert_allclose(deep, flat, atol=1 / 255)
+    assert deep.min() == pytest.approx(10000 / 65535) and deep.max() == pytest.approx(50000 / 65535)
+
+    bar = np.zeros((28, 28))
+    bar[5:20, 10:13] = 1.0
+    np.save(tmp_path / "exact.npy", bar)
+    bar[6, 11] = 1.02
+    np.save(tmp_path / "overshoot.npy", bar)
+    np.save(tmp_path / "bytes.npy", (np.clip(bar, 0, 1) * 255).astype(np.uint8))
+    for name in ("exact.npy", "overshoot.npy", "bytes.npy"):
+        image = main.read_image(tmp_path / name)
+        assert image.min() == 0 and image.max() == 1, name
+        np.testing.assert_allclose(image, np.clip(bar, 0, 1), err_msg=name)
 
 
 def test_drawn_digits_are_recognised(predictions: Predictions) -> None:

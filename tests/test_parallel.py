@@ -4,6 +4,7 @@ leave BLAS as it found it, and train as well as one thread does."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -151,6 +152,32 @@ def test_two_workers_stop_cleanly_when_training_diverges() -> None:
                             rng=np.random.default_rng(1), workers=2)
     assert result.status == "diverged"
     assert blas_threads() == before
+
+
+def test_workers_take_the_callers_numpy_error_settings() -> None:
+    """np.errstate is per thread: under the caller's errstate(all="raise"), an overflow inside a worker raises
+    there too, and under errstate(all="ignore") (what the CLI sets) a worker warns of nothing."""
+    model = main.build_model(SMALL_MODEL, (8, 8, 1), 10, np.random.default_rng(0))
+    model.layers[0].params["W"] *= np.float32(100)
+    x, labels = np.full((8, 8, 8, 1), 1e38, dtype=np.float32), np.arange(8) % 10  # the first layer overflows
+    with main.DataParallel(model, 2) as parallel:
+        with np.errstate(all="raise"), pytest.raises(FloatingPointError):
+            parallel.forward_backward(x, labels)
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("error")  # a RuntimeWarning anywhere would fail the test
+            _, loss = parallel.forward_backward(x, labels)
+            parallel.evaluate(x, labels)
+    assert not np.isfinite(loss)
+
+
+def test_a_model_without_input_shape_trains_with_the_default_workers() -> None:
+    """Sequential(layers) without input_shape is allowed: default_workers cannot size its activations, so it
+    gives the thread count, and train() runs."""
+    model = main.Sequential([main.Flatten(), main.Dense(64, 32, rng=np.random.default_rng(0)), main.ReLU(),
+                             main.Dense(32, 10, rng=np.random.default_rng(1))])
+    assert main.default_workers(model, 32) == main.default_workers()
+    result = main.train(model, main.Adam(), digits_data(128, 32), epochs=1, batch_size=32, rng=np.random.default_rng(2))
+    assert result.status == "completed" and len(result.history) == 1
 
 
 def test_profile_with_two_workers_counts_each_layer_once() -> None:

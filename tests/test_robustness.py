@@ -315,6 +315,17 @@ def test_evaluate_and_predict_proba_pass_at_most_one_batch_to_forward(monkeypatc
     np.testing.assert_array_equal(probabilities.argmax(axis=1), one_pass_logits.argmax(axis=1))
 
 
+@pytest.mark.parametrize("conv_layers", [[], [{"filters": 4, "kernel_size": 3, "padding": 1, "pool_size": 2,
+                                                  "stride": 1, "pool_stride": None}]], ids=["dense", "conv"])
+def test_no_images_give_no_rows_of_k_probabilities(conv_layers: list) -> None:
+    """predict_proba of 0 images has shape (0, K), as documented, so predict gives (0,) and evaluate (0, 0)."""
+    model = main.build_model({"conv_layers": conv_layers, "dense_units": 16}, (8, 8, 1), 7, np.random.default_rng(0))
+    empty = np.zeros((0, 8, 8, 1), dtype=np.float32)
+    assert model.predict_proba(empty).shape == (0, 7)
+    assert model.predict(empty).shape == (0,)
+    assert model.evaluate(empty, np.zeros(0, dtype=int)) == (0.0, 0.0)
+
+
 def test_a_test_set_larger_than_one_batch_is_evaluated_in_batches(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
