@@ -750,6 +750,11 @@ def load_cache(path: Path) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndar
     except Exception as error:  # any damage means: ignore the cache and download again
         log.warning("ignoring the unreadable cache %s (%s)", path, error)
         return None
+    for images, labels in (arrays[:2], arrays[2:]):
+        if (images.shape[1:] != (28, 28) or images.dtype != np.uint8 or labels.shape != images.shape[:1]
+                or labels.dtype.kind not in "iu" or (len(labels) and labels.max() > 9)):
+            log.warning("ignoring the cache %s: it does not hold 28x28 uint8 images with labels 0-9", path)
+            return None
     return (arrays[0], arrays[1]), (arrays[2], arrays[3])
 
 
@@ -1034,8 +1039,10 @@ class DataParallel:
     def __exit__(self, *exc_info: object) -> None:
         if not self.replicas:
             return
-        self.pool.shutdown()  # first: a worker still running (after another one failed) keeps one BLAS thread
-        self.blas_limit.restore_original_limits()
+        try:
+            self.pool.shutdown()  # first: a worker still running (after another one failed) keeps one BLAS thread
+        finally:  # even when a second Ctrl-C interrupts the wait
+            self.blas_limit.restore_original_limits()
         if self.model.timings is not None:  # the workers ran side by side, so their mean is the wall time
             for replica in self.replicas:
                 for key, seconds in (replica.timings or {}).items():

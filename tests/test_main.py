@@ -78,6 +78,31 @@ def test_cached_download_is_used_without_network(tmp_path: Path, monkeypatch: py
     assert data.source == "cache" and len(data.x_train) == 40
 
 
+@pytest.mark.parametrize("damage", ["images 27x28", "float images", "a label of 12", "one label short"])
+def test_a_cache_with_wrong_arrays_is_ignored_and_downloaded_again(damage: str, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cache .npz that reads but holds the wrong arrays is ignored with a warning, like an unreadable one,
+    and the data is downloaded again (here: a fake download)."""
+    rng = np.random.default_rng(4)
+    arrays = {"x_train": rng.integers(0, 256, (30, 28, 28), dtype=np.uint8), "y_train": rng.integers(0, 10, 30),
+              "x_test": rng.integers(0, 256, (10, 28, 28), dtype=np.uint8), "y_test": rng.integers(0, 10, 10)}
+    if damage == "images 27x28":
+        arrays["x_train"] = arrays["x_train"][:, 1:]
+    elif damage == "float images":
+        arrays["x_test"] = arrays["x_test"] / 255
+    elif damage == "a label of 12":
+        arrays["y_train"][3] = 12
+    else:
+        arrays["y_test"] = arrays["y_test"][1:]
+    np.savez(tmp_path / "mnist.npz", **arrays)
+    downloads = []
+    fake = ((np.zeros((30, 28, 28), dtype=np.uint8), np.zeros(30, dtype=np.uint8)),
+            (np.zeros((10, 28, 28), dtype=np.uint8), np.zeros(10, dtype=np.uint8)))
+    monkeypatch.setattr(main, "download_openml", lambda name, cache_dir: downloads.append(name) or fake)
+    data = main.load_data(dict(main.DEFAULT_CONFIG["data"], cache_dir=str(tmp_path), n_train=20, n_test=10))
+    assert data.source == "openml" and downloads == ["mnist"]
+
+
 def test_download_is_cached_for_the_next_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """After a (simulated) successful download the arrays are cached, so the second load reads the cache."""
     rng = np.random.default_rng(3)
