@@ -12,18 +12,20 @@ Flags:
     --repeats R    how many times each side is measured, alternating project / PyTorch (default 5)
     --epochs E     timed epochs per measurement (default 1); a short warm-up always runs first
     --threads T    threads on both sides (default: every CPU this process may use): PyTorch's threads, and the
-                   project's worker threads (main.DataParallel, each with one BLAS thread)
+                   most worker threads the project may use (main.DataParallel, each with one BLAS thread)
     --no-torch     behave as if PyTorch were not installed (report the project alone)
     --json FILE    write all numbers (and the environment) to FILE
 
 What is measured:
 - Training: the seed architecture (main.DEFAULT_CONFIG["model"]: conv 32 k3 p1 -> ReLU -> pool 2 -> conv 64 k3 p1
   -> ReLU -> pool 2 -> flatten -> dense 128 -> ReLU -> dense 10), batch 32, Adam lr 1e-3, float32, trained by
-  main.train itself, so the number is exactly what users see in the log ("seconds" of an epoch, which excludes the
-  test-set evaluation). With T threads, main.train runs T worker threads, each on a slice of every batch with
-  one BLAS thread, as `python src/main.py` does by default. PyTorch trains the same layers, from the same initial
-  weights, on the same images, with the same batch size, optimiser and thread count (data kept as one tensor and
-  indexed per batch: no DataLoader).
+  main.train itself, so the number is exactly what users see in the log ("seconds" of an epoch, to the millisecond;
+  the timed epochs have no test set, so that the CPU time, like the seconds, is of training alone). With T threads,
+  main.train runs the worker threads that `python src/main.py` chooses by default, main.default_workers: T, or
+  fewer when the slices of a batch would be too small to pay (3 at most at batch 32), each on a slice of every
+  batch with one BLAS thread.
+  PyTorch trains the same layers, from the same initial weights, on the same images, with the same batch size,
+  optimiser and thread count (data kept as one tensor and indexed per batch: no DataLoader).
 - Inference: images per second of a forward pass plus softmax at batch 1000 (Sequential.predict_proba), on
   (at most) the first 5,000 images, median of 3 passes.
 - Peak memory (RSS) of each worker process; training and inference run in separate processes, so the
@@ -31,11 +33,13 @@ What is measured:
 - The GEMM lower bound: almost all the arithmetic of a CNN is in a few matrix multiplies (convolutions become matrix
   multiplies through im2col). Their shapes follow from the model; timing np.matmul on exactly those shapes, at batch
   32 with T BLAS threads, gives the time an epoch would take if everything else (im2col, col2im, pooling, ReLU,
-  Adam, Python) were free. "project epoch / lower bound" says how much time goes elsewhere; one extra profiled
-  project epoch (model.timings, main.profile_table) shows where: time per layer and direction, and the optimiser
-  step. The table of GEMMs is timed once before the repeats; each training worker times them again right after its
-  epoch (both best of 10 rounds), and the target uses those same-minute ratios: on a shared machine whose speed
-  drifts, a bound timed minutes away from the epoch would skew the ratio either way.
+  Adam, Python) were free. (A convolution's dX is timed as one GEMM, as in the table; the project splits the same
+  FLOPs into k*k products, one per kernel offset, which BLAS runs a little slower but which make col2im faster.)
+  "project epoch / lower bound" says how much time goes elsewhere; one extra profiled project epoch (model.timings,
+  main.profile_table) shows where: time per layer and direction, and the optimiser step. The table of GEMMs is
+  timed once before the repeats; each training worker times them again right after its epoch (both best of 10
+  rounds), and the target uses those same-minute ratios: on a shared machine whose speed drifts, a bound timed
+  minutes away from the epoch would skew the ratio either way.
 - CPU time next to wall time, to see how busy the threads were. On a shared machine, BLAS and OpenMP threads
   that wait for each other stall badly when other processes hold the cores: --threads 1 gives steadier numbers.
 
@@ -66,7 +70,7 @@ BATCH_SIZE = 32
 LEARNING_RATE = 1e-3
 INFERENCE_BATCH = 1000
 INFERENCE_IMAGES = 5000  # at most this many of the images are classified per inference pass (the rate is what counts)
-N_TEST = 100  # a token test set: main.train evaluates after every epoch, outside the timed "seconds"
+N_TEST = 100  # a token test set for the warm-up; the timed epochs have none
 WARMUP_BATCHES = 20  # first calls allocate buffers, start BLAS threads, build PyTorch's kernels
 SEED = 42
 THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -156,8 +160,8 @@ def model_gemms(model: Any, batch_size: int) -> list[dict]:
 
 
 def gemm_operands(gemm: dict, rng: Any) -> tuple[Any, Any]:
-    """Random float32 operands laid out as the project lays them out: a transposed operand is a transposed
-    view (as `cols.T` and `W.T` are in main.py), not a contiguous copy."""
+    """Random float32 operands, a transposed operand as a transposed view (as `cols.T` is in main.py), not a
+    contiguous copy. (For a convolution's dX, main.py multiplies by W offset by offset: the same FLOPs.)"""
     import numpy as np
 
     m, k, n = gemm["m"], gemm["k"], gemm["n"]
@@ -269,18 +273,27 @@ def worker_numpy(args: argparse.Namespace) -> dict:
         return result
 
     optimizer, shuffle = main.Adam(LEARNING_RATE), np.random.default_rng(SEED)
+    # The number of worker threads `python src/main.py` would choose here (T at most, fewer when slices of a
+    # batch would be too small to pay): the project is measured as users run it.
+    workers = main.default_workers(model, BATCH_SIZE)
     warmup = main.Dataset(data.x_train[:WARMUP_BATCHES * BATCH_SIZE], data.y_train[:WARMUP_BATCHES * BATCH_SIZE],
                           data.x_test, data.y_test, data.class_names, "warm-up", "synthetic")
-    main.train(model, optimizer, warmup, epochs=1, batch_size=BATCH_SIZE, rng=shuffle)
+    main.train(model, optimizer, warmup, epochs=1, batch_size=BATCH_SIZE, rng=shuffle, workers=workers)
+    # The timed epochs have no test set, so that the CPU time is of training alone, as the epochs' "seconds" are
+    # (the PyTorch side does not evaluate either).
+    train_only = main.Dataset(data.x_train, data.y_train, data.x_test[:0], data.y_test[:0], data.class_names,
+                              "benchmark", "synthetic")
+    epochs = 1 if args.task == "profile" else args.epochs
     if args.task == "profile":
         model.timings = {}
     cpu_start = time.process_time()
-    history = main.train(model, optimizer, data, epochs=args.epochs, batch_size=BATCH_SIZE, rng=shuffle).history
+    history = main.train(model, optimizer, train_only, epochs=epochs, batch_size=BATCH_SIZE, rng=shuffle,
+                         workers=workers).history
     result.update(epoch_seconds=[row["seconds"] for row in history], train_accuracy=history[-1]["train_accuracy"],
-                  cpu_seconds_per_epoch=(time.process_time() - cpu_start) / args.epochs, peak_rss_mib=peak_rss_mib())
+                  workers=workers, cpu_seconds_per_epoch=(time.process_time() - cpu_start) / epochs,
+                  peak_rss_mib=peak_rss_mib())
     if args.task == "profile":
-        n_batches = args.epochs * math.ceil(args.images / BATCH_SIZE)
-        result["profile"] = main.profile_table(model, n_batches)
+        result["profile"] = main.profile_table(model, math.ceil(args.images / BATCH_SIZE))
     else:
         # The GEMM lower bound once more, in this process, right after the epoch (and after reading the peak
         # RSS, which the GEMMs' operands would raise): this host's speed drifts by up to 1.5x within minutes,
@@ -501,7 +514,7 @@ def markdown_summary(report: dict) -> str:
 
     def both(describe: Callable[[dict], str], ratio: str = "") -> tuple[str, str, str]:
         if torch_side is None:
-            return describe(project), "not installed", "-"
+            return describe(project), "not run" if report["config"].get("no_torch") else "not installed", "-"
         return describe(project), describe(torch_side), ratio or "-"
 
     ratios = {"epoch": f"{report['epoch_ratio']['median']:.2f}", "inference": f"{report['inference_ratio']:.2f}"} \
@@ -523,7 +536,7 @@ def markdown_summary(report: dict) -> str:
     threads = plural(report["config"]["threads"], "thread")
     lines.append(f"\n{env['cpu']}, {threads}, {env['blas']}; Python {env['python']}, "
                  f"NumPy {env['numpy']}" + (f", PyTorch {env['torch']}" if env.get("torch") else "")
-                 + f"; batch {BATCH_SIZE}, Adam, float32; {env['date']}; `python bench/benchmark.py`")
+                 + f"; batch {BATCH_SIZE}, Adam, float32; {env['date']}; `{report['config']['command']}`")
     return "\n".join(lines)
 
 
@@ -533,6 +546,7 @@ def summarise_side(train_runs: list[dict], infer_runs: list[dict]) -> dict:
     return {
         "epoch_seconds": spread(epochs),
         "cpu_seconds_per_epoch": statistics.median([run["cpu_seconds_per_epoch"] for run in train_runs]),
+        "workers": train_runs[0].get("workers"),  # the project's worker threads (PyTorch: None)
         "train_accuracy": [run["train_accuracy"] for run in train_runs],
         "inference_images_per_second": spread([run["images_per_second"] for run in infer_runs]),
         "training_rss_mib": max(run["peak_rss_mib"] for run in train_runs),
@@ -561,8 +575,8 @@ def describe_environment(args: argparse.Namespace, has_torch: bool) -> dict:
           f"{LEARNING_RATE:g}, float32, {plural(args.threads, 'thread')}, {plural(args.repeats, 'repeat')} x "
           f"{plural(args.epochs, 'epoch')}")
     if args.threads > 1:
-        print(f"(the project trains on {args.threads} worker threads with one BLAS thread each; the GEMM bound "
-              f"uses {args.threads} BLAS threads)")
+        print(f"(the project trains on its default number of worker threads, at most {args.threads}, with one BLAS "
+              f"thread each; PyTorch and the GEMM bound use {plural(args.threads, 'thread')})")
     print(f"machine: {environment['cpu']}, {environment['cpus']} CPUs usable; {environment['platform']}; "
           f"Python {environment['python']}; {environment['date']}")
     for name, value in environment["slow_blas_variables"].items():
@@ -628,6 +642,7 @@ def build_report(args: argparse.Namespace, environment: dict, runs: dict, has_to
     environment.update(numpy=setup["numpy"], blas=describe_blas(setup))
     report: dict[str, Any] = {
         "config": {"images": args.images, "repeats": args.repeats, "epochs": args.epochs, "threads": args.threads,
+                   "no_torch": args.no_torch, "command": " ".join(["python bench/benchmark.py", *sys.argv[1:]]),
                    "batch_size": BATCH_SIZE, "learning_rate": LEARNING_RATE, "inference_batch": INFERENCE_BATCH},
         "environment": environment, "gemms": setup["gemms"], "lower_bound_seconds_at_start": runs["lower_bound"],
         "square_gemm_gflop_per_second": setup["peak_gflop_per_second"],
@@ -680,7 +695,8 @@ def print_results(report: dict) -> None:
     sides = [("project", project)] + ([("PyTorch", report["torch"])] if "torch" in report else [])
     for name, side in sides:
         e, i = side["epoch_seconds"], side["inference_images_per_second"]
-        print(f"{name:<8} epoch median {e['median']:.3f} s (min {e['min']:.3f} - max {e['max']:.3f}), "
+        trained_on = f" on {plural(side['workers'], 'worker thread')}" if side.get("workers") else ""
+        print(f"{name:<8} epoch median {e['median']:.3f} s (min {e['min']:.3f} - max {e['max']:.3f}){trained_on}, "
               f"{n / e['median']:,.0f} images/s, train accuracy {statistics.median(side['train_accuracy']):.1%}\n"
               f"{'':<8} CPU time {side['cpu_seconds_per_epoch']:.2f} s per epoch "
               f"({side['cpu_seconds_per_epoch'] / (threads * e['median']):.0%} of {plural(threads, 'thread')} "

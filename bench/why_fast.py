@@ -650,13 +650,14 @@ def compare_workers(settings: Settings, rng: np.random.Generator) -> list[Result
     data, warm_up = synthetic_dataset(settings.epoch_images, 100, rng), synthetic_dataset(10 * BATCH, 100, rng)
     project, alternative = [], []
     with threadpool_limits(limits=cpus):  # BLAS may use every CPU (DataParallel holds it to 1 while it runs)
-        epoch(warm_up, cpus)
+        workers = main.default_workers(epoch_model(data), BATCH)  # what training picks: at most 3 at batch 32
+        epoch(warm_up, workers)
         epoch(warm_up, 1)
         for _ in range(settings.epoch_rounds):
-            project.append(epoch(data, cpus)["seconds"])
+            project.append(epoch(data, workers)["seconds"])
             alternative.append(epoch(data, 1)["seconds"])
         results = [report(Result(f"worker threads vs BLAS threads: epoch of {settings.epoch_images:,} images",
-                                 f"{cpus} workers x 1 BLAS thread", f"1 thread, BLAS {cpus} threads", project,
+                                 f"{workers} workers x 1 BLAS thread", f"1 thread, BLAS {cpus} threads", project,
                                  alternative, unit="s"))]
         # Small images make small slices, where threads cost more than they save: main.default_workers then
         # keeps training on one thread. The alternative forces the workers anyway.
@@ -761,7 +762,7 @@ def main_cli(argv: list[str] | None = None) -> int:
         print(f"\nSummary: medians per call; 'alt / project' is the median of the pair-by-pair ratios "
               f"(above 1: the project's way is faster)\n\n{table(results)}")
         print(f"\nmachine: {machine_description()}")
-        command = "python bench/why_fast.py" + (" --quick" if args.quick else "")
+        command = " ".join(["python bench/why_fast.py", *sys.argv[1:]])
         print(f"total {time.perf_counter() - start:.0f} s; `{command}`")
     return 0
 

@@ -160,8 +160,8 @@ def tick_rotation(class_names: list[str]) -> int:
 def plot_curves(history: list[dict]) -> plt.Figure:
     """Loss (left) and accuracy (right) per epoch, training set and test set."""
     if not history:
-        return note_figure("curves", "Training curves", "No epochs trained (epochs: 0), so there are no curves.\n"
-                           "The model was only evaluated.")
+        return note_figure("curves", "Training curves", "No epoch was completed (epochs: 0, or the run was\n"
+                           "stopped during its first epoch), so there are no curves.")
     fig = new_figure("curves")
     axes_loss, axes_accuracy = fig.subplots(1, 2)
     epochs = [row["epoch"] for row in history]

@@ -65,6 +65,12 @@ def test_tiny_run_without_torch_prints_targets_and_writes_consistent_json(tmp_pa
         report["project"]["epoch_seconds"]["median"] / report["lower_bound_seconds_at_start"])
     assert report["project"]["training_rss_mib"] > report["project"]["training_rss_after_data_mib"] > 0
     assert "torch" not in report and {row["result"] for row in report["targets"]} <= {"PASS", "MISS", "n/a"}
+    # The project trains as `python src/main.py` would (1 thread allowed: 1 worker), and its CPU time covers only
+    # the training batches: with one thread, it cannot exceed the wall time by much (the token test set's
+    # evaluation, when it was counted, made it 1.8x and more at 64 images).
+    assert report["project"]["workers"] == 1 and "on 1 worker thread," in out
+    assert report["project"]["cpu_seconds_per_epoch"] < 1.3 * report["project"]["epoch_seconds"]["median"]
+    assert "| not run |" in report["markdown"] and "--images 64 --repeats 2 --no-torch" in report["markdown"]
 
 
 def test_unwritable_json_path_fails_at_once_with_one_line(tmp_path: Path) -> None:

@@ -92,7 +92,7 @@ def test_curves_plot_every_epoch_and_say_so_when_there_is_none(trained: tuple) -
     plt.close(fig)
 
     empty = plots.plot_curves([])
-    assert "No epochs trained" in texts_of(empty)
+    assert "No epoch was completed" in texts_of(empty)
     plt.close(empty)
 
 
