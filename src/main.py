@@ -1337,10 +1337,10 @@ def load_model(path: Path) -> LoadedModel:
         if len(input_shape) != 3 or min(input_shape) < 1 or len(class_names) < 2:
             raise ValueError(f"input shape {input_shape} or class names {class_names} make no sense")
         training, optimizer = meta.setdefault("training", {}), meta.get("optimizer")
-        epochs = training.get("epochs_completed", 0) if isinstance(training, dict) else None
-        if (not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0
-                or not isinstance(training.get("history", []), list)
-                or not all(isinstance(row, dict) for row in training.get("history", []))):
+        epochs, history = (training.get("epochs_completed", 0), training.get("history", [])) \
+            if isinstance(training, dict) else (None, None)
+        if (type(epochs) is not int or epochs < 0  # type(), not isinstance(): True is an int too
+                or not isinstance(history, list) or not all(isinstance(row, dict) for row in history)):
             raise ValueError(f"its training summary {training!r:.80} is not a mapping with an integer "
                              "epochs_completed >= 0 and a list of history rows")
         if optimizer is not None and (not isinstance(optimizer, dict) or not isinstance(optimizer.get("name"), str)
@@ -1386,6 +1386,14 @@ def restore_optimizer(optimizer: SGD | Adam, loaded: LoadedModel) -> bool:
     return True
 
 
+def as_fraction(grey: np.ndarray, integer: bool, sixteen_bit: bool = False) -> np.ndarray:
+    """Grey values as fractions in [0, 1]: of 65535 for 16-bit values (or any above 255), of 255 for 0-255 pixels
+    (integers above 1, floats above 2: floats get room for a resampling overshoot), else as they are."""
+    if sixteen_bit or grey.max() > 255:
+        return np.clip(grey / 65535, 0, 1)
+    return np.clip(grey / 255 if grey.max() > (1 if integer else 2) else grey, 0, 1)
+
+
 def read_image(path: Path) -> np.ndarray:
     """A grayscale image file (PNG, JPEG, ... via Pillow, or .npy) as a 2-D float array in [0, 1]."""
     path = Path(path)
@@ -1401,9 +1409,7 @@ def read_image(path: Path) -> np.ndarray:
                 raise ValueError(f"expected a 2-D array (H, W), got shape {image.shape}")
             if not np.isfinite(image).all():
                 raise ValueError("it holds NaN or infinite values")
-            # 0-255 pixels or [0, 1]? Floats get some room: resampling can overshoot 1 a little.
-            is_bytes = image.max() > (1 if raw.dtype.kind in "iu" else 2)
-            return np.clip(image / 255 if is_bytes else image, 0, 1)
+            return as_fraction(image, integer=raw.dtype.kind in "iu")
         from PIL import Image, ImageOps
 
         with Image.open(path) as picture:
@@ -1413,9 +1419,8 @@ def read_image(path: Path) -> np.ndarray:
                 # Ink on a transparent background, as drawing apps save it: show it on white, as a screen does.
                 upright = Image.alpha_composite(Image.new("RGBA", upright.size, "white"), upright.convert("RGBA"))
             if upright.mode.startswith("I") or upright.mode == "F":  # 16/32-bit or float greys: convert("L") clips
-                grey = np.asarray(upright, dtype=np.float64)
-                scale = 65535 if upright.mode.startswith("I;16") or grey.max() > 255 else 255 if grey.max() > 2 else 1
-                return np.clip(grey / scale, 0, 1)
+                return as_fraction(np.asarray(upright, dtype=np.float64), integer=upright.mode != "F",
+                                   sixteen_bit=upright.mode.startswith("I;16"))
             return np.asarray(upright.convert("L"), dtype=np.float64) / 255
     except Exception as error:
         raise DataError(f"{path}: cannot read it as an image ({type(error).__name__}: {error})") from None
@@ -1719,7 +1724,8 @@ def check_flag_combinations(args: argparse.Namespace) -> None:
     for mode, ignored in IGNORED_IN_MODE.items():
         if getattr(args, mode):
             for flag in ignored:
-                if getattr(args, flag) is not None and getattr(args, flag) is not False:  # 0 is a value too
+                value = getattr(args, flag)
+                if value is not None and value is not False:  # not `value in (None, False)`: 0 == False
                     option = "--" + flag.replace("_", "-")
                     raise CNNError(f"{option} has no effect with --{mode}, which "
                                    + ("only classifies images" if mode == "predict" else "trains nothing"))
