@@ -125,8 +125,8 @@ def col2im(grad_cols: np.ndarray, padded_shape: tuple[int, ...], stride: int) ->
 
     grad_cols: (N, Ho, Wo, k, k, C) -> grad_x_padded: padded_shape (N, Hp, Wp, C).
     Windows overlap when stride < k, so contributions must be summed, not assigned. One sliced `+=`
-    per kernel offset (k * k of them) is vectorised over all samples and pixels; np.add.at would be
-    2.3x slower per epoch.
+    per kernel offset (k * k of them) is vectorised over all samples and pixels; np.add.at made an epoch 2.4x
+    slower on one thread, 1.8x with two worker threads (docs/HOW_IT_WORKS.md).
     """
     _, out_h, out_w, kernel_size, _, _ = grad_cols.shape
     grad_x = np.zeros(padded_shape, dtype=grad_cols.dtype)
@@ -210,6 +210,7 @@ class Conv2D(Layer):
         grad_cols = grad_cols.reshape(k, k, n, out_h, out_w, channels).transpose(2, 3, 4, 0, 1, 5)
         grad_padded = col2im(grad_cols, self.padded_shape, self.stride)
         height, width = self.padded_shape[1] - 2 * p, self.padded_shape[2] - 2 * p
+        # The padding zeros are constants, not inputs: their gradients are dropped.
         return grad_padded[:, p:p + height, p:p + width, :]
 
 
@@ -706,7 +707,7 @@ def _find_idx(folder: Path, stem: str) -> Path | None:
 
 
 def load_idx_split(folder: Path, split: str, num_classes: int = 10) -> tuple[np.ndarray, np.ndarray] | None:
-    """Images (N, 28, 28) and labels (N,) of one split from an IDX folder; None if its files are absent."""
+    """Images (N, H, W) uint8 and labels (N,) of one split from an IDX folder; None if its files are absent."""
     image_stem, label_stem = IDX_FILES[split]
     image_path, label_path = _find_idx(folder, image_stem), _find_idx(folder, label_stem)
     if image_path is None and label_path is None:
@@ -1066,7 +1067,7 @@ class DataParallel:
 
     def forward_backward(self, x: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, float]:
         """forward_backward() of the whole batch, leaving dLoss/dweights in the model's grads."""
-        if not self.replicas or len(x) < self.workers:
+        if not self.replicas or len(x) < self.workers:  # fewer samples than workers: one slice would be empty
             return forward_backward(self.model, x, labels)
         parts = self._parts(len(x))
         sizes = [part.stop - part.start for part in parts]
@@ -1123,7 +1124,7 @@ def train(
     result = TrainResult()
     n_train = len(data.x_train)
     # Guessing at random costs log(classes); a loss 1000 times that is an explosion, even while finite.
-    exploded = 1000 * math.log(max(data.num_classes, 2))
+    loss_limit = 1000 * math.log(max(data.num_classes, 2))
     n_batches = math.ceil(n_train / batch_size)
     with DataParallel(model, workers if workers is not None else default_workers(model, batch_size)) as parallel:
         for epoch in range(first_epoch, first_epoch + epochs):
@@ -1135,7 +1136,7 @@ def train(
                 chosen = order[batch * batch_size:(batch + 1) * batch_size]
                 x, labels = data.x_train[chosen], data.y_train[chosen]
                 logits, loss = parallel.forward_backward(x, labels)
-                if not loss < exploded:  # also catches NaN, for which every comparison is false
+                if not loss < loss_limit:  # also catches NaN, for which every comparison is false
                     bar.close()
                     result.status = "diverged"
                     result.stopped_at = {"epoch": epoch, "batch": batch + 1, "reason": f"the loss became {loss:.4g}"}
@@ -1175,6 +1176,8 @@ def profile_table(model: Sequential, n_batches: int) -> str:
     """Seconds per layer and direction collected in model.timings, as a table with each row's share."""
     timings = model.timings or {}
     rows = [(name, timings.get((name, "forward"), 0.0), timings.get((name, "backward"), 0.0)) for name in model.names]
+    # The optimiser step is no backward pass, but it runs after it: its seconds go in that column, so that the
+    # columns add up to the time of the training batches.
     rows.append(("optimizer step", 0.0, timings.get(("optimizer", "step"), 0.0)))
     total = sum(forward + backward for _, forward, backward in rows) or 1.0
     lines = [f"{'layer':<18}{'forward s':>11}{'backward s':>12}{'ms/batch':>10}{'share':>8}", "-" * 59]
@@ -1695,7 +1698,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--learning-rate", metavar="LR", help="training.learning_rate")
     group.add_argument("--optimizer", metavar="NAME", help="training.optimizer: " + ", ".join(OPTIMIZERS))
     group.add_argument("--workers", type=int, metavar="N", help="training.workers: threads that each take a slice "
-                       "of every batch (default: one per CPU, or as many as OPENBLAS_NUM_THREADS says)")
+                       "of every batch (default: one per BLAS thread, i.e. per CPU unless OPENBLAS_NUM_THREADS "
+                       "says fewer, and fewer when slices would be too small)")
     group.add_argument("--n-train", type=int, metavar="N", help="data.n_train")
     group.add_argument("--n-test", type=int, metavar="N", help="data.n_test")
     group.add_argument("--seed", type=int, metavar="N", help="data.random_seed (seeds everything)")
