@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+import images
 import main
 
 # A small model that learns the synthetic digits in 3 epochs of 2,000 images (a few seconds).
@@ -275,7 +276,7 @@ def test_predict_prints_one_line_per_file_matching_the_model(saved: SavedModel, 
     assert list(printed) == predictions.files
     loaded = main.load_model(saved.path)
     for name in predictions.files:
-        image = main.prepare_image(main.read_image(predictions.folder / name), loaded.model.input_shape, 20 / 28)
+        image = images.prepare_image(images.read_image(predictions.folder / name), loaded.model.input_shape, 20 / 28)
         probabilities = loaded.model.predict_proba(image[None])[0]
         assert printed[name][0] == str(probabilities.argmax()), name
         assert printed[name][1] == pytest.approx(100 * probabilities.max(), abs=0.051)
@@ -315,7 +316,7 @@ def test_16_bit_and_slightly_overshooting_images_read_like_8_bit_ones(tmp_path: 
     picture[5:35, 18:22] = 10000
     Image.fromarray(picture).save(tmp_path / "deep.png")
     Image.fromarray((picture / 65535 * 255).round().astype(np.uint8)).save(tmp_path / "flat.png")
-    deep, flat = main.read_image(tmp_path / "deep.png"), main.read_image(tmp_path / "flat.png")
+    deep, flat = images.read_image(tmp_path / "deep.png"), images.read_image(tmp_path / "flat.png")
     assert Image.open(tmp_path / "deep.png").mode.startswith("I")
     np.testing.assert_allclose(deep, flat, atol=1 / 255)
     assert deep.min() == pytest.approx(10000 / 65535) and deep.max() == pytest.approx(50000 / 65535)
@@ -327,7 +328,7 @@ def test_16_bit_and_slightly_overshooting_images_read_like_8_bit_ones(tmp_path: 
     np.save(tmp_path / "overshoot.npy", bar)
     np.save(tmp_path / "bytes.npy", (np.clip(bar, 0, 1) * 255).astype(np.uint8))
     for name in ("exact.npy", "overshoot.npy", "bytes.npy"):
-        image = main.read_image(tmp_path / name)
+        image = images.read_image(tmp_path / name)
         assert image.min() == 0 and image.max() == 1, name
         np.testing.assert_allclose(image, np.clip(bar, 0, 1), err_msg=name)
 
@@ -369,7 +370,7 @@ def test_prepare_image_inverts_a_light_background() -> None:
     nothing else changes."""
     paper = np.ones((28, 28))
     paper[4:24, 12:16] = 0.0  # a black vertical bar
-    prepared = main.prepare_image(paper, (28, 28, 1))
+    prepared = images.prepare_image(paper, (28, 28, 1))
     np.testing.assert_array_equal(prepared[:, :, 0], (1 - paper).astype(np.float32))
 
 
@@ -377,7 +378,7 @@ def test_prepare_image_keeps_a_dark_background() -> None:
     """An image that is already light on black is passed through unchanged."""
     night = np.zeros((28, 28))
     night[4:24, 12:16] = 0.9
-    np.testing.assert_array_equal(main.prepare_image(night, (28, 28, 1))[:, :, 0], night.astype(np.float32))
+    np.testing.assert_array_equal(images.prepare_image(night, (28, 28, 1))[:, :, 0], night.astype(np.float32))
 
 
 @pytest.mark.parametrize("size", [(5, 7), (28, 28), (40, 100), (300, 20), (111, 113)])
@@ -388,7 +389,7 @@ def test_prepare_image_gives_the_model_input_shape_for_any_size(size: tuple[int,
     rng = np.random.default_rng(0)
     image = np.zeros(size)
     image[size[0] // 4:3 * size[0] // 4 + 1, size[1] // 4:3 * size[1] // 4 + 1] = rng.uniform(0.5, 1.0)
-    prepared = main.prepare_image(image, input_shape)
+    prepared = images.prepare_image(image, input_shape)
     assert prepared.shape == input_shape and prepared.dtype == np.float32
     assert prepared.min() >= 0 and 0 < prepared.max() <= 1
 
@@ -398,7 +399,7 @@ def test_prepare_image_centres_the_ink_by_its_mass() -> None:
     scaled so that its longer side fills 20 of 28 pixels, as MNIST's digits were made."""
     image = np.zeros((200, 200))
     image[10:50, 150:170] = 1.0  # 40 tall, 20 wide, top right
-    prepared = main.prepare_image(image, (28, 28, 1))[:, :, 0]
+    prepared = images.prepare_image(image, (28, 28, 1))[:, :, 0]
     rows, cols = np.indices(prepared.shape)
     centre = ((rows * prepared).sum() / prepared.sum(), (cols * prepared).sum() / prepared.sum())
     assert centre == pytest.approx((14, 14), abs=1.0)
@@ -408,5 +409,5 @@ def test_prepare_image_centres_the_ink_by_its_mass() -> None:
 
 def test_prepare_image_of_a_blank_page_is_blank() -> None:
     """A page with no ink at all (white, so inverted to black) gives an all-zero image, not a crash."""
-    prepared = main.prepare_image(np.ones((50, 40)), (28, 28, 1))
+    prepared = images.prepare_image(np.ones((50, 40)), (28, 28, 1))
     assert prepared.shape == (28, 28, 1) and not prepared.any()

@@ -1,0 +1,108 @@
+"""Reading image files and preparing them as the model's input, for `--predict` and the draw-a-digit page.
+
+read_image() reads a PNG, JPEG, ... (through Pillow) or a .npy array as grey values in [0, 1];
+prepare_image() turns any such image into what the network saw in training (MNIST's recipe: light ink on
+black, cropped to the ink, scaled into 20x20 of 28x28, centred on its centre of mass); predict_files() runs a
+model on a list of files. Called by main.py's --predict and by serve.py; it never imports main.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from errors import DataError
+
+
+def as_fraction(grey: np.ndarray, integer: bool, sixteen_bit: bool = False) -> np.ndarray:
+    """Grey values as fractions in [0, 1]: of 65535 for 16-bit values (or any above 255), of 255 for 0-255 pixels
+    (integers above 1, floats above 2: floats get room for a resampling overshoot), else as they are."""
+    if sixteen_bit or grey.max() > 255:
+        return np.clip(grey / 65535, 0, 1)
+    return np.clip(grey / 255 if grey.max() > (1 if integer else 2) else grey, 0, 1)
+
+
+def read_image(path: Path) -> np.ndarray:
+    """A grayscale image file (PNG, JPEG, ... via Pillow, or .npy) as a 2-D float array in [0, 1]."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such image file")
+    try:
+        if path.suffix.lower() == ".npy":
+            raw = np.load(path, allow_pickle=False)
+            image = raw.astype(np.float64)
+            if image.ndim == 3 and image.shape[2] in (1, 3, 4):
+                image = image[..., :3].mean(axis=2)
+            if image.ndim != 2:
+                raise ValueError(f"expected a 2-D array (H, W), got shape {image.shape}")
+            if not np.isfinite(image).all():
+                raise ValueError("it holds NaN or infinite values")
+            return as_fraction(image, integer=raw.dtype.kind in "iu")
+        from PIL import Image, ImageOps
+
+        with Image.open(path) as picture:
+            # A phone photo is stored sideways with a tag saying how to turn it.
+            upright = ImageOps.exif_transpose(picture)
+            if upright.mode in ("RGBA", "LA", "PA") or "transparency" in upright.info:
+                # Ink on a transparent background, as drawing apps save it: show it on white, as a screen does.
+                upright = Image.alpha_composite(Image.new("RGBA", upright.size, "white"), upright.convert("RGBA"))
+            if upright.mode.startswith("I") or upright.mode == "F":  # 16/32-bit or float greys: convert("L") clips
+                return as_fraction(np.asarray(upright, dtype=np.float64), integer=upright.mode != "F",
+                                   sixteen_bit=upright.mode.startswith("I;16"))
+            return np.asarray(upright.convert("L"), dtype=np.float64) / 255
+    except Exception as error:
+        raise DataError(f"{path}: cannot read it as an image ({type(error).__name__}: {error})") from None
+
+
+def prepare_image(image: np.ndarray, input_shape: tuple[int, int, int], fill: float = 20 / 28) -> np.ndarray:
+    """Turn any grayscale image into what the model saw in training: (H, W, 1) float32 in [0, 1].
+
+    A light background (a digit drawn dark on white) is inverted, since MNIST digits are light on black.
+    An image of the model's size is then taken as it is. Any other image (a drawing, a photo) is stretched so
+    that its background is 0 and its brightest ink 1 (a photo of grey paper is not black), cropped to its
+    ink, scaled so that its longer side fills `fill` of the frame (MNIST fitted each digit into 20x20 of
+    28x28) and centred on its centre of mass, as MNIST was made.
+    """
+    from PIL import Image
+
+    height, width = input_shape[:2]
+    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+    if np.median(border) > 0.5:
+        image, border = 1 - image, 1 - border
+    if image.shape != (height, width):
+        background = np.percentile(border, 90)
+        image = np.clip((image - background) / max(image.max() - background, 1e-6), 0, 1)
+        ink = np.argwhere(image > 0.2)
+        if len(ink):
+            (top, left), (bottom, right) = ink.min(axis=0), ink.max(axis=0) + 1
+            image = image[top:bottom, left:right]
+        scale = fill * min(height / image.shape[0], width / image.shape[1])
+        size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+        resized = np.asarray(Image.fromarray(image.astype(np.float32), mode="F").resize(size, Image.BILINEAR))
+        resized = np.clip(resized, 0, 1)
+        framed = np.zeros((height, width), dtype=np.float32)
+        mass = resized.sum()
+        rows, cols = np.indices(resized.shape)
+        centre_r = (rows * resized).sum() / mass if mass > 0 else resized.shape[0] / 2
+        centre_c = (cols * resized).sum() / mass if mass > 0 else resized.shape[1] / 2
+        top = int(np.clip(round(height / 2 - centre_r), 0, height - resized.shape[0]))
+        left = int(np.clip(round(width / 2 - centre_c), 0, width - resized.shape[1]))
+        framed[top:top + resized.shape[0], left:left + resized.shape[1]] = resized
+        image = framed
+    return image.astype(np.float32)[..., None]
+
+
+def predict_files(model: Any, paths: list[Path], class_names: list[str], fill: float) -> list[dict]:
+    """Top-3 classes with probabilities for each image file (and a warning for an image with no ink)."""
+    images = np.stack([prepare_image(read_image(p), model.input_shape, fill) for p in paths])
+    probabilities = model.predict_proba(images)
+    results = []
+    for path, image, probs in zip(paths, images, probabilities):
+        top = np.argsort(probs)[::-1][:3]
+        result = {"file": str(path), "top": [{"class": class_names[i], "probability": float(probs[i])} for i in top]}
+        if image.max() < 0.05:
+            result["warning"] = "the image is blank (no ink found): the prediction means nothing"
+        results.append(result)
+    return results
