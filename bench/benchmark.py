@@ -12,36 +12,34 @@ Flags:
     --repeats R    how many times each side is measured, alternating project / PyTorch (default 5)
     --epochs E     timed epochs per measurement (default 1); a short warm-up always runs first
     --threads T    threads on both sides (default: every CPU this process may use): PyTorch's threads, and the
-                   most worker threads the project may use (main.DataParallel, each with one BLAS thread)
+                   most worker threads the project may use (parallel.DataParallel, each with one BLAS thread)
     --no-torch     behave as if PyTorch were not installed (report the project alone)
     --json FILE    write all numbers (and the environment) to FILE
 
 What is measured:
-- Training: the seed architecture (main.DEFAULT_CONFIG["model"]: conv 32 k3 p1 -> ReLU -> pool 2 -> conv 64 k3 p1
-  -> ReLU -> pool 2 -> flatten -> dense 128 -> ReLU -> dense 10), batch 32, Adam lr 1e-3, float32, trained by
+- Training: the seed architecture (config_schema.DEFAULT_CONFIG["model"]: conv 32 k3 p1 -> ReLU -> pool 2 -> conv 64
+  k3 p1 -> ReLU -> pool 2 -> flatten -> dense 128 -> ReLU -> dense 10), batch 32, Adam lr 1e-3, float32, trained by
   main.train itself, so the number is exactly what users see in the log ("seconds" of an epoch, to the millisecond;
   the timed epochs have no test set, so that the CPU time, like the seconds, is of training alone). With T threads,
-  main.train runs the worker threads that `python src/main.py` chooses by default, main.default_workers: T, or
-  fewer when the slices of a batch would be too small to pay (3 at most at batch 32), each on a slice of every
-  batch with one BLAS thread.
-  PyTorch trains the same layers, from the same initial weights, on the same images, with the same batch size,
-  optimiser and thread count (data kept as one tensor and indexed per batch: no DataLoader).
-- Inference: images per second of a forward pass plus softmax at batch 1000 (Sequential.predict_proba), on
-  (at most) the first 5,000 images, median of 3 passes.
-- Peak memory (RSS) of each worker process; training and inference run in separate processes, so the
-  training figure is not inflated by the much larger batch-1000 activations.
+  main.train runs the worker threads that `python src/main.py` chooses by default, parallel.default_workers: T, or
+  fewer when the slices of a batch would be too small to pay (3 at most at batch 32), each on a slice of every batch
+  with one BLAS thread. PyTorch trains the same layers, from the same initial weights, on the same images, with the
+  same batch size, optimiser and thread count (data kept as one tensor and indexed per batch: no DataLoader).
+- Inference: images per second of a forward pass plus softmax at batch 1000 (Sequential.predict_proba), on (at most)
+  the first 5,000 images, median of 3 passes.
+- Peak memory (RSS) of each worker process; training and inference run in separate processes, so the training figure
+  is not inflated by the much larger batch-1000 activations.
 - The GEMM lower bound: almost all the arithmetic of a CNN is in a few matrix multiplies (convolutions become matrix
   multiplies through im2col). Their shapes follow from the model; timing np.matmul on exactly those shapes, at batch
-  32 with T BLAS threads, gives the time an epoch would take if everything else (im2col, col2im, pooling, ReLU,
-  Adam, Python) were free. (A convolution's dX is timed as one GEMM, as in the table; the project splits the same
-  FLOPs into k*k products, one per kernel offset, which BLAS runs a little slower but which make col2im faster.)
-  "project epoch / lower bound" says how much time goes elsewhere; one extra profiled project epoch (model.timings,
-  main.profile_table) shows where: time per layer and direction, and the optimiser step. The table of GEMMs is
-  timed once before the repeats; each training worker times them again right after its epoch (both best of 10
-  rounds), and the target uses those same-minute ratios: on a shared machine whose speed drifts, a bound timed
-  minutes away from the epoch would skew the ratio either way.
-- CPU time next to wall time, to see how busy the threads were. On a shared machine, BLAS and OpenMP threads
-  that wait for each other stall badly when other processes hold the cores: --threads 1 gives steadier numbers.
+  32 with T BLAS threads, gives the time an epoch would take if everything else (im2col, col2im, pooling, ReLU, Adam,
+  Python) were free. (A convolution's dX is one GEMM, as in the project.) "project epoch / lower bound" says how much
+  time goes elsewhere; one extra profiled project epoch (profiling.instrument, profiling.profile_table) shows where:
+  time per layer and direction, and the optimiser step. The table of GEMMs is timed once before the repeats; each
+  training worker times them again right after its epoch (both best of 10 rounds), and the target uses those
+  same-minute ratios: on a shared machine whose speed drifts, a bound timed minutes away from the epoch would skew the
+  ratio either way.
+- CPU time next to wall time, to see how busy the threads were. On a shared machine, BLAS and OpenMP threads that wait
+  for each other stall badly when other processes hold the cores: --threads 1 gives steadier numbers.
 
 Every measurement runs in a fresh child process (this script re-invoking itself with the hidden --worker flag,
 answering with one JSON line), and the two sides alternate (project, PyTorch, project, PyTorch, ...) so that
@@ -223,6 +221,7 @@ def worker_setup(args: argparse.Namespace) -> dict:
     import numpy as np
 
     main = import_main()
+    import config_schema
     limit = limit_blas_threads(args.threads)
     total, rng = args.images + N_TEST, np.random.default_rng(SEED)
     images, labels = np.empty((total, 28, 28), np.uint8), np.empty(total, np.uint8)
@@ -231,7 +230,7 @@ def worker_setup(args: argparse.Namespace) -> dict:
         images[start:stop], labels[start:stop] = main.make_synthetic(stop - start, rng)
     np.savez(args.data, images=images, labels=labels)
 
-    model = main.build_model(main.DEFAULT_CONFIG["model"], (28, 28, 1), 10, np.random.default_rng(SEED))
+    model = main.build_model(config_schema.DEFAULT_CONFIG["model"], (28, 28, 1), 10, np.random.default_rng(SEED))
     gemms = model_gemms(model, BATCH_SIZE)
     for gemm, seconds in zip(gemms, time_gemms(gemms, rng)):
         gemm["seconds_per_batch"] = seconds
@@ -255,10 +254,13 @@ def worker_numpy(args: argparse.Namespace) -> dict:
     import numpy as np
 
     main = import_main()
+    import config_schema
+    import parallel
+    import profiling
     limit_blas_threads(args.threads)
     data = load_images(args.data, args.images)
     rss_with_data = peak_rss_mib()
-    model = main.build_model(main.DEFAULT_CONFIG["model"], (28, 28, 1), 10, np.random.default_rng(SEED))
+    model = main.build_model(config_schema.DEFAULT_CONFIG["model"], (28, 28, 1), 10, np.random.default_rng(SEED))
     result: dict[str, Any] = {"rss_after_data_mib": rss_with_data, "data_mib": data.x_train.nbytes / 2**20}
 
     if args.task == "infer":
@@ -275,7 +277,7 @@ def worker_numpy(args: argparse.Namespace) -> dict:
     optimizer, shuffle = main.Adam(LEARNING_RATE), np.random.default_rng(SEED)
     # The number of worker threads `python src/main.py` would choose here (T at most, fewer when slices of a
     # batch would be too small to pay): the project is measured as users run it.
-    workers = main.default_workers(model, BATCH_SIZE)
+    workers = parallel.default_workers(model, BATCH_SIZE)
     warmup = main.Dataset(data.x_train[:WARMUP_BATCHES * BATCH_SIZE], data.y_train[:WARMUP_BATCHES * BATCH_SIZE],
                           data.x_test, data.y_test, data.class_names, "warm-up", "synthetic")
     main.train(model, optimizer, warmup, epochs=1, batch_size=BATCH_SIZE, rng=shuffle, workers=workers)
@@ -284,8 +286,7 @@ def worker_numpy(args: argparse.Namespace) -> dict:
     train_only = main.Dataset(data.x_train, data.y_train, data.x_test[:0], data.y_test[:0], data.class_names,
                               "benchmark", "synthetic")
     epochs = 1 if args.task == "profile" else args.epochs
-    if args.task == "profile":
-        model.timings = {}
+    timings = profiling.instrument(model, optimizer) if args.task == "profile" else None
     cpu_start = time.process_time()
     history = main.train(model, optimizer, train_only, epochs=epochs, batch_size=BATCH_SIZE, rng=shuffle,
                          workers=workers).history
@@ -293,7 +294,7 @@ def worker_numpy(args: argparse.Namespace) -> dict:
                   workers=workers, cpu_seconds_per_epoch=(time.process_time() - cpu_start) / epochs,
                   peak_rss_mib=peak_rss_mib())
     if args.task == "profile":
-        result["profile"] = main.profile_table(model, math.ceil(args.images / BATCH_SIZE))
+        result["profile"] = profiling.profile_table(timings, model.names, math.ceil(args.images / BATCH_SIZE), workers)
     else:
         # The GEMM lower bound once more, in this process, right after the epoch (and after reading the peak
         # RSS, which the GEMMs' operands would raise): this host's speed drifts by up to 1.5x within minutes,
@@ -357,12 +358,14 @@ def worker_torch(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(SEED)
     main = import_main()
+    import config_schema
     data = load_images(args.data, args.images)
     x = torch.from_numpy(np.ascontiguousarray(data.x_train.transpose(0, 3, 1, 2)))  # NHWC -> NCHW, once
     y = torch.from_numpy(data.y_train)
     del data
     rss_with_data = peak_rss_mib()
-    model = torch_twin(main.build_model(main.DEFAULT_CONFIG["model"], (28, 28, 1), 10, np.random.default_rng(SEED)))
+    model = torch_twin(main.build_model(config_schema.DEFAULT_CONFIG["model"], (28, 28, 1), 10,
+                                        np.random.default_rng(SEED)))
     result: dict[str, Any] = {"rss_after_data_mib": rss_with_data, "data_mib": x.numel() * 4 / 2**20}
 
     if args.task == "infer":
@@ -605,7 +608,7 @@ def measure(args: argparse.Namespace, has_torch: bool) -> dict:
         print("\npreparing the images and timing the model's matrix multiplies ...", flush=True)
         runs["setup"] = call_worker(args, "setup")
         print(f"NumPy {runs['setup']['numpy']}, BLAS: {describe_blas(runs['setup'])}")
-        print(f"model (main.DEFAULT_CONFIG['model']):\n{runs['setup']['summary']}")
+        print(f"model (config_schema.DEFAULT_CONFIG['model']):\n{runs['setup']['summary']}")
         runs["lower_bound"] = print_gemm_table(runs["setup"], args.images)
 
         print(f"\ntraining: {plural(args.repeats, 'repeat')}, each side in its own process"
@@ -631,7 +634,7 @@ def measure(args: argparse.Namespace, has_torch: bool) -> dict:
             if has_torch:
                 runs["infer"]["torch"].append(call_worker(args, "torch", "infer"))
 
-        print("one more project epoch, profiled (model.timings) ...", flush=True)
+        print("one more project epoch, profiled (profiling.instrument) ...", flush=True)
         runs["profile"] = call_worker(args, "numpy", "profile")["profile"]
     return runs
 

@@ -15,10 +15,10 @@ The comparisons (project's way first, the alternative second):
 4. col2im with one sliced `+=` per kernel offset against np.add.at: conv2d_2's shapes, and a whole epoch.
 5. max pooling with running maxima and winner masks against argmax + scatter: maxpool2d_1.
 6. ReLU as x * (x > 0) against np.maximum(x, 0): relu_1's input.
-7. Worker threads (main.DataParallel: one slice of each batch per CPU, one BLAS thread each) against one thread
+7. Worker threads (parallel.DataParallel: one slice of each batch per CPU, one BLAS thread each) against one thread
    whose BLAS uses every CPU: training epochs of the default model. This one uses every CPU the process may
    use, whatever --threads says: it is about how to use them. Then the other side of the trade: on 8x8 digits,
-   whose slices are small, the one thread main.default_workers chooses against as many workers as CPUs.
+   whose slices are small, the one thread parallel.default_workers chooses against as many workers as CPUs.
 
 How it measures: the machine may be shared and noisy, so the two sides ALTERNATE (project, alternative,
 project, alternative, ...), each round timing enough calls to last a moment, and the report gives the median
@@ -55,7 +55,9 @@ for _folder in ("src", "tests", "bench"):  # main.py, the loop reference tests/r
 import reference  # noqa: E402
 from benchmark import available_cpus, cpu_model  # noqa: E402
 
+import config_schema  # noqa: E402
 import main  # noqa: E402
+import parallel  # noqa: E402
 
 BATCH = 32
 SEED = 42
@@ -259,7 +261,7 @@ def compare_loops(settings: Settings, rng: np.random.Generator) -> list[Result]:
 
 def default_model(dtype: type) -> main.Sequential:
     """The default model with the weights of seed 42, its weights and gradients converted to dtype."""
-    model = main.build_model(main.DEFAULT_CONFIG["model"], CONV1_INPUT[1:], 10, np.random.default_rng(SEED))
+    model = main.build_model(config_schema.DEFAULT_CONFIG["model"], CONV1_INPUT[1:], 10, np.random.default_rng(SEED))
     for layer in model.layers:
         for name in layer.params:
             layer.params[name] = layer.params[name].astype(dtype)
@@ -499,12 +501,15 @@ def synthetic_dataset(n_train: int, n_test: int, rng: np.random.Generator) -> ma
 
 def epoch_model(data: main.Dataset) -> main.Sequential:
     """The default model for data's image size, with the weights of seed 42."""
-    return main.build_model(main.DEFAULT_CONFIG["model"], data.input_shape, 10, np.random.default_rng(SEED))
+    return main.build_model(config_schema.DEFAULT_CONFIG["model"], data.input_shape, 10, np.random.default_rng(SEED))
 
 
 def epoch(data: main.Dataset, workers: int | None = None) -> dict:
     """One epoch of main.train from the seed-42 weights; its history row ("seconds" excludes evaluation)."""
-    return main.train(epoch_model(data), main.Adam(1e-3), data, epochs=1, batch_size=BATCH,
+    model = epoch_model(data)
+    if workers is None:
+        workers = parallel.default_workers(model, BATCH)
+    return main.train(model, main.Adam(1e-3), data, epochs=1, batch_size=BATCH,
                       rng=np.random.default_rng(SEED), workers=workers).history[0]
 
 
@@ -628,10 +633,13 @@ def compare_relu(settings: Settings, rng: np.random.Generator) -> list[Result]:
 def check_workers(x: np.ndarray, labels: np.ndarray, workers: int) -> None:
     """Slices of the batch on worker threads give the whole batch's loss and gradients (float32 rounding)."""
     model = default_model(np.float32)
-    _, expected_loss = main.forward_backward(model, x, labels)
+    loss_fn = main.SoftmaxCrossEntropy()
+    expected_loss = loss_fn.forward(model.forward(x), labels)
+    model.backward(loss_fn.backward())
     expected = [grad.copy() for layer in model.layers for grad in layer.grads.values()]
-    with main.DataParallel(model, workers) as parallel:
-        _, loss = parallel.forward_backward(x, labels)
+    with parallel.DataParallel(model, workers) as net:
+        loss = loss_fn.forward(net.forward(x), labels)
+        net.backward(loss_fn.backward())
     check_close("loss with worker threads", np.array(loss), np.array(expected_loss), 1e-5)
     grads = [grad for layer in model.layers for grad in layer.grads.values()]
     for index, (grad, want) in enumerate(zip(grads, expected)):
@@ -650,7 +658,7 @@ def compare_workers(settings: Settings, rng: np.random.Generator) -> list[Result
     data, warm_up = synthetic_dataset(settings.epoch_images, 100, rng), synthetic_dataset(10 * BATCH, 100, rng)
     project, alternative = [], []
     with threadpool_limits(limits=cpus):  # BLAS may use every CPU (DataParallel holds it to 1 while it runs)
-        workers = main.default_workers(epoch_model(data), BATCH)  # what training picks: at most 3 at batch 32
+        workers = parallel.default_workers(epoch_model(data), BATCH)  # what training picks: at most 3 at batch 32
         epoch(warm_up, workers)
         epoch(warm_up, 1)
         for _ in range(settings.epoch_rounds):
@@ -659,10 +667,10 @@ def compare_workers(settings: Settings, rng: np.random.Generator) -> list[Result
         results = [report(Result(f"worker threads vs BLAS threads: epoch of {settings.epoch_images:,} images",
                                  f"{workers} workers x 1 BLAS thread", f"1 thread, BLAS {cpus} threads", project,
                                  alternative, unit="s"))]
-        # Small images make small slices, where threads cost more than they save: main.default_workers then
+        # Small images make small slices, where threads cost more than they save: parallel.default_workers then
         # keeps training on one thread. The alternative forces the workers anyway.
         digits = digits_dataset()
-        workers = main.default_workers(epoch_model(digits), BATCH)
+        workers = parallel.default_workers(epoch_model(digits), BATCH)
         epoch(digits, workers)
         epoch(digits, cpus)
         project, alternative = [], []

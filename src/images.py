@@ -1,6 +1,7 @@
 """Reading image files and preparing them as the model's input, for `--predict` and the draw-a-digit page.
 
-read_image() reads a PNG, JPEG, ... (through Pillow) or a .npy array as grey values in [0, 1];
+read_image() reads a PNG, JPEG, ... (through Pillow) or a .npy array as grey values in [0, 1], and
+image_from_bytes() does the same for the bytes of an image file (a drawing sent to the server);
 prepare_image() turns any such image into what the network saw in training (MNIST's recipe: light ink on
 black, cropped to the ink, scaled into 20x20 of 28x28, centred on its centre of mass); predict_files() runs a
 model on a list of files. Called by main.py's --predict and by serve.py; it never imports main.
@@ -8,6 +9,7 @@ model on a list of files. Called by main.py's --predict and by serve.py; it neve
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +42,26 @@ def read_image(path: Path) -> np.ndarray:
             if not np.isfinite(image).all():
                 raise ValueError("it holds NaN or infinite values")
             return as_fraction(image, integer=raw.dtype.kind in "iu")
-        from PIL import Image, ImageOps
+        return image_from_bytes(path.read_bytes())
+    except DataError as error:  # from image_from_bytes: the same line, naming the file
+        raise DataError(f"{path}: {error}") from None
+    except Exception as error:
+        raise DataError(f"{path}: cannot read it as an image ({type(error).__name__}: {error})") from None
 
-        with Image.open(path) as picture:
+
+def image_from_bytes(data: bytes, max_pixels: int | None = None) -> np.ndarray:
+    """The bytes of an image file (PNG, JPEG, ... anything Pillow reads) as a 2-D float array in [0, 1].
+
+    Ink on a transparent background is shown on white, as a screen shows it; a photo's orientation tag is
+    applied. `max_pixels` refuses, before decoding, an image with more pixels than that (a small compressed
+    file can hold a huge image). Raises DataError with one line for anything that is not such an image.
+    """
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(io.BytesIO(data)) as picture:
+            if max_pixels is not None and picture.width * picture.height > max_pixels:
+                raise ValueError(f"{picture.width}x{picture.height} pixels is more than the {max_pixels:,} allowed")
             # A phone photo is stored sideways with a tag saying how to turn it.
             upright = ImageOps.exif_transpose(picture)
             if upright.mode in ("RGBA", "LA", "PA") or "transparency" in upright.info:
@@ -52,8 +71,11 @@ def read_image(path: Path) -> np.ndarray:
                 return as_fraction(np.asarray(upright, dtype=np.float64), integer=upright.mode != "F",
                                    sixteen_bit=upright.mode.startswith("I;16"))
             return np.asarray(upright.convert("L"), dtype=np.float64) / 255
+    except Image.UnidentifiedImageError:  # its own message would name an anonymous in-memory file
+        raise DataError("cannot read it as an image (UnidentifiedImageError: not an image format Pillow knows)") \
+            from None
     except Exception as error:
-        raise DataError(f"{path}: cannot read it as an image ({type(error).__name__}: {error})") from None
+        raise DataError(f"cannot read it as an image ({type(error).__name__}: {error})") from None
 
 
 def prepare_image(image: np.ndarray, input_shape: tuple[int, int, int], fill: float = 20 / 28) -> np.ndarray:

@@ -1,11 +1,20 @@
 """numpy-cnn: a convolutional neural network from scratch in NumPy, trained on MNIST.
 
-Read it top to bottom: layers -> loss -> model -> optimisers -> data -> training, then the tools around
-them (gradient check, saving and predicting, configuration) and the command line.
+Read it top to bottom, like a chapter of a textbook:
+  1. Layers: Conv2D, MaxPool2D, ReLU, Flatten, Dense, each with its forward and backward pass side by side.
+  2. Loss: softmax cross-entropy.
+  3. Model: Sequential, which chains the layers (forward in order, backward in reverse), and build_model.
+  4. Optimisers: SGD with momentum, Adam.
+  5. Data: MNIST, Fashion-MNIST or scikit-learn's digits, with labelled synthetic digits when offline.
+  6. Training: the loop of forward -> loss -> backward -> step.
+  7. The gradient check, which proves every backward pass right with central differences.
+  8. The configuration file and the command line.
+The machinery around it (worker threads, profiling, model files, image files, the config schema, logging and
+signals, pictures) lives in the sibling modules of src/, which never import this one.
 
 Conventions used everywhere:
 - Images are channels-last arrays of shape (N, H, W, C), as in Keras: N samples, H x W pixels, C channels.
-- Everything is float32 (float64 only in gradient checks): half the memory traffic, about 2x faster.
+- Everything is float32 (float64 only in gradient checks): half the memory traffic of float64, and faster.
 - Every layer has `forward(x, training=True) -> y` and `backward(grad_out) -> grad_in`, where
   `grad_out` is dLoss/dy and `grad_in` is dLoss/dx. Weights live in `params`, their gradients in `grads`.
 """
@@ -13,41 +22,42 @@ Conventions used everywhere:
 from __future__ import annotations
 
 import argparse
-import copy
-import difflib
-import gzip
-import json
 import logging
 import math
 import os
-import platform
 import signal
-import socket
-import struct
 import sys
-import tempfile
 import time
-import warnings
-import zipfile
-import zlib
-from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
-from threadpoolctl import threadpool_info, threadpool_limits
 
-from errors import CNNError, ConfigError, DataError, ModelFileError
+from config_schema import DATASETS, LOG_LEVELS, OPTIMIZERS, SCHEMA, validate_config
+from datafiles import OPENML_NAMES, download_openml, load_cache, load_idx_folder
+from errors import CNNError, ConfigError, DataError
 from images import predict_files
+from modelfile import load_model, restore_optimizer, save_model
+from plumbing import (
+    Interrupted,
+    StopRequest,
+    check_writable,
+    close_logging,
+    log_to_file,
+    setup_logging,
+    versions,
+    write_atomic,
+    write_json,
+)
+from profiling import instrument, profile_table
 
 DTYPE = np.float32
-# Evaluation during training runs in batches of 32 images: a 30th of the memory of 1000 (the API's default,
-# whose im2col columns take 226 MB in the second conv layer), and faster, since the arrays stay in the CPU's
-# caches: 1,000 test images took 0.26-0.28 s at 32, 0.32 s at 128 and 0.42 s at 500 here.
+# Evaluation runs in batches of 32 images: the arrays stay in the CPU's caches, and the im2col columns of
+# the second conv layer take a 30th of the memory they would for batches of 1,000.
 EVAL_BATCH_SIZE = 32
 log = logging.getLogger("numpy_cnn")
 
@@ -95,16 +105,8 @@ def im2col(x_padded: np.ndarray, kernel_size: int, stride: int) -> np.ndarray:
     """
     # sliding_window_view builds a view of all windows without copying; [::stride] keeps the strided ones.
     windows = sliding_window_view(x_padded, (kernel_size, kernel_size), axis=(1, 2))[:, ::stride, ::stride]
-    if x_padded.shape[3] > 1:
-        # (N, Ho, Wo, C, k, k) -> (N, Ho, Wo, k, k, C): the copy happens here, once.
-        return np.ascontiguousarray(windows.transpose(0, 1, 2, 4, 5, 3))
-    # With one channel (grey images into the first layer) that copy would move one float at a time; one
-    # copy per kernel offset moves rows of Wo floats instead: 0.3 ms instead of 0.9 ms for conv2d_1 at batch 32.
-    cols = np.empty((*windows.shape[:3], kernel_size, kernel_size, 1), dtype=x_padded.dtype)
-    for di in range(kernel_size):
-        for dj in range(kernel_size):
-            cols[:, :, :, di, dj, :] = windows[:, :, :, :, di, dj]
-    return cols
+    # (N, Ho, Wo, C, k, k) -> (N, Ho, Wo, k, k, C): the copy happens here, once.
+    return np.ascontiguousarray(windows.transpose(0, 1, 2, 4, 5, 3))
 
 
 def col2im(grad_cols: np.ndarray, padded_shape: tuple[int, ...], stride: int) -> np.ndarray:
@@ -112,8 +114,8 @@ def col2im(grad_cols: np.ndarray, padded_shape: tuple[int, ...], stride: int) ->
 
     grad_cols: (N, Ho, Wo, k, k, C) -> grad_x_padded: padded_shape (N, Hp, Wp, C).
     Windows overlap when stride < k, so contributions must be summed, not assigned. One sliced `+=`
-    per kernel offset (k * k of them) is vectorised over all samples and pixels; np.add.at made an epoch 2.4x
-    slower on one thread, 1.8x with two worker threads (docs/HOW_IT_WORKS.md).
+    per kernel offset (k * k of them) is vectorised over all samples and pixels (np.add.at, which adds one
+    element at a time, is far slower: bench/why_fast.py, "col2im").
     """
     _, out_h, out_w, kernel_size, _, _ = grad_cols.shape
     grad_x = np.zeros(padded_shape, dtype=grad_cols.dtype)
@@ -182,19 +184,12 @@ class Conv2D(Layer):
         filters, p = grad_out.shape[3], self.padding
         grad_rows = grad_out.reshape(-1, filters)  # (N*Ho*Wo, F)
         cols = self.cols.reshape(grad_rows.shape[0], -1)  # (N*Ho*Wo, k*k*C)
+        weights = self.params["W"].reshape(cols.shape[1], filters)  # (k*k*C, F)
         self.grads["W"][...] = (cols.T @ grad_rows).reshape(self.params["W"].shape)
-        # db = sum of grad_out over every sample and pixel, as a vector-matrix product: for (25088, 32)
-        # this is 4x faster than grad_rows.sum(axis=0), which adds row after row.
-        self.grads["b"][...] = np.ones(len(grad_rows), dtype=grad_rows.dtype) @ grad_rows
+        self.grads["b"][...] = grad_rows.sum(axis=0)
         if not self.need_input_grad:
             return None
-        n, out_h, out_w, k, _, channels = self.cols.shape
-        # grad_cols = grad_out @ W^T, computed as one batched product per kernel offset, (k*k, N*Ho*Wo, C),
-        # and viewed as (N, Ho, Wo, k, k, C): col2im's k*k slices are then contiguous blocks, which makes
-        # the whole training step about 9% faster than one (N*Ho*Wo, k*k*C) product.
-        weights_by_offset = self.params["W"].reshape(k * k, channels, filters).transpose(0, 2, 1)  # (k*k, F, C)
-        grad_cols = np.matmul(grad_rows, weights_by_offset)
-        grad_cols = grad_cols.reshape(k, k, n, out_h, out_w, channels).transpose(2, 3, 4, 0, 1, 5)
+        grad_cols = (grad_rows @ weights.T).reshape(self.cols.shape)  # (N, Ho, Wo, k, k, C)
         grad_padded = col2im(grad_cols, self.padded_shape, self.stride)
         height, width = self.padded_shape[1] - 2 * p, self.padded_shape[2] - 2 * p
         # The padding zeros are constants, not inputs: their gradients are dropped.
@@ -255,12 +250,9 @@ class MaxPool2D(Layer):
     def backward(self, grad_out: np.ndarray) -> np.ndarray:
         out_h, out_w = grad_out.shape[1:3]
         grad_in = np.zeros(self.x_shape, dtype=grad_out.dtype)
-        overlapping = self.stride < self.pool_size
         for offset, row_slice, col_slice in self._offsets(out_h, out_w):
-            if overlapping:  # two windows can share an input pixel: their gradients add up
-                grad_in[:, row_slice, col_slice, :] += grad_out * self.winner[offset]
-            else:  # each input pixel is in at most one window: write in place, no temporary
-                np.multiply(grad_out, self.winner[offset], out=grad_in[:, row_slice, col_slice, :])
+            # += rather than =: with stride < pool, two windows can share an input pixel, and both gradients count.
+            grad_in[:, row_slice, col_slice, :] += grad_out * self.winner[offset]
         return grad_in
 
 
@@ -268,13 +260,9 @@ class ReLU(Layer):
     """y = max(x, 0), elementwise, any shape. Backward: dx = grad_out * (x > 0)."""
 
     def forward(self, x: np.ndarray, training: bool = True) -> np.ndarray:
-        positive = x > 0
         if training:
-            self.positive = positive
-        # x * (x > 0) is max(x, 0) for finite x (negative inputs give -0.0, which equals 0; -inf would give NaN,
-        # in a run that is diverging anyway) and here about 1.5x faster than np.maximum(x, 0), whose NaN
-        # handling costs more than the multiply (bench/why_fast.py).
-        return x * positive
+            self.positive = x > 0
+        return np.maximum(x, 0)
 
     def backward(self, grad_out: np.ndarray) -> np.ndarray:
         return grad_out * self.positive
@@ -331,10 +319,20 @@ class Dense(Layer):
 # ------------------------------------------------------------------------------------------------
 
 
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log of the softmax, (N, K) -> (N, K): log p_k = z_k - log(sum_j exp(z_j)).
+
+    Subtracting each row's max first changes nothing mathematically but keeps exp() from overflowing. Taking
+    the log this way rather than as log(softmax) also keeps tiny probabilities: exp(-20000) is 0 in floating
+    point, and log(0) would make a loss infinite where it is really 20000.
+    """
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax, (N, K) -> (N, K); shifted by each row's max so that exp() cannot overflow."""
-    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return exp / exp.sum(axis=1, keepdims=True)
+    """Row-wise softmax, (N, K) -> (N, K): probabilities p_k = exp(z_k) / sum_j exp(z_j), each row sums to 1."""
+    return np.exp(log_softmax(logits))
 
 
 class SoftmaxCrossEntropy:
@@ -345,15 +343,9 @@ class SoftmaxCrossEntropy:
     """
 
     def forward(self, logits: np.ndarray, labels: np.ndarray) -> float:
-        # Subtracting the row max changes nothing mathematically but keeps exp() from overflowing. The log
-        # probabilities come from log-sum-exp, not log(softmax): a probability of exp(-20000) is 0 in
-        # floating point, and log(0) would make the loss infinite where it is really 20000.
-        shifted = logits - logits.max(axis=1, keepdims=True)
-        log_sum_exp = np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-        log_probs = shifted - log_sum_exp
-        rows = np.arange(len(labels))
+        log_probs = log_softmax(logits)
         self.probs, self.labels = np.exp(log_probs), labels
-        return float(-log_probs[rows, labels].mean())
+        return float(-log_probs[np.arange(len(labels)), labels].mean())
 
     def backward(self) -> np.ndarray:
         grad = self.probs.copy()
@@ -369,42 +361,31 @@ class SoftmaxCrossEntropy:
 class Sequential:
     """A stack of layers applied in order; backward runs them in reverse (the chain rule).
 
-    `timings`, when set to a dict, collects the seconds spent per (layer name, "forward", "backward" or
-    "inference"), and in whatever else runs in a `timed` block (for --profile).
+    forward: x -> layers[0] -> layers[1] -> ... -> logits.
+    backward: grad_logits -> layers[-1].backward -> ... -> layers[0].backward, each layer turning dLoss/dy into
+    dLoss/dx and storing dLoss/dweights in its grads on the way.
     """
 
     def __init__(self, layers: list[Layer], input_shape: tuple[int, ...] | None = None) -> None:
         self.layers = layers
         self.input_shape = tuple(input_shape) if input_shape is not None else None
         self.names = layer_names(layers)
-        self.timings: dict[tuple[str, str], float] | None = None
         # Nothing upstream of the first layer with weights needs dLoss/dx: skipping it saves a col2im per batch.
         first = next((layer for layer in layers if layer.params), None)
         if first is not None:
             first.need_input_grad = False
 
     def forward(self, x: np.ndarray, training: bool = True) -> np.ndarray:
-        for name, layer in zip(self.names, self.layers):
-            # Timed apart from training passes, so that the profile of training leaves evaluation out.
-            with self.timed(name, "forward" if training else "inference"):
-                x = layer.forward(x, training)
+        for layer in self.layers:
+            x = layer.forward(x, training)
         return x
 
     def backward(self, grad_out: np.ndarray) -> np.ndarray | None:
-        for name, layer in zip(reversed(self.names), reversed(self.layers)):
-            with self.timed(name, "backward"):
-                grad_out = layer.backward(grad_out)
+        for layer in reversed(self.layers):
+            grad_out = layer.backward(grad_out)
             if grad_out is None:  # the first layer with weights skipped dx: nothing below needs it
                 break
         return grad_out
-
-    @contextmanager
-    def timed(self, part: str, direction: str) -> Iterator[None]:
-        """Add the seconds spent in the with-block to timings[(part, direction)] when profiling."""
-        start = time.perf_counter()
-        yield
-        if self.timings is not None:
-            self.timings[part, direction] = self.timings.get((part, direction), 0.0) + time.perf_counter() - start
 
     def predict_proba(self, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
         """Softmax probabilities (N, K), computed batch by batch so memory stays bounded."""
@@ -426,18 +407,6 @@ class Sequential:
             total_loss += loss_fn.forward(logits, labels) * len(labels)
             correct += int((logits.argmax(axis=1) == labels).sum())
         return total_loss / max(len(x), 1), correct / max(len(x), 1)
-
-    def replicate(self) -> Sequential:
-        """A twin that shares this model's weights (the same arrays) but has its own gradients and its own
-        saved activations, so that it can run another slice of the batch at the same time (DataParallel).
-        This relies on every layer's forward and backward making new arrays rather than reusing a buffer kept
-        on the layer: such a buffer would be shared by the twins, and their threads would overwrite it."""
-        layers = []
-        for layer in self.layers:
-            twin = copy.copy(layer)  # shallow: twin.params is the very dict of the very arrays of layer.params
-            twin.grads = {name: np.zeros_like(grad) for name, grad in layer.grads.items()}
-            layers.append(twin)
-        return Sequential(layers, self.input_shape)
 
     def parameter_count(self) -> int:
         return sum(p.size for layer in self.layers for p in layer.params.values())
@@ -516,79 +485,90 @@ def build_model(
 # ------------------------------------------------------------------------------------------------
 
 
-def _slot(state: dict[str, np.ndarray], key: str, param: np.ndarray) -> np.ndarray:
-    """The optimiser's array state[key], created as zeros shaped like param on first use. (Not
-    state.setdefault(key, np.zeros_like(param)): that would allocate the zeros at every step.)"""
-    if key not in state:
-        state[key] = np.zeros_like(param)
-    return state[key]
-
-
-def _parameters(model: Sequential) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+def parameters(model: Sequential) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
     """(key, weights, gradient) for every weight array; the key, like '3.W', is its layer number and name."""
     for index, layer in enumerate(model.layers):
         for name, param in layer.params.items():
             yield f"{index}.{name}", param, layer.grads[name]
 
 
-class SGD:
-    """Stochastic gradient descent with momentum (PyTorch's form): v = momentum * v + g;  w -= lr * v."""
+class Optimizer:
+    """What every optimiser has: a learning rate, its state (arrays per weight, such as SGD's velocity,
+    saved in model files so that training can continue), and step(model), which moves every weight of the
+    model against its gradient."""
 
-    def __init__(self, learning_rate: float = 0.01, momentum: float = 0.9) -> None:
-        self.learning_rate, self.momentum = learning_rate, momentum
+    name = ""  # how config files and model files call it
+
+    def __init__(self, learning_rate: float) -> None:
+        self.learning_rate = learning_rate
         self.state: dict[str, np.ndarray] = {}
 
+    def slot(self, key: str, param: np.ndarray) -> np.ndarray:
+        """The state array `key`, created as zeros shaped like param on first use."""
+        if key not in self.state:
+            self.state[key] = np.zeros_like(param)
+        return self.state[key]
+
     def step(self, model: Sequential) -> None:
-        for key, param, grad in _parameters(model):
-            velocity = _slot(self.state, f"{key}.velocity", param)
+        raise NotImplementedError
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent with momentum (PyTorch's form): v = momentum * v + g;  w -= lr * v."""
+
+    name = "sgd"
+
+    def __init__(self, learning_rate: float = 0.01, momentum: float = 0.9) -> None:
+        super().__init__(learning_rate)
+        self.momentum = momentum
+
+    def step(self, model: Sequential) -> None:
+        for key, param, grad in parameters(model):
+            velocity = self.slot(f"{key}.velocity", param)
             velocity *= self.momentum
             velocity += grad
             param -= self.learning_rate * velocity
 
 
-class Adam:
+class Adam(Optimizer):
     """Adam (Kingma & Ba, 2015) with bias correction.
 
     m = b1*m + (1-b1)*g;  v = b2*v + (1-b2)*g^2;  w -= lr * m_hat / (sqrt(v_hat) + eps),
     where m_hat = m / (1 - b1^t) and v_hat = v / (1 - b2^t) undo the zero start of m and v.
     """
 
+    name = "adam"
+
     def __init__(self, learning_rate: float = 0.001, beta1: float = 0.9, beta2: float = 0.999,
                  eps: float = 1e-8) -> None:
-        self.learning_rate, self.beta1, self.beta2, self.eps = learning_rate, beta1, beta2, eps
+        super().__init__(learning_rate)
+        self.beta1, self.beta2, self.eps = beta1, beta2, eps
         self.t = 0
-        self.state: dict[str, np.ndarray] = {}
         self.scratch: dict[str, np.ndarray] = {}
 
     def step(self, model: Sequential) -> None:
         self.t += 1
-        step_size = self.learning_rate / (1 - self.beta1 ** self.t)
-        correction2_sqrt = math.sqrt(1 - self.beta2 ** self.t)
-        for key, param, grad in _parameters(model):
-            m, v = _slot(self.state, f"{key}.m", param), _slot(self.state, f"{key}.v", param)
-            # In plain NumPy this step is
-            #     m = b1 * m + (1 - b1) * g;  v = b2 * v + (1 - b2) * g**2
-            #     param -= lr * (m / c1) / (np.sqrt(v / c2) + eps)
-            # It runs for every weight at every batch, so it works in place through one scratch array:
-            # fresh temporaries for each of the ~10 operations would cost more than the arithmetic.
+        b1, b2 = self.beta1, self.beta2
+        step_size = self.learning_rate / (1 - b1 ** self.t)  # lr / (1 - b1^t) turns m into m_hat
+        correction2_sqrt = math.sqrt(1 - b2 ** self.t)  # sqrt(v_hat) = sqrt(v) / sqrt(1 - b2^t)
+        for key, param, grad in parameters(model):
+            m, v = self.slot(f"{key}.m", param), self.slot(f"{key}.v", param)
+            # The docstring's formula, in place through one scratch array per weight: with a fresh temporary for
+            # each of its operations, the step costs a measurable share of an epoch (bench/why_fast.py: "Adam").
             scratch = self.scratch.get(key)
             if scratch is None or scratch.shape != param.shape or scratch.dtype != param.dtype:
                 scratch = self.scratch[key] = np.empty_like(param)
-            m *= self.beta1
-            m += np.multiply(grad, 1 - self.beta1, out=scratch)
-            v *= self.beta2
-            np.multiply(grad, grad, out=scratch)
-            v += np.multiply(scratch, 1 - self.beta2, out=scratch)
-            # Same arithmetic as PyTorch: w -= (lr / c1) * m / (sqrt(v) / sqrt(c2) + eps). The denominator is
-            # built in scratch, then scratch is overwritten with the step itself.
+            m *= b1
+            m += np.multiply(grad, 1 - b1, out=scratch)  # m = b1*m + (1-b1)*g
+            v *= b2
+            v += np.multiply(np.square(grad, out=scratch), 1 - b2, out=scratch)  # v = b2*v + (1-b2)*g^2
             denominator = np.sqrt(v, out=scratch)
             denominator /= correction2_sqrt
-            denominator += self.eps
-            step = np.divide(m, denominator, out=scratch)
-            param -= np.multiply(step, step_size, out=scratch)
+            denominator += self.eps  # sqrt(v_hat) + eps
+            param -= np.multiply(np.divide(m, denominator, out=scratch), step_size, out=scratch)
 
 
-def make_optimizer(training_cfg: dict) -> SGD | Adam:
+def make_optimizer(training_cfg: dict) -> Optimizer:
     if training_cfg["optimizer"] == "sgd":
         return SGD(training_cfg["learning_rate"], training_cfg["momentum"])
     return Adam(training_cfg["learning_rate"])
@@ -599,32 +579,9 @@ def make_optimizer(training_cfg: dict) -> SGD | Adam:
 # ------------------------------------------------------------------------------------------------
 
 
-def write_atomic(path: Path, write: Callable[[Any], None], binary: bool = True) -> None:
-    """Write to a temporary file beside `path`, then rename it into place: a crash or Ctrl-C midway
-    leaves the old file (or none) rather than half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb" if binary else "w", encoding=None if binary else "utf-8") as f:
-            write(f)
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-DATASETS = ("mnist", "fashion_mnist", "digits", "synthetic")
 DIGIT_NAMES = [str(digit) for digit in range(10)]
 FASHION_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                  "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-OPENML_NAMES = {"mnist": "mnist_784", "fashion_mnist": "Fashion-MNIST"}
-OPENML_HOST = "www.openml.org"  # where scikit-learn's fetch_openml downloads from
-IDX_FILES = {  # split -> (images, labels), without the optional .gz
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
 
 
 @dataclass
@@ -655,121 +612,6 @@ def make_rngs(seed: int) -> dict[str, np.random.Generator]:
     streams = np.random.SeedSequence(seed).spawn(3)
     return {name: np.random.default_rng(s) for name, s in zip(("data", "init", "shuffle"), streams)}
 
-
-def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (the MNIST format, optionally gzipped) into a uint8 array.
-
-    Layout: two zero bytes, a type byte (0x08 = unsigned byte), the number of dimensions, one big-endian
-    uint32 per dimension, then the data. Raises DataError naming the file for anything else.
-    """
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError, zlib.error) as error:  # zlib.error: a damaged .gz
-        raise DataError(f"{path}: cannot read it ({error})") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or not 1 <= raw[3] <= 3:
-        magic = raw[:4].hex() if len(raw) >= 4 else f"only {len(raw)} bytes"
-        raise DataError(f"{path}: not an IDX file of unsigned bytes (magic number {magic}, "
-                        "expected 00000801 for labels or 00000803 for images)")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(f"{path}: truncated header ({len(raw)} bytes)")
-    shape = struct.unpack(f">{ndim}I", raw[4:header])
-    expected = math.prod(shape)
-    if len(raw) - header != expected:
-        raise DataError(f"{path}: header promises {expected:,} bytes of data for shape {shape}, "
-                        f"file holds {len(raw) - header:,} (truncated or corrupt)")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
-
-
-def _find_idx(folder: Path, stem: str) -> Path | None:
-    # Besides the standard names, accept the 'train-images.idx3-ubyte' spelling some archives use.
-    dotted = stem.replace("-idx", ".idx")
-    for name in (stem, stem + ".gz", dotted, dotted + ".gz"):
-        if (folder / name).is_file():
-            return folder / name
-    return None
-
-
-def load_idx_split(folder: Path, split: str, num_classes: int = 10) -> tuple[np.ndarray, np.ndarray] | None:
-    """Images (N, H, W) uint8 and labels (N,) of one split from an IDX folder; None if its files are absent."""
-    image_stem, label_stem = IDX_FILES[split]
-    image_path, label_path = _find_idx(folder, image_stem), _find_idx(folder, label_stem)
-    if image_path is None and label_path is None:
-        return None
-    if image_path is None or label_path is None:
-        present, missing = (image_path, label_stem) if label_path is None else (label_path, image_stem)
-        raise DataError(f"{folder}: found {present.name} but not {missing}[.gz] beside it")
-    images, labels = read_idx(image_path), read_idx(label_path)
-    if images.ndim != 3:
-        raise DataError(f"{image_path}: expected images of 3 dimensions (N, H, W), found shape {images.shape}")
-    if labels.ndim != 1:
-        raise DataError(f"{label_path}: expected labels of 1 dimension (N,), found shape {labels.shape}")
-    if len(images) != len(labels):
-        raise DataError(f"{image_path.name} holds {len(images):,} images but {label_path.name} "
-                        f"holds {len(labels):,} labels")
-    if labels.size and labels.max() >= num_classes:
-        raise DataError(f"{label_path}: label {int(labels.max())} is out of range 0..{num_classes - 1}")
-    return images, labels
-
-
-def load_idx_folder(folder: Path) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray] | None]:
-    """(train, test) from a folder of IDX files; test is None when the folder has no t10k files."""
-    if not folder.is_dir():
-        raise DataError(f"data.path (--data-path): {folder} is not a folder")
-    train = load_idx_split(folder, "train")
-    if train is None:
-        raise DataError(f"{folder}: no {IDX_FILES['train'][0]}[.gz] / {IDX_FILES['train'][1]}[.gz] in this folder")
-    test = load_idx_split(folder, "test")
-    if test is not None and test[0].shape[1:] != train[0].shape[1:]:
-        raise DataError(f"{folder}: test images are {test[0].shape[1:]} but training images {train[0].shape[1:]}")
-    return train, test
-
-
-def load_cache(path: Path) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | None:
-    """The .npz written after a successful download, or None (with a warning) if absent or unreadable."""
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = [archive[key] for key in ("x_train", "y_train", "x_test", "y_test")]
-    except Exception as error:  # any damage means: ignore the cache and download again
-        log.warning("ignoring the unreadable cache %s (%s)", path, error)
-        return None
-    for images, labels in (arrays[:2], arrays[2:]):
-        if (images.shape[1:] != (28, 28) or images.dtype != np.uint8 or labels.shape != images.shape[:1]
-                or labels.dtype.kind not in "iu" or (len(labels) and labels.max() > 9)):
-            log.warning("ignoring the cache %s: it does not hold 28x28 uint8 images with labels 0-9", path)
-            return None
-    return (arrays[0], arrays[1]), (arrays[2], arrays[3])
-
-
-def download_openml(name: str, cache_dir: Path) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """MNIST or Fashion-MNIST from OpenML: the first 60,000 rows are the official training split,
-    the last 10,000 the test split. Imported lazily: scikit-learn takes a second to import."""
-    import urllib.request
-
-    # Offline, fetch_openml fails only after scikit-learn's import and three retries a second apart; when
-    # the host's name does not resolve (and no proxy would resolve it, and scikit-learn has no files cached),
-    # fail at once instead: that is 5 s of the default run on a machine without internet. (A passing DNS
-    # hiccup then costs a synthetic run, loudly labelled, where a retry might have got through.)
-    if not urllib.request.getproxies().get("https") and not (cache_dir / "openml").exists():
-        try:
-            socket.getaddrinfo(OPENML_HOST, 443)
-        except OSError as error:
-            raise ConnectionError(f"cannot look up {OPENML_HOST}: {error}") from None
-    from sklearn.datasets import fetch_openml
-
-    log.info("downloading %s from OpenML (the first download and parse can take a minute) ...", OPENML_NAMES[name])
-    with warnings.catch_warnings():  # scikit-learn warns at each retry; the failure itself is reported below
-        warnings.simplefilter("ignore")
-        bunch = fetch_openml(OPENML_NAMES[name], version=1, as_frame=False, parser="liac-arff",
-                             data_home=str(cache_dir))
-    images = np.asarray(bunch.data, dtype=np.uint8).reshape(-1, 28, 28)
-    labels = np.asarray(bunch.target).astype(np.uint8)
-    return (images[:60000], labels[:60000]), (images[60000:], labels[60000:])
 
 
 # The seven segments of a pocket-calculator display, as (x0, y0, x1, y1) in a unit box (y downwards),
@@ -937,244 +779,83 @@ class TrainResult:
     stopped_at: dict | None = None
     batches: int = 0
 
-
-class ProgressBar:
-    """A one-line progress bar inside an epoch, redrawn at most 10 times a second; silent when the output
-    is not a terminal (a log file or a pipe should not fill up with carriage returns)."""
-
-    def __init__(self, total: int, label: str, stream: Any = None) -> None:
-        self.stream = stream if stream is not None else sys.stdout
-        self.enabled = self.stream.isatty()
-        self.total, self.label, self.last_draw = total, label, 0.0
-
-    def update(self, done: int, loss: float) -> None:
-        now = time.perf_counter()
-        if not self.enabled or (now - self.last_draw < 0.1 and done < self.total):
-            return
-        self.last_draw = now
-        filled = 30 * done // self.total
-        self.stream.write(f"\r{self.label} [{'=' * filled}{' ' * (30 - filled)}] {done}/{self.total} loss {loss:.4f}")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self.stream.write("\r" + " " * 79 + "\r")
-            self.stream.flush()
-
-
-# A worker thread pays off only for a big slice of the batch. With small arrays NumPy's time goes to Python's
-# own overhead, which holds the GIL, so threads wait for each other: on 2 cores (bench/why_fast.py), 8x8 digits
-# at batch 32 trained 1.66x slower on 2 workers than on 1, while 28x28 images trained 1.12-1.20x faster. The
-# size of the largest activation of a slice tells the two cases apart.
-MIN_ACTIVATION_PER_WORKER = 250_000
-
-
-def default_workers(model: Sequential | None = None, batch_size: int | None = None) -> int:
-    """As many training threads as BLAS would use (every usable CPU, unless OPENBLAS_NUM_THREADS,
-    OMP_NUM_THREADS, MKL_NUM_THREADS or a threadpoolctl limit says fewer); given the model and the batch size,
-    fewer, so that each worker's slice holds at least MIN_ACTIVATION_PER_WORKER values in its largest layer."""
-    threads = max(min((pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"),
-                      default=1), 1)
-    if model is None or model.input_shape is None or batch_size is None:
-        return threads
-    largest = max(math.prod(row["output_shape"]) for row in model.summary_rows())
-    return max(min(threads, batch_size * largest // MIN_ACTIVATION_PER_WORKER), 1)
-
-
-def forward_backward(model: Sequential, x: np.ndarray, labels: np.ndarray,
-                     share: float = 1.0) -> tuple[np.ndarray, float]:
-    """Forward, loss and backward for one batch: returns logits (N, K) and the mean loss, and leaves
-    share * dLoss/dweights in the layers' grads. (No backward from a loss that is not finite.)"""
-    loss_fn = SoftmaxCrossEntropy()
-    logits = model.forward(x)
-    loss = loss_fn.forward(logits, labels)
-    if math.isfinite(loss):
-        grad_logits = loss_fn.backward()
-        if share != 1.0:
-            grad_logits *= share
-        model.backward(grad_logits)
-    return logits, loss
-
-
-class DataParallel:
-    """Runs every batch as `workers` slices at once: one thread and one replica of the model per slice.
-
-    Why: NumPy does the elementwise work (im2col, col2im, ReLU, pooling) on one core; only the matrix
-    multiplies spread over cores, through BLAS. A slice of the batch per thread keeps every core busy all
-    the time: NumPy releases Python's GIL inside its loops, so the threads really do run at once. BLAS is
-    held to one thread meanwhile, or its threads and the workers would fight over the cores. On 2 cores an
-    epoch of 2,000 images took 1.14-1.17 s, against 1.30-1.33 s on one thread with 2 BLAS threads (two runs of
-    bench/why_fast.py).
-
-    The gradient is the whole batch's: the loss is a mean over N samples, so for slices s of N_s samples,
-    dLoss/dw = sum_s (N_s / N) * dLoss_s/dw. Each replica starts its backward from (N_s / N) * dLoss_s/dlogits
-    and the model's grads are the sum of the replicas'. Use as `with DataParallel(model, workers) as parallel:`.
-    """
-
-    def __init__(self, model: Sequential, workers: int = 1) -> None:
-        self.model, self.workers = model, max(workers, 1)
-        self.replicas: list[Sequential] = []
-
-    def __enter__(self) -> DataParallel:
-        if self.workers > 1:
-            self.replicas = [self.model.replicate() for _ in range(self.workers)]
-            for replica in self.replicas:
-                replica.timings = None if self.model.timings is None else {}
-            self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="worker")
-            self.blas_limit = threadpool_limits(limits=1, user_api="blas")
+    def stop(self, status: str, epoch: int, batch: int, reason: str | None = None) -> TrainResult:
+        self.status, self.stopped_at = status, {"epoch": epoch, "batch": batch}
+        if reason:
+            self.stopped_at["reason"] = reason
         return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if not self.replicas:
-            return
-        try:
-            self.pool.shutdown()  # first: a worker still running (after another one failed) keeps one BLAS thread
-        finally:  # even when a second Ctrl-C interrupts the wait
-            self.blas_limit.restore_original_limits()
-        if self.model.timings is not None:  # the workers ran side by side, so their mean is the wall time
-            for replica in self.replicas:
-                for key, seconds in (replica.timings or {}).items():
-                    self.model.timings[key] = self.model.timings.get(key, 0.0) + seconds / self.workers
-        self.replicas = []
-
-    def _map(self, function: Callable, *iterables: Iterable) -> list:
-        """pool.map(function, *iterables), each call under the calling thread's np.errstate: NumPy keeps its
-        error settings per thread, and a new thread starts from the defaults (which warn on overflow)."""
-        settings = np.geterr()
-
-        def with_settings(*args: Any) -> Any:
-            with np.errstate(**settings):
-                return function(*args)
-        return list(self.pool.map(with_settings, *iterables))
-
-    def _parts(self, n: int) -> list[slice]:
-        """`workers` contiguous slices of range(n), as equal as can be."""
-        bounds = [n * worker // self.workers for worker in range(self.workers + 1)]
-        return [slice(start, stop) for start, stop in zip(bounds, bounds[1:])]
-
-    def forward_backward(self, x: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, float]:
-        """forward_backward() of the whole batch, leaving dLoss/dweights in the model's grads."""
-        if not self.replicas or len(x) < self.workers:  # fewer samples than workers: one slice would be empty
-            return forward_backward(self.model, x, labels)
-        parts = self._parts(len(x))
-        sizes = [part.stop - part.start for part in parts]
-
-        def slice_pass(replica: Sequential, part: slice, size: int) -> tuple[np.ndarray, float]:
-            return forward_backward(replica, x[part], labels[part], share=size / len(x))
-
-        results = self._map(slice_pass, self.replicas, parts, sizes)
-        for layer, twins in zip(self.model.layers, zip(*(replica.layers for replica in self.replicas))):
-            for name, grad in layer.grads.items():  # into the model's own arrays, which the optimiser reads
-                np.add(twins[0].grads[name], twins[1].grads[name], out=grad)
-                for twin in twins[2:]:
-                    grad += twin.grads[name]
-        loss = sum(part_loss * size for (_, part_loss), size in zip(results, sizes)) / len(x)
-        return np.concatenate([logits for logits, _ in results]), loss
-
-    def evaluate(self, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-        """model.evaluate(x, y) in batches of EVAL_BATCH_SIZE, each worker taking a contiguous part of the set."""
-        if not self.replicas or len(x) < self.workers:
-            return self.model.evaluate(x, y, EVAL_BATCH_SIZE)
-        parts = self._parts(len(x))
-        results = self._map(lambda replica, part: replica.evaluate(x[part], y[part], EVAL_BATCH_SIZE),
-                            self.replicas, parts)
-        sizes = [part.stop - part.start for part in parts]
-        loss = sum(part_loss * size for (part_loss, _), size in zip(results, sizes)) / len(x)
-        correct = sum(round(accuracy * size) for (_, accuracy), size in zip(results, sizes))
-        return loss, correct / len(x)
-
-
-def weights_finite(model: Sequential) -> bool:
-    return all(np.isfinite(p).all() for layer in model.layers for p in layer.params.values())
 
 
 def train(
     model: Sequential,
-    optimizer: SGD | Adam,
+    optimizer: Optimizer,
     data: Dataset,
     *,
     epochs: int,
     batch_size: int,
     rng: np.random.Generator,
+    workers: int = 1,
     should_stop: Callable[[], bool] = lambda: False,
     first_epoch: int = 1,
-    workers: int | None = None,
 ) -> TrainResult:
     """Mini-batch training: each epoch shuffles the training set, and for every batch runs
     forward -> loss -> backward -> optimiser step; then it evaluates on the test set.
 
-    workers: threads that each take a slice of every batch (DataParallel); None: default_workers(model, batch_size).
-    Stops early, with the matching status, when the loss or a weight stops being finite (diverged) or
-    when should_stop() turns true after a batch (interrupted). first_epoch numbers the epochs of a
+    workers > 1 splits every batch over that many threads (parallel.DataParallel), which computes the same
+    gradient. Stops early, with the matching status, when the loss or a weight stops being finite (diverged)
+    or when should_stop() turns true after a batch (interrupted). first_epoch numbers the epochs of a
     continued run.
     """
-    result = TrainResult()
-    n_train = len(data.x_train)
+    from plumbing import ProgressBar
+
+    result, loss_fn = TrainResult(), SoftmaxCrossEntropy()
+    n_train, last_epoch = len(data.x_train), first_epoch + epochs - 1
+    n_batches = math.ceil(n_train / batch_size)
     # Guessing at random costs log(classes); a loss 1000 times that is an explosion, even while finite.
     loss_limit = 1000 * math.log(max(data.num_classes, 2))
-    n_batches = math.ceil(n_train / batch_size)
-    with DataParallel(model, workers if workers is not None else default_workers(model, batch_size)) as parallel:
-        for epoch in range(first_epoch, first_epoch + epochs):
+    if workers > 1:
+        from parallel import DataParallel
+
+        threads = DataParallel(model, workers)
+    else:
+        threads = nullcontext(model)
+    with threads as net:  # the model, or the model spread over worker threads: both have forward and backward
+        for epoch in range(first_epoch, last_epoch + 1):
             start = time.perf_counter()
             order = rng.permutation(n_train)
-            bar = ProgressBar(n_batches, f"epoch {epoch}/{first_epoch + epochs - 1}")
             total_loss, correct = 0.0, 0
-            for batch in range(n_batches):
-                chosen = order[batch * batch_size:(batch + 1) * batch_size]
-                x, labels = data.x_train[chosen], data.y_train[chosen]
-                logits, loss = parallel.forward_backward(x, labels)
-                if not loss < loss_limit:  # also catches NaN, for which every comparison is false
-                    bar.close()
-                    result.status = "diverged"
-                    result.stopped_at = {"epoch": epoch, "batch": batch + 1, "reason": f"the loss became {loss:.4g}"}
-                    return result
-                with model.timed("optimizer", "step"):
+            with ProgressBar(n_batches, f"epoch {epoch}/{last_epoch}") as bar:
+                for batch in range(n_batches):
+                    chosen = order[batch * batch_size:(batch + 1) * batch_size]
+                    x, labels = data.x_train[chosen], data.y_train[chosen]
+
+                    logits = net.forward(x)
+                    loss = loss_fn.forward(logits, labels)
+                    if not loss < loss_limit:  # also catches NaN, for which every comparison is false
+                        return result.stop("diverged", epoch, batch + 1, f"the loss became {loss:.4g}")
+                    net.backward(loss_fn.backward())
                     optimizer.step(model)
-                result.batches += 1
-                total_loss += loss * len(labels)
-                correct += int((logits.argmax(axis=1) == labels).sum())
-                bar.update(batch + 1, loss)
-                if should_stop():
-                    bar.close()
-                    result.status, result.stopped_at = "interrupted", {"epoch": epoch, "batch": batch + 1}
-                    return result
-            bar.close()
+
+                    result.batches += 1
+                    total_loss += loss * len(labels)
+                    correct += int((logits.argmax(axis=1) == labels).sum())
+                    bar.update(batch + 1, loss)
+                    if should_stop():
+                        return result.stop("interrupted", epoch, batch + 1)
             seconds = time.perf_counter() - start
-            if not weights_finite(model):
-                result.status = "diverged"
-                result.stopped_at = {"epoch": epoch, "batch": n_batches, "reason": "a weight became infinite or NaN"}
-                return result
-            test_loss, test_accuracy = parallel.evaluate(data.x_test, data.y_test)
+            if not all(np.isfinite(p).all() for layer in model.layers for p in layer.params.values()):
+                return result.stop("diverged", epoch, n_batches, "a weight became infinite or NaN")
+            test_loss, test_accuracy = net.evaluate(data.x_test, data.y_test, EVAL_BATCH_SIZE)
             row = {"epoch": epoch, "train_loss": total_loss / n_train, "train_accuracy": correct / n_train,
                    "test_loss": test_loss, "test_accuracy": test_accuracy, "seconds": round(seconds, 3),
                    "images_per_second": round(n_train / seconds, 1)}
             result.history.append(row)
             log.info("epoch %*d/%d  train loss %.4f acc %.2f%%  test loss %.4f acc %.2f%%  %.1fs  %.0f img/s",
-                     len(str(first_epoch + epochs - 1)), epoch, first_epoch + epochs - 1, row["train_loss"],
-                     100 * row["train_accuracy"], test_loss, 100 * test_accuracy, seconds,
-                     row["images_per_second"])
+                     len(str(last_epoch)), epoch, last_epoch, row["train_loss"], 100 * row["train_accuracy"],
+                     test_loss, 100 * test_accuracy, seconds, row["images_per_second"])
             if should_stop():
-                result.status, result.stopped_at = "interrupted", {"epoch": epoch, "batch": n_batches}
-                return result
+                return result.stop("interrupted", epoch, n_batches)
     return result
-
-
-def profile_table(model: Sequential, n_batches: int) -> str:
-    """Seconds per layer and direction collected in model.timings, as a table with each row's share."""
-    timings = model.timings or {}
-    rows = [(name, timings.get((name, "forward"), 0.0), timings.get((name, "backward"), 0.0)) for name in model.names]
-    # The optimiser step is no backward pass, but it runs after it: its seconds go in that column, so that the
-    # columns add up to the time of the training batches.
-    rows.append(("optimizer step", 0.0, timings.get(("optimizer", "step"), 0.0)))
-    total = sum(forward + backward for _, forward, backward in rows) or 1.0
-    lines = [f"{'layer':<18}{'forward s':>11}{'backward s':>12}{'ms/batch':>10}{'share':>8}", "-" * 59]
-    for name, forward, backward in rows:
-        per_batch = 1000 * (forward + backward) / max(n_batches, 1)
-        share = 100 * (forward + backward) / total
-        lines.append(f"{name:<18}{forward:>11.3f}{backward:>12.3f}{per_batch:>10.2f}{share:>7.1f}%")
-    lines += ["-" * 59, f"{'total':<18}{sum(r[1] for r in rows):>11.3f}{sum(r[2] for r in rows):>12.3f}"
-              f"{1000 * total / max(n_batches, 1):>10.2f}{100.0:>7.1f}%"]
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1277,247 +958,8 @@ def gradient_check_table(rows: list[dict]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
-# Saving and loading models (.npz, no pickle), predicting image files
+# Configuration
 # ------------------------------------------------------------------------------------------------
-
-MODEL_FORMAT = "numpy-cnn-model"
-
-
-def save_model(path: Path, model: Sequential, model_cfg: dict, data: Dataset, summary: dict,
-               optimizer: SGD | Adam | None = None) -> None:
-    """One .npz: every weight ('layer<i>.<name>'), the optimiser's state ('optimizer.<key>'), and a JSON
-    'meta' entry with the architecture, input shape, class names and training summary."""
-    arrays = {f"layer{i}.{name}": p for i, layer in enumerate(model.layers) for name, p in layer.params.items()}
-    meta = {"format": MODEL_FORMAT, "version": 1, "model": model_cfg, "input_shape": list(model.input_shape),
-            "class_names": data.class_names, "dataset": data.name, "training": summary}
-    if optimizer is not None:
-        meta["optimizer"] = {"name": type(optimizer).__name__.lower(), "t": getattr(optimizer, "t", 0)}
-        arrays.update({f"optimizer.{key}": value for key, value in optimizer.state.items()})
-    arrays["meta"] = np.array(json.dumps(meta))
-    write_atomic(path, lambda f: np.savez(f, **arrays))
-
-
-@dataclass
-class LoadedModel:
-    model: Sequential
-    meta: dict
-    optimizer_state: dict[str, np.ndarray]
-
-
-def load_model(path: Path) -> LoadedModel:
-    """Rebuild a model saved by save_model. Never unpickles; any defect is a ModelFileError naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(f"{path}: no such model file")
-    if not zipfile.is_zipfile(path):
-        raise ModelFileError(f"{path}: not a numpy-cnn model file (not an .npz archive)")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {key: archive[key] for key in archive.files}
-    except Exception as error:  # not a zip, truncated, pickled objects, bad CRC: all "not a model file"
-        raise ModelFileError(f"{path}: not a readable numpy-cnn model file ({type(error).__name__}: {error})") from None
-    if "meta" not in arrays:
-        raise ModelFileError(f"{path}: not a numpy-cnn model file (it has no 'meta' entry)")
-    try:
-        meta = json.loads(str(arrays.pop("meta")))
-        if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
-            raise ValueError(f"its format is not {MODEL_FORMAT!r}")
-        model_cfg = _check_mapping("model", meta["model"], SCHEMA["model"], DEFAULT_CONFIG["model"])
-        input_shape, class_names = tuple(int(v) for v in meta["input_shape"]), [str(c) for c in meta["class_names"]]
-        if len(input_shape) != 3 or min(input_shape) < 1 or len(class_names) < 2:
-            raise ValueError(f"input shape {input_shape} or class names {class_names} make no sense")
-        training, optimizer = meta.setdefault("training", {}), meta.get("optimizer")
-        epochs, history = (training.get("epochs_completed", 0), training.get("history", [])) \
-            if isinstance(training, dict) else (None, None)
-        if (type(epochs) is not int or epochs < 0  # type(), not isinstance(): True is an int too
-                or not isinstance(history, list) or not all(isinstance(row, dict) for row in history)):
-            raise ValueError(f"its training summary {training!r:.80} is not a mapping with an integer "
-                             "epochs_completed >= 0 and a list of history rows")
-        if optimizer is not None and (not isinstance(optimizer, dict) or not isinstance(optimizer.get("name"), str)
-                                      or not isinstance(optimizer.get("t", 0), int)):
-            raise ValueError(f"its optimizer entry {optimizer!r:.80} is not a mapping with a name and a step count")
-    except (KeyError, TypeError, ValueError, ConfigError) as error:
-        raise ModelFileError(f"{path}: not a valid numpy-cnn model file (meta: {error})") from None
-    try:
-        model = build_model(model_cfg, input_shape, len(class_names), np.random.default_rng(0))
-    except ConfigError as error:
-        raise ModelFileError(f"{path}: the stored architecture does not fit its input shape ({error})") from None
-    expected = {f"layer{i}.{name}" for i, layer in enumerate(model.layers) for name in layer.params}
-    stored = {key for key in arrays if not key.startswith("optimizer.")}
-    if stored != expected:
-        raise ModelFileError(f"{path}: weights {sorted(stored ^ expected)[:3]} do not fit the stored architecture")
-    for i, layer in enumerate(model.layers):
-        for name, param in layer.params.items():
-            weights = arrays[f"layer{i}.{name}"]
-            if weights.shape != param.shape or weights.dtype.kind != "f":
-                raise ModelFileError(f"{path}: layer{i}.{name} has shape {weights.shape} ({weights.dtype}), "
-                                     f"the stored architecture needs {param.shape} (float)")
-            param[...] = weights
-    optimizer_state = {key.removeprefix("optimizer."): arrays[key] for key in arrays if key.startswith("optimizer.")}
-    for key, state in optimizer_state.items():
-        if state.dtype.kind != "f":
-            raise ModelFileError(f"{path}: optimizer.{key} holds {state.dtype} values, not floats")
-    return LoadedModel(model, meta, optimizer_state)
-
-
-def restore_optimizer(optimizer: SGD | Adam, loaded: LoadedModel) -> bool:
-    """Continue with the saved optimiser state when it is the same kind of optimiser and fits the weights."""
-    saved = loaded.meta.get("optimizer") or {}
-    if saved.get("name") != type(optimizer).__name__.lower():
-        return False
-    params = {f"{i}.{name}": p for i, layer in enumerate(loaded.model.layers) for name, p in layer.params.items()}
-    for key, value in loaded.optimizer_state.items():
-        owner = key.rsplit(".", 1)[0]
-        if owner not in params or params[owner].shape != value.shape:
-            return False
-    optimizer.state = {key: value.astype(DTYPE) for key, value in loaded.optimizer_state.items()}
-    if isinstance(optimizer, Adam):
-        optimizer.t = int(saved.get("t", 0))
-    return True
-
-
-# ------------------------------------------------------------------------------------------------
-# Configuration: defaults, YAML loading and validation
-# ------------------------------------------------------------------------------------------------
-
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-OPTIMIZERS = ("adam", "sgd")
-CONV_LAYER_DEFAULTS = {"filters": 32, "kernel_size": 3, "stride": 1, "padding": 0, "pool_size": 2, "pool_stride": None}
-DEFAULT_CONFIG: dict = {
-    "logging": {"level": "INFO", "file": "logs/app.log"},
-    "data": {"dataset": "mnist", "path": None, "cache_dir": "data", "allow_synthetic_fallback": True,
-             "n_train": 5000, "n_test": 1000, "random_seed": 42},
-    "model": {"conv_layers": [dict(CONV_LAYER_DEFAULTS, filters=32, padding=1),
-                              dict(CONV_LAYER_DEFAULTS, filters=64, padding=1)],
-              "dense_units": 128},
-    "training": {"epochs": 10, "learning_rate": 0.001, "batch_size": 32, "optimizer": "adam", "momentum": 0.9,
-                 "workers": None},
-    "output": {"plot_dir": None},
-}
-
-
-def _fail(path: str, value: Any, allowed: str) -> ConfigError:
-    return ConfigError(f"{path}: got {value!r}, expected {allowed}")
-
-
-def _did_you_mean(word: Any, options: Iterable[str]) -> str:
-    """' (did you mean 'x'?)' for the closest option to a mistyped word, or ''."""
-    close = difflib.get_close_matches(str(word).lower().replace("-", "_"), list(options), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def _integer(minimum: int, nullable: bool = False) -> Callable[[Any, str], Any]:
-    allowed = f"an integer >= {minimum}" + (" or null" if nullable else "")
-
-    def check(value: Any, path: str) -> Any:
-        if value is None and nullable:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise _fail(path, value, allowed)
-        return value
-    return check
-
-
-def _number(low: float, high: float = math.inf, low_inclusive: bool = False) -> Callable[[Any, str], float]:
-    allowed = f"a number {'>=' if low_inclusive else '>'} {low:g}" + (f" and < {high:g}" if high < math.inf else "")
-
-    def check(value: Any, path: str) -> float:
-        number = value
-        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string: take any string that is a number
-            try:
-                number = float(value)
-            except ValueError:
-                raise _fail(path, value, allowed) from None
-        if isinstance(number, bool) or not isinstance(number, (int, float)):
-            raise _fail(path, value, allowed)
-        try:
-            number = float(number)  # an integer of 400 digits does not fit
-        except OverflowError:
-            raise _fail(path, f"{str(value)[:20]}... ({len(str(value))} digits)", allowed) from None
-        if not math.isfinite(number):
-            raise _fail(path, value, allowed)
-        if number < low or (number == low and not low_inclusive) or number >= high:
-            raise _fail(path, value, allowed)
-        return float(number)
-    return check
-
-
-def _choice(options: tuple[str, ...], case_insensitive: bool = False) -> Callable[[Any, str], str]:
-    def check(value: Any, path: str) -> str:
-        candidate = value.upper() if case_insensitive and isinstance(value, str) else value
-        if candidate not in options:
-            raise ConfigError(f"{path}: got {value!r}{_did_you_mean(value, options)}, expected one of "
-                              + ", ".join(options))
-        return candidate
-    return check
-
-
-def _boolean(value: Any, path: str) -> bool:
-    if not isinstance(value, bool):
-        raise _fail(path, value, "true or false")
-    return value
-
-
-def _optional_path(value: Any, path: str) -> str | None:
-    if value is not None and (not isinstance(value, str) or not value.strip()):
-        raise _fail(path, value, "a path (a non-empty string) or null")
-    return value
-
-
-def _path(value: Any, path: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise _fail(path, value, "a path (a non-empty string)")
-    return value
-
-
-def _check_mapping(path: str, raw: Any, schema: dict, defaults: dict) -> dict:
-    """Check a mapping read from YAML against schema {key: check}, taking missing keys from defaults."""
-    if not isinstance(raw, dict):
-        raise _fail(path, raw, f"a mapping with keys {', '.join(schema)}")
-    for key in raw:
-        if key not in schema:
-            raise ConfigError(f"{path}.{key}: unknown key{_did_you_mean(key, schema)}; allowed: {', '.join(schema)}")
-    return {key: check(raw.get(key, defaults[key]), f"{path}.{key}") for key, check in schema.items()}
-
-
-CONV_LAYER_SCHEMA = {"filters": _integer(1), "kernel_size": _integer(1), "stride": _integer(1),
-                     "padding": _integer(0), "pool_size": _integer(0, nullable=True),
-                     "pool_stride": _integer(1, nullable=True)}
-
-
-def _conv_layers(value: Any, path: str) -> list[dict]:
-    if not isinstance(value, list):
-        raise _fail(path, value, "a list of layers, each a mapping like {filters: 32, kernel_size: 3}")
-    return [_check_mapping(f"{path}[{i}]", layer, CONV_LAYER_SCHEMA, CONV_LAYER_DEFAULTS)
-            for i, layer in enumerate(value)]
-
-
-SCHEMA: dict[str, dict[str, Callable[[Any, str], Any]]] = {
-    "logging": {"level": _choice(LOG_LEVELS, case_insensitive=True), "file": _optional_path},
-    "data": {"dataset": _choice(DATASETS), "path": _optional_path, "cache_dir": _path,
-             "allow_synthetic_fallback": _boolean, "n_train": _integer(1), "n_test": _integer(1),
-             "random_seed": _integer(0)},
-    "model": {"conv_layers": _conv_layers, "dense_units": _integer(1)},
-    "training": {"epochs": _integer(0), "learning_rate": _number(0), "batch_size": _integer(1),
-                 "optimizer": _choice(OPTIMIZERS), "momentum": _number(0, 1, low_inclusive=True),
-                 "workers": _integer(1, nullable=True)},
-    "output": {"plot_dir": _optional_path},
-}
-
-
-def validate_config(raw: Any) -> dict:
-    """The full, checked config: every section and key present, defaults filled in, values normalised.
-    Raises ConfigError naming the key path, the value given and what is allowed."""
-    if not isinstance(raw, dict):
-        shown = "an empty file" if raw is None else f"{type(raw).__name__} {raw!r:.60}"
-        raise ConfigError(f"expected a mapping with sections {', '.join(SCHEMA)}, got {shown}")
-    for section in raw:
-        if section not in SCHEMA:
-            raise ConfigError(f"{section}: unknown section{_did_you_mean(section, SCHEMA)}; "
-                              f"allowed: {', '.join(SCHEMA)}")
-    return {section: _check_mapping(section, {} if raw.get(section) is None else raw[section], schema,
-                                    DEFAULT_CONFIG[section])
-            for section, schema in SCHEMA.items()}
 
 
 def load_config(path: str | Path) -> dict:
@@ -1646,7 +1088,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, dict[str, str]]:
         try:
             cfg["data"]["random_seed"] = SCHEMA["data"]["random_seed"](int(seed_text), "RANDOM_SEED")
         except ValueError:
-            raise _fail("RANDOM_SEED (environment)", seed_text, "an integer >= 0") from None
+            raise ConfigError(f"RANDOM_SEED (environment): got {seed_text!r}, expected an integer >= 0") from None
         origin["seed"] = "RANDOM_SEED"
     for flag, (section, key) in OVERRIDES.items():
         value = getattr(args, flag)
@@ -1671,128 +1113,6 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, dict[str, str]]:
         raise ConfigError(f"training.workers: got {workers}, expected at most training.batch_size ({batch_size}): "
                           "each worker takes a slice of every batch")
     return cfg, origin
-
-
-class ConsoleFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        message = super().format(record)
-        return message if record.levelno < logging.WARNING else f"{record.levelname}: {message}"
-
-
-def setup_logging(logging_cfg: dict) -> None:
-    """Console (stdout at the configured level; errors on stderr) and, if logging.file is set, a file with
-    timestamps."""
-    close_logging()
-    log.setLevel(logging.DEBUG)
-    log.propagate = False
-    console = logging.StreamHandler(sys.stdout)
-    console.setLevel(logging_cfg["level"])
-    console.addFilter(lambda record: record.levelno < logging.ERROR)
-    errors = logging.StreamHandler(sys.stderr)
-    errors.setLevel(logging.ERROR)
-    for handler in (console, errors):
-        handler.setFormatter(ConsoleFormatter("%(message)s"))
-        log.addHandler(handler)
-    if logging_cfg["file"]:
-        path = Path(logging_cfg["file"])
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            handler = logging.FileHandler(path, encoding="utf-8")
-        except OSError as error:
-            raise CNNError(f"logging.file: cannot write the log file {path} ({error.strerror or error})") from None
-        handler.setLevel(logging_cfg["level"])
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        log.addHandler(handler)
-
-
-def close_logging() -> None:
-    for handler in list(log.handlers):
-        handler.close()
-        log.removeHandler(handler)
-
-
-def log_to_file(level: int, message: str, with_traceback: bool = False) -> None:
-    """Record something in the log file only (errors already go to stderr; tracebacks never to the console)."""
-    record = log.makeRecord(log.name, level, __file__, 0, message, None, sys.exc_info() if with_traceback else None)
-    for handler in log.handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.handle(record)
-
-
-def check_writable(path: str | None, what: str, folder: bool = False) -> None:
-    """Fail now, before any training, if `path` could not be written later. Leaves nothing behind: folders
-    it has to create for the test are removed again (they are made for real when the file is written)."""
-    if not path:
-        return
-    target = Path(path)
-    if not folder and target.is_dir():
-        raise CNNError(f"{what} {target}: is a folder, expected a file name")
-    if folder and target.exists() and not target.is_dir():
-        raise CNNError(f"{what} {target}: is a file, expected a folder")
-    directory = target if folder else target.parent
-    missing = []
-    while not directory.exists() and directory != directory.parent:
-        missing.append(directory)
-        directory = directory.parent
-    if not directory.is_dir():
-        raise CNNError(f"{what} {target}: {directory} is a file, not a folder")
-    try:
-        for new_folder in reversed(missing):
-            new_folder.mkdir()
-        with tempfile.TemporaryFile(dir=target if folder else target.parent):
-            pass
-    except OSError as error:
-        raise CNNError(f"{what} {target}: cannot write there ({error.strerror or error})") from None
-    finally:
-        for new_folder in missing:
-            if new_folder.is_dir():
-                new_folder.rmdir()
-
-
-class Interrupted(BaseException):
-    """A signal that must stop the program now (a BaseException, like KeyboardInterrupt, so that no
-    `except Exception` swallows it); `signum` gives the exit code."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-class StopRequest:
-    """SIGINT (Ctrl-C) and SIGTERM handler for the whole run.
-
-    Before training, a signal stops the program at once. Once `graceful` is set (training has started), the
-    first signal only asks training to stop after the current batch, so that the results and the model are
-    still written; a second signal stops at once.
-    """
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self.graceful = False
-        self.previous: dict = {}
-
-    def __call__(self, signum: int, frame: Any) -> None:
-        if not self.graceful or self.signum is not None:
-            raise Interrupted(signum)
-        self.signum = signum
-        log.warning("%s received: stopping after this batch and keeping what was done (again to stop at once)",
-                    signal.Signals(signum).name)
-
-    def __enter__(self) -> StopRequest:
-        self.previous = {s: signal.signal(s, self) for s in EXIT_BY_SIGNAL}
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
-def versions() -> dict:
-    return {"python": platform.python_version(), "numpy": np.__version__, "platform": platform.platform()}
-
-
-def write_json(path: str | Path, payload: dict) -> None:
-    write_atomic(Path(path), lambda f: json.dump(payload, f, indent=2, default=str), binary=False)
 
 
 def input_shape_of(dataset: str) -> tuple[int, int, int]:
@@ -1829,7 +1149,7 @@ def run_gradcheck(args: argparse.Namespace, cfg: dict) -> int:
 def run_predict(args: argparse.Namespace) -> int:
     """--predict: classify image files with a saved model, one line each, no training."""
     check_writable(args.output, "--output")
-    loaded = load_model(Path(args.load_model))
+    loaded = load_model(Path(args.load_model), build_model)
     # MNIST fitted its digits into 20x20 pixels of 28x28; the other data sets fill the frame.
     fill = 20 / 28 if loaded.meta.get("dataset") in ("mnist", "synthetic") else 1.0
     predictions = predict_files(loaded.model, [Path(p) for p in args.predict], loaded.meta["class_names"], fill)
@@ -1850,13 +1170,13 @@ def plural(count: int, word: str) -> str:
 
 
 def model_for_run(args: argparse.Namespace, cfg: dict, data: Dataset,
-                  rng: np.random.Generator) -> tuple[Sequential, dict, SGD | Adam, dict]:
+                  rng: np.random.Generator) -> tuple[Sequential, dict, Optimizer, dict]:
     """The model to train: loaded from --load-model (with its optimiser state) or built from the config.
     Returns the model, its architecture, the optimiser and what the model file says of earlier training."""
     optimizer = make_optimizer(cfg["training"])
     if not args.load_model:
         return build_model(cfg["model"], data.input_shape, data.num_classes, rng), cfg["model"], optimizer, {}
-    loaded = load_model(Path(args.load_model))
+    loaded = load_model(Path(args.load_model), build_model)
     if loaded.model.input_shape != data.input_shape or len(loaded.meta["class_names"]) != data.num_classes:
         raise DataError(f"--load-model {args.load_model}: the model takes {loaded.model.input_shape} images and "
                         f"{len(loaded.meta['class_names'])} classes, the data has {data.input_shape} "
@@ -1905,12 +1225,16 @@ def run_training(args: argparse.Namespace, cfg: dict, origin: dict[str, str], st
     model, model_cfg, optimizer, earlier = model_for_run(args, cfg, data, rngs["init"])
     first_epoch = int(earlier.get("epochs_completed", 0)) + 1
     log.info("model:\n%s", model.summary())
-    workers = training_cfg["workers"] or default_workers(model, training_cfg["batch_size"])
+    if training_cfg["workers"]:
+        workers = training_cfg["workers"]
+    else:
+        from parallel import default_workers
+
+        workers = default_workers(model, training_cfg["batch_size"])
     log.info("training: %s, batch %d, %s, learning rate %g, %s", plural(training_cfg["epochs"], "epoch"),
              training_cfg["batch_size"], training_cfg["optimizer"], training_cfg["learning_rate"],
              plural(workers, "worker thread"))
-    if args.profile:
-        model.timings = {}
+    timings = instrument(model, optimizer) if args.profile else None
 
     started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     stop.graceful = True
@@ -1934,10 +1258,10 @@ def run_training(args: argparse.Namespace, cfg: dict, origin: dict[str, str], st
     if test_accuracy is not None:
         log.info("test accuracy %.2f%%, test loss %.4f, training took %.1fs", 100 * test_accuracy, test_loss,
                  train_seconds)
-    if args.profile and result.batches:
+    if timings is not None and result.batches:
         side_by_side = f"; layers: mean of {workers} worker threads, which run side by side" if workers > 1 else ""
         log.info("time per layer over %d training batches (evaluation not included%s):\n%s", result.batches,
-                 side_by_side, profile_table(model, result.batches))
+                 side_by_side, profile_table(timings, model.names, result.batches, workers))
 
     files: dict[str, Any] = {}
     summary = {"epochs_completed": first_epoch - 1 + len(result.history), "test_accuracy": test_accuracy,
@@ -2014,3 +1338,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -8,7 +8,8 @@ write_plots() draws five PNG files:
 - mistakes.png          the test images the network got wrong, the most confident mistakes first.
 
 Only NumPy and matplotlib are needed: the model and the data come in as arguments, and the layers are
-recognised by their class names, so this module never imports main.py (which imports it). matplotlib
+recognised by their class names, so this module never imports main.py (which imports it); it shares
+plumbing.write_atomic. matplotlib
 runs on its Agg backend, which draws into memory and needs no display. Each figure's size in inches is
 fixed in advance (figure_size) and it is saved at DPI dots per inch, so each PNG is exactly size * DPI pixels.
 """
@@ -16,8 +17,6 @@ fixed in advance (figure_size) and it is saved at DPI dots per inch, so each PNG
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,8 @@ matplotlib.use("Agg")  # before pyplot: draw into memory, no window, works on a 
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import MaxNLocator
+
+from plumbing import write_atomic
 
 DPI = 100
 FIGURE_SIZES = {  # name -> (width, height) in inches; the PNG is width * DPI x height * DPI pixels
@@ -83,17 +84,10 @@ def write_plots(plot_dir: Path, model: Any, data: Any, history: list[dict]) -> d
 
 
 def save_figure(fig: plt.Figure, path: Path) -> None:
-    """Save fig as a PNG atomically (into a temporary file beside `path`, then renamed into place, so a
-    reader never sees half a picture) and close it, so that memory does not grow with every figure."""
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Save fig as a PNG atomically (a reader never sees half a picture) and close it, so that memory does
+    not grow with every figure."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=DPI)
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+        write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=DPI))
     finally:
         plt.close(fig)
 

@@ -13,6 +13,7 @@ from types import ModuleType
 import numpy as np
 import pytest
 
+import config_schema
 import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +32,7 @@ def test_gemm_count_of_the_seed_model_matches_a_hand_count() -> None:
     """Per training image: conv1 forward + dW (no dX: nothing needs it), conv2, dense1 and dense2 forward,
     dW and dX, each 2 * (output values) * (inputs per output) FLOPs."""
     benchmark = load_benchmark()
-    model = main.build_model(main.DEFAULT_CONFIG["model"], (28, 28, 1), 10, np.random.default_rng(0))
+    model = main.build_model(config_schema.DEFAULT_CONFIG["model"], (28, 28, 1), 10, np.random.default_rng(0))
     gemms = benchmark.model_gemms(model, 32)
     conv1 = 2 * 28 * 28 * 32 * (3 * 3 * 1)
     conv2 = 2 * 14 * 14 * 64 * (3 * 3 * 32)

@@ -18,6 +18,8 @@ import pytest
 import reference
 from conftest import assert_conv2d_matches_reference, to_float64
 
+import config_schema
+import errors
 import main
 
 STEP = 1e-6  # central-difference step (float64)
@@ -86,7 +88,7 @@ def away_from_zero(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarr
 
 def conv_spec(**changes: Any) -> dict:
     """One model.conv_layers entry: the config defaults with some keys changed."""
-    return dict(main.CONV_LAYER_DEFAULTS, **changes)
+    return dict(config_schema.CONV_LAYER_DEFAULTS, **changes)
 
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -557,7 +559,7 @@ def test_maxpool2d_output_shape_follows_formula(height: int, width: int, pool: i
 
 def default_mnist_model() -> main.Sequential:
     """The model of the default config for 28x28x1 MNIST images and 10 classes."""
-    return main.build_model(main.validate_config({})["model"], (28, 28, 1), 10, np.random.default_rng(0))
+    return main.build_model(config_schema.validate_config({})["model"], (28, 28, 1), 10, np.random.default_rng(0))
 
 
 def test_summary_lists_every_layer_with_shapes_and_parameters() -> None:
@@ -603,7 +605,7 @@ def test_build_model_names_the_layer_that_empties_the_image(input_shape: tuple, 
                                                             message: str) -> None:
     """A kernel larger than its padded input, or a pool larger than its image, raises ConfigError
     naming the offending entry of model.conv_layers."""
-    with pytest.raises(main.ConfigError, match=re.escape(message)):
+    with pytest.raises(errors.ConfigError, match=re.escape(message)):
         main.build_model({"conv_layers": conv_layers, "dense_units": 8}, input_shape, 10, np.random.default_rng(0))
 
 
@@ -611,7 +613,7 @@ def test_build_model_names_the_layer_that_empties_the_image(input_shape: tuple, 
 def test_default_architecture_builds_and_runs_on_digits_and_mnist_sizes(input_shape: tuple) -> None:
     """The default model config builds for 8x8 (digits) and 28x28 (MNIST) inputs and maps a batch to
     10 logits per image."""
-    model = main.build_model(main.validate_config({})["model"], input_shape, 10, np.random.default_rng(0))
+    model = main.build_model(config_schema.validate_config({})["model"], input_shape, 10, np.random.default_rng(0))
     logits = model.forward(np.random.default_rng(1).random((3, *input_shape)).astype(np.float32))
     assert logits.shape == (3, 10)
     assert np.isfinite(logits).all()

@@ -16,6 +16,9 @@ import numpy as np
 import pytest
 from conftest import ROOT, run_cli, write_config
 
+import config_schema
+import datafiles
+import errors
 import main
 
 # ---- data --------------------------------------------------------------------------------------
@@ -33,12 +36,12 @@ def test_read_idx_round_trip_plain_and_gzipped(tmp_path: Path) -> None:
     images = np.random.default_rng(0).integers(0, 256, (7, 5, 3), dtype=np.uint8)
     for name in ("images-idx3-ubyte", "images-idx3-ubyte.gz"):
         write_idx(tmp_path / name, images)
-        assert np.array_equal(main.read_idx(tmp_path / name), images)
+        assert np.array_equal(datafiles.read_idx(tmp_path / name), images)
 
 
 def test_real_mnist_sample_loads_with_held_out_test_set(mnist_5k: Path) -> None:
     """The 5k sample has no t10k files: the test set is held out of the training files, disjoint, seeded."""
-    cfg = dict(main.DEFAULT_CONFIG["data"], path=str(mnist_5k), n_train=4000, n_test=1000)
+    cfg = dict(config_schema.DEFAULT_CONFIG["data"], path=str(mnist_5k), n_train=4000, n_test=1000)
     data = main.load_data(cfg)
     assert data.source == "idx" and "held out" in data.note
     assert data.x_train.shape == (4000, 28, 28, 1) and data.x_test.shape == (1000, 28, 28, 1)
@@ -58,10 +61,10 @@ def test_idx_folder_with_test_files_draws_from_each_split(tmp_path: Path) -> Non
     write_idx(tmp_path / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, 30))
     write_idx(tmp_path / "t10k-images-idx3-ubyte", np.full((20, 28, 28), 200))
     write_idx(tmp_path / "t10k-labels-idx1-ubyte", rng.integers(0, 10, 20))
-    data = main.load_data(dict(main.DEFAULT_CONFIG["data"], path=str(tmp_path), n_train=25, n_test=15))
+    data = main.load_data(dict(config_schema.DEFAULT_CONFIG["data"], path=str(tmp_path), n_train=25, n_test=15))
     assert np.allclose(data.x_train, 10 / 255) and np.allclose(data.x_test, 200 / 255)
-    with pytest.raises(main.DataError, match="only 20 images"):
-        main.load_data(dict(main.DEFAULT_CONFIG["data"], path=str(tmp_path), n_train=25, n_test=21))
+    with pytest.raises(errors.DataError, match="only 20 images"):
+        main.load_data(dict(config_schema.DEFAULT_CONFIG["data"], path=str(tmp_path), n_train=25, n_test=21))
 
 
 def test_cached_download_is_used_without_network(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -74,7 +77,7 @@ def test_cached_download_is_used_without_network(tmp_path: Path, monkeypatch: py
     np.savez(tmp_path / "mnist.npz", x_train=rng.integers(0, 256, (50, 28, 28), dtype=np.uint8),
              y_train=rng.integers(0, 10, 50).astype(np.uint8),
              x_test=rng.integers(0, 256, (20, 28, 28), dtype=np.uint8), y_test=rng.integers(0, 10, 20).astype(np.uint8))
-    data = main.load_data(dict(main.DEFAULT_CONFIG["data"], cache_dir=str(tmp_path), n_train=40, n_test=20))
+    data = main.load_data(dict(config_schema.DEFAULT_CONFIG["data"], cache_dir=str(tmp_path), n_train=40, n_test=20))
     assert data.source == "cache" and len(data.x_train) == 40
 
 
@@ -99,7 +102,7 @@ def test_a_cache_with_wrong_arrays_is_ignored_and_downloaded_again(damage: str, 
     fake = ((np.zeros((30, 28, 28), dtype=np.uint8), np.zeros(30, dtype=np.uint8)),
             (np.zeros((10, 28, 28), dtype=np.uint8), np.zeros(10, dtype=np.uint8)))
     monkeypatch.setattr(main, "download_openml", lambda name, cache_dir: downloads.append(name) or fake)
-    data = main.load_data(dict(main.DEFAULT_CONFIG["data"], cache_dir=str(tmp_path), n_train=20, n_test=10))
+    data = main.load_data(dict(config_schema.DEFAULT_CONFIG["data"], cache_dir=str(tmp_path), n_train=20, n_test=10))
     assert data.source == "openml" and downloads == ["mnist"]
 
 
@@ -110,7 +113,7 @@ def test_download_is_cached_for_the_next_run(tmp_path: Path, monkeypatch: pytest
             (rng.integers(0, 256, (10, 28, 28), dtype=np.uint8), rng.integers(0, 10, 10).astype(np.uint8)))
     calls = []
     monkeypatch.setattr(main, "download_openml", lambda name, cache_dir: calls.append(name) or fake)
-    cfg = dict(main.DEFAULT_CONFIG["data"], cache_dir=str(tmp_path), n_train=50, n_test=10)
+    cfg = dict(config_schema.DEFAULT_CONFIG["data"], cache_dir=str(tmp_path), n_train=50, n_test=10)
     assert main.load_data(cfg).source == "openml"
     assert main.load_data(cfg).source == "cache"
     assert calls == ["mnist"] and (tmp_path / "mnist.npz").is_file()
@@ -123,10 +126,10 @@ def test_offline_falls_back_to_labelled_synthetic_data(tmp_path: Path, monkeypat
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(main, "download_openml", offline)
-    cfg = dict(main.DEFAULT_CONFIG["data"], cache_dir=str(tmp_path), n_train=100, n_test=50)
+    cfg = dict(config_schema.DEFAULT_CONFIG["data"], cache_dir=str(tmp_path), n_train=100, n_test=50)
     data = main.load_data(cfg)
     assert data.source == "synthetic" and "URLError" in data.note and data.note.startswith("FALLBACK")
-    with pytest.raises(main.DataError, match="fallback is off"):
+    with pytest.raises(errors.DataError, match="fallback is off"):
         main.load_data(dict(cfg, allow_synthetic_fallback=False))
 
 
@@ -152,18 +155,18 @@ def test_download_without_name_resolution_fails_at_once(tmp_path: Path, monkeypa
 
     fake = FakeOpenML()
     monkeypatch.setattr(sklearn.datasets, "fetch_openml", fake)
-    monkeypatch.setattr(main.socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(datafiles.socket, "getaddrinfo", no_dns)
     monkeypatch.setattr(urllib.request, "getproxies", lambda: {})
     with pytest.raises(ConnectionError, match=r"cannot look up www\.openml\.org.*not known"):
-        main.download_openml("mnist", tmp_path)
+        datafiles.download_openml("mnist", tmp_path)
     assert fake.calls == []
     # With a proxy, or with scikit-learn's own cached files, the name need not resolve here: it downloads.
     monkeypatch.setattr(urllib.request, "getproxies", lambda: {"https": "http://proxy:3128"})
-    (train_images, train_labels), _ = main.download_openml("mnist", tmp_path)
+    (train_images, train_labels), _ = datafiles.download_openml("mnist", tmp_path)
     assert fake.calls == ["mnist_784"] and train_images.shape == (70, 28, 28) and train_labels.dtype == np.uint8
     monkeypatch.setattr(urllib.request, "getproxies", lambda: {})
     (tmp_path / "openml").mkdir()
-    main.download_openml("mnist", tmp_path)
+    datafiles.download_openml("mnist", tmp_path)
     assert fake.calls == ["mnist_784"] * 2
 
 
@@ -184,7 +187,7 @@ def test_synthetic_digits_have_class_structure() -> None:
 
 def test_repo_config_is_the_default_config() -> None:
     """config.yaml keeps the seed's values, and a missing key takes the same default."""
-    assert main.load_config(ROOT / "config.yaml") == main.validate_config({})
+    assert main.load_config(ROOT / "config.yaml") == config_schema.validate_config({})
 
 
 def test_missing_keys_take_defaults_and_numbers_in_strings_are_read(tmp_path: Path) -> None:
@@ -192,8 +195,8 @@ def test_missing_keys_take_defaults_and_numbers_in_strings_are_read(tmp_path: Pa
     path.write_text("training:\n  learning_rate: 1e-3\nmodel:\n  conv_layers:\n    - filters: 8\n")
     cfg = main.load_config(path)
     assert cfg["training"]["learning_rate"] == 0.001  # PyYAML reads 1e-3 as the string "1e-3"
-    assert cfg["model"]["conv_layers"] == [dict(main.CONV_LAYER_DEFAULTS, filters=8)]
-    assert cfg["data"] == main.DEFAULT_CONFIG["data"]
+    assert cfg["model"]["conv_layers"] == [dict(config_schema.CONV_LAYER_DEFAULTS, filters=8)]
+    assert cfg["data"] == config_schema.DEFAULT_CONFIG["data"]
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -205,7 +208,7 @@ def test_missing_keys_take_defaults_and_numbers_in_strings_are_read(tmp_path: Pa
 def test_config_errors_name_the_key(tmp_path: Path, text: str, expected: str) -> None:
     path = tmp_path / "c.yaml"
     path.write_text(text)
-    with pytest.raises(main.ConfigError) as error:
+    with pytest.raises(errors.ConfigError) as error:
         main.load_config(path)
     assert expected in str(error.value) and str(path) in str(error.value)
 
@@ -228,7 +231,7 @@ def test_precedence_flag_over_environment_over_file(tmp_path: Path, monkeypatch:
 
 
 def digits_config(**training: object) -> dict:
-    cfg = main.validate_config({
+    cfg = config_schema.validate_config({
         "data": {"dataset": "digits", "n_train": 1297, "n_test": 500, "random_seed": 0},
         "model": {"conv_layers": [{"filters": 16, "kernel_size": 3, "padding": 1, "pool_size": 2}], "dense_units": 64},
         "training": {"epochs": 8, "batch_size": 32, **training},
@@ -261,7 +264,7 @@ def test_sgd_with_momentum_also_learns_digits() -> None:
 
 def test_learns_real_mnist_to_95_percent_in_3_epochs(mnist_5k: Path) -> None:
     """The default model on 4,000 real MNIST digits reaches >= 95% on 1,000 held-back ones in 3 epochs."""
-    cfg = main.validate_config({"data": {"path": str(mnist_5k), "n_train": 4000, "n_test": 1000},
+    cfg = config_schema.validate_config({"data": {"path": str(mnist_5k), "n_train": 4000, "n_test": 1000},
                                 "training": {"epochs": 3}})
     _, result = fit(cfg)
     assert result.history[-1]["test_accuracy"] >= 0.95
@@ -270,7 +273,7 @@ def test_learns_real_mnist_to_95_percent_in_3_epochs(mnist_5k: Path) -> None:
 def test_synthetic_digits_are_learnable() -> None:
     """Chance is 10%; a small model gets most of the synthetic digits right within 3 short epochs (not all:
     about 1 digit in 10 misses a segment, and some of those become another digit)."""
-    cfg = main.validate_config({"data": {"dataset": "synthetic", "n_train": 2000, "n_test": 500},
+    cfg = config_schema.validate_config({"data": {"dataset": "synthetic", "n_train": 2000, "n_test": 500},
                                 "model": {"conv_layers": [{"filters": 8, "kernel_size": 3, "padding": 1}],
                                           "dense_units": 32},
                                 "training": {"epochs": 3}})

@@ -19,8 +19,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+import config_schema
+import errors
 import images
 import main
+import modelfile
 
 # A small model that learns the synthetic digits in 3 epochs of 2,000 images (a few seconds).
 CONFIG = {
@@ -72,18 +75,18 @@ def one_error_line(stderr: str, must_name: str) -> str:
 def test_save_then_load_gives_bit_identical_predictions_and_optimizer_state(tmp_path: Path) -> None:
     """A model saved and loaded again predicts exactly the same probabilities (np.array_equal, not close),
     the file holds only plain arrays (readable without pickle), and Adam's state and step count come back."""
-    cfg = main.validate_config({**CONFIG, "data": {**CONFIG["data"], "n_train": 300, "n_test": 50}})
+    cfg = config_schema.validate_config({**CONFIG, "data": {**CONFIG["data"], "n_train": 300, "n_test": 50}})
     data = main.load_data(cfg["data"])
     rngs = main.make_rngs(1)
     model = main.build_model(cfg["model"], data.input_shape, data.num_classes, rngs["init"])
     optimizer = main.make_optimizer(cfg["training"])
     main.train(model, optimizer, data, epochs=1, batch_size=32, rng=rngs["shuffle"])
     path = tmp_path / "model.npz"
-    main.save_model(path, model, cfg["model"], data, {"epochs_completed": 1}, optimizer)
+    modelfile.save_model(path, model, cfg["model"], data, {"epochs_completed": 1}, optimizer)
 
     with np.load(path, allow_pickle=False) as archive:  # would raise on any pickled entry
         assert all(archive[key].dtype != object for key in archive.files)
-    loaded = main.load_model(path)
+    loaded = modelfile.load_model(path, main.build_model)
     assert np.array_equal(loaded.model.predict_proba(data.x_test), model.predict_proba(data.x_test))
     for original, restored in zip(model.layers, loaded.model.layers):
         for name, param in original.params.items():
@@ -92,11 +95,11 @@ def test_save_then_load_gives_bit_identical_predictions_and_optimizer_state(tmp_
     assert loaded.meta["class_names"] == data.class_names and loaded.meta["input_shape"] == [28, 28, 1]
 
     adam = main.Adam()
-    assert main.restore_optimizer(adam, loaded)
+    assert modelfile.restore_optimizer(adam, loaded)
     assert adam.t == optimizer.t > 0
     assert adam.state.keys() == optimizer.state.keys()
     assert all(np.array_equal(adam.state[key], value) for key, value in optimizer.state.items())
-    assert not main.restore_optimizer(main.SGD(), loaded), "a different optimiser must start afresh"
+    assert not modelfile.restore_optimizer(main.SGD(), loaded), "a different optimiser must start afresh"
 
 
 def test_loaded_model_continues_training_where_it_stopped(saved: SavedModel, tmp_path: Path) -> None:
@@ -111,7 +114,7 @@ def test_loaded_model_continues_training_where_it_stopped(saved: SavedModel, tmp
     assert results["model"]["loaded_from"] == str(saved.path)
     assert "continuing with the saved adam state" in run.stdout
     assert "epoch 4/4" in run.stdout
-    assert main.load_model(tmp_path / "more.npz").meta["training"]["epochs_completed"] == 4
+    assert modelfile.load_model(tmp_path / "more.npz", main.build_model).meta["training"]["epochs_completed"] == 4
 
 
 def test_epochs_0_only_evaluates_and_reproduces_the_saved_accuracy(saved: SavedModel, tmp_path: Path) -> None:
@@ -122,7 +125,7 @@ def test_epochs_0_only_evaluates_and_reproduces_the_saved_accuracy(saved: SavedM
     assert run.returncode == 0, run.stderr
     results = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
     assert results["history"] == [] and results["epochs_completed"] == 3
-    stored = main.load_model(saved.path).meta["training"]
+    stored = modelfile.load_model(saved.path, main.build_model).meta["training"]
     assert results["test_accuracy"] == saved.results["test_accuracy"] == stored["test_accuracy"]
     assert results["test_loss"] == pytest.approx(stored["test_loss"], rel=1e-6)
 
@@ -135,7 +138,7 @@ def test_results_record_the_loaded_architecture_as_the_model_config(saved: Saved
                   tmp_path)
     assert run.returncode == 0, run.stderr
     results = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
-    stored = main.load_model(saved.path).meta["model"]
+    stored = modelfile.load_model(saved.path, main.build_model).meta["model"]
     assert results["config"]["model"] == stored and stored["dense_units"] != 16
     dense = [row for row in results["model"]["summary"] if row["layer"].startswith("dense_1")]
     assert dense[0]["output_shape"] == [stored["dense_units"]]
@@ -199,8 +202,8 @@ def test_bad_model_files_are_rejected_with_one_line_naming_the_file(
     """Corrupt, truncated, pickled, mismatched or missing model files: load_model raises ModelFileError
     naming the file (never unpickling anything), and the CLI exits with 2 and one `error:` line naming it."""
     path = make_bad_model_file(kind, saved.path, tmp_path)
-    with pytest.raises(main.ModelFileError, match=re.escape(str(path))):
-        main.load_model(path)
+    with pytest.raises(errors.ModelFileError, match=re.escape(str(path))):
+        modelfile.load_model(path, main.build_model)
 
     monkeypatch.chdir(tmp_path)
     code = main.main(["--config", str(saved.config), "--n-train", "20", "--n-test", "10", "--epochs", "0",
@@ -274,7 +277,7 @@ def test_predict_prints_one_line_per_file_matching_the_model(saved: SavedModel, 
     one the loaded model gives the same prepared image in-process (read_image -> prepare_image -> model)."""
     printed = printed_top_classes(predictions.run.stdout)
     assert list(printed) == predictions.files
-    loaded = main.load_model(saved.path)
+    loaded = modelfile.load_model(saved.path, main.build_model)
     for name in predictions.files:
         image = images.prepare_image(images.read_image(predictions.folder / name), loaded.model.input_shape, 20 / 28)
         probabilities = loaded.model.predict_proba(image[None])[0]
@@ -304,7 +307,7 @@ def test_npy_images_work_in_bytes_or_fractions(saved: SavedModel, predictions: P
     as_bytes, as_fractions = by_file["digit.npy"], by_file["digit_float.npy"]
     assert [t["class"] for t in as_bytes] == [t["class"] for t in as_fractions]
     assert [t["probability"] for t in as_bytes] == pytest.approx([t["probability"] for t in as_fractions])
-    model = main.load_model(saved.path).model
+    model = modelfile.load_model(saved.path, main.build_model).model
     direct = model.predict((predictions.synthetic_image / 255).astype(np.float32)[None, :, :, None])[0]
     assert by_file["digit.npy"][0]["class"] == str(direct)
 

@@ -6,13 +6,17 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from conftest import run_cli, to_float64, write_config
 from threadpoolctl import threadpool_info, threadpool_limits
 
+import config_schema
 import main
+import parallel
+import profiling
 
 SMALL_MODEL = {"conv_layers": [{"filters": 4, "kernel_size": 3, "padding": 1, "pool_size": 2, "stride": 1,
                                 "pool_stride": None},
@@ -43,8 +47,17 @@ def digits_data(n_train: int, n_test: int, brightness: float = 1.0) -> main.Data
                         "digits", "test")
 
 
+def forward_backward(net: Any, x: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, float]:
+    """The first three lines of main.train's step: forward, loss, backward (net: a model or a DataParallel)."""
+    loss_fn = main.SoftmaxCrossEntropy()
+    logits = net.forward(x)
+    loss = loss_fn.forward(logits, labels)
+    net.backward(loss_fn.backward())
+    return logits, loss
+
+
 def whole_batch(model: main.Sequential, x: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, float, list]:
-    logits, loss = main.forward_backward(model, x, labels)
+    logits, loss = forward_backward(model, x, labels)
     return logits, loss, [grad.copy() for layer in model.layers for grad in layer.grads.values()]
 
 
@@ -59,8 +72,8 @@ def test_slices_on_threads_give_the_whole_batch_gradient(workers: int, batch: in
     for layer in model.layers:  # stale gradients must be overwritten, not added to
         for grad in layer.grads.values():
             grad[...] = 1e6
-    with main.DataParallel(model, workers) as parallel:
-        logits, loss = parallel.forward_backward(x, labels)
+    with parallel.DataParallel(model, workers) as net:
+        logits, loss = forward_backward(net, x, labels)
     np.testing.assert_allclose(logits, expected_logits, rtol=1e-12, atol=1e-14)
     assert loss == pytest.approx(expected_loss, rel=1e-12)
     grads = [grad for layer in model.layers for grad in layer.grads.values()]
@@ -71,7 +84,7 @@ def test_slices_on_threads_give_the_whole_batch_gradient(workers: int, batch: in
 
 def test_replicas_share_weights_and_keep_their_own_gradients() -> None:
     model = float64_model()
-    twin = model.replicate()
+    twin = parallel.replicate(model)
     for layer, twin_layer in zip(model.layers, twin.layers):
         for name in layer.params:
             assert twin_layer.params[name] is layer.params[name]
@@ -86,8 +99,8 @@ def test_parallel_evaluation_equals_one_thread(n: int) -> None:
     x, labels = rng.random((n, 12, 12, 1)), rng.integers(0, 10, n)
     model = float64_model()
     expected = model.evaluate(x, labels, main.EVAL_BATCH_SIZE)
-    with main.DataParallel(model, 2) as parallel:
-        loss, accuracy = parallel.evaluate(x, labels)
+    with parallel.DataParallel(model, 2) as net:
+        loss, accuracy = net.evaluate(x, labels, main.EVAL_BATCH_SIZE)
     assert loss == pytest.approx(expected[0], rel=1e-12, abs=1e-15)
     assert accuracy == expected[1]
 
@@ -109,25 +122,25 @@ def test_default_workers_follow_the_blas_thread_count_and_the_work_per_slice() -
     """One worker per BLAS thread, but only as many as get a big enough slice: the default MNIST model's
     first layer makes 28 * 28 * 32 = 25,088 values per image, so batch 32 gives two workers 401,408 each;
     batch 8, or 8x8 digits (2,048 values per image) at batch 32, stay on one thread."""
-    mnist_model = main.build_model(main.DEFAULT_CONFIG["model"], (28, 28, 1), 10, np.random.default_rng(0))
-    digits_model = main.build_model(main.DEFAULT_CONFIG["model"], (8, 8, 1), 10, np.random.default_rng(0))
+    mnist_model = main.build_model(config_schema.DEFAULT_CONFIG["model"], (28, 28, 1), 10, np.random.default_rng(0))
+    digits_model = main.build_model(config_schema.DEFAULT_CONFIG["model"], (8, 8, 1), 10, np.random.default_rng(0))
     with threadpool_limits(1):
-        assert main.default_workers() == 1
-        assert main.default_workers(mnist_model, 32) == 1
+        assert parallel.default_workers() == 1
+        assert parallel.default_workers(mnist_model, 32) == 1
     with threadpool_limits(2):
-        assert main.default_workers() == 2
-        assert main.default_workers(mnist_model, 32) == 2
-        assert main.default_workers(mnist_model, 128) == 2
-        assert main.default_workers(mnist_model, 8) == 1
-        assert main.default_workers(digits_model, 32) == 1
-        assert main.default_workers(digits_model, 128) == 1
-        assert main.default_workers(digits_model, 256) == 2
+        assert parallel.default_workers() == 2
+        assert parallel.default_workers(mnist_model, 32) == 2
+        assert parallel.default_workers(mnist_model, 128) == 2
+        assert parallel.default_workers(mnist_model, 8) == 1
+        assert parallel.default_workers(digits_model, 32) == 1
+        assert parallel.default_workers(digits_model, 128) == 1
+        assert parallel.default_workers(digits_model, 256) == 2
 
 
 def test_two_workers_learn_digits_like_one() -> None:
     """The same training with 1 and 2 workers: float32 sums in another order, so the runs are not bit
     for bit equal, but both learn the 8x8 digits to >= 93% and end close to each other."""
-    cfg = main.validate_config({"data": {"dataset": "digits", "n_train": 1200, "n_test": 400},
+    cfg = config_schema.validate_config({"data": {"dataset": "digits", "n_train": 1200, "n_test": 400},
                                 "model": {"conv_layers": [{"filters": 8, "padding": 1}], "dense_units": 32},
                                 "training": {"epochs": 4, "learning_rate": 0.003}})
     accuracies = []
@@ -160,13 +173,13 @@ def test_workers_take_the_callers_numpy_error_settings() -> None:
     model = main.build_model(SMALL_MODEL, (8, 8, 1), 10, np.random.default_rng(0))
     model.layers[0].params["W"] *= np.float32(100)
     x, labels = np.full((8, 8, 8, 1), 1e38, dtype=np.float32), np.arange(8) % 10  # the first layer overflows
-    with main.DataParallel(model, 2) as parallel:
+    with parallel.DataParallel(model, 2) as net:
         with np.errstate(all="raise"), pytest.raises(FloatingPointError):
-            parallel.forward_backward(x, labels)
+            forward_backward(net, x, labels)
         with np.errstate(all="ignore"), warnings.catch_warnings():
             warnings.simplefilter("error")  # a RuntimeWarning anywhere would fail the test
-            _, loss = parallel.forward_backward(x, labels)
-            parallel.evaluate(x, labels)
+            _, loss = forward_backward(net, x, labels)
+            net.evaluate(x, labels, main.EVAL_BATCH_SIZE)
     assert not np.isfinite(loss)
 
 
@@ -175,29 +188,32 @@ def test_a_model_without_input_shape_trains_with_the_default_workers() -> None:
     gives the thread count, and train() runs."""
     model = main.Sequential([main.Flatten(), main.Dense(64, 32, rng=np.random.default_rng(0)), main.ReLU(),
                              main.Dense(32, 10, rng=np.random.default_rng(1))])
-    assert main.default_workers(model, 32) == main.default_workers()
-    result = main.train(model, main.Adam(), digits_data(128, 32), epochs=1, batch_size=32, rng=np.random.default_rng(2))
+    assert parallel.default_workers(model, 32) == parallel.default_workers()
+    result = main.train(model, main.Adam(), digits_data(128, 32), epochs=1, batch_size=32, rng=np.random.default_rng(2),
+                        workers=parallel.default_workers(model, 32))
     assert result.status == "completed" and len(result.history) == 1
 
 
 def test_profile_with_two_workers_counts_each_layer_once() -> None:
-    """A training run records every layer and the optimiser; the workers' layer times are merged as their mean,
-    since they ran side by side (their sum would count the same wall time twice)."""
+    """A training run records every layer and the optimiser, from every worker; the table shows the workers'
+    mean for a layer, since they ran side by side (their sum would count the same wall time twice)."""
     data = digits_data(320, 80)
-    model = main.build_model(SMALL_MODEL, (8, 8, 1), 10, np.random.default_rng(0))
-    model.timings = {}
-    result = main.train(model, main.Adam(), data, epochs=1, batch_size=32, rng=np.random.default_rng(1), workers=2)
-    assert {(name, direction) for name in model.names for direction in ("forward", "backward")} <= set(model.timings)
-    assert ("optimizer", "step") in model.timings
-    table = main.profile_table(model, result.batches)
+    model, optimizer = main.build_model(SMALL_MODEL, (8, 8, 1), 10, np.random.default_rng(0)), main.Adam()
+    timings = profiling.instrument(model, optimizer)
+    result = main.train(model, optimizer, data, epochs=1, batch_size=32, rng=np.random.default_rng(1), workers=2)
+    assert {(name, direction) for name in model.names for direction in ("forward", "backward")} <= set(timings.seconds)
+    assert ("optimizer", "step") in timings.seconds
+    assert [type(layer).__name__ for layer in model.layers][:3] == ["Conv2D", "ReLU", "MaxPool2D"]  # names kept
+    table = profiling.profile_table(timings, model.names, result.batches, workers=2)
     assert "conv2d_1" in table and "optimizer step" in table
 
-    model.timings = {("conv2d_1", "forward"): 1.0}
-    with main.DataParallel(model, 2) as parallel:
-        parallel.replicas[0].timings[("conv2d_1", "forward")] = 0.25
-        parallel.replicas[1].timings[("conv2d_1", "forward")] = 0.75
-        parallel.replicas[1].timings[("dense_1", "backward")] = 0.5
-    assert model.timings == {("conv2d_1", "forward"): 1.5, ("dense_1", "backward"): 0.25}
+    timings = profiling.Timings()
+    timings.add("conv2d_1", "forward", 0.25)  # worker 1
+    timings.add("conv2d_1", "forward", 0.75)  # worker 2
+    timings.add("optimizer", "step", 0.5)  # the main thread, once
+    table = profiling.profile_table(timings, ["conv2d_1"], 10, workers=2)
+    rows = {line.split()[0]: line.split() for line in table.splitlines()}
+    assert rows["conv2d_1"][1] == "0.500" and rows["optimizer"][3] == "0.500"
 
 
 def test_a_failing_worker_leaves_blas_and_the_gradients_as_they_were(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -210,11 +226,11 @@ def test_a_failing_worker_leaves_blas_and_the_gradients_as_they_were(monkeypatch
         for grad in layer.grads.values():
             grad[...] = 7.0
     with threadpool_limits(2):
-        with pytest.raises(MemoryError, match="worker 2"), main.DataParallel(model, 2) as parallel:
+        with pytest.raises(MemoryError, match="worker 2"), parallel.DataParallel(model, 2) as net:
             def fail(x: np.ndarray, training: bool = True) -> np.ndarray:
                 raise MemoryError("worker 2 ran out")
-            monkeypatch.setattr(parallel.replicas[1].layers[3], "forward", fail)
-            parallel.forward_backward(x, labels)
+            monkeypatch.setattr(net.replicas[1].layers[3], "forward", fail)
+            forward_backward(net, x, labels)
         assert set(blas_threads()) == {2}
     assert all((grad == 7.0).all() for layer in model.layers for grad in layer.grads.values())
 

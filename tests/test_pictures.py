@@ -17,6 +17,7 @@ import pytest
 from conftest import run_cli, write_config
 from PIL import Image
 
+import config_schema
 import main
 import plots
 
@@ -27,7 +28,8 @@ TWO_CONV_LAYERS = [{"filters": 4, "padding": 1, "pool_size": 2}, {"filters": 6, 
 @pytest.fixture(scope="module")
 def trained() -> tuple[main.Sequential, main.Dataset, list[dict]]:
     """A model with two conv layers, trained for two epochs on 28x28 synthetic digits, with its data and history."""
-    cfg = main.validate_config({"data": {"dataset": "synthetic", "n_train": 400, "n_test": 200, "random_seed": 3},
+    cfg = config_schema.validate_config({"data": {"dataset": "synthetic", "n_train": 400, "n_test": 200,
+                                                  "random_seed": 3},
                                 "model": {"conv_layers": TWO_CONV_LAYERS, "dense_units": 32}})
     data = main.load_data(cfg["data"])
     rngs = main.make_rngs(3)

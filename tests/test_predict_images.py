@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+import config_schema
+import errors
 import images
 import main
 
@@ -60,12 +62,12 @@ def test_a_model_sized_array_is_taken_as_it_is() -> None:
 
 def test_nan_array_is_refused(tmp_path: Path) -> None:
     np.save(tmp_path / "nan.npy", np.full((28, 28), np.nan))
-    with pytest.raises(main.DataError, match="NaN or infinite"):
+    with pytest.raises(errors.DataError, match="NaN or infinite"):
         images.read_image(tmp_path / "nan.npy")
 
 
 def test_blank_image_gets_a_warning(tmp_path: Path) -> None:
-    model = main.build_model(main.validate_config({})["model"], (28, 28, 1), 10, np.random.default_rng(0))
+    model = main.build_model(config_schema.validate_config({})["model"], (28, 28, 1), 10, np.random.default_rng(0))
     drawn_seven().save(tmp_path / "seven.png")
     Image.new("L", (50, 50), 255).save(tmp_path / "blank.png")
     results = images.predict_files(model, [tmp_path / "seven.png", tmp_path / "blank.png"], main.DIGIT_NAMES, 20 / 28)

@@ -1,6 +1,6 @@
 """Property-based tests (hypothesis): on randomly drawn shapes, kernel sizes, strides, paddings and pool
 sizes, the vectorised Conv2D and MaxPool2D equal the slow loop reference, and every model config that
-main.validate_config accepts either trains for one step or is refused with a ConfigError naming the
+config_schema.validate_config accepts either trains for one step or is refused with a ConfigError naming the
 layer that shrinks the image below 1x1.
 """
 
@@ -14,6 +14,8 @@ from conftest import assert_conv2d_matches_reference, to_float64
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
+import config_schema
+import errors
 import main
 
 # Modest example counts and no deadline: the loop reference is slow and the machine is shared.
@@ -120,7 +122,7 @@ def test_valid_config_trains_one_step_or_raises_config_error(raw: dict, seed: in
     loss, backward, optimiser step) on a small batch of 8x8 or 28x28 images, with finite loss and finite
     float32 weights, or raises ConfigError naming the layer that shrinks the image below 1x1 -- never
     another exception."""
-    cfg = main.validate_config(raw)
+    cfg = config_schema.validate_config(raw)
     input_shape = main.input_shape_of(cfg["data"]["dataset"])
     rng = np.random.default_rng(seed)
     bad_layer = first_layer_emptying_image(cfg["model"]["conv_layers"], *input_shape[:2])
@@ -128,7 +130,7 @@ def test_valid_config_trains_one_step_or_raises_config_error(raw: dict, seed: in
     if bad_layer is not None:
         try:
             main.build_model(cfg["model"], input_shape, 10, rng)
-        except main.ConfigError as error:
+        except errors.ConfigError as error:
             assert re.search(re.escape(f"model.conv_layers[{bad_layer}]"), str(error)), str(error)
             return
         raise AssertionError(f"build_model accepted a config whose layer {bad_layer} empties the image")

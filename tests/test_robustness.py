@@ -26,7 +26,10 @@ import numpy as np
 import pytest
 import yaml
 
+import config_schema
 import main
+import modelfile
+import plumbing
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING_KEYS = {"seconds", "images_per_second"}  # the only history fields allowed to differ between runs
@@ -88,7 +91,7 @@ def test_train_reports_divergence_at_the_first_non_finite_loss() -> None:
     data = main.Dataset(rngs["data"].random((64, 8, 8, 1), dtype=np.float32), rngs["data"].integers(0, 10, 64),
                         rngs["data"].random((16, 8, 8, 1), dtype=np.float32), rngs["data"].integers(0, 10, 16),
                         main.DIGIT_NAMES, "random", "test")
-    model = main.build_model(main.validate_config(small_config())["model"], data.input_shape, 10, rngs["init"])
+    model = main.build_model(config_schema.validate_config(small_config())["model"], data.input_shape, 10, rngs["init"])
     model.layers[-1].params["b"][0] = np.nan
     with np.errstate(all="ignore"):
         result = main.train(model, main.SGD(0.05), data, epochs=5, batch_size=32, rng=rngs["shuffle"])
@@ -157,10 +160,10 @@ def test_signal_stops_training_and_keeps_what_was_done(tmp_path: Path, signum: i
     assert results["stopped_at"]["epoch"] in (completed, completed + 1)  # at an epoch's end, or inside the next
     assert results["test_accuracy"] is not None
 
-    loaded = main.load_model(tmp_path / "model.npz")
+    loaded = modelfile.load_model(tmp_path / "model.npz", main.build_model)
     assert loaded.meta["training"]["status"] == "interrupted"
     assert loaded.meta["training"]["epochs_completed"] == completed
-    assert main.weights_finite(loaded.model)
+    assert all(np.isfinite(p).all() for layer in loaded.model.layers for p in layer.params.values())
 
 
 # ---- no half-written files ---------------------------------------------------------------------------
@@ -182,7 +185,7 @@ def test_write_atomic_keeps_the_old_file_when_writing_fails(tmp_path: Path, erro
     target = tmp_path / "results.json"
     target.write_text("previous run\n")
     with pytest.raises(type(error)):
-        main.write_atomic(target, half_then_fail(error))
+        plumbing.write_atomic(target, half_then_fail(error))
     assert target.read_text() == "previous run\n"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["results.json"]
 
@@ -190,7 +193,7 @@ def test_write_atomic_keeps_the_old_file_when_writing_fails(tmp_path: Path, erro
 def test_write_atomic_creates_nothing_when_writing_fails(tmp_path: Path) -> None:
     """Without a previous file, a failed write leaves no file at all (not an empty or half one)."""
     with pytest.raises(OSError):
-        main.write_atomic(tmp_path / "model.npz", half_then_fail(OSError(errno.EIO, "I/O error")))
+        plumbing.write_atomic(tmp_path / "model.npz", half_then_fail(OSError(errno.EIO, "I/O error")))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -203,7 +206,7 @@ def test_write_json_keeps_the_old_file_when_a_value_cannot_be_written(tmp_path: 
     target = tmp_path / "results.json"
     target.write_text('{"status": "completed"}\n')
     with pytest.raises(RuntimeError):
-        main.write_json(target, {"status": "completed", "history": list(range(5000)), "odd": Unprintable()})
+        plumbing.write_json(target, {"status": "completed", "history": list(range(5000)), "odd": Unprintable()})
     assert target.read_text() == '{"status": "completed"}\n'
     assert [path.name for path in tmp_path.iterdir()] == ["results.json"]
 
@@ -224,7 +227,7 @@ def test_failed_run_keeps_the_previous_results_file(tmp_path: Path, monkeypatch:
         f.write(text[: len(text) // 2])
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(main.json, "dump", dump_half_then_disk_full)
+    monkeypatch.setattr(plumbing.json, "dump", dump_half_then_disk_full)
     code = main.main(["--config", config, "--output", "results.json"])
     stderr = capsys.readouterr().err
     assert code == main.EXIT_UNEXPECTED, stderr

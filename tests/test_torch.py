@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
+import config_schema
 import main
 
 torch = pytest.importorskip("torch")
@@ -46,8 +47,8 @@ def one_thread() -> Iterator[None]:
 
 
 def seed_model(dtype: type, seed: int = 0) -> main.Sequential:
-    """The seed architecture (main.DEFAULT_CONFIG["model"]) with its weights (and gradients) in `dtype`."""
-    model = main.build_model(main.DEFAULT_CONFIG["model"], INPUT_SHAPE, N_CLASSES, np.random.default_rng(seed))
+    """The seed architecture (config_schema.DEFAULT_CONFIG["model"]) with its weights (and gradients) in `dtype`."""
+    model = main.build_model(config_schema.DEFAULT_CONFIG["model"], INPUT_SHAPE, N_CLASSES, np.random.default_rng(seed))
     for layer in model.layers:
         for name in layer.params:
             layer.params[name] = layer.params[name].astype(dtype)

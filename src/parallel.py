@@ -1,0 +1,144 @@
+"""Training on worker threads: each batch split into one slice per CPU, one thread and one model replica each.
+
+main.train uses DataParallel when training.workers (or default_workers) is above 1; the plain loop in
+main.train shows the same step on one thread. A leaf module: it never imports main; the model and the loss
+come in as arguments.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+import numpy as np
+from threadpoolctl import threadpool_info, threadpool_limits
+
+# A worker thread pays off only for a big slice of the batch. With small arrays NumPy's time goes to Python's
+# own overhead, which holds the GIL, so threads wait for each other (bench/why_fast.py: "worker threads" and
+# "8x8 digits"). The size of the largest activation of a slice tells the two cases apart.
+MIN_ACTIVATION_PER_WORKER = 250_000
+
+
+def blas_threads() -> int:
+    """How many threads BLAS would use: every usable CPU, unless OPENBLAS_NUM_THREADS, OMP_NUM_THREADS,
+    MKL_NUM_THREADS or a threadpoolctl limit says fewer."""
+    return max(min((pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"), default=1), 1)
+
+
+def default_workers(model: Any = None, batch_size: int | None = None) -> int:
+    """As many training threads as BLAS would use; given the model and the batch size, fewer, so that each
+    worker's slice holds at least MIN_ACTIVATION_PER_WORKER values in its largest layer. A model whose layers
+    keep batch statistics (BatchNorm) trains on one: its statistics must be the whole batch's."""
+    threads = blas_threads()
+    if model is None or model.input_shape is None or batch_size is None:
+        return threads
+    if any(getattr(layer, "buffers", None) for layer in model.layers):
+        return 1
+    largest = max(math.prod(row["output_shape"]) for row in model.summary_rows())
+    return max(min(threads, batch_size * largest // MIN_ACTIVATION_PER_WORKER), 1)
+
+
+def replicate(model: Any) -> Any:
+    """A twin of the model that shares its weights (the very same arrays) but has its own gradients and its
+    own saved activations, so that it can run another slice of the batch at the same time. This relies on
+    every layer's forward and backward making new arrays rather than reusing a buffer kept on the layer: such
+    a buffer would be shared by the twins, and their threads would overwrite it."""
+    layers = []
+    for layer in model.layers:
+        twin = copy.copy(layer)  # shallow: twin.params is the very dict of the very arrays of layer.params
+        twin.grads = {name: np.zeros_like(grad) for name, grad in layer.grads.items()}
+        layers.append(twin)
+    return type(model)(layers, model.input_shape)
+
+
+class DataParallel:
+    """A model spread over `workers` threads: forward and backward run each batch as one slice per thread,
+    on one replica of the model per slice. It has the model's forward, backward and evaluate, so that
+    main.train runs the same four lines of a training step with either.
+
+    Why: NumPy does the elementwise work (im2col, col2im, ReLU, pooling) on one core; only the matrix
+    multiplies spread over cores, through BLAS. A slice of the batch per thread keeps every core busy all
+    the time: NumPy releases Python's GIL inside its loops, so the threads really do run at once. BLAS is
+    held to one thread meanwhile, or its threads and the workers would fight over the cores
+    (bench/why_fast.py: "worker threads").
+
+    The gradient is the whole batch's: backward hands each replica its rows of dLoss/dlogits, which the loss
+    computed over the whole batch, and the model's grads are the sum of the replicas'. Dropout masks are drawn
+    for the whole batch in the calling thread, so the run does not depend on the number of workers.
+    Use as `with DataParallel(model, workers) as net:`.
+    """
+
+    def __init__(self, model: Any, workers: int = 2) -> None:
+        self.model, self.workers = model, max(workers, 1)
+        self.replicas: list[Any] = []
+        self.parts: list[slice] = []
+
+    def __enter__(self) -> DataParallel:
+        self.replicas = [replicate(self.model) for _ in range(self.workers)]
+        self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="worker")
+        self.blas_limit = threadpool_limits(limits=1, user_api="blas")
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        try:
+            self.pool.shutdown()  # first: a worker still running (after another one failed) keeps one BLAS thread
+        finally:  # even when a second Ctrl-C interrupts the wait
+            self.blas_limit.restore_original_limits()
+        self.replicas = []
+
+    def _map(self, function: Callable, *iterables: Iterable) -> list:
+        """pool.map(function, *iterables), each call under the calling thread's np.errstate: NumPy keeps its
+        error settings per thread, and a new thread starts from the defaults (which warn on overflow)."""
+        settings = np.geterr()
+
+        def with_settings(*args: Any) -> Any:
+            with np.errstate(**settings):
+                return function(*args)
+        return list(self.pool.map(with_settings, *iterables))
+
+    def _split(self, n: int) -> list[slice]:
+        """`workers` contiguous slices of range(n), as equal as can be (empty ones dropped)."""
+        bounds = [n * worker // self.workers for worker in range(self.workers + 1)]
+        return [slice(start, stop) for start, stop in zip(bounds, bounds[1:]) if stop > start]
+
+    def forward(self, x: np.ndarray, training: bool = True) -> np.ndarray:
+        """The logits (N, K) of the whole batch, each replica computing its slice's rows."""
+        self.parts = self._split(len(x))
+        if training:
+            self._hand_out_dropout_masks(x)
+        replicas = self.replicas[:len(self.parts)]
+        return np.concatenate(self._map(lambda replica, part: replica.forward(x[part], training),
+                                        replicas, self.parts))
+
+    def backward(self, grad_out: np.ndarray) -> None:
+        """Each replica's backward from its rows of dLoss/dlogits; the model's grads become their sum."""
+        replicas = self.replicas[:len(self.parts)]
+        self._map(lambda replica, part: replica.backward(grad_out[part]), replicas, self.parts)
+        for layer, twins in zip(self.model.layers, zip(*(replica.layers for replica in replicas))):
+            for name, grad in layer.grads.items():  # into the model's own arrays, which the optimiser reads
+                grad[...] = twins[0].grads[name]
+                for twin in twins[1:]:
+                    grad += twin.grads[name]
+
+    def _hand_out_dropout_masks(self, x: np.ndarray) -> None:
+        """Draw each Dropout layer's mask for the whole batch here, and give every replica its slice of it."""
+        shape = x.shape
+        for index, layer in enumerate(self.model.layers):
+            if hasattr(layer, "draw_mask"):
+                mask = layer.draw_mask(shape, x.dtype)
+                for replica, part in zip(self.replicas, self.parts):
+                    replica.layers[index].next_mask = mask[part]
+            shape = (shape[0], *layer.output_shape(shape[1:]))
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int) -> tuple[float, float]:
+        """model.evaluate(x, y, batch_size), each worker taking a contiguous part of the set."""
+        parts = self._split(len(x))
+        results = self._map(lambda replica, part: replica.evaluate(x[part], y[part], batch_size),
+                            self.replicas[:len(parts)], parts)
+        sizes = [part.stop - part.start for part in parts]
+        loss = sum(part_loss * size for (part_loss, _), size in zip(results, sizes)) / max(len(x), 1)
+        correct = sum(round(accuracy * size) for (_, accuracy), size in zip(results, sizes))
+        return loss, correct / max(len(x), 1)
