@@ -222,12 +222,13 @@ def worker_setup(args: argparse.Namespace) -> dict:
 
     main = import_main()
     import config_schema
+    import datafiles
     limit = limit_blas_threads(args.threads)
     total, rng = args.images + N_TEST, np.random.default_rng(SEED)
     images, labels = np.empty((total, 28, 28), np.uint8), np.empty(total, np.uint8)
     for start in range(0, total, 5000):  # in chunks: make_synthetic's temporaries grow with n
         stop = min(start + 5000, total)
-        images[start:stop], labels[start:stop] = main.make_synthetic(stop - start, rng)
+        images[start:stop], labels[start:stop] = datafiles.make_synthetic(stop - start, rng)
     np.savez(args.data, images=images, labels=labels)
 
     model = main.build_model(config_schema.DEFAULT_CONFIG["model"], (28, 28, 1), 10, np.random.default_rng(SEED))

@@ -56,6 +56,7 @@ import reference  # noqa: E402
 from benchmark import available_cpus, cpu_model  # noqa: E402
 
 import config_schema  # noqa: E402
+import datafiles  # noqa: E402
 import main  # noqa: E402
 import parallel  # noqa: E402
 
@@ -271,7 +272,7 @@ def default_model(dtype: type) -> main.Sequential:
 
 def synthetic_batch(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """n synthetic seven-segment digits as the project trains on them: float32 (n, 28, 28, 1) in [0, 1]."""
-    images, labels = main.make_synthetic(n, rng)
+    images, labels = datafiles.make_synthetic(n, rng)
     return (images.astype(np.float32) / 255)[..., None], labels.astype(np.int64)
 
 

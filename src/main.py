@@ -38,7 +38,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from config_schema import DATASETS, LOG_LEVELS, OPTIMIZERS, SCHEMA, validate_config
-from datafiles import OPENML_NAMES, download_openml, load_cache, load_idx_folder
+from datafiles import OPENML_NAMES, download_openml, load_cache, load_idx_folder, make_synthetic
 from errors import CNNError, ConfigError, DataError
 from images import predict_files
 from modelfile import load_model, restore_optimizer, save_model
@@ -612,65 +612,6 @@ def make_rngs(seed: int) -> dict[str, np.random.Generator]:
     streams = np.random.SeedSequence(seed).spawn(3)
     return {name: np.random.default_rng(s) for name, s in zip(("data", "init", "shuffle"), streams)}
 
-
-
-# The seven segments of a pocket-calculator display, as (x0, y0, x1, y1) in a unit box (y downwards),
-# and which segments light up for each digit: the synthetic fallback draws these, so it has real
-# class structure (and the same labels as MNIST) while needing no download.
-SEGMENTS = np.array([(0, 0, 1, 0), (1, 0, 1, .5), (1, .5, 1, 1), (0, 1, 1, 1),
-                     (0, .5, 0, 1), (0, 0, 0, .5), (0, .5, 1, .5)], dtype=np.float32)
-SEGMENTS_ON = np.array([[1, 1, 1, 1, 1, 1, 0], [0, 1, 1, 0, 0, 0, 0], [1, 1, 0, 1, 1, 0, 1],
-                        [1, 1, 1, 1, 0, 0, 1], [0, 1, 1, 0, 0, 1, 1], [1, 0, 1, 1, 0, 1, 1],
-                        [1, 0, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1],
-                        [1, 1, 1, 1, 0, 1, 1]], dtype=bool)
-
-
-def make_synthetic(n: int, rng: np.random.Generator, size: int = 28) -> tuple[np.ndarray, np.ndarray]:
-    """n synthetic digits (see draw_seven_segments), drawn 1,000 at a time to keep the temporaries small."""
-    chunks = [draw_seven_segments(min(1000, n - start), rng, size) for start in range(0, n, 1000)]
-    if not chunks:
-        return np.zeros((0, size, size), dtype=np.uint8), np.zeros(0, dtype=np.uint8)
-    return np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
-
-
-def draw_seven_segments(n: int, rng: np.random.Generator, size: int = 28) -> tuple[np.ndarray, np.ndarray]:
-    """n seven-segment digits (uint8 images (n, size, size), labels (n,)) with random size, slant, stroke
-    width, segment brightness and noise, centred on their centre of mass give or take 1.5 pixels, as MNIST's
-    digits are (and as prepare_image centres image files). About 1 digit in 10 misses a segment, which can
-    make it another digit (an 8 without its middle is a 0): like handwriting, not every image is certain.
-    """
-    labels = rng.integers(0, 10, n)
-    width, height = rng.uniform(7, 12, (n, 1)), rng.uniform(14, 20, (n, 1))
-    slant, stroke = rng.uniform(-0.25, 0.25, (n, 1)), rng.uniform(0.8, 2.0, (n, 1))
-    lit = SEGMENTS_ON[labels] & (rng.random((n, len(SEGMENTS))) > 0.02)  # (n, 7): each segment drops out 2%
-    brightness = rng.uniform(0.5, 1.0, (n, len(SEGMENTS))) * lit
-    x0, y0, x1, y1 = SEGMENTS.T  # each (7,)
-    # Segment end points (n, 7) of a digit whose box starts at (0, 0); slant shifts x in proportion to
-    # the height above the middle.
-    ax, ay = width * x0 + slant * height * (0.5 - y0), height * y0
-    bx, by = width * x1 + slant * height * (0.5 - y1), height * y1
-    # Centre of mass: the lit segments' midpoints weighted by their lengths. Move it to the middle.
-    mass = np.hypot(bx - ax, by - ay) * brightness + 1e-6  # + 1e-6: a digit with no segment left
-    centre_x = (mass * (ax + bx) / 2).sum(axis=1, keepdims=True) / mass.sum(axis=1, keepdims=True)
-    centre_y = (mass * (ay + by) / 2).sum(axis=1, keepdims=True) / mass.sum(axis=1, keepdims=True)
-    shift_x = size / 2 - centre_x + rng.uniform(-1.5, 1.5, (n, 1))
-    shift_y = size / 2 - centre_y + rng.uniform(-1.5, 1.5, (n, 1))
-    rows, cols = np.mgrid[0:size, 0:size].astype(np.float32)
-    images = np.zeros((n, size, size), dtype=np.float32)
-    # The drawing below touches every pixel of every digit: in float32 rather than float64, 6,000 digits take
-    # 0.6 s instead of 1.6 s.
-    ax, ay, bx, by = (end.astype(np.float32) for end in (ax + shift_x, ay + shift_y, bx + shift_x, by + shift_y))
-    stroke, brightness = stroke.astype(np.float32), brightness.astype(np.float32)
-    for segment in range(len(SEGMENTS)):
-        start_x, start_y = ax[:, segment, None, None], ay[:, segment, None, None]
-        dx, dy = (bx - ax)[:, segment, None, None], (by - ay)[:, segment, None, None]
-        # Distance from every pixel to the segment: project onto it, clip to its ends.
-        t = np.clip(((cols - start_x) * dx + (rows - start_y) * dy) / (dx * dx + dy * dy), 0, 1)
-        distance = np.hypot(cols - (start_x + t * dx), rows - (start_y + t * dy))
-        ink = np.clip(stroke[:, :, None] + 0.5 - distance, 0, 1) * brightness[:, segment, None, None]
-        np.maximum(images, ink, out=images)
-    images += rng.normal(0, 0.08, images.shape).astype(np.float32)
-    return (np.clip(images, 0, 1) * 255).round().astype(np.uint8), labels.astype(np.uint8)
 
 
 def _draw(split: tuple[np.ndarray, np.ndarray], n: int, rng: np.random.Generator, what: str) -> tuple:

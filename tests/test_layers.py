@@ -19,6 +19,7 @@ import reference
 from conftest import assert_conv2d_matches_reference, to_float64
 
 import config_schema
+import datafiles
 import errors
 import main
 
@@ -255,7 +256,7 @@ def test_maxpool_ties_on_zero_input_match_reference(pool_size: int, stride: int 
 def test_maxpool_on_mnist_like_digits_matches_reference(pool_size: int, stride: int | None) -> None:
     """Synthetic MNIST-like digits (exact-zero background, saturated strokes, float32): forward and
     backward equal the loop reference, and each non-overlapping window passes on exactly one value."""
-    images, _ = main.make_synthetic(3, np.random.default_rng(7))
+    images, _ = datafiles.make_synthetic(3, np.random.default_rng(7))
     x = (images[..., None] / np.float32(255)).astype(np.float32)
     assert (x == 0).mean() > 0.3, "the background should be mostly exact zeros (many ties)"
     layer = main.MaxPool2D(pool_size, stride)

@@ -173,7 +173,7 @@ def test_download_without_name_resolution_fails_at_once(tmp_path: Path, monkeypa
 def test_synthetic_digits_have_class_structure() -> None:
     """Seven-segment digits: every class present, images differ within a class, and a '1' has less ink
     than an '8' (it lights 2 segments of 7)."""
-    images, labels = main.make_synthetic(2000, np.random.default_rng(0))
+    images, labels = datafiles.make_synthetic(2000, np.random.default_rng(0))
     assert images.shape == (2000, 28, 28) and images.dtype == np.uint8
     assert set(np.unique(labels)) == set(range(10))
     ink = images.reshape(2000, -1).mean(axis=1)

@@ -20,6 +20,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 import config_schema
+import datafiles
 import errors
 import images
 import main
@@ -218,12 +219,12 @@ def test_bad_model_files_are_rejected_with_one_line_naming_the_file(
 
 
 def draw_digit(digit: int, path: Path, size: int = 112) -> None:
-    """A seven-segment digit (the segments main.make_synthetic draws) in black ink on white paper,
+    """A seven-segment digit (the segments datafiles.make_synthetic draws) in black ink on white paper,
     size x size pixels: what a user might draw, and a light background that --predict must invert."""
     picture = Image.new("L", (size, size), color=255)
     pen = ImageDraw.Draw(picture)
     left, top, width, height = 0.34 * size, 0.2 * size, 0.32 * size, 0.6 * size
-    for (x0, y0, x1, y1), lit in zip(main.SEGMENTS, main.SEGMENTS_ON[digit]):
+    for (x0, y0, x1, y1), lit in zip(datafiles.SEGMENTS, datafiles.SEGMENTS_ON[digit]):
         if lit:
             pen.line([(left + width * x0, top + height * y0), (left + width * x1, top + height * y1)],
                      fill=0, width=size // 10)
@@ -248,7 +249,7 @@ def predictions(saved: SavedModel, tmp_path_factory: pytest.TempPathFactory) -> 
     for digit in range(10):
         draw_digit(digit, folder / f"{digit}.png")
         files.append(f"{digit}.png")
-    images, _ = main.make_synthetic(1, np.random.default_rng(7))
+    images, _ = datafiles.make_synthetic(1, np.random.default_rng(7))
     np.save(folder / "digit.npy", images[0])
     np.save(folder / "digit_float.npy", images[0] / 255)
     files += ["digit.npy", "digit_float.npy"]
