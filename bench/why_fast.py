@@ -3,9 +3,10 @@ obvious alternative, on the real shapes of the default model at batch 32.
 
 Run from the project root:
 
-    python bench/why_fast.py              # every comparison, about 1.5 minutes
+    python bench/why_fast.py              # every comparison: about 6 minutes, 4-5 of them the speed tricks (8)
     python bench/why_fast.py --quick      # a smoke run: few rounds, numbers only roughly right
     python bench/why_fast.py --threads 1  # one BLAS thread: steadier on a busy machine
+    python bench/why_fast.py --only 8     # one comparison, by its number or a word of its title
 
 The comparisons (project's way first, the alternative second):
 
@@ -14,17 +15,30 @@ The comparisons (project's way first, the alternative second):
 3. channels-last (NHWC, the project) against channels-first (NCHW, like PyTorch): conv2d_2 forward + backward.
 4. col2im with one sliced `+=` per kernel offset against np.add.at: conv2d_2's shapes, and a whole epoch.
 5. max pooling with running maxima and winner masks against argmax + scatter: maxpool2d_1.
-6. ReLU as x * (x > 0) against np.maximum(x, 0): relu_1's input.
+6. ReLU's operation alone, x * (x > 0) against np.maximum(x, 0), on relu_1's input (the core now writes
+   np.maximum(x, 0): 8d measures the difference over whole epochs).
 7. Worker threads (parallel.DataParallel: one slice of each batch per CPU, one BLAS thread each) against one thread
    whose BLAS uses every CPU: training epochs of the default model. This one uses every CPU the process may
    use, whatever --threads says: it is about how to use them. Then the other side of the trade: on 8x8 digits,
    whose slices are small, the one thread parallel.default_workers chooses against as many workers as CPUs.
+8. Speed tricks, each against the core's plain form, over whole training epochs of the default model (2,000
+   synthetic images, batch 32, the default worker threads), reported as the share of an epoch the trick saves.
+   Taken out of src/main.py, so here the project's side is the plain core and the alternative the trick:
+   a. Conv2D's bias gradient: grad_rows.sum(axis=0) against np.ones(n) @ grad_rows;
+   b. Conv2D's dx: one (N*Ho*Wo, k*k*C) product against one batched product per kernel offset, laid out so that
+      col2im's slices are contiguous;
+   c. im2col with one channel: the transposing copy against one copy per kernel offset;
+   d. ReLU: np.maximum(x, 0) against x * (x > 0);
+   e. MaxPool2D.backward: += against writing in place (np.multiply(..., out=)) when windows do not overlap.
+   Kept in the core, so here the project's side is the trick and the alternative the plain form:
+   f. Adam in place through one scratch array against the textbook form, a temporary array per operation.
 
 How it measures: the machine may be shared and noisy, so the two sides ALTERNATE (project, alternative,
 project, alternative, ...), each round timing enough calls to last a moment, and the report gives the median
 of each side and the median of the pair-by-pair ratios (alternative / project: above 1, the project's way is
-faster), with the range of those ratios as the spread. Every alternative is first checked to compute the same
-numbers as the project's code; a mismatch stops the script with exit code 1.
+faster), with the range of those ratios as the spread. The speed tricks' epochs (8) also swap the order within
+each pair every round. Every alternative is first checked to compute the same numbers as the project's code; a
+mismatch stops the script with exit code 1.
 """
 
 from __future__ import annotations
@@ -42,7 +56,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -77,12 +91,15 @@ class Settings:
     min_seconds: float  # each side of a pair repeats its call until it has run this long
     loop_images: int  # how many single images the loop reference computes (about 5 s each)
     loop_crop: int | None  # quick mode: the loop reference runs on a crop of the image, scaled up
-    epoch_images: int  # training images of the per-epoch col2im comparison
+    epoch_images: int  # training images of each epoch of the per-epoch comparisons (4, 7 and 8)
     epoch_rounds: int
+    trick_rounds: int  # alternating pairs of epochs per speed trick (8)
 
 
-FULL = Settings(rounds=30, min_seconds=0.12, loop_images=2, loop_crop=None, epoch_images=2000, epoch_rounds=3)
-QUICK = Settings(rounds=3, min_seconds=0.01, loop_images=1, loop_crop=5, epoch_images=160, epoch_rounds=1)
+FULL = Settings(rounds=30, min_seconds=0.12, loop_images=2, loop_crop=None, epoch_images=2000, epoch_rounds=3,
+                trick_rounds=15)
+QUICK = Settings(rounds=3, min_seconds=0.01, loop_images=1, loop_crop=5, epoch_images=160, epoch_rounds=1,
+                 trick_rounds=1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -101,6 +118,7 @@ class Result:
     alternative_seconds: list[float]
     unit: str = "ms"  # how the times are printed: "ms", "s" or "us"
     note: str = ""
+    trick_side: str = ""  # for a speed trick (8): the side that uses it, "project" or "alternative"
 
     @property
     def ratios(self) -> list[float]:
@@ -117,9 +135,31 @@ class Result:
             return "1 pair"
         return f"{show_ratio(min(ratios))}-{show_ratio(max(ratios))} ({len(ratios)} pairs)"
 
+    @property
+    def saved_shares(self) -> list[float]:
+        """For a speed trick, pair by pair: the share of the epoch without the trick that the trick saves,
+        (time without - time with) / time without (negative: the trick costs time)."""
+        if self.trick_side == "alternative":
+            return [1 - ratio for ratio in self.ratios]
+        return [1 - 1 / ratio for ratio in self.ratios]
+
+    def savings(self) -> str:
+        """'trick saves 2.7% of an epoch (pairs -0.4% to 5.1%)': the median share and the range of the pairs."""
+        shares = self.saved_shares
+        median = statistics.median(shares)
+        text = f"trick saves {show_share(median)} of an epoch" if median >= 0 else \
+            f"trick costs {show_share(-median)} of an epoch"
+        if len(shares) == 1:
+            return f"{text} (1 pair)"
+        return f"{text} (pairs {show_share(min(shares))} to {show_share(max(shares))}, {len(shares)} pairs)"
+
 
 def show_ratio(ratio: float) -> str:
     return f"{ratio:,.2f}" if ratio < 100 else f"{ratio:,.0f}"
+
+
+def show_share(share: float) -> str:
+    return f"{100 * share:.1f}%"
 
 
 def show_time(seconds: float, unit: str) -> str:
@@ -171,6 +211,8 @@ def report(result: Result) -> Result:
           f"{result.spread()}")
     if result.note:
         print(f"  {result.note}")
+    if result.trick_side:
+        print(f"  {result.savings()}")
     return result
 
 
@@ -685,6 +727,247 @@ def compare_workers(settings: Settings, rng: np.random.Generator) -> list[Result
 
 
 # ------------------------------------------------------------------------------------------------
+# 8. speed tricks: each against the core's plain form, over whole training epochs
+# ------------------------------------------------------------------------------------------------
+# src/main.py writes each backward pass as its formula reads, and keeps a speed trick only where it is worth a
+# real share of an epoch. The tricks below were taken out of the core (a-e) or kept (f). Each one is an
+# alternative implementation of one method or function of main, patched in for the alternative side's epochs and
+# restored afterwards. The copies of a core method (a, b, e) differ from it only in the trick's lines (marked):
+# when the core method changes, change them too (the equivalence check notices only a change of the numbers).
+
+CORE_IM2COL = main.im2col  # the core's im2col, which trick c calls for inputs with more than one channel
+
+
+def conv_backward_bias_by_ones_matmul(self: main.Conv2D, grad_out: np.ndarray) -> np.ndarray | None:
+    """Conv2D.backward with trick a: db = sum(grad_out) as the vector-matrix product ones @ grad_rows, one BLAS
+    call, instead of grad_rows.sum(axis=0)."""
+    filters, p = grad_out.shape[3], self.padding
+    grad_rows = grad_out.reshape(-1, filters)  # (N*Ho*Wo, F)
+    cols = self.cols.reshape(grad_rows.shape[0], -1)  # (N*Ho*Wo, k*k*C)
+    weights = self.params["W"].reshape(cols.shape[1], filters)  # (k*k*C, F)
+    self.grads["W"][...] = (cols.T @ grad_rows).reshape(self.params["W"].shape)
+    self.grads["b"][...] = np.ones(len(grad_rows), dtype=grad_rows.dtype) @ grad_rows  # the trick
+    if not self.need_input_grad:
+        return None
+    grad_cols = (grad_rows @ weights.T).reshape(self.cols.shape)  # (N, Ho, Wo, k, k, C)
+    grad_padded = main.col2im(grad_cols, self.padded_shape, self.stride)
+    height, width = self.padded_shape[1] - 2 * p, self.padded_shape[2] - 2 * p
+    return grad_padded[:, p:p + height, p:p + width, :]
+
+
+def conv_backward_dx_per_kernel_offset(self: main.Conv2D, grad_out: np.ndarray) -> np.ndarray | None:
+    """Conv2D.backward with trick b: grad_cols = grad_out @ W^T as one batched product per kernel offset,
+    (k*k, N*Ho*Wo, C), viewed as (N, Ho, Wo, k, k, C), so that each of col2im's k*k slices is one contiguous
+    block, instead of one (N*Ho*Wo, k*k*C) product."""
+    filters, p = grad_out.shape[3], self.padding
+    grad_rows = grad_out.reshape(-1, filters)  # (N*Ho*Wo, F)
+    cols = self.cols.reshape(grad_rows.shape[0], -1)  # (N*Ho*Wo, k*k*C)
+    self.grads["W"][...] = (cols.T @ grad_rows).reshape(self.params["W"].shape)
+    self.grads["b"][...] = grad_rows.sum(axis=0)
+    if not self.need_input_grad:
+        return None
+    n, out_h, out_w, k, _, channels = self.cols.shape
+    weights_by_offset = self.params["W"].reshape(k * k, channels, filters).transpose(0, 2, 1)  # (k*k, F, C)
+    grad_cols = np.matmul(grad_rows, weights_by_offset)  # the trick: (k*k, N*Ho*Wo, C)
+    grad_cols = grad_cols.reshape(k, k, n, out_h, out_w, channels).transpose(2, 3, 4, 0, 1, 5)
+    grad_padded = main.col2im(grad_cols, self.padded_shape, self.stride)
+    height, width = self.padded_shape[1] - 2 * p, self.padded_shape[2] - 2 * p
+    return grad_padded[:, p:p + height, p:p + width, :]
+
+
+def im2col_one_channel_by_offsets(x_padded: np.ndarray, kernel_size: int, stride: int) -> np.ndarray:
+    """main.im2col with trick c: with one channel (grey images into the first layer), one copy per kernel offset,
+    each moving rows of Wo numbers, instead of the transposing copy, which moves one number at a time there."""
+    if x_padded.shape[3] > 1:
+        return CORE_IM2COL(x_padded, kernel_size, stride)
+    windows = sliding_window_view(x_padded, (kernel_size, kernel_size), axis=(1, 2))[:, ::stride, ::stride]
+    cols = np.empty((*windows.shape[:3], kernel_size, kernel_size, 1), dtype=x_padded.dtype)
+    for di in range(kernel_size):
+        for dj in range(kernel_size):
+            cols[:, :, :, di, dj, :] = windows[:, :, :, :, di, dj]
+    return cols
+
+
+def relu_forward_by_multiply(self: main.ReLU, x: np.ndarray, training: bool = True) -> np.ndarray:
+    """ReLU.forward with trick d: x * (x > 0), reusing the mask backward needs, instead of np.maximum(x, 0).
+    The same numbers for finite x (a negative x gives -0.0, which equals 0)."""
+    positive = x > 0
+    if training:
+        self.positive = positive
+    return x * positive
+
+
+def maxpool_backward_in_place(self: main.MaxPool2D, grad_out: np.ndarray) -> np.ndarray:
+    """MaxPool2D.backward with trick e: when the windows do not overlap, each offset's gradient is written
+    straight into its slice of grad_in (np.multiply(..., out=)), with no temporary and no addition."""
+    out_h, out_w = grad_out.shape[1:3]
+    grad_in = np.zeros(self.x_shape, dtype=grad_out.dtype)
+    overlapping = self.stride < self.pool_size
+    for offset, row_slice, col_slice in self._offsets(out_h, out_w):
+        if overlapping:
+            grad_in[:, row_slice, col_slice, :] += grad_out * self.winner[offset]
+        else:  # the trick
+            np.multiply(grad_out, self.winner[offset], out=grad_in[:, row_slice, col_slice, :])
+    return grad_in
+
+
+def adam_step_textbook(self: main.Adam, model: main.Sequential) -> None:
+    """Adam.step as its docstring's formula is written, one temporary array per operation: the plain form of
+    trick f, which the core keeps (it updates m, v and the weights in place through one scratch array)."""
+    self.t += 1
+    b1, b2 = self.beta1, self.beta2
+    for key, param, grad in main.parameters(model):
+        m = self.state[f"{key}.m"] = b1 * self.slot(f"{key}.m", param) + (1 - b1) * grad
+        v = self.state[f"{key}.v"] = b2 * self.slot(f"{key}.v", param) + (1 - b2) * grad ** 2
+        m_hat = m / (1 - b1 ** self.t)
+        v_hat = v / (1 - b2 ** self.t)
+        param -= self.learning_rate * m_hat / (np.sqrt(v_hat) + self.eps)  # in place: worker replicas share it
+
+
+@dataclass(frozen=True)
+class SpeedTrick:
+    """One speed trick, and where the alternative side's code goes: `alternative` replaces attribute
+    `attribute` of `owner` (a class of main, or main itself) during the alternative side's epochs."""
+
+    label: str  # the summary row: "a. bias gradient: ..."
+    project: str  # what the project's side runs
+    alternative: str  # what the alternative side runs
+    owner: Any
+    attribute: str
+    replacement: Callable
+    in_core: bool = False  # True: the project's side is the trick and the alternative the plain form (f)
+
+    @property
+    def letter(self) -> str:
+        return self.label[0]
+
+
+SPEED_TRICKS = [
+    SpeedTrick("a. bias gradient: grad_rows.sum(axis=0) vs ones @ grad_rows", "grad_rows.sum(axis=0)",
+               "np.ones(len(grad_rows)) @ grad_rows", main.Conv2D, "backward", conv_backward_bias_by_ones_matmul),
+    SpeedTrick("b. conv dx: one product vs one per kernel offset", "grad_rows @ W.reshape(k*k*C, F).T",
+               "np.matmul per kernel offset, contiguous for col2im", main.Conv2D, "backward",
+               conv_backward_dx_per_kernel_offset),
+    SpeedTrick("c. im2col, one channel: transposing copy vs copy per offset", "one transposing copy",
+               "one copy per kernel offset when C = 1", main, "im2col", im2col_one_channel_by_offsets),
+    SpeedTrick("d. ReLU: np.maximum(x, 0) vs x * (x > 0)", "np.maximum(x, 0)", "x * (x > 0)", main.ReLU,
+               "forward", relu_forward_by_multiply),
+    SpeedTrick("e. max pool backward: += vs in-place np.multiply", "grad_in[slice] += grad_out * winner",
+               "np.multiply(grad_out, winner, out=grad_in[slice])", main.MaxPool2D, "backward",
+               maxpool_backward_in_place),
+    SpeedTrick("f. Adam: in place vs textbook temporaries", "in place through a scratch array (main.Adam)",
+               "textbook: m = b1*m + (1-b1)*g, ...", main.Adam, "step", adam_step_textbook, in_core=True),
+]
+
+
+@contextlib.contextmanager
+def replaced(owner: Any, attribute: str, replacement: Any) -> Iterator[None]:
+    """owner.attribute is `replacement` inside the block, and its old value again after it."""
+    original = getattr(owner, attribute)
+    setattr(owner, attribute, replacement)
+    try:
+        yield
+    finally:
+        setattr(owner, attribute, original)
+
+
+def alternative_side(trick: SpeedTrick) -> contextlib.AbstractContextManager[None]:
+    """The block in which main runs the alternative side of the trick."""
+    return replaced(trick.owner, trick.attribute, trick.replacement)
+
+
+def gradients_of_one_batch(x: np.ndarray, labels: np.ndarray) -> tuple[float, list[np.ndarray]]:
+    """The default model (seed 42 weights): the loss of one batch and a copy of every gradient."""
+    model = default_model(np.float32)
+    loss_fn = main.SoftmaxCrossEntropy()
+    loss = loss_fn.forward(model.forward(x), labels)
+    model.backward(loss_fn.backward())
+    return loss, [grad.copy() for layer in model.layers for grad in layer.grads.values()]
+
+
+def adam_steps(steps: int, seed: int) -> tuple[main.Adam, list[np.ndarray], list[np.ndarray]]:
+    """`steps` Adam steps on the default model, with gradients drawn from seed at every step (the same ones on
+    each call): the optimiser, the weights before and the weights after."""
+    model, adam, rng = default_model(np.float32), main.Adam(1e-3), np.random.default_rng(seed)
+    before = [param.copy() for _, param, _ in main.parameters(model)]
+    for _ in range(steps):
+        for _, param, grad in main.parameters(model):
+            grad[...] = rng.standard_normal(param.shape) * rng.choice([1e-6, 1e-3, 1.0])
+        adam.step(model)
+    return adam, before, [param.copy() for _, param, _ in main.parameters(model)]
+
+
+def check_speed_trick(trick: SpeedTrick, x: np.ndarray, labels: np.ndarray) -> None:
+    """Both sides of the trick compute the same numbers (float32 rounding apart), and the alternative side's
+    code really runs. For a-e: the default model's loss and every gradient on one batch. For f: three Adam steps
+    from the same gradients give the same m, v and weight updates."""
+    calls = 0
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return trick.replacement(*args, **kwargs)
+
+    what = f"speed trick {trick.label}"
+    if trick.owner is main.Adam:
+        adam, before, after = adam_steps(3, SEED)
+        with replaced(trick.owner, trick.attribute, counted):
+            other, other_before, other_after = adam_steps(3, SEED)
+        if calls:
+            for key, value in adam.state.items():
+                check_close(f"{what}: Adam's {key}", other.state[key], value, 1e-5)
+            for index, (w0, w1, v0, v1) in enumerate(zip(before, after, other_before, other_after)):
+                # An update is about the learning rate, and a float32 weight rounds to about 1e-4 of it.
+                check_close(f"{what}: update of weight {index}", v1.astype(np.float64) - v0,
+                            w1.astype(np.float64) - w0, 1e-3)
+    else:
+        loss, grads = gradients_of_one_batch(x, labels)
+        with replaced(trick.owner, trick.attribute, counted):
+            other_loss, other_grads = gradients_of_one_batch(x, labels)
+        if calls:
+            check_close(f"{what}: loss", np.array(other_loss), np.array(loss), 1e-5)
+            for index, (grad, want) in enumerate(zip(other_grads, grads)):
+                check_close(f"{what}: gradient {index}", grad, want, 1e-4)
+    if not calls:
+        raise MismatchError(f"{what}: the alternative code never ran (does the core still call "
+                            f"{trick.attribute}?)")
+
+
+def compare_speed_tricks(settings: Settings, rng: np.random.Generator) -> list[Result]:
+    """For each trick, whole epochs of the default model (main.train, default workers), the two sides
+    alternating and swapping their order every round, so that a drifting machine speed favours neither."""
+    x, labels = synthetic_batch(BATCH, rng)
+    for trick in SPEED_TRICKS:  # every check before any timing
+        check_speed_trick(trick, x, labels)
+    data = synthetic_dataset(settings.epoch_images, 100, rng)
+    warm_up = synthetic_dataset(10 * BATCH, 100, rng)
+    workers = parallel.default_workers(epoch_model(data), BATCH)  # what epoch() and training use
+    print(f"  epochs of {settings.epoch_images:,} synthetic images, batch {BATCH}, {workers} worker thread"
+          f"{'s' if workers > 1 else ''} (parallel.default_workers); {settings.trick_rounds} pairs per trick")
+    epoch(warm_up)
+    results = []
+    for trick in SPEED_TRICKS:
+        print(f"  {trick.label}", flush=True)
+        with alternative_side(trick):
+            epoch(warm_up)
+        project_epochs, alternative_epochs = [], []
+        for round_number in range(settings.trick_rounds):
+            sides = [(project_epochs, contextlib.nullcontext()), (alternative_epochs, alternative_side(trick))]
+            for epochs, side in sides[::-1] if round_number % 2 else sides:
+                gc.collect()
+                with side:
+                    epochs.append(epoch(data))
+        for project_row, alternative_row in zip(project_epochs, alternative_epochs):  # the same training
+            check_close(f"speed trick {trick.label}: training loss of an epoch",
+                        np.array(alternative_row["train_loss"]), np.array(project_row["train_loss"]), 1e-3)
+        results.append(report(Result(
+            trick.label, trick.project, trick.alternative, [row["seconds"] for row in project_epochs],
+            [row["seconds"] for row in alternative_epochs], unit="s",
+            trick_side="project" if trick.in_core else "alternative")))
+    return results
+
+
+# ------------------------------------------------------------------------------------------------
 # Report
 # ------------------------------------------------------------------------------------------------
 
@@ -720,6 +1003,24 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def tricks_table(results: list[Result]) -> str:
+    """The speed tricks' rows (8): the share of an epoch each one saves, median and range over the pairs."""
+    header = ("speed trick", "in the core", "saves (median)", "range over the pairs")
+    rows = [header]
+    for result in results:
+        if result.trick_side:
+            shares = result.saved_shares
+            pairs = "1 pair" if len(shares) == 1 else f"{len(shares)} pairs"
+            rows.append((result.choice, "yes" if result.trick_side == "project" else "no",
+                         show_share(statistics.median(shares)),
+                         f"{show_share(min(shares))} to {show_share(max(shares))} ({pairs})"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) if i < 2 else cell.rjust(width)
+                       for i, (cell, width) in enumerate(zip(row, widths))) for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
 COMPARISONS = [
     ("1. im2col + one BLAS multiply vs the loop reference (conv2d_2, one image)", compare_loops),
     ("2. float32 vs float64 (one training step of the default model, batch 32)", compare_dtypes),
@@ -729,13 +1030,25 @@ COMPARISONS = [
     ("6. ReLU: x * (x > 0) vs np.maximum(x, 0) on (32, 28, 28, 32)", compare_relu),
     ("7. worker threads vs BLAS threads alone (training epochs of the default model, every usable CPU)",
      compare_workers),
+    ("8. speed tricks: each against the core's plain form, over whole training epochs", compare_speed_tricks),
 ]
 
 
-def run(settings: Settings) -> list[Result]:
+def selected_comparisons(name: str | None) -> list[tuple[str, Callable[[Settings, np.random.Generator],
+                                                                        list[Result]]]]:
+    """Every comparison; the one numbered `name` (a number); or those whose title contains name (case ignored)."""
+    if name is None:
+        return COMPARISONS
+    name = name.strip()
+    if name.isdigit():
+        return [(title, compare) for title, compare in COMPARISONS if title.split(".", 1)[0] == name]
+    return [(title, compare) for title, compare in COMPARISONS if name.lower() in title.lower()]
+
+
+def run(settings: Settings, comparisons: list | None = None) -> list[Result]:
     rng = np.random.default_rng(SEED)
     results: list[Result] = []
-    for title, compare in COMPARISONS:
+    for title, compare in COMPARISONS if comparisons is None else comparisons:
         print(f"\n{title}", flush=True)
         results += compare(settings, rng)
     return results
@@ -747,12 +1060,19 @@ def build_parser() -> argparse.ArgumentParser:
                     "alternative, on the default model's shapes at batch 32. Run from the project root.")
     parser.add_argument("--quick", action="store_true", help="a smoke run: few rounds (numbers only rough)")
     parser.add_argument("--threads", type=int, help="BLAS threads (default: what NumPy's BLAS picks)")
+    parser.add_argument("--only", metavar="NAME",
+                        help="run only the comparison with this number, or whose title contains NAME "
+                             "(e.g. 8 or 'speed tricks')")
     return parser
 
 
 def main_cli(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     settings = QUICK if args.quick else FULL
+    comparisons = selected_comparisons(args.only)
+    if not comparisons:
+        parser.error(f"--only {args.only}: no comparison has that number or a title containing it")
     limits = contextlib.nullcontext()
     if args.threads:
         from threadpoolctl import threadpool_limits
@@ -764,12 +1084,15 @@ def main_cli(argv: list[str] | None = None) -> int:
         print(f"machine: {machine_description()}")
         start = time.perf_counter()
         try:
-            results = run(settings)
+            results = run(settings, comparisons)
         except MismatchError as error:
             print(f"error: an alternative disagrees with the project's code: {error}", file=sys.stderr)
             return 1
         print(f"\nSummary: medians per call; 'alt / project' is the median of the pair-by-pair ratios "
               f"(above 1: the project's way is faster)\n\n{table(results)}")
+        if any(result.trick_side for result in results):
+            print(f"\nSpeed tricks: the share of an epoch each trick saves, (epoch without it - epoch with it) / "
+                  f"epoch without it, pair by pair\n\n{tricks_table(results)}")
         print(f"\nmachine: {machine_description()}")
         command = " ".join(["python bench/why_fast.py", *sys.argv[1:]])
         print(f"total {time.perf_counter() - start:.0f} s; `{command}`")

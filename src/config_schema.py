@@ -18,22 +18,34 @@ from errors import ConfigError
 DATASETS = ("mnist", "fashion_mnist", "digits", "synthetic")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 OPTIMIZERS = ("adam", "sgd")
-CONV_LAYER_DEFAULTS = {"filters": 32, "kernel_size": 3, "stride": 1, "padding": 0, "pool_size": 2, "pool_stride": None}
+LR_SCHEDULES = ("constant", "step", "cosine", "one_cycle")
+DEFAULT_LAYERS: list = [
+    {"conv2d": {"filters": 32, "kernel_size": 3, "stride": 1, "padding": 1}}, "relu",
+    {"maxpool2d": {"pool_size": 2, "stride": None}},
+    {"conv2d": {"filters": 64, "kernel_size": 3, "stride": 1, "padding": 1}}, "relu",
+    {"maxpool2d": {"pool_size": 2, "stride": None}},
+    "flatten", {"dense": {"units": 128}}, "relu", {"dense": {"units": 10}},
+]
 DEFAULT_CONFIG: dict = {
     "logging": {"level": "INFO", "file": "logs/app.log"},
     "data": {"dataset": "mnist", "path": None, "cache_dir": "data", "allow_synthetic_fallback": True,
-             "n_train": 5000, "n_test": 1000, "random_seed": 42},
-    "model": {"conv_layers": [dict(CONV_LAYER_DEFAULTS, filters=32, padding=1),
-                              dict(CONV_LAYER_DEFAULTS, filters=64, padding=1)],
-              "dense_units": 128},
+             "n_train": 5000, "n_test": 1000, "n_val": 0, "random_seed": 42, "augment": {"shift": 0, "rotate": 0}},
+    "model": {"layers": DEFAULT_LAYERS},
     "training": {"epochs": 10, "learning_rate": 0.001, "batch_size": 32, "optimizer": "adam", "momentum": 0.9,
-                 "workers": None},
+                 "weight_decay": 0.0, "lr_schedule": {"name": "constant"}, "workers": None},
     "output": {"plot_dir": None},
 }
+MAX_SHOWN = 80  # characters of a value quoted in an error message
+
+
+def shown(value: Any) -> str:
+    """repr(value), cut to MAX_SHOWN characters with an ellipsis: a message stays one readable line."""
+    text = repr(value)
+    return text if len(text) <= MAX_SHOWN else text[:MAX_SHOWN - 3] + "..."
 
 
 def _fail(path: str, value: Any, allowed: str) -> ConfigError:
-    return ConfigError(f"{path}: got {value!r}, expected {allowed}")
+    return ConfigError(f"{path}: got {shown(value)}, expected {allowed}")
 
 
 def _did_you_mean(word: Any, options: Iterable[str]) -> str:
@@ -116,26 +128,149 @@ def check_mapping(path: str, raw: Any, schema: dict, defaults: dict) -> dict:
     return {key: check(raw.get(key, defaults[key]), f"{path}.{key}") for key, check in schema.items()}
 
 
-CONV_LAYER_SCHEMA = {"filters": _integer(1), "kernel_size": _integer(1), "stride": _integer(1),
-                     "padding": _integer(0), "pool_size": _integer(0, nullable=True),
-                     "pool_stride": _integer(1, nullable=True)}
+# Each layer type: {argument: (check, default)}; a default of REQUIRED means the argument must be given.
+REQUIRED = object()
+LAYER_ARGUMENTS: dict[str, dict[str, tuple[Callable[[Any, str], Any], Any]]] = {
+    "conv2d": {"filters": (_integer(1), REQUIRED), "kernel_size": (_integer(1), 3), "stride": (_integer(1), 1),
+               "padding": (_integer(0), 0)},
+    "maxpool2d": {"pool_size": (_integer(1), 2), "stride": (_integer(1, nullable=True), None)},
+    "avgpool2d": {"pool_size": (_integer(1), 2), "stride": (_integer(1, nullable=True), None)},
+    "batchnorm": {"momentum": (_number(0, 1.0000001), 0.1), "eps": (_number(0), 1e-5)},
+    "dropout": {"rate": (_number(0, 1, low_inclusive=True), 0.5)},
+    "dense": {"units": (_integer(1), REQUIRED)},
+    "relu": {}, "tanh": {}, "flatten": {},
+}
+# What people write that is no layer here, with the reason.
+NOT_LAYERS = {
+    "softmax": "leave it out: the loss (softmax cross-entropy) applies the softmax itself, and predictions "
+               "report its probabilities",
+    "conv": "write conv2d", "maxpool": "write maxpool2d", "avgpool": "write avgpool2d",
+    "batchnorm2d": "write batchnorm (it normalises per channel after a conv layer, per feature after dense)",
+    "linear": "write dense",
+}
 
 
-def _conv_layers(value: Any, path: str) -> list[dict]:
-    if not isinstance(value, list):
-        raise _fail(path, value, "a list of layers, each a mapping like {filters: 32, kernel_size: 3}")
-    return [check_mapping(f"{path}[{i}]", layer, CONV_LAYER_SCHEMA, CONV_LAYER_DEFAULTS)
-            for i, layer in enumerate(value)]
+def check_layer(spec: Any, path: str) -> Any:
+    """One item of model.layers: a layer name ("relu") or a one-key mapping ({conv2d: {filters: 32}}).
+    Returns it spelled out: the name alone for a layer without arguments, else {name: {every argument}}."""
+    if isinstance(spec, str):
+        name, given = spec, {}
+    elif isinstance(spec, dict) and len(spec) == 1:
+        name, given = next(iter(spec.items()))
+        given = {} if given is None else given
+    else:
+        raise _fail(path, spec, "a layer name like relu, or a one-key mapping like {conv2d: {filters: 32}}")
+    if not isinstance(name, str) or name not in LAYER_ARGUMENTS:
+        reason = NOT_LAYERS.get(str(name).lower())
+        if reason:
+            raise ConfigError(f"{path}: {name}: {reason}")
+        raise ConfigError(f"{path}: unknown layer {shown(name)}{_did_you_mean(name, LAYER_ARGUMENTS)}; "
+                          f"layers: {', '.join(LAYER_ARGUMENTS)}")
+    arguments = LAYER_ARGUMENTS[name]
+    if not arguments:
+        if given:
+            raise ConfigError(f"{path}: {name} takes no arguments, got {shown(given)}")
+        return name
+    if not isinstance(given, dict):
+        raise _fail(f"{path}.{name}", given, f"a mapping with keys {', '.join(arguments)}")
+    for key in given:
+        if key not in arguments:
+            raise ConfigError(f"{path}.{name}.{key}: unknown argument{_did_you_mean(key, arguments)}; "
+                              f"{name} takes {', '.join(arguments)}")
+    checked = {}
+    for key, (check, default) in arguments.items():
+        if key not in given and default is REQUIRED:
+            raise ConfigError(f"{path}.{name}: {key} is required (e.g. {{{name}: {{{key}: 32}}}})")
+        checked[key] = check(given.get(key, default), f"{path}.{name}.{key}")
+    return {name: checked}
+
+
+def layer_name_and_arguments(spec: Any) -> tuple[str, dict]:
+    """'relu' -> ('relu', {}); {'conv2d': {...}} -> ('conv2d', {...}), for a checked layer."""
+    return (spec, {}) if isinstance(spec, str) else next(iter(spec.items()))
+
+
+def layers_from_old_keys(model: dict) -> list:
+    """The layer list that says what model.conv_layers + model.dense_units said: each conv layer followed by
+    ReLU and (unless pool_size is 0 or null) max pooling, then flatten, dense, ReLU and the output layer.
+    Missing keys mean what they meant then: the two default conv layers (32 and 64 filters, padding 1), 128 units."""
+    layers: list = []
+    default_convs = [{"filters": 32, "padding": 1}, {"filters": 64, "padding": 1}]
+    convs = model.get("conv_layers", default_convs)
+    for conv in convs if isinstance(convs, list) else []:
+        conv = conv if isinstance(conv, dict) else {}
+        layers += [{"conv2d": {"filters": conv.get("filters", 32), "kernel_size": conv.get("kernel_size", 3),
+                               "stride": conv.get("stride", 1), "padding": conv.get("padding", 0)}}, "relu"]
+        if conv.get("pool_size", 2):
+            layers.append({"maxpool2d": {"pool_size": conv.get("pool_size", 2), "stride": conv.get("pool_stride")}})
+    return [*layers, "flatten", {"dense": {"units": model.get("dense_units", 128)}}, "relu", {"dense": {"units": 10}}]
+
+
+def flow(layers: list) -> str:
+    """A layer list in YAML's one-line flow style, as a user would type it (null arguments left out)."""
+    items = []
+    for spec in layers:
+        name, arguments = layer_name_and_arguments(spec)
+        given = ", ".join(f"{key}: {value}" for key, value in arguments.items() if value is not None)
+        items.append(f"{{{name}: {{{given}}}}}" if arguments else name)
+    return "[" + ", ".join(items) + "]"
+
+
+def _layers(value: Any, path: str) -> list:
+    if not isinstance(value, list) or not value:
+        raise _fail(path, value, "a non-empty list of layers, e.g. [{conv2d: {filters: 32}}, relu, flatten, "
+                                 "{dense: {units: 10}}]")
+    return [check_layer(spec, f"{path}[{i}]") for i, spec in enumerate(value)]
+
+
+def check_model(raw: Any, path: str = "model", convert_old_keys: bool = False) -> dict:
+    """The model section. The keys of older versions (conv_layers, dense_units) are an error that shows the
+    equivalent layer list, or, for a model file saved by an older version (convert_old_keys), converted."""
+    if isinstance(raw, dict) and ({"conv_layers", "dense_units"} & set(raw)):
+        if convert_old_keys:
+            raw = {"layers": layers_from_old_keys(raw)}
+        else:
+            raise ConfigError(f"{path}: conv_layers and dense_units were replaced by model.layers; the same "
+                              f"network is layers: {flow(layers_from_old_keys(raw))}")
+    return check_mapping(path, raw, SCHEMA["model"], DEFAULT_CONFIG["model"])
+
+
+def _augment(raw: Any, path: str) -> dict:
+    return check_mapping(path, {} if raw is None else raw, {"shift": _integer(0), "rotate": _number(0, 90, True)},
+                         DEFAULT_CONFIG["data"]["augment"])
+
+
+SCHEDULE_ARGUMENTS: dict[str, dict[str, tuple[Callable[[Any, str], Any], Any]]] = {
+    "constant": {},
+    "step": {"step_size": (_integer(1), 5), "gamma": (_number(0, 1), 0.5)},
+    "cosine": {"min_lr": (_number(0, low_inclusive=True), 0.0)},
+    "one_cycle": {"pct_start": (_number(0, 1), 0.3), "div_factor": (_number(0), 25.0),
+                  "final_div_factor": (_number(0), 1e4)},
+}
+
+
+def _lr_schedule(raw: Any, path: str) -> dict:
+    """A schedule name (cosine) or a mapping with its name and parameters ({name: step, step_size: 5})."""
+    given = {"name": raw} if isinstance(raw, str) else raw
+    if not isinstance(given, dict) or "name" not in given:
+        raise _fail(path, raw, f"one of {', '.join(SCHEDULE_ARGUMENTS)}, or a mapping like {{name: step, "
+                               "step_size: 5, gamma: 0.5}")
+    name = _choice(tuple(SCHEDULE_ARGUMENTS))(given["name"], f"{path}.name")
+    arguments = SCHEDULE_ARGUMENTS[name]
+    return {"name": name, **check_mapping(path, {k: v for k, v in given.items() if k != "name"},
+                                          {key: check for key, (check, _) in arguments.items()},
+                                          {key: default for key, (_, default) in arguments.items()})}
 
 
 SCHEMA: dict[str, dict[str, Callable[[Any, str], Any]]] = {
     "logging": {"level": _choice(LOG_LEVELS, case_insensitive=True), "file": _optional_path},
     "data": {"dataset": _choice(DATASETS), "path": _optional_path, "cache_dir": _path,
              "allow_synthetic_fallback": _boolean, "n_train": _integer(1), "n_test": _integer(1),
-             "random_seed": _integer(0)},
-    "model": {"conv_layers": _conv_layers, "dense_units": _integer(1)},
+             "n_val": _integer(0), "random_seed": _integer(0), "augment": _augment},
+    "model": {"layers": _layers},
     "training": {"epochs": _integer(0), "learning_rate": _number(0), "batch_size": _integer(1),
                  "optimizer": _choice(OPTIMIZERS), "momentum": _number(0, 1, low_inclusive=True),
+                 "weight_decay": _number(0, low_inclusive=True), "lr_schedule": _lr_schedule,
                  "workers": _integer(1, nullable=True)},
     "output": {"plot_dir": _optional_path},
 }
@@ -151,7 +286,10 @@ def validate_config(raw: Any) -> dict:
         if section not in SCHEMA:
             raise ConfigError(f"{section}: unknown section{_did_you_mean(section, SCHEMA)}; "
                               f"allowed: {', '.join(SCHEMA)}")
-    return {section: check_mapping(section, {} if raw.get(section) is None else raw[section], schema,
-                                    DEFAULT_CONFIG[section])
-            for section, schema in SCHEMA.items()}
+    checked = {}
+    for section, schema in SCHEMA.items():
+        given = {} if raw.get(section) is None else raw[section]
+        checked[section] = (check_model(given) if section == "model"
+                            else check_mapping(section, given, schema, DEFAULT_CONFIG[section]))
+    return checked
 

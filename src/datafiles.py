@@ -30,8 +30,6 @@ IDX_FILES = {  # split -> (images, labels), without the optional .gz
 }
 
 
-
-
 def read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (the MNIST format, optionally gzipped) into a uint8 array.
 

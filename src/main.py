@@ -29,7 +29,6 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -37,13 +36,14 @@ from typing import Any, Callable
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from config_schema import DATASETS, LOG_LEVELS, OPTIMIZERS, SCHEMA, validate_config
+from config_schema import DATASETS, LOG_LEVELS, OPTIMIZERS, SCHEMA, layer_name_and_arguments, validate_config
 from datafiles import OPENML_NAMES, download_openml, load_cache, load_idx_folder, make_synthetic
 from errors import CNNError, ConfigError, DataError
 from images import predict_files
-from modelfile import load_model, restore_optimizer, save_model
+from modelfile import data_summary, load_model, restore_optimizer, save_model
 from plumbing import (
     Interrupted,
+    ProgressBar,
     StopRequest,
     check_writable,
     close_logging,
@@ -69,7 +69,7 @@ log = logging.getLogger("numpy_cnn")
 
 class Layer:
     """What every layer has: `params` and `grads`, dicts with the same keys (empty for a layer without
-    weights), and the three methods below."""
+    weights), `buffers` (usually empty), and the three methods below."""
 
     # A layer with weights skips dLoss/dx when this is False (Sequential sets it on its first such layer).
     need_input_grad = True
@@ -77,6 +77,7 @@ class Layer:
     def __init__(self) -> None:
         self.params: dict[str, np.ndarray] = {}
         self.grads: dict[str, np.ndarray] = {}
+        self.buffers: dict[str, np.ndarray] = {}  # state that is saved but not trained (BatchNorm's statistics)
 
     def forward(self, x: np.ndarray, training: bool = True) -> np.ndarray:
         """y for input x; when training, also keep what backward will need."""
@@ -196,15 +197,10 @@ class Conv2D(Layer):
         return grad_padded[:, p:p + height, p:p + width, :]
 
 
-class MaxPool2D(Layer):
-    """Max pooling per channel over pool x pool windows, 'valid' (leftover rows/columns are dropped).
-
-    Input (N, H, W, C) -> output (N, Ho, Wo, C), Ho = (H - pool) // stride + 1. stride defaults to pool
-    (non-overlapping windows); stride < pool gives overlapping windows.
-    Backward: each window's gradient goes to the one input that was its maximum; with ties, to the
-    first maximum in row-major order. (A mask `x == max` would send it to every tied input, and ties
-    are common: after a ReLU, a window of the MNIST background is four exact zeros.)
-    """
+class Pooling(Layer):
+    """What max and average pooling share: pool x pool windows moved by `stride` over each channel, 'valid'
+    (leftover rows/columns are dropped). Input (N, H, W, C) -> output (N, Ho, Wo, C), Ho = (H - pool) // stride + 1.
+    stride defaults to pool (non-overlapping windows); stride < pool gives overlapping windows."""
 
     def __init__(self, pool_size: int = 2, stride: int | None = None) -> None:
         super().__init__()
@@ -224,6 +220,15 @@ class MaxPool2D(Layer):
                 row_slice = slice(di, di + s * (out_h - 1) + 1, s)
                 col_slice = slice(dj, dj + s * (out_w - 1) + 1, s)
                 yield di * self.pool_size + dj, row_slice, col_slice
+
+
+class MaxPool2D(Pooling):
+    """Max pooling: y = the maximum of each window, per channel (see Pooling for the shapes).
+
+    Backward: each window's gradient goes to the one input that was its maximum; with ties, to the
+    first maximum in row-major order. (A mask `x == max` would send it to every tied input, and ties
+    are common: after a ReLU, a window of the MNIST background is four exact zeros.)
+    """
 
     def forward(self, x: np.ndarray, training: bool = True) -> np.ndarray:
         out_h, out_w, _ = self.output_shape(x.shape[1:])
@@ -256,6 +261,32 @@ class MaxPool2D(Layer):
         return grad_in
 
 
+class AvgPool2D(Pooling):
+    """Average pooling: y = the mean of each window, per channel (see Pooling for the shapes), as in LeNet-5.
+
+    Forward:  y[n, i, j, c] = sum over the window's offsets (di, dj) of x[n, i*s + di, j*s + dj, c] / pool^2.
+    Backward: every input of a window gets grad_out / pool^2 of it; where windows overlap, these add up.
+    """
+
+    def forward(self, x: np.ndarray, training: bool = True) -> np.ndarray:
+        out_h, out_w, _ = self.output_shape(x.shape[1:])
+        y = np.zeros((x.shape[0], out_h, out_w, x.shape[3]), dtype=x.dtype)
+        for _, row_slice, col_slice in self._offsets(out_h, out_w):  # each step adds one pixel to every window
+            y += x[:, row_slice, col_slice, :]
+        y /= self.pool_size ** 2
+        if training:
+            self.x_shape = x.shape
+        return y
+
+    def backward(self, grad_out: np.ndarray) -> np.ndarray:
+        out_h, out_w = grad_out.shape[1:3]
+        share = grad_out / self.pool_size ** 2  # what each input of a window gets
+        grad_in = np.zeros(self.x_shape, dtype=grad_out.dtype)
+        for _, row_slice, col_slice in self._offsets(out_h, out_w):
+            grad_in[:, row_slice, col_slice, :] += share  # += : overlapping windows share input pixels
+        return grad_in
+
+
 class ReLU(Layer):
     """y = max(x, 0), elementwise, any shape. Backward: dx = grad_out * (x > 0)."""
 
@@ -266,6 +297,19 @@ class ReLU(Layer):
 
     def backward(self, grad_out: np.ndarray) -> np.ndarray:
         return grad_out * self.positive
+
+
+class Tanh(Layer):
+    """y = tanh(x), elementwise, any shape (LeNet-5's squashing function). Backward: dx = grad_out * (1 - y^2)."""
+
+    def forward(self, x: np.ndarray, training: bool = True) -> np.ndarray:
+        y = np.tanh(x)
+        if training:
+            self.y = y
+        return y
+
+    def backward(self, grad_out: np.ndarray) -> np.ndarray:
+        return grad_out * (1 - self.y * self.y)
 
 
 class Flatten(Layer):
@@ -312,6 +356,107 @@ class Dense(Layer):
         if not self.need_input_grad:
             return None
         return grad_out @ self.params["W"].T
+
+
+class BatchNorm(Layer):
+    """Batch normalisation (Ioffe & Szegedy, 2015) per channel: over (N, H, W) for (N, H, W, C) input after a
+    conv layer, over N for (N, F) input after a dense layer (every axis but the last is normalised over).
+
+    Input and output of the same shape; C (or F) = num_features; M = values per channel in the batch.
+    params: gamma (C,) = ones, beta (C,) = zeros. buffers (not trained, saved with the model): running_mean (C,)
+    = zeros, running_var (C,) = ones.
+    Forward, training:   mean = sum(x) / M,  var = sum((x - mean)^2) / M,
+                         xhat = (x - mean) / sqrt(var + eps),  y = gamma * xhat + beta;
+                         running_mean = (1 - momentum) * running_mean + momentum * mean, and running_var likewise
+                         from the unbiased variance var * M / (M - 1), as PyTorch (momentum 0.1, eps 1e-5).
+    Forward, evaluation: y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta.
+    Backward, through the batch mean and variance (sums over the M values of each channel):
+        dgamma = sum(grad_out * xhat),  dbeta = sum(grad_out),
+        dx = gamma / sqrt(var + eps) / M * (M * grad_out - dbeta - xhat * dgamma).
+    """
+
+    def __init__(self, num_features: int, momentum: float = 0.1, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.momentum, self.eps = momentum, eps
+        self.params = {"gamma": np.ones(num_features, dtype=DTYPE), "beta": np.zeros(num_features, dtype=DTYPE)}
+        self.grads = {name: np.zeros_like(p) for name, p in self.params.items()}
+        # Statistics of the training data, not weights: the optimiser never sees them.
+        self.buffers = {"running_mean": np.zeros(num_features, dtype=DTYPE),
+                        "running_var": np.ones(num_features, dtype=DTYPE)}
+
+    def forward(self, x: np.ndarray, training: bool = True) -> np.ndarray:
+        gamma, beta = self.params["gamma"], self.params["beta"]
+        rows = x.reshape(-1, x.shape[-1])  # (M, C): every value of a channel in one column
+        if not training:
+            xhat = (rows - self.buffers["running_mean"]) / np.sqrt(self.buffers["running_var"] + self.eps)
+            return (gamma * xhat + beta).reshape(x.shape)
+        m = len(rows)
+        mean = rows.mean(axis=0)
+        centred = rows - mean
+        var = (centred * centred).mean(axis=0)
+        inv_std = 1 / np.sqrt(var + self.eps)
+        xhat = centred * inv_std
+        running = self.buffers
+        if m > 1:  # one value per channel (a last batch of one image, after a dense layer) says nothing of the spread
+            running["running_mean"][...] = (1 - self.momentum) * running["running_mean"] + self.momentum * mean
+            unbiased = var * m / (m - 1)
+            running["running_var"][...] = (1 - self.momentum) * running["running_var"] + self.momentum * unbiased
+        self.xhat, self.inv_std = xhat, inv_std
+        return (gamma * xhat + beta).reshape(x.shape)
+
+    def backward(self, grad_out: np.ndarray) -> np.ndarray | None:
+        grad_rows = grad_out.reshape(self.xhat.shape)  # (M, C)
+        m = len(grad_rows)
+        self.grads["gamma"][...] = dgamma = (grad_rows * self.xhat).sum(axis=0)
+        self.grads["beta"][...] = dbeta = grad_rows.sum(axis=0)
+        if not self.need_input_grad:
+            return None
+        grad_in = self.params["gamma"] * self.inv_std / m * (m * grad_rows - dbeta - self.xhat * dgamma)
+        return grad_in.reshape(grad_out.shape)
+
+
+class Dropout(Layer):
+    """Inverted dropout: in training each value is kept with probability 1 - rate and scaled by 1 / (1 - rate),
+    so that the expected output is the input; evaluation is the identity. Any shape.
+
+    Forward, training:   mask = (u >= rate) / (1 - rate) with u uniform in [0, 1) from self.rng,  y = x * mask.
+    Forward, evaluation: y = x.
+    Backward:            dx = grad_out * mask.
+    The mask of a training forward is, in this order: fixed_mask when set (kept, so that repeated forwards of a
+    gradient check compute the same function); next_mask when set (used once: parallel.DataParallel draws the
+    whole batch's mask and hands each worker its slice); else a new draw_mask(x.shape).
+    """
+
+    def __init__(self, rate: float, rng: np.random.Generator | None = None) -> None:
+        super().__init__()
+        if not 0 <= rate < 1:
+            raise ValueError(f"Dropout rate must be in [0, 1), got {rate}")
+        self.rate = rate
+        self.rng = rng if rng is not None else np.random.default_rng()
+        self.fixed_mask: np.ndarray | None = None
+        self.next_mask: np.ndarray | None = None
+
+    def draw_mask(self, shape: tuple[int, ...], dtype: Any = DTYPE) -> np.ndarray:
+        """A new mask from self.rng: 1 / (1 - rate) where kept, 0 where dropped."""
+        keep = self.rng.random(shape) >= self.rate
+        return np.divide(keep, 1 - self.rate, dtype=dtype)
+
+    def forward(self, x: np.ndarray, training: bool = True) -> np.ndarray:
+        if not training:
+            return x
+        if self.fixed_mask is not None:
+            mask = self.fixed_mask
+        elif self.next_mask is not None:
+            mask, self.next_mask = self.next_mask, None
+        else:
+            mask = self.draw_mask(x.shape, x.dtype)
+        if mask.shape != x.shape:  # a mask of the wrong shape would broadcast silently
+            raise ValueError(f"Dropout mask of shape {mask.shape} for an input of shape {x.shape}")
+        self.mask = mask
+        return x * mask
+
+    def backward(self, grad_out: np.ndarray) -> np.ndarray:
+        return grad_out * self.mask
 
 
 # ------------------------------------------------------------------------------------------------
@@ -443,41 +588,57 @@ def layer_names(layers: list[Layer]) -> list[str]:
     return names
 
 
-def build_model(
-    model_cfg: dict, input_shape: tuple[int, int, int], num_classes: int, rng: np.random.Generator
-) -> Sequential:
-    """Conv2D -> ReLU -> MaxPool2D for each entry of model_cfg['conv_layers'] (pooling skipped when
-    pool_size is 0 or null), then Flatten -> Dense(dense_units) -> ReLU -> Dense(num_classes).
+def build_model(model_cfg: dict, input_shape: tuple[int, int, int], num_classes: int, rng: np.random.Generator,
+                dropout_rng: np.random.Generator | None = None) -> Sequential:
+    """The layers of model_cfg["layers"] in order (each spelled as config_schema.check_layer returns it), with
+    weights drawn from rng and Dropout masks from dropout_rng.
 
-    Shapes are inferred from input_shape (H, W, C); a layer that would shrink the image below 1x1
-    raises ConfigError naming it.
+    Each layer's input shape is the previous layer's output, starting from input_shape (H, W, C). A layer that
+    cannot take its input (a window larger than the image, a dense layer on an image, a conv layer on a vector)
+    and a last layer that does not output num_classes values raise ConfigError naming the layer.
     """
     layers: list[Layer] = []
     shape = tuple(input_shape)
-    for index, spec in enumerate(model_cfg["conv_layers"]):
-        where = f"model.conv_layers[{index}]"
-        k, p = spec["kernel_size"], spec["padding"]
-        if k > shape[0] + 2 * p or k > shape[1] + 2 * p:
-            raise ConfigError(
-                f"{where}: kernel_size {k} is larger than its padded input "
-                f"{shape[0] + 2 * p}x{shape[1] + 2 * p} (input {shape[0]}x{shape[1]}, padding {p})"
-            )
-        conv = Conv2D(shape[2], spec["filters"], k, spec["stride"], p, rng=rng)
-        layers += [conv, ReLU()]
-        shape = conv.output_shape(shape)
-        if spec.get("pool_size"):
-            pool = MaxPool2D(spec["pool_size"], spec.get("pool_stride"))
-            if pool.pool_size > shape[0] or pool.pool_size > shape[1]:
-                raise ConfigError(
-                    f"{where}: pool_size {pool.pool_size} is larger than the {shape[0]}x{shape[1]} image "
-                    "it pools (reduce pool_size, use padding, or drop a layer)"
-                )
-            layers.append(pool)
-            shape = pool.output_shape(shape)
-    flat = math.prod(shape)
-    layers += [Flatten(), Dense(flat, model_cfg["dense_units"], rng=rng), ReLU(),
-               Dense(model_cfg["dense_units"], num_classes, rng=rng)]
+    for index, spec in enumerate(model_cfg["layers"]):
+        name, arguments = layer_name_and_arguments(spec)
+        layer = make_layer(name, arguments, shape, rng, dropout_rng, f"model.layers[{index}] ({name})")
+        shape = layer.output_shape(shape)
+        layers.append(layer)
+    if shape != (num_classes,):
+        raise ConfigError(f"model.layers: the last layer (model.layers[{len(layers) - 1}], {name}) "
+                          f"outputs shape {shape}, but the data has {num_classes} classes: end with "
+                          f"{{dense: {{units: {num_classes}}}}} (after a flatten)")
     return Sequential(layers, input_shape)
+
+
+def make_layer(name: str, arguments: dict, shape: tuple[int, ...], rng: np.random.Generator,
+               dropout_rng: np.random.Generator | None, where: str) -> Layer:
+    """One layer of the config for an input of `shape` (without N), or ConfigError saying why it cannot be."""
+    if name in ("conv2d", "maxpool2d", "avgpool2d") and len(shape) != 3:
+        raise ConfigError(f"{where}: needs an image (H, W, C) as its input, but gets a vector of {shape[0]} "
+                          "values: put it before the flatten")
+    if name == "dense" and len(shape) != 1:
+        raise ConfigError(f"{where}: gets a {'x'.join(map(str, shape))} image; put flatten before it to make it a "
+                          f"vector of {math.prod(shape)} values")
+    if name == "conv2d":
+        k, p = arguments["kernel_size"], arguments["padding"]
+        if k > shape[0] + 2 * p or k > shape[1] + 2 * p:
+            raise ConfigError(f"{where}: kernel_size {k} is larger than its padded input {shape[0] + 2 * p}x"
+                              f"{shape[1] + 2 * p} (input {shape[0]}x{shape[1]}, padding {p})")
+        return Conv2D(shape[2], arguments["filters"], k, arguments["stride"], p, rng=rng)
+    if name in ("maxpool2d", "avgpool2d"):
+        pool = (MaxPool2D if name == "maxpool2d" else AvgPool2D)(arguments["pool_size"], arguments["stride"])
+        if pool.pool_size > shape[0] or pool.pool_size > shape[1]:
+            raise ConfigError(f"{where}: pool_size {pool.pool_size} is larger than the {shape[0]}x{shape[1]} image "
+                              "it pools (reduce pool_size, use padding, or drop a layer)")
+        return pool
+    if name == "dense":
+        return Dense(shape[0], arguments["units"], rng=rng)
+    if name == "batchnorm":
+        return BatchNorm(shape[-1], arguments["momentum"], arguments["eps"])
+    if name == "dropout":
+        return Dropout(arguments["rate"], dropout_rng)
+    return {"relu": ReLU, "tanh": Tanh, "flatten": Flatten}[name]()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -499,8 +660,8 @@ class Optimizer:
 
     name = ""  # how config files and model files call it
 
-    def __init__(self, learning_rate: float) -> None:
-        self.learning_rate = learning_rate
+    def __init__(self, learning_rate: float, weight_decay: float = 0.0) -> None:
+        self.learning_rate, self.weight_decay = learning_rate, weight_decay
         self.state: dict[str, np.ndarray] = {}
 
     def slot(self, key: str, param: np.ndarray) -> np.ndarray:
@@ -512,17 +673,26 @@ class Optimizer:
     def step(self, model: Sequential) -> None:
         raise NotImplementedError
 
+    def decay_weights(self, model: Sequential) -> None:
+        """Decoupled weight decay (Loshchilov & Hutter's AdamW): W -= lr * weight_decay * W, before the step.
+        Only weight matrices and kernels (W) shrink; biases and BatchNorm's scale and shift do not."""
+        if self.weight_decay:
+            for key, param, _ in parameters(model):
+                if key.endswith(".W"):
+                    param *= 1 - self.learning_rate * self.weight_decay
+
 
 class SGD(Optimizer):
     """Stochastic gradient descent with momentum (PyTorch's form): v = momentum * v + g;  w -= lr * v."""
 
     name = "sgd"
 
-    def __init__(self, learning_rate: float = 0.01, momentum: float = 0.9) -> None:
-        super().__init__(learning_rate)
+    def __init__(self, learning_rate: float = 0.01, momentum: float = 0.9, weight_decay: float = 0.0) -> None:
+        super().__init__(learning_rate, weight_decay)
         self.momentum = momentum
 
     def step(self, model: Sequential) -> None:
+        self.decay_weights(model)
         for key, param, grad in parameters(model):
             velocity = self.slot(f"{key}.velocity", param)
             velocity *= self.momentum
@@ -540,13 +710,14 @@ class Adam(Optimizer):
     name = "adam"
 
     def __init__(self, learning_rate: float = 0.001, beta1: float = 0.9, beta2: float = 0.999,
-                 eps: float = 1e-8) -> None:
-        super().__init__(learning_rate)
+                 eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+        super().__init__(learning_rate, weight_decay)
         self.beta1, self.beta2, self.eps = beta1, beta2, eps
         self.t = 0
         self.scratch: dict[str, np.ndarray] = {}
 
     def step(self, model: Sequential) -> None:
+        self.decay_weights(model)
         self.t += 1
         b1, b2 = self.beta1, self.beta2
         step_size = self.learning_rate / (1 - b1 ** self.t)  # lr / (1 - b1^t) turns m into m_hat
@@ -570,8 +741,40 @@ class Adam(Optimizer):
 
 def make_optimizer(training_cfg: dict) -> Optimizer:
     if training_cfg["optimizer"] == "sgd":
-        return SGD(training_cfg["learning_rate"], training_cfg["momentum"])
-    return Adam(training_cfg["learning_rate"])
+        return SGD(training_cfg["learning_rate"], training_cfg["momentum"], training_cfg["weight_decay"])
+    return Adam(training_cfg["learning_rate"], weight_decay=training_cfg["weight_decay"])
+
+
+def learning_rate_schedule(schedule: dict, base_lr: float, steps_per_epoch: int,
+                           total_steps: int) -> Callable[[int], float]:
+    """The learning rate for each training step (batch) 0, 1, ..., total_steps - 1, as a function.
+
+    constant:  base_lr.
+    step:      base_lr * gamma ** (epoch // step_size), epoch counted from 0.
+    cosine:    min_lr + (base_lr - min_lr) * (1 + cos(pi * step / total_steps)) / 2.
+    one_cycle: Smith's one-cycle policy, as PyTorch's OneCycleLR: from base_lr / div_factor up to base_lr (the
+               peak) over the first pct_start of the steps, then down to base_lr / (div_factor * final_div_factor),
+               both along half a cosine.
+    """
+    name = schedule["name"]
+
+    def cosine_from_to(start: float, end: float, fraction: float) -> float:
+        return end + (start - end) * (1 + math.cos(math.pi * fraction)) / 2
+
+    def rate(step: int) -> float:
+        if name == "step":
+            return base_lr * schedule["gamma"] ** (step // steps_per_epoch // schedule["step_size"])
+        if name == "cosine":
+            return cosine_from_to(base_lr, schedule["min_lr"], step / max(total_steps, 1))
+        if name == "one_cycle":
+            low = base_lr / schedule["div_factor"]
+            peak_step = schedule["pct_start"] * total_steps - 1
+            if step <= peak_step:
+                return cosine_from_to(low, base_lr, step / max(peak_step, 1e-12))
+            return cosine_from_to(base_lr, low / schedule["final_div_factor"],
+                                  (step - peak_step) / max(total_steps - 1 - peak_step, 1e-12))
+        return base_lr
+    return rate
 
 
 # ------------------------------------------------------------------------------------------------
@@ -586,7 +789,9 @@ FASHION_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
 
 @dataclass
 class Dataset:
-    """Train and test images (N, H, W, C) float32 in [0, 1] with integer labels (N,)."""
+    """Train, test and (optional) validation images (N, H, W, C) float32 in [0, 1] with integer labels (N,).
+    The validation images are held out of the training split: with them, training scores each epoch on them
+    and the test set is scored once, at the end."""
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -596,6 +801,8 @@ class Dataset:
     name: str
     source: str  # where the images came from: idx, cache, openml, sklearn or synthetic
     note: str = ""  # a sentence for humans: which files, what was held out, why a fallback happened
+    x_val: np.ndarray = field(default_factory=lambda: np.zeros((0, 1, 1, 1), DTYPE))
+    y_val: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -607,11 +814,38 @@ class Dataset:
 
 
 def make_rngs(seed: int) -> dict[str, np.random.Generator]:
-    """Independent random streams for data sampling, weight initialisation and shuffling, all from one seed,
-    so that changing (say) the model does not change which images are drawn."""
-    streams = np.random.SeedSequence(seed).spawn(3)
-    return {name: np.random.default_rng(s) for name, s in zip(("data", "init", "shuffle"), streams)}
+    """Independent random streams for data sampling, weight initialisation, shuffling, Dropout masks and
+    augmentation, all from one seed, so that changing (say) the model does not change which images are drawn."""
+    names = ("data", "init", "shuffle", "dropout", "augment")
+    return {name: np.random.default_rng(s) for name, s in zip(names, np.random.SeedSequence(seed).spawn(len(names)))}
 
+
+def shift_and_rotate(images: np.ndarray, rng: np.random.Generator, max_shift: int, max_degrees: float) -> np.ndarray:
+    """Data augmentation: each image (N, H, W, C) moved by its own random shift of up to max_shift whole pixels
+    in each direction and turned by a random angle of up to max_degrees either way, all images at once.
+
+    Output pixel (r, c) reads the input at the point where the inverse rotation (about the image's centre) and
+    shift take it, interpolated bilinearly between the four pixels around it; outside the image reads 0.
+    """
+    n, height, width, _ = images.shape
+    angle = np.deg2rad(rng.uniform(-max_degrees, max_degrees, (n, 1, 1)))
+    shift_r, shift_c = rng.integers(-max_shift, max_shift + 1, (2, n, 1, 1))
+    centre_r, centre_c = (height - 1) / 2, (width - 1) / 2
+    rows, cols = np.mgrid[0:height, 0:width]
+    r, c = rows - shift_r - centre_r, cols - shift_c - centre_c  # (N, H, W), relative to the centre
+    source_r = np.cos(angle) * r - np.sin(angle) * c + centre_r
+    source_c = np.sin(angle) * r + np.cos(angle) * c + centre_c
+    top, left = np.floor(source_r).astype(int), np.floor(source_c).astype(int)
+    down, right = (source_r - top)[..., None], (source_c - left)[..., None]  # bilinear weights, (N, H, W, 1)
+    # A border of zeros around every image: a source point outside it reads the border.
+    framed = np.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    sample = np.arange(n)[:, None, None]
+
+    def pixel(row: np.ndarray, col: np.ndarray) -> np.ndarray:
+        return framed[sample, np.clip(row + 1, 0, height + 1), np.clip(col + 1, 0, width + 1)]
+
+    return ((1 - down) * ((1 - right) * pixel(top, left) + right * pixel(top, left + 1))
+            + down * ((1 - right) * pixel(top + 1, left) + right * pixel(top + 1, left + 1))).astype(images.dtype)
 
 
 def _draw(split: tuple[np.ndarray, np.ndarray], n: int, rng: np.random.Generator, what: str) -> tuple:
@@ -640,7 +874,8 @@ def load_data(data_cfg: dict) -> Dataset:
     data_cfg['cache_dir'], a download from OpenML (cached afterwards), and, if all fail and
     allow_synthetic_fallback is on, synthetic seven-segment digits, loudly labelled as such.
     """
-    name, n_train, n_test = data_cfg["dataset"], data_cfg["n_train"], data_cfg["n_test"]
+    name, n_test, n_val = data_cfg["dataset"], data_cfg["n_test"], data_cfg["n_val"]
+    n_train = data_cfg["n_train"] + n_val  # the validation images come out of the training split
     rng = make_rngs(data_cfg["random_seed"])["data"]
     class_names = FASHION_NAMES if name == "fashion_mnist" else DIGIT_NAMES
     if data_cfg["path"] and name in ("digits", "synthetic"):
@@ -652,10 +887,10 @@ def load_data(data_cfg: dict) -> Dataset:
         images = (bunch.images * (255 / 16)).round().astype(np.uint8)  # 0..16 -> 0..255
         train, test = _hold_out(images, bunch.target, n_train, n_test, rng, "data (digits)")
         return _to_dataset(train, test, class_names, name, "sklearn",
-                           "scikit-learn's 1,797 8x8 digits, split at random into training and test")
+                           "scikit-learn's 1,797 8x8 digits, split at random into training and test", n_val)
     if name == "synthetic":
         return _to_dataset(make_synthetic(n_train, rng), make_synthetic(n_test, rng), class_names, name,
-                           "synthetic", "synthetic seven-segment digits (asked for in the config)")
+                           "synthetic", "synthetic seven-segment digits (asked for in the config)", n_val)
 
     if data_cfg["path"]:
         folder = Path(data_cfg["path"])
@@ -664,9 +899,9 @@ def load_data(data_cfg: dict) -> Dataset:
             train, test = _hold_out(*train, n_train, n_test, rng, f"data ({folder})")
             note = (f"IDX files in {folder}; it has no t10k files, so {n_test:,} training images were held out "
                     "as the test set")
-            return _to_dataset(train, test, class_names, name, "idx", note)
+            return _to_dataset(train, test, class_names, name, "idx", note, n_val)
         return _to_dataset(_draw(train, n_train, rng, "data.n_train"), _draw(test, n_test, rng, "data.n_test"),
-                           class_names, name, "idx", f"IDX files in {folder}")
+                           class_names, name, "idx", f"IDX files in {folder}", n_val)
 
     cache = Path(data_cfg["cache_dir"]) / f"{name}.npz"
     splits, source, note = load_cache(cache), "cache", f"cached download {cache}"
@@ -683,22 +918,26 @@ def load_data(data_cfg: dict) -> Dataset:
             log.warning("Training on synthetic seven-segment digits instead: the accuracy says nothing about %s.", name)
             log.warning("!" * 78)
             return _to_dataset(make_synthetic(n_train, rng), make_synthetic(n_test, rng), DIGIT_NAMES, name,
-                               "synthetic", "FALLBACK: " + reason)
+                               "synthetic", "FALLBACK: " + reason, n_val)
         source, note = "openml", f"downloaded from OpenML ({OPENML_NAMES[name]}), cached in {cache}"
         write_atomic(cache, lambda f: np.savez_compressed(
             f, x_train=splits[0][0], y_train=splits[0][1], x_test=splits[1][0], y_test=splits[1][1]))
     train, test = splits
     return _to_dataset(_draw(train, n_train, rng, "data.n_train"), _draw(test, n_test, rng, "data.n_test"),
-                       class_names, name, source, note)
+                       class_names, name, source, note, n_val)
 
 
-def _to_dataset(train: tuple, test: tuple, class_names: list[str], name: str, source: str, note: str) -> Dataset:
-    """uint8 images (N, H, W) -> float32 (N, H, W, 1) in [0, 1]; labels -> int64."""
+def _to_dataset(train: tuple, test: tuple, class_names: list[str], name: str, source: str, note: str,
+                n_val: int = 0) -> Dataset:
+    """uint8 images (N, H, W) -> float32 (N, H, W, 1) in [0, 1]; labels -> int64. The last n_val of the
+    training images become the validation set."""
     def scale(images: np.ndarray) -> np.ndarray:
         return (images.astype(DTYPE) / 255)[..., None]
 
-    return Dataset(scale(train[0]), train[1].astype(np.int64), scale(test[0]), test[1].astype(np.int64),
-                   list(class_names), name, source, note)
+    keep = len(train[0]) - n_val
+    return Dataset(scale(train[0][:keep]), train[1][:keep].astype(np.int64), scale(test[0]),
+                   test[1].astype(np.int64), list(class_names), name, source, note,
+                   scale(train[0][keep:]), train[1][keep:].astype(np.int64))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -736,22 +975,27 @@ def train(
     batch_size: int,
     rng: np.random.Generator,
     workers: int = 1,
+    learning_rate: Callable[[int], float] | None = None,
+    augment: Callable[[np.ndarray], np.ndarray] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     first_epoch: int = 1,
 ) -> TrainResult:
     """Mini-batch training: each epoch shuffles the training set, and for every batch runs
-    forward -> loss -> backward -> optimiser step; then it evaluates on the test set.
+    forward -> loss -> backward -> optimiser step; then it scores the epoch on the validation set, or on the
+    test set when there is none.
 
     workers > 1 splits every batch over that many threads (parallel.DataParallel), which computes the same
-    gradient. Stops early, with the matching status, when the loss or a weight stops being finite (diverged)
-    or when should_stop() turns true after a batch (interrupted). first_epoch numbers the epochs of a
-    continued run.
+    gradient; either way BLAS runs one thread per worker. learning_rate(step) sets the optimiser's rate before
+    each step (see learning_rate_schedule); augment(x) changes each batch of images before it goes in (see
+    shift_and_rotate). Stops early, with the
+    matching status, when the loss or a weight stops being finite (diverged) or when should_stop() turns true
+    after a batch (interrupted). first_epoch numbers the epochs of a continued run.
     """
-    from plumbing import ProgressBar
-
     result, loss_fn = TrainResult(), SoftmaxCrossEntropy()
     n_train, last_epoch = len(data.x_train), first_epoch + epochs - 1
     n_batches = math.ceil(n_train / batch_size)
+    scored_on = "val" if len(data.x_val) else "test"
+    x_scored, y_scored = (data.x_val, data.y_val) if len(data.x_val) else (data.x_test, data.y_test)
     # Guessing at random costs log(classes); a loss 1000 times that is an explosion, even while finite.
     loss_limit = 1000 * math.log(max(data.num_classes, 2))
     if workers > 1:
@@ -759,16 +1003,23 @@ def train(
 
         threads = DataParallel(model, workers)
     else:
-        threads = nullcontext(model)
+        from parallel import one_blas_thread
+
+        threads = one_blas_thread(model)
     with threads as net:  # the model, or the model spread over worker threads: both have forward and backward
         for epoch in range(first_epoch, last_epoch + 1):
             start = time.perf_counter()
             order = rng.permutation(n_train)
             total_loss, correct = 0.0, 0
+            epoch_lr = optimizer.learning_rate if learning_rate is None else learning_rate(result.batches)
             with ProgressBar(n_batches, f"epoch {epoch}/{last_epoch}") as bar:
                 for batch in range(n_batches):
                     chosen = order[batch * batch_size:(batch + 1) * batch_size]
                     x, labels = data.x_train[chosen], data.y_train[chosen]
+                    if augment is not None:
+                        x = augment(x)
+                    if learning_rate is not None:
+                        optimizer.learning_rate = learning_rate(result.batches)
 
                     logits = net.forward(x)
                     loss = loss_fn.forward(logits, labels)
@@ -786,14 +1037,16 @@ def train(
             seconds = time.perf_counter() - start
             if not all(np.isfinite(p).all() for layer in model.layers for p in layer.params.values()):
                 return result.stop("diverged", epoch, n_batches, "a weight became infinite or NaN")
-            test_loss, test_accuracy = net.evaluate(data.x_test, data.y_test, EVAL_BATCH_SIZE)
-            row = {"epoch": epoch, "train_loss": total_loss / n_train, "train_accuracy": correct / n_train,
-                   "test_loss": test_loss, "test_accuracy": test_accuracy, "seconds": round(seconds, 3),
+            scored_loss, scored_accuracy = net.evaluate(x_scored, y_scored, EVAL_BATCH_SIZE)
+            row = {"epoch": epoch, "learning_rate": epoch_lr, "train_loss": total_loss / n_train,
+                   "train_accuracy": correct / n_train, f"{scored_on}_loss": scored_loss,
+                   f"{scored_on}_accuracy": scored_accuracy, "seconds": round(seconds, 3),
                    "images_per_second": round(n_train / seconds, 1)}
             result.history.append(row)
-            log.info("epoch %*d/%d  train loss %.4f acc %.2f%%  test loss %.4f acc %.2f%%  %.1fs  %.0f img/s",
-                     len(str(last_epoch)), epoch, last_epoch, row["train_loss"], 100 * row["train_accuracy"],
-                     test_loss, 100 * test_accuracy, seconds, row["images_per_second"])
+            log.info("epoch %*d/%d  lr %.3g  train loss %.4f acc %.2f%%  %s loss %.4f acc %.2f%%  %.1fs  %.0f img/s",
+                     len(str(last_epoch)), epoch, last_epoch, epoch_lr, row["train_loss"],
+                     100 * row["train_accuracy"], scored_on, scored_loss, 100 * scored_accuracy, seconds,
+                     row["images_per_second"])
             if should_stop():
                 return result.stop("interrupted", epoch, n_batches)
     return result
@@ -840,7 +1093,10 @@ def gradient_check(model: Sequential, x: np.ndarray, labels: np.ndarray, rng: np
     central differences on n_coords random coordinates per tensor, at the real input plus uniform noise of
     +-0.01 (so that no ReLU zero or pooling tie sits exactly on a kink). A last check runs the whole model
     and loss end to end. Returns one row per tensor: layer, tensor, shape, coordinates, error, ok.
-    The model's weights are converted to float64 in place.
+    Everything runs in training mode, the mode whose gradients training uses: BatchNorm normalises with the
+    batch's own statistics (and its gradient flows through them), and each Dropout layer keeps one fixed mask,
+    so that every evaluation of the objective computes the same function. The model's weights are converted
+    to float64 in place.
     """
     for layer in model.layers:
         for name in layer.params:
@@ -860,10 +1116,12 @@ def gradient_check(model: Sequential, x: np.ndarray, labels: np.ndarray, rng: np
         # A ReLU's output has exact zeros, so the next pooling window may hold a tie of zeros: there the slope
         # is undefined and central differences give half of it. Check each layer at a nearby tie-free point.
         probe = activation + rng.uniform(-0.01, 0.01, activation.shape)
+        if isinstance(layer, Dropout):
+            layer.fixed_mask = layer.draw_mask(probe.shape, np.float64)
         upstream = rng.standard_normal(layer.forward(probe).shape)
 
         def objective(layer: Any = layer, probe: np.ndarray = probe, upstream: np.ndarray = upstream) -> float:
-            return float(np.sum(layer.forward(probe, training=False) * upstream))
+            return float(np.sum(layer.forward(probe) * upstream))
 
         needed, layer.need_input_grad = layer.need_input_grad, True
         layer.forward(probe)
@@ -872,21 +1130,25 @@ def gradient_check(model: Sequential, x: np.ndarray, labels: np.ndarray, rng: np
         check(name, "input", probe, grad_in, objective)
         for tensor, param in layer.params.items():
             check(name, tensor, param, layer.grads[tensor].copy(), objective)
-        activation = np.ascontiguousarray(layer.forward(activation, training=False))
+        activation = np.ascontiguousarray(layer.forward(activation))
 
     loss_fn = SoftmaxCrossEntropy()
     loss_fn.forward(activation, labels)
     check("softmax_ce", "logits", activation, loss_fn.backward(), lambda: loss_fn.forward(activation, labels))
 
     def model_loss() -> float:
-        return loss_fn.forward(model.forward(x, training=False), labels)
+        return loss_fn.forward(model.forward(x), labels)
 
-    first = next((i for i, layer in enumerate(model.layers) if layer.params), None)
+    first = next((layer for layer in model.layers if layer.params), None)
     if first is not None:
         loss_fn.forward(model.forward(x), labels)
         model.backward(loss_fn.backward())
-        check("whole model", f"{names[first]}.W", model.layers[first].params["W"],
-              model.layers[first].grads["W"].copy(), model_loss)
+        tensor = next(iter(first.params))
+        check("whole model", f"{names[model.layers.index(first)]}.{tensor}", first.params[tensor],
+              first.grads[tensor].copy(), model_loss)
+    for layer in model.layers:
+        if isinstance(layer, Dropout):
+            layer.fixed_mask = None
     return rows
 
 
@@ -997,12 +1259,28 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--predict", type=path_argument, metavar="IMAGE", nargs="+",
                       help="classify image files with --load-model")
     mode.add_argument("--gradcheck", action="store_true", help="check every gradient of the configured model")
+    page = parser.add_argument_group("draw a digit (a local web page)")
+    page.add_argument("--serve", action="store_true", help="serve a page to draw digits into the model and watch "
+                      "every layer: the --load-model model, or the one trained first (Ctrl-C stops it)")
+    page.add_argument("--host", metavar="ADDRESS", help="with --serve: the address to listen on (default "
+                      "127.0.0.1, this machine only; 0.0.0.0 lets other machines in)")
+    page.add_argument("--port", type=int, metavar="N", help="with --serve: the port (default 8000; 0: a free one)")
     return parser
 
 
 def check_flag_combinations(args: argparse.Namespace) -> None:
     if args.predict and not args.load_model:
         raise CNNError("--predict needs --load-model FILE (a model saved with --save-model)")
+    if (args.host is not None or args.port is not None) and not args.serve:
+        raise CNNError(f"{'--host' if args.host is not None else '--port'} goes with --serve")
+    if args.serve and (args.predict or args.gradcheck):
+        raise CNNError(f"--serve and --{'predict' if args.predict else 'gradcheck'} are separate commands: run one")
+    if args.serve and args.load_model:  # nothing trains: the saved model is served as it is
+        for flag in (*TRAINING_ONLY, "seed", "dataset"):
+            value = getattr(args, flag)
+            if value is not None and value is not False:
+                raise CNNError(f"--{flag.replace('_', '-')} has no effect with --load-model and --serve, which "
+                               "serve the saved model as it is (without --load-model, --serve trains first)")
     for mode, ignored in IGNORED_IN_MODE.items():
         if getattr(args, mode):
             for flag in ignored:
@@ -1047,8 +1325,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, dict[str, str]]:
         except ConfigError as error:
             raise ConfigError(f"{origin['config']}: {error}") from None
         except (MemoryError, ValueError) as error:  # numpy cannot allocate the weights
-            raise ConfigError(f"{origin['config']}: model: the weights do not fit in memory ({error}); reduce "
-                              "model.dense_units or the filters of model.conv_layers") from None
+            raise ConfigError(f"{origin['config']}: model: the weights do not fit in memory ({error}); use fewer "
+                              "filters or units in model.layers") from None
     workers, batch_size = cfg["training"]["workers"], cfg["training"]["batch_size"]
     if workers is not None and workers > batch_size:
         raise ConfigError(f"training.workers: got {workers}, expected at most training.batch_size ({batch_size}): "
@@ -1061,13 +1339,13 @@ def input_shape_of(dataset: str) -> tuple[int, int, int]:
 
 
 def run_gradcheck(args: argparse.Namespace, cfg: dict) -> int:
-    """--gradcheck: the configured model, two random inputs, float64, every layer's backward checked.
+    """--gradcheck: the configured model, four random inputs, float64, every layer's backward checked.
     The table is the command's output, so it is printed whatever the log level."""
     check_writable(args.output, "--output")
-    rng = make_rngs(cfg["data"]["random_seed"])["init"]
-    input_shape = input_shape_of(cfg["data"]["dataset"])
-    model = build_model(cfg["model"], input_shape, 10, rng)
-    x, labels = rng.random((2, *input_shape)), rng.integers(0, 10, 2)
+    rngs = make_rngs(cfg["data"]["random_seed"])
+    rng, input_shape = rngs["init"], input_shape_of(cfg["data"]["dataset"])
+    model = build_model(cfg["model"], input_shape, 10, rng, rngs["dropout"])
+    x, labels = rng.random((4, *input_shape)), rng.integers(0, 10, 4)  # BatchNorm needs a few values per feature
     start = time.perf_counter()
     rows = gradient_check(model, x, labels, rng)
     failed = [row for row in rows if not row["ok"]]
@@ -1087,12 +1365,17 @@ def run_gradcheck(args: argparse.Namespace, cfg: dict) -> int:
     return EXIT_OK
 
 
+def ink_fill(dataset: str | None) -> float:
+    """How much of the frame a drawn or photographed image's ink should fill to look like the training images:
+    MNIST fitted its digits into 20x20 pixels of 28x28 (and the synthetic digits copy it); the others fill it."""
+    return 20 / 28 if dataset in ("mnist", "synthetic") else 1.0
+
+
 def run_predict(args: argparse.Namespace) -> int:
     """--predict: classify image files with a saved model, one line each, no training."""
     check_writable(args.output, "--output")
     loaded = load_model(Path(args.load_model), build_model)
-    # MNIST fitted its digits into 20x20 pixels of 28x28; the other data sets fill the frame.
-    fill = 20 / 28 if loaded.meta.get("dataset") in ("mnist", "synthetic") else 1.0
+    fill = ink_fill(loaded.meta.get("dataset"))
     predictions = predict_files(loaded.model, [Path(p) for p in args.predict], loaded.meta["class_names"], fill)
     for prediction in predictions:
         ranked = ", ".join(f"{t['class']} ({100 * t['probability']:.1f}%)" for t in prediction["top"])
@@ -1106,18 +1389,40 @@ def run_predict(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def run_serve(args: argparse.Namespace, model: Sequential, meta: dict) -> int:
+    """--serve: the draw-a-digit page (serve.py) for a model, until Ctrl-C. meta: the model file's meta entry
+    (or what a model file of the model just trained would hold): class names, data set, training summary."""
+    from images import prepare_image
+    from serve import serve
+
+    training, data = meta.get("training") or {}, meta.get("data") or {}
+    info = {"dataset": meta.get("dataset"), "source": data.get("source"), "n_train": data.get("n_train"),
+            "test_accuracy": training.get("test_accuracy"), "epochs": training.get("epochs_completed"),
+            "parameters": model.parameter_count()}
+    fill = ink_fill(meta.get("dataset"))
+    serve(model, prepare=lambda image: prepare_image(image, model.input_shape, fill), softmax=softmax,
+          class_names=meta["class_names"], info=info, host=args.host or "127.0.0.1",
+          port=8000 if args.port is None else args.port,
+          announce=lambda line: print(line, file=sys.stderr if line.startswith("WARNING") else sys.stdout, flush=True))
+    return EXIT_OK
+
+
 def plural(count: int, word: str) -> str:
     return f"{count} {word}{'' if count == 1 else 's'}"
 
 
 def model_for_run(args: argparse.Namespace, cfg: dict, data: Dataset,
-                  rng: np.random.Generator) -> tuple[Sequential, dict, Optimizer, dict]:
+                  rngs: dict[str, np.random.Generator]) -> tuple[Sequential, dict, Optimizer, dict]:
     """The model to train: loaded from --load-model (with its optimiser state) or built from the config.
     Returns the model, its architecture, the optimiser and what the model file says of earlier training."""
     optimizer = make_optimizer(cfg["training"])
     if not args.load_model:
-        return build_model(cfg["model"], data.input_shape, data.num_classes, rng), cfg["model"], optimizer, {}
+        model = build_model(cfg["model"], data.input_shape, data.num_classes, rngs["init"], rngs["dropout"])
+        return model, cfg["model"], optimizer, {}
     loaded = load_model(Path(args.load_model), build_model)
+    for layer in loaded.model.layers:
+        if isinstance(layer, Dropout):
+            layer.rng = rngs["dropout"]
     if loaded.model.input_shape != data.input_shape or len(loaded.meta["class_names"]) != data.num_classes:
         raise DataError(f"--load-model {args.load_model}: the model takes {loaded.model.input_shape} images and "
                         f"{len(loaded.meta['class_names'])} classes, the data has {data.input_shape} "
@@ -1125,7 +1430,7 @@ def model_for_run(args: argparse.Namespace, cfg: dict, data: Dataset,
     earlier = loaded.meta.get("training", {})
     log.info("loaded %s (trained for %s); its architecture replaces the config's model section", args.load_model,
              plural(int(earlier.get("epochs_completed", 0)), "epoch"))
-    if restore_optimizer(optimizer, loaded):
+    if restore_optimizer(optimizer, loaded, {key: param for key, param, _ in parameters(loaded.model)}):
         log.info("continuing with the saved %s state", cfg["training"]["optimizer"])
     else:
         saved = (loaded.meta.get("optimizer") or {}).get("name", "no")
@@ -1160,10 +1465,11 @@ def run_training(args: argparse.Namespace, cfg: dict, origin: dict[str, str], st
     log.info("numpy-cnn: config from %s, seed %d (from %s)", origin["config"], seed, origin["seed"])
     rngs = make_rngs(seed)
     data = load_data(cfg["data"])
-    log.info("data: %s (source: %s), %s training and %s test images of %s, %d classes; %s", data.name,
-             data.source, f"{len(data.x_train):,}", f"{len(data.x_test):,}", data.input_shape, data.num_classes,
-             data.note)
-    model, model_cfg, optimizer, earlier = model_for_run(args, cfg, data, rngs["init"])
+    held_out = f", {len(data.x_val):,} validation" if len(data.x_val) else ""
+    log.info("data: %s (source: %s), %s training%s and %s test images of %s, %d classes; %s", data.name,
+             data.source, f"{len(data.x_train):,}", held_out, f"{len(data.x_test):,}", data.input_shape,
+             data.num_classes, data.note)
+    model, model_cfg, optimizer, earlier = model_for_run(args, cfg, data, rngs)
     first_epoch = int(earlier.get("epochs_completed", 0)) + 1
     log.info("model:\n%s", model.summary())
     if training_cfg["workers"]:
@@ -1172,17 +1478,28 @@ def run_training(args: argparse.Namespace, cfg: dict, origin: dict[str, str], st
         from parallel import default_workers
 
         workers = default_workers(model, training_cfg["batch_size"])
-    log.info("training: %s, batch %d, %s, learning rate %g, %s", plural(training_cfg["epochs"], "epoch"),
-             training_cfg["batch_size"], training_cfg["optimizer"], training_cfg["learning_rate"],
-             plural(workers, "worker thread"))
+    schedule, augment_cfg = training_cfg["lr_schedule"], cfg["data"]["augment"]
+    changes = [f"shifts of up to {augment_cfg['shift']} px"] if augment_cfg["shift"] else []
+    changes += [f"rotations of up to {augment_cfg['rotate']:g} degrees"] if augment_cfg["rotate"] else []
+    log.info("training: %s, batch %d, %s, learning rate %g (%s)%s%s, %s", plural(training_cfg["epochs"], "epoch"),
+             training_cfg["batch_size"], training_cfg["optimizer"], training_cfg["learning_rate"], schedule["name"],
+             f", weight decay {training_cfg['weight_decay']:g}" if training_cfg["weight_decay"] else "",
+             f", {' and '.join(changes)}" if changes else "", plural(workers, "worker thread"))
     timings = instrument(model, optimizer) if args.profile else None
+    steps_per_epoch = math.ceil(len(data.x_train) / training_cfg["batch_size"])
+    learning_rate = learning_rate_schedule(schedule, training_cfg["learning_rate"], steps_per_epoch,
+                                           steps_per_epoch * training_cfg["epochs"])
+    augment = None
+    if augment_cfg["shift"] or augment_cfg["rotate"]:
+        def augment(x: np.ndarray) -> np.ndarray:
+            return shift_and_rotate(x, rngs["augment"], augment_cfg["shift"], augment_cfg["rotate"])
 
     started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     stop.graceful = True
     start = time.perf_counter()
     result = train(model, optimizer, data, epochs=training_cfg["epochs"], batch_size=training_cfg["batch_size"],
-                   rng=rngs["shuffle"], should_stop=lambda: stop.signum is not None, first_epoch=first_epoch,
-                   workers=workers)
+                   rng=rngs["shuffle"], workers=workers, learning_rate=learning_rate, augment=augment,
+                   should_stop=lambda: stop.signum is not None, first_epoch=first_epoch)
     train_seconds = time.perf_counter() - start
 
     test_loss = test_accuracy = None
@@ -1190,7 +1507,7 @@ def run_training(args: argparse.Namespace, cfg: dict, origin: dict[str, str], st
         where = result.stopped_at
         log.error("training diverged at epoch %d, batch %d (%s): try a lower learning rate than %g",
                   where["epoch"], where["batch"], where["reason"], training_cfg["learning_rate"])
-    elif result.history and result.status == "completed":
+    elif result.history and result.status == "completed" and "test_loss" in result.history[-1]:
         test_loss, test_accuracy = result.history[-1]["test_loss"], result.history[-1]["test_accuracy"]
     else:
         test_loss, test_accuracy = model.evaluate(data.x_test, data.y_test, EVAL_BATCH_SIZE)
@@ -1237,7 +1554,12 @@ def run_training(args: argparse.Namespace, cfg: dict, origin: dict[str, str], st
         return EXIT_DIVERGED
     if stop.signum is not None:  # interrupted, or a signal came while the results were being written
         return EXIT_BY_SIGNAL[stop.signum]
-    return EXIT_UNEXPECTED if problems else EXIT_OK
+    if problems:
+        return EXIT_UNEXPECTED
+    if args.serve:
+        return run_serve(args, model, {"class_names": data.class_names, "dataset": data.name,
+                                       "data": data_summary(data), "training": summary})
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1257,6 +1579,9 @@ def main(argv: list[str] | None = None) -> int:
                 return run_gradcheck(args, cfg)
             if args.predict:
                 return run_predict(args)
+            if args.serve and args.load_model:
+                loaded = load_model(Path(args.load_model), build_model)
+                return run_serve(args, loaded.model, loaded.meta)
             return run_training(args, cfg, origin, stop)
     except CNNError as error:
         log_to_file(logging.ERROR, str(error))

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from config_schema import DEFAULT_CONFIG, SCHEMA, check_mapping
+from config_schema import check_model
 from errors import ConfigError, ModelFileError
 from plumbing import write_atomic
 
@@ -27,12 +27,20 @@ def weight_key(index: int, name: str) -> str:
     return f"layer{index}.{name}"
 
 
+def data_summary(data: Any) -> dict:
+    """What a model file records of the data a model was trained on (main.Dataset): which set, from where."""
+    return {"dataset": data.name, "source": data.source, "n_train": len(data.x_train), "n_test": len(data.x_test),
+            "note": data.note}
+
+
 def save_model(path: Path, model: Any, model_cfg: dict, data: Any, summary: dict, optimizer: Any = None) -> None:
-    """One .npz: every weight ('layer<i>.<name>'), the optimiser's state ('optimizer.<key>'), and a JSON
-    'meta' entry with the architecture, input shape, class names and training summary."""
-    arrays = {weight_key(i, name): p for i, layer in enumerate(model.layers) for name, p in layer.params.items()}
-    meta = {"format": MODEL_FORMAT, "version": 1, "model": model_cfg, "input_shape": list(model.input_shape),
-            "class_names": data.class_names, "dataset": data.name, "training": summary}
+    """One .npz: every weight and buffer ('layer<i>.<name>', e.g. 'layer0.W', 'layer1.running_mean'), the
+    optimiser's state ('optimizer.<key>'), and a JSON 'meta' entry with the architecture (the model section's
+    layer list), input shape, class names, data set and training summary."""
+    arrays = {weight_key(i, name): array for i, layer in enumerate(model.layers)
+              for name, array in {**layer.params, **layer.buffers}.items()}
+    meta = {"format": MODEL_FORMAT, "version": 2, "model": model_cfg, "input_shape": list(model.input_shape),
+            "class_names": data.class_names, "dataset": data.name, "data": data_summary(data), "training": summary}
     if optimizer is not None:
         meta["optimizer"] = {"name": optimizer.name, "t": getattr(optimizer, "t", 0)}
         arrays.update({f"optimizer.{key}": value for key, value in optimizer.state.items()})
@@ -66,7 +74,7 @@ def load_model(path: Path, build_model: Callable[..., Any]) -> LoadedModel:
         meta = json.loads(str(arrays.pop("meta")))
         if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
             raise ValueError(f"its format is not {MODEL_FORMAT!r}")
-        model_cfg = check_mapping("model", meta["model"], SCHEMA["model"], DEFAULT_CONFIG["model"])
+        model_cfg = meta["model"] = check_model(meta["model"], convert_old_keys=True)
         input_shape, class_names = tuple(int(v) for v in meta["input_shape"]), [str(c) for c in meta["class_names"]]
         if len(input_shape) != 3 or min(input_shape) < 1 or len(class_names) < 2:
             raise ValueError(f"input shape {input_shape} or class names {class_names} make no sense")
@@ -86,12 +94,13 @@ def load_model(path: Path, build_model: Callable[..., Any]) -> LoadedModel:
         model = build_model(model_cfg, input_shape, len(class_names), np.random.default_rng(0))
     except ConfigError as error:
         raise ModelFileError(f"{path}: the stored architecture does not fit its input shape ({error})") from None
-    expected = {weight_key(i, name) for i, layer in enumerate(model.layers) for name in layer.params}
+    expected = {weight_key(i, name) for i, layer in enumerate(model.layers)
+                for name in {**layer.params, **layer.buffers}}
     stored = {key for key in arrays if not key.startswith("optimizer.")}
     if stored != expected:
         raise ModelFileError(f"{path}: weights {sorted(stored ^ expected)[:3]} do not fit the stored architecture")
     for i, layer in enumerate(model.layers):
-        for name, param in layer.params.items():
+        for name, param in {**layer.params, **layer.buffers}.items():
             weights = arrays[weight_key(i, name)]
             if weights.shape != param.shape or weights.dtype.kind != "f":
                 raise ModelFileError(f"{path}: {weight_key(i, name)} has shape {weights.shape} ({weights.dtype}), "
@@ -104,12 +113,12 @@ def load_model(path: Path, build_model: Callable[..., Any]) -> LoadedModel:
     return LoadedModel(model, meta, optimizer_state)
 
 
-def restore_optimizer(optimizer: Any, loaded: LoadedModel) -> bool:
-    """Continue with the saved optimiser state when it is the same kind of optimiser and fits the weights."""
+def restore_optimizer(optimizer: Any, loaded: LoadedModel, params: dict[str, np.ndarray]) -> bool:
+    """Continue with the saved optimiser state when it is the same kind of optimiser and fits the weights.
+    params: the loaded model's weights by the optimiser's keys (main.parameters), e.g. {'0.W': ...}."""
     saved = loaded.meta.get("optimizer") or {}
     if saved.get("name") != optimizer.name:
         return False
-    params = {f"{i}.{name}": p for i, layer in enumerate(loaded.model.layers) for name, p in layer.params.items()}
     for key, value in loaded.optimizer_state.items():
         owner = key.rsplit(".", 1)[0]
         if owner not in params or params[owner].shape != value.shape:

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any, Callable
 
 import numpy as np
-from threadpoolctl import threadpool_info, threadpool_limits
 
 # A worker thread pays off only for a big slice of the batch. With small arrays NumPy's time goes to Python's
 # own overhead, which holds the GIL, so threads wait for each other (bench/why_fast.py: "worker threads" and
@@ -25,6 +25,8 @@ MIN_ACTIVATION_PER_WORKER = 250_000
 def blas_threads() -> int:
     """How many threads BLAS would use: every usable CPU, unless OPENBLAS_NUM_THREADS, OMP_NUM_THREADS,
     MKL_NUM_THREADS or a threadpoolctl limit says fewer."""
+    from threadpoolctl import threadpool_info
+
     return max(min((pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"), default=1), 1)
 
 
@@ -39,6 +41,26 @@ def default_workers(model: Any = None, batch_size: int | None = None) -> int:
         return 1
     largest = max(math.prod(row["output_shape"]) for row in model.summary_rows())
     return max(min(threads, batch_size * largest // MIN_ACTIVATION_PER_WORKER), 1)
+
+
+@contextmanager
+def one_blas_thread(model: Any) -> Iterator[Any]:
+    """The model on the calling thread alone, BLAS held to one thread too, for as long as the with-block runs.
+
+    Why: when training runs on one worker, a second BLAS thread gains little on these models' matrices on an
+    idle machine, and on a machine whose other cores are busy, BLAS threads that wait for each other spin and
+    stall: an epoch several times slower (bench/why_fast.py: "BLAS threads with one worker").
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # a runtime requirement; without it, BLAS keeps its threads
+        yield model
+        return
+    limit = threadpool_limits(limits=1, user_api="blas")
+    try:
+        yield model
+    finally:
+        limit.restore_original_limits()
 
 
 def replicate(model: Any) -> Any:
@@ -78,6 +100,8 @@ class DataParallel:
 
     def __enter__(self) -> DataParallel:
         self.replicas = [replicate(self.model) for _ in range(self.workers)]
+        from threadpoolctl import threadpool_limits
+
         self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="worker")
         self.blas_limit = threadpool_limits(limits=1, user_api="blas")
         return self

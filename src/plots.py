@@ -9,9 +9,9 @@ write_plots() draws five PNG files:
 
 Only NumPy and matplotlib are needed: the model and the data come in as arguments, and the layers are
 recognised by their class names, so this module never imports main.py (which imports it); it shares
-plumbing.write_atomic. matplotlib
-runs on its Agg backend, which draws into memory and needs no display. Each figure's size in inches is
-fixed in advance (figure_size) and it is saved at DPI dots per inch, so each PNG is exactly size * DPI pixels.
+plumbing.write_atomic. matplotlib runs on its Agg backend, which draws into memory and needs no display.
+Each figure's size in inches is fixed in advance (figure_size) and it is saved at DPI dots per inch, so each
+PNG is exactly size * DPI pixels.
 """
 
 from __future__ import annotations
@@ -152,18 +152,21 @@ def tick_rotation(class_names: list[str]) -> int:
 
 
 def plot_curves(history: list[dict]) -> plt.Figure:
-    """Loss (left) and accuracy (right) per epoch, training set and test set."""
+    """Loss (left) and accuracy (right) per epoch, on the training set and on the set each epoch was scored
+    on: the validation set when the run held one out (data.n_val), else the test set."""
     if not history:
         return note_figure("curves", "Training curves", "No epoch was completed (epochs: 0, or the run was\n"
                            "stopped during its first epoch), so there are no curves.")
     fig = new_figure("curves")
     axes_loss, axes_accuracy = fig.subplots(1, 2)
     epochs = [row["epoch"] for row in history]
+    scored = "val" if "val_loss" in history[-1] else "test"
+    names = {"train": "training set", "val": "validation set", "test": "test set"}
     for axes, key, ylabel, scale in ((axes_loss, "loss", "cross-entropy loss", 1),
                                      (axes_accuracy, "accuracy", "accuracy (%)", 100)):
-        for split, style in (("train", "o-"), ("test", "s--")):
+        for split, style in (("train", "o-"), (scored, "s--")):
             values = [scale * row[f"{split}_{key}"] for row in history]
-            axes.plot(epochs, values, style, label=f"{split}ing set" if split == "train" else "test set")
+            axes.plot(epochs, values, style, label=names[split])
         axes.set_xlabel("epoch")
         axes.set_ylabel(ylabel)
         if len(epochs) <= 20:  # a tick at every epoch (whole numbers, even for a single epoch)
@@ -175,8 +178,10 @@ def plot_curves(history: list[dict]) -> plt.Figure:
         axes.legend()
     axes_loss.set_title("Loss (lower is better)")
     last = history[-1]
-    axes_accuracy.set_title(f"Accuracy: {100 * last['test_accuracy']:.1f}% on the test set after epoch {last['epoch']}")
-    fig.suptitle("Training curves: a widening gap between training and test means overfitting", fontweight="bold")
+    axes_accuracy.set_title(f"Accuracy: {100 * last[f'{scored}_accuracy']:.1f}% on the {names[scored]} after epoch "
+                            f"{last['epoch']}")
+    fig.suptitle(f"Training curves: a widening gap between training and {names[scored].split()[0]} means overfitting",
+                 fontweight="bold")
     return fig
 
 

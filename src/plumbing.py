@@ -23,6 +23,7 @@ from errors import CNNError
 
 log = logging.getLogger("numpy_cnn")
 
+
 def write_atomic(path: Path, write: Callable[[Any], None], binary: bool = True) -> None:
     """Write to a temporary file beside `path`, then rename it into place: a crash or Ctrl-C midway
     leaves the old file (or none) rather than half a file."""

@@ -1,4 +1,4 @@
-"""Shared test fixtures: paths, the optional real-MNIST sample, and a helper that runs the CLI."""
+"""Shared test fixtures: paths, the optional real-MNIST sample, a helper that runs the CLI, and model sections."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import pytest
 import reference
 import yaml
 from threadpoolctl import threadpool_limits
+
+import config_schema
 
 # One BLAS thread for the tests and the programs they start: on a shared machine, two OpenBLAS threads
 # competing with other processes for two cores can run 9x slower, and the suite's time should not depend
@@ -49,11 +51,37 @@ def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: float 
                           timeout=timeout)
 
 
+# What an entry of the old model.conv_layers meant by default (before model.layers replaced it).
+OLD_CONV_DEFAULTS = {"filters": 32, "kernel_size": 3, "stride": 1, "padding": 0, "pool_size": 2, "pool_stride": None}
+
+
+def conv_blocks(convs: list[dict], dense_units: int, num_classes: int = 10) -> dict:
+    """The checked model section ({"layers": [...]}, every argument spelled out, as config_schema.check_model
+    returns it) of the network the old keys described: for each entry of convs (keys filters, kernel_size,
+    stride, padding, pool_size, pool_stride, defaults OLD_CONV_DEFAULTS) conv2d -> relu -> maxpool2d (no pooling
+    when pool_size is 0 or None), then flatten -> dense(dense_units) -> relu -> dense(num_classes)."""
+    layers: list = []
+    for given in convs:
+        conv = dict(OLD_CONV_DEFAULTS, **given)
+        layers += [{"conv2d": {key: conv[key] for key in ("filters", "kernel_size", "stride", "padding")}}, "relu"]
+        if conv["pool_size"]:
+            layers.append({"maxpool2d": {"pool_size": conv["pool_size"], "stride": conv["pool_stride"]}})
+    layers += ["flatten", {"dense": {"units": dense_units}}, "relu", {"dense": {"units": num_classes}}]
+    return config_schema.check_model({"layers": layers})
+
+
+def count_layers(model_cfg: dict, *names: str) -> int:
+    """How many layers of a model section's list are of the given types (e.g. "conv2d", "dense")."""
+    return sum(config_schema.layer_name_and_arguments(spec)[0] in names for spec in model_cfg["layers"])
+
+
 def to_float64(layer: object) -> None:
-    """Convert a layer's weights and gradient buffers to float64 in place (for exact comparisons)."""
+    """Convert a layer's weights, gradient buffers and (BatchNorm's) running statistics to float64 in place."""
     for name in layer.params:
         layer.params[name] = layer.params[name].astype(np.float64)
         layer.grads[name] = np.zeros_like(layer.params[name])
+    for name, buffer in getattr(layer, "buffers", {}).items():
+        layer.buffers[name] = buffer.astype(np.float64)
 
 
 def assert_conv2d_matches_reference(layer: object, x: np.ndarray, rng: np.random.Generator) -> None:

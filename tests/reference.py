@@ -17,6 +17,8 @@ Conventions:
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -285,3 +287,199 @@ def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> tuple[float
             grad_logits[n, k] = (prob - onehot) / n_samples
 
     return float(total_loss / n_samples), grad_logits
+
+
+# --------------------------------------------------------------------------- batch normalisation
+
+
+def _positions(x: np.ndarray) -> list[tuple[int, ...]]:
+    """Every index tuple over all axes but the last (the channel axis)."""
+    return list(np.ndindex(x.shape[:-1]))
+
+
+def batchnorm_batch_statistics(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and BIASED variance (divided by M, the number of positions) of x."""
+    x = _f64(x)
+    channels = x.shape[-1]
+    positions = _positions(x)
+    m = len(positions)
+    mean = np.zeros(channels, dtype=np.float64)
+    var = np.zeros(channels, dtype=np.float64)
+    for c in range(channels):
+        total = 0.0
+        for p in positions:
+            total += x[(*p, c)]
+        mean[c] = total / m
+        squares = 0.0
+        for p in positions:
+            squares += (x[(*p, c)] - mean[c]) ** 2
+        var[c] = squares / m
+    return mean, var
+
+
+def batchnorm_forward_training(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float = 1e-5) -> np.ndarray:
+    """y = gamma * (x - mean) / sqrt(var + eps) + beta with the batch's own per-channel mean and biased var."""
+    mean, var = batchnorm_batch_statistics(x)
+    return batchnorm_forward_eval(x, gamma, beta, mean, var, eps)
+
+
+def batchnorm_forward_eval(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, running_mean: np.ndarray,
+                           running_var: np.ndarray, eps: float = 1e-5) -> np.ndarray:
+    """y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta, per channel, element by element."""
+    x, gamma, beta = _f64(x), _f64(gamma), _f64(beta)
+    running_mean, running_var = _f64(running_mean), _f64(running_var)
+    y = np.zeros_like(x)
+    for p in _positions(x):
+        for c in range(x.shape[-1]):
+            y[(*p, c)] = gamma[c] * (x[(*p, c)] - running_mean[c]) / math.sqrt(running_var[c] + eps) + beta[c]
+    return y
+
+
+def batchnorm_backward(x: np.ndarray, gamma: np.ndarray, grad_out: np.ndarray,
+                       eps: float = 1e-5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gradients of ``sum(batchnorm_forward_training(x, gamma, beta) * grad_out)``: (grad_x, grad_gamma, grad_beta).
+
+    Written with the full Jacobian of xhat, element pair by element pair, not with the compact formula.
+    Within one channel, with s = 1 / sqrt(var + eps) and M positions,
+      xhat_i = (x_i - mean) * s,  d mean / d x_j = 1/M,  d var / d x_j = 2 (x_j - mean) / M
+      (the term through the mean vanishes, since sum_i (x_i - mean) = 0),  d s / d var = -s^3 / 2, so
+      d xhat_i / d x_j = s * ([i == j] - 1/M) - (x_i - mean) * s^3 * (x_j - mean) / M,
+    and grad_x_j = sum_i grad_out_i * gamma * d xhat_i / d x_j.
+    """
+    x, gamma, grad_out = _f64(x), _f64(gamma), _f64(grad_out)
+    assert grad_out.shape == x.shape
+    mean, var = batchnorm_batch_statistics(x)
+    positions = _positions(x)
+    m = len(positions)
+    grad_x = np.zeros_like(x)
+    grad_gamma = np.zeros(x.shape[-1], dtype=np.float64)
+    grad_beta = np.zeros(x.shape[-1], dtype=np.float64)
+    for c in range(x.shape[-1]):
+        s = 1.0 / math.sqrt(var[c] + eps)
+        for i in positions:
+            g = grad_out[(*i, c)]
+            grad_gamma[c] += g * (x[(*i, c)] - mean[c]) * s
+            grad_beta[c] += g
+        for j in positions:
+            total = 0.0
+            for i in positions:
+                kronecker = 1.0 if i == j else 0.0
+                dxhat_i_dx_j = s * (kronecker - 1.0 / m) - (x[(*i, c)] - mean[c]) * s ** 3 * (x[(*j, c)] - mean[c]) / m
+                total += grad_out[(*i, c)] * gamma[c] * dxhat_i_dx_j
+            grad_x[(*j, c)] = total
+    return grad_x, grad_gamma, grad_beta
+
+
+def batchnorm_running_statistics(batches: list[np.ndarray], momentum: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """running_mean and running_var after training steps on these batches, from 0 and 1, as PyTorch does:
+    running = (1 - momentum) * running + momentum * statistic, with the UNBIASED variance (divided by M - 1)."""
+    channels = batches[0].shape[-1]
+    running_mean = np.zeros(channels, dtype=np.float64)
+    running_var = np.ones(channels, dtype=np.float64)
+    for x in batches:
+        mean, var = batchnorm_batch_statistics(x)
+        m = len(_positions(x))
+        for c in range(channels):
+            unbiased_var = var[c] * m / (m - 1)
+            running_mean[c] = (1 - momentum) * running_mean[c] + momentum * mean[c]
+            running_var[c] = (1 - momentum) * running_var[c] + momentum * unbiased_var
+    return running_mean, running_var
+
+
+# --------------------------------------------------------------------------- dropout
+
+
+def dropout_mask(uniform: np.ndarray, rate: float) -> np.ndarray:
+    """The inverted-dropout mask for uniform draws u in [0, 1): 1 / (1 - rate) where u >= rate, else 0."""
+    uniform = _f64(uniform)
+    mask = np.zeros_like(uniform)
+    for index in np.ndindex(uniform.shape):
+        mask[index] = 1.0 / (1.0 - rate) if uniform[index] >= rate else 0.0
+    return mask
+
+
+def dropout_forward(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """y = x * mask, element by element (training; evaluation is the identity)."""
+    x, mask = _f64(x), _f64(mask)
+    y = np.zeros_like(x)
+    for index in np.ndindex(x.shape):
+        y[index] = x[index] * mask[index]
+    return y
+
+
+def dropout_backward(grad_out: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """grad_x = grad_out * mask, element by element."""
+    grad_out, mask = _f64(grad_out), _f64(mask)
+    grad_x = np.zeros_like(grad_out)
+    for index in np.ndindex(grad_out.shape):
+        grad_x[index] = grad_out[index] * mask[index]
+    return grad_x
+
+
+# --------------------------------------------------------------------------- average pooling
+
+
+def avgpool_forward(x: np.ndarray, pool: int = 2, stride: int | None = None) -> np.ndarray:
+    """Per-channel average pooling with 'valid' windows. x: (N, H, W, C) -> (N, Ho, Wo, C).
+
+    ``stride=None`` means ``stride = pool``. ``Ho = (H - pool) // stride + 1``.
+    """
+    x = _f64(x)
+    if stride is None:
+        stride = pool
+    n_samples, height, width, channels = x.shape
+    h_out = (height - pool) // stride + 1
+    w_out = (width - pool) // stride + 1
+    y = np.zeros((n_samples, h_out, w_out, channels), dtype=np.float64)
+    for n in range(n_samples):
+        for i in range(h_out):
+            for j in range(w_out):
+                for c in range(channels):
+                    total = 0.0
+                    for di in range(pool):
+                        for dj in range(pool):
+                            total += x[n, i * stride + di, j * stride + dj, c]
+                    y[n, i, j, c] = total / (pool * pool)
+    return y
+
+
+def avgpool_backward(x: np.ndarray, grad_out: np.ndarray, pool: int = 2, stride: int | None = None) -> np.ndarray:
+    """Gradient of ``sum(avgpool_forward(x) * grad_out)`` with respect to x: each window's upstream gradient,
+    divided by pool^2, goes to every input of the window; overlapping windows add up."""
+    x, grad_out = _f64(x), _f64(grad_out)
+    if stride is None:
+        stride = pool
+    n_samples, height, width, channels = x.shape
+    h_out = (height - pool) // stride + 1
+    w_out = (width - pool) // stride + 1
+    assert grad_out.shape == (n_samples, h_out, w_out, channels)
+    grad_x = np.zeros_like(x)
+    for n in range(n_samples):
+        for i in range(h_out):
+            for j in range(w_out):
+                for c in range(channels):
+                    for di in range(pool):
+                        for dj in range(pool):
+                            grad_x[n, i * stride + di, j * stride + dj, c] += grad_out[n, i, j, c] / (pool * pool)
+    return grad_x
+
+
+# --------------------------------------------------------------------------- tanh
+
+
+def tanh_forward(x: np.ndarray) -> np.ndarray:
+    """y = tanh(x), element by element, with math.tanh."""
+    x = _f64(x)
+    y = np.zeros_like(x)
+    for index in np.ndindex(x.shape):
+        y[index] = math.tanh(x[index])
+    return y
+
+
+def tanh_backward(x: np.ndarray, grad_out: np.ndarray) -> np.ndarray:
+    """grad_x = grad_out * (1 - tanh(x)^2), element by element (d tanh(x) / dx = 1 - tanh(x)^2)."""
+    x, grad_out = _f64(x), _f64(grad_out)
+    grad_x = np.zeros_like(x)
+    for index in np.ndindex(x.shape):
+        grad_x[index] = grad_out[index] * (1.0 - math.tanh(x[index]) ** 2)
+    return grad_x

@@ -52,10 +52,11 @@ def test_impossible_architecture_is_reported_before_the_data_is_read(tmp_path: P
     """The data folder does not exist either: the architecture error wins, so no download is ever waited for."""
     monkeypatch.chdir(tmp_path)
     config = write_config(tmp_path, data={"path": str(tmp_path / "nowhere")},
-                          model={"conv_layers": [{"filters": 8, "kernel_size": 31, "padding": 1}]})
+                          model={"layers": [{"conv2d": {"filters": 8, "kernel_size": 31, "padding": 1}}, "relu",
+                                            "flatten", {"dense": {"units": 10}}]})
     assert main.main(["--config", str(config)]) == 2
     error = capsys.readouterr().err
-    assert f"{config}: model.conv_layers[0]: kernel_size 31 is larger than its padded input 30x30" in error
+    assert f"{config}: model.layers[0] (conv2d): kernel_size 31 is larger than its padded input 30x30" in error
 
 
 def test_divergence_is_reported_on_stderr_and_the_seed_origin_in_the_log(

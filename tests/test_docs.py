@@ -319,7 +319,7 @@ def test_col2im_example_is_what_col2im_and_Conv2D_backward_compute() -> None:
 
 def test_col2im_is_the_adjoint_of_im2col_as_the_page_claims() -> None:
     """<im2col(x), G> = <x, col2im(G)> for random x and G, with overlapping and strided windows, and with one
-    channel (im2col's other path)."""
+    channel or several."""
     rng = np.random.default_rng(1)
     for kernel_size, stride, channels in ((3, 1, 3), (3, 2, 3), (2, 2, 3), (3, 1, 1), (3, 2, 1)):
         x = rng.standard_normal((2, 7, 6, channels))

@@ -12,14 +12,16 @@ from conftest import ROOT, run_cli, write_config
 import main
 
 OTHER_MODELS = {
-    "stride-2-no-padding": {"conv_layers": [
-        {"filters": 16, "kernel_size": 5, "stride": 2, "padding": 0, "pool_size": 3, "pool_stride": 2},
-        {"filters": 8, "kernel_size": 2, "stride": 1, "padding": 0, "pool_size": 2, "pool_stride": 1}],
-        "dense_units": 32},
-    "overlapping-pools-on-digits": {"conv_layers": [
-        {"filters": 8, "kernel_size": 3, "padding": 0, "pool_size": 3, "pool_stride": 1},
-        {"filters": 12, "kernel_size": 2, "stride": 2, "padding": 1, "pool_size": 0}],
-        "dense_units": 16},
+    "stride-2-no-padding": {"layers": [
+        {"conv2d": {"filters": 16, "kernel_size": 5, "stride": 2, "padding": 0}}, "relu",
+        {"maxpool2d": {"pool_size": 3, "stride": 2}},
+        {"conv2d": {"filters": 8, "kernel_size": 2, "stride": 1, "padding": 0}}, "relu",
+        {"maxpool2d": {"pool_size": 2, "stride": 1}},
+        "flatten", {"dense": {"units": 32}}, "relu", {"dense": {"units": 10}}]},
+    "overlapping-pools-on-digits": {"layers": [
+        {"conv2d": {"filters": 8, "kernel_size": 3}}, "relu", {"maxpool2d": {"pool_size": 3, "stride": 1}},
+        {"conv2d": {"filters": 12, "kernel_size": 2, "stride": 2, "padding": 1}}, "relu",  # no pooling
+        "flatten", {"dense": {"units": 16}}, "relu", {"dense": {"units": 10}}]},
 }
 
 

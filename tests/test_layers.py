@@ -16,7 +16,7 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 import reference
-from conftest import assert_conv2d_matches_reference, to_float64
+from conftest import assert_conv2d_matches_reference, conv_blocks, count_layers, to_float64
 
 import config_schema
 import datafiles
@@ -85,11 +85,6 @@ def layer_gradient_errors(layer: Any, x: np.ndarray, rng: np.random.Generator) -
 def away_from_zero(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     """Random float64 values with |v| >= 0.1: no ReLU kink within a finite-difference step."""
     return rng.choice([-1.0, 1.0], shape) * (0.1 + np.abs(rng.standard_normal(shape)))
-
-
-def conv_spec(**changes: Any) -> dict:
-    """One model.conv_layers entry: the config defaults with some keys changed."""
-    return dict(config_schema.CONV_LAYER_DEFAULTS, **changes)
 
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -176,15 +171,14 @@ def test_first_layer_skips_input_gradient_but_keeps_weight_gradients(make_layer:
 
 SMALL_MODELS = {
     # The default architecture (conv k3 p1 + pool 2, twice), scaled down to 8x8 digits.
-    "default_8x8": ((8, 8, 1), {"conv_layers": [conv_spec(filters=3, padding=1), conv_spec(filters=4, padding=1)],
-                                "dense_units": 6}),
+    "default_8x8": ((8, 8, 1), conv_blocks([{"filters": 3, "padding": 1}, {"filters": 4, "padding": 1}], 6)),
     # Non-square, two channels, even kernel, stride 2, padding 2, overlapping 3x3 pooling at stride 1.
-    "nonsquare_overlap": ((9, 7, 2), {"conv_layers": [
-        conv_spec(filters=3, kernel_size=4, stride=2, padding=2, pool_size=3, pool_stride=1),
-        conv_spec(filters=2, kernel_size=2, pool_size=0)], "dense_units": 5}),
+    "nonsquare_overlap": ((9, 7, 2), conv_blocks([
+        {"filters": 3, "kernel_size": 4, "stride": 2, "padding": 2, "pool_size": 3, "pool_stride": 1},
+        {"filters": 2, "kernel_size": 2, "pool_size": 0}], 5)),
     # Kernel 5, stride 3, and a pool size that does not divide its input.
-    "stride3_nondividing": ((11, 10, 1), {"conv_layers": [
-        conv_spec(filters=2, kernel_size=5, stride=3, padding=2, pool_size=3, pool_stride=2)], "dense_units": 4}),
+    "stride3_nondividing": ((11, 10, 1), conv_blocks([
+        {"filters": 2, "kernel_size": 5, "stride": 3, "padding": 2, "pool_size": 3, "pool_stride": 2}], 4)),
 }
 
 
@@ -212,7 +206,7 @@ def test_whole_model_gradients_match_central_differences(name: str) -> None:
     for index, layer in enumerate(model.layers):
         for tensor, param in layer.params.items():
             analytic[(f"{index}:{type(layer).__name__}", tensor)] = (layer.grads[tensor].copy(), param)
-    assert len(analytic) == 1 + 2 * (len(model_cfg["conv_layers"]) + 2)
+    assert len(analytic) == 1 + 2 * (count_layers(model_cfg, "conv2d") + 2)
     errors = {key: gradient_error(grad, central_differences(loss, array)) for key, (grad, array) in analytic.items()}
     assert max(errors.values()) < TOLERANCE, errors
 
@@ -595,19 +589,42 @@ def test_summary_shapes_agree_with_a_real_forward_pass() -> None:
         assert list(x.shape[1:]) == row["output_shape"], row["layer"]
 
 
-@pytest.mark.parametrize(("input_shape", "conv_layers", "message"), [
-    ((8, 8, 1), [conv_spec(), conv_spec(kernel_size=5)], "model.conv_layers[1]: kernel_size 5"),
-    ((8, 8, 1), [conv_spec(), conv_spec()], "model.conv_layers[1]: pool_size 2"),
-    ((28, 28, 1), [conv_spec(kernel_size=31, padding=1)], "model.conv_layers[0]: kernel_size 31"),
-    ((28, 28, 1), [conv_spec(stride=3, pool_size=4), conv_spec(kernel_size=1, pool_size=0),
-                   conv_spec(padding=1, pool_size=3)], "model.conv_layers[2]: pool_size 3"),
+@pytest.mark.parametrize(("input_shape", "convs", "message"), [
+    # 8 -> conv 6 -> pool 3 -> conv k5: too large
+    ((8, 8, 1), [{}, {"kernel_size": 5}], "model.layers[3] (conv2d): kernel_size 5"),
+    # 8 -> conv 6 -> pool 3 -> conv 1 -> pool 2: too large
+    ((8, 8, 1), [{}, {}], "model.layers[5] (maxpool2d): pool_size 2"),
+    ((28, 28, 1), [{"kernel_size": 31, "padding": 1}], "model.layers[0] (conv2d): kernel_size 31"),
+    # 28 -> conv s3 9 -> pool 2 -> conv k1 2 (no pool) -> conv p1 2 -> pool 3: too large
+    ((28, 28, 1), [{"stride": 3, "pool_size": 4}, {"kernel_size": 1, "pool_size": 0}, {"padding": 1, "pool_size": 3}],
+     "model.layers[7] (maxpool2d): pool_size 3"),
 ])
-def test_build_model_names_the_layer_that_empties_the_image(input_shape: tuple, conv_layers: list,
-                                                            message: str) -> None:
+def test_build_model_names_the_layer_that_empties_the_image(input_shape: tuple, convs: list, message: str) -> None:
     """A kernel larger than its padded input, or a pool larger than its image, raises ConfigError
-    naming the offending entry of model.conv_layers."""
+    naming the offending item of model.layers and its type."""
     with pytest.raises(errors.ConfigError, match=re.escape(message)):
-        main.build_model({"conv_layers": conv_layers, "dense_units": 8}, input_shape, 10, np.random.default_rng(0))
+        main.build_model(conv_blocks(convs, 8), input_shape, 10, np.random.default_rng(0))
+
+
+CONV = {"conv2d": {"filters": 2, "kernel_size": 3, "stride": 1, "padding": 0}}
+DENSE_10 = {"dense": {"units": 10}}
+
+
+@pytest.mark.parametrize(("layers", "message"), [
+    ([CONV, "relu", DENSE_10], "model.layers[2] (dense): gets a 6x6x2 image; put flatten before it"),
+    (["flatten", CONV, DENSE_10], "model.layers[1] (conv2d): needs an image (H, W, C) as its input, but gets a "
+                                  "vector of 64 values"),
+    (["flatten", DENSE_10, {"maxpool2d": {"pool_size": 2, "stride": None}}], "model.layers[2] (maxpool2d): needs "
+                                                                             "an image"),
+    ([CONV, "flatten", {"dense": {"units": 7}}], "model.layers[2], dense) outputs shape (7,), but the data has 10 "
+                                                 "classes"),
+    ([CONV, "relu"], "model.layers[1], relu) outputs shape (6, 6, 2), but the data has 10 classes"),
+])
+def test_build_model_names_the_layer_that_does_not_fit_its_input(layers: list, message: str) -> None:
+    """A dense layer on an image (no flatten), a conv or pooling layer on a vector, or a last layer that does
+    not output one value per class raises ConfigError naming the item of model.layers."""
+    with pytest.raises(errors.ConfigError, match=re.escape(message)):
+        main.build_model({"layers": layers}, (8, 8, 1), 10, np.random.default_rng(0))
 
 
 @pytest.mark.parametrize("input_shape", [(8, 8, 1), (28, 28, 1)])
@@ -625,12 +642,10 @@ def test_default_architecture_builds_and_runs_on_digits_and_mnist_sizes(input_sh
 # ------------------------------------------------------------------------------------------------
 
 CHECKED_MODELS = {
-    "conv_pool": ((8, 8, 1), {"conv_layers": [conv_spec(filters=3, padding=1), conv_spec(filters=4, padding=1)],
-                              "dense_units": 6}),
-    "conv_no_pool": ((8, 8, 1), {"conv_layers": [conv_spec(filters=3, padding=1, pool_size=0),
-                                                 conv_spec(filters=4, stride=2, pool_size=0)], "dense_units": 6}),
-    "overlapping_pool": ((9, 7, 1), {"conv_layers": [conv_spec(filters=3, padding=1, pool_size=3, pool_stride=2)],
-                                     "dense_units": 5}),
+    "conv_pool": ((8, 8, 1), conv_blocks([{"filters": 3, "padding": 1}, {"filters": 4, "padding": 1}], 6)),
+    "conv_no_pool": ((8, 8, 1), conv_blocks([{"filters": 3, "padding": 1, "pool_size": 0},
+                                             {"filters": 4, "stride": 2, "pool_size": 0}], 6)),
+    "overlapping_pool": ((9, 7, 1), conv_blocks([{"filters": 3, "padding": 1, "pool_size": 3, "pool_stride": 2}], 5)),
 }
 
 
@@ -652,7 +667,7 @@ def test_gradient_check_passes_on_correct_model(name: str) -> None:
     """main.gradient_check reports every tensor ok on correct layers, including pooling after ReLU
     (whose zeros make exact ties) -- a checker that fails correct code cannot be trusted either."""
     rows = run_gradient_check(name)
-    layers_with_weights = len(CHECKED_MODELS[name][1]["conv_layers"]) + 2
+    layers_with_weights = count_layers(CHECKED_MODELS[name][1], "conv2d") + 2
     assert {row["layer"] for row in rows} >= {"softmax_ce", "whole model"}
     assert sum(row["tensor"] == "W" for row in rows) == layers_with_weights
     assert failed(rows) == [], main.gradient_check_table(rows)

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import ROOT, run_cli, write_config
+from conftest import ROOT, conv_blocks, run_cli, write_config
 
 import config_schema
 import datafiles
@@ -192,17 +192,24 @@ def test_repo_config_is_the_default_config() -> None:
 
 def test_missing_keys_take_defaults_and_numbers_in_strings_are_read(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
-    path.write_text("training:\n  learning_rate: 1e-3\nmodel:\n  conv_layers:\n    - filters: 8\n")
+    path.write_text("training:\n  learning_rate: 1e-3\nmodel:\n  layers:\n    - conv2d: {filters: 8}\n    - relu\n"
+                    "    - maxpool2d:\n    - flatten\n    - dense: {units: 10}\n")
     cfg = main.load_config(path)
     assert cfg["training"]["learning_rate"] == 0.001  # PyYAML reads 1e-3 as the string "1e-3"
-    assert cfg["model"]["conv_layers"] == [dict(config_schema.CONV_LAYER_DEFAULTS, filters=8)]
+    assert cfg["model"]["layers"] == [{"conv2d": {"filters": 8, "kernel_size": 3, "stride": 1, "padding": 0}}, "relu",
+                                      {"maxpool2d": {"pool_size": 2, "stride": None}}, "flatten",
+                                      {"dense": {"units": 10}}]
     assert cfg["data"] == config_schema.DEFAULT_CONFIG["data"]
 
 
 @pytest.mark.parametrize(("text", "expected"), [
     ("training:\n  epochs: ten\n", "training.epochs: got 'ten', expected an integer >= 0"),
     ("trainig: {}\n", "did you mean 'training'"),
-    ("model:\n  conv_layers:\n    - {filters: 8, kernel: 3}\n", "model.conv_layers[0].kernel: unknown key"),
+    ("model:\n  layers:\n    - conv2d: {filters: 8, kernel: 3}\n",
+     "model.layers[0].conv2d.kernel: unknown argument (did you mean 'kernel_size'?)"),
+    ("model:\n  layers:\n    - relu\n    - dens: {units: 10}\n", "model.layers[1]: unknown layer 'dens' (did you mean "
+                                                                   "'dense'?)"),
+    ("model:\n  layers:\n    - conv2d: {kernel_size: 3}\n", "model.layers[0].conv2d: filters is required"),
     ("data:\n  n_train: [1\n", "line 2"),
 ])
 def test_config_errors_name_the_key(tmp_path: Path, text: str, expected: str) -> None:
@@ -211,6 +218,54 @@ def test_config_errors_name_the_key(tmp_path: Path, text: str, expected: str) ->
     with pytest.raises(errors.ConfigError) as error:
         main.load_config(path)
     assert expected in str(error.value) and str(path) in str(error.value)
+
+
+OLD_KEYS_ERROR = "model: conv_layers and dense_units were replaced by model.layers; the same network is layers: "
+
+
+def layers_shown_for_old_keys(path: Path, old_model_yaml: str) -> str:
+    """The layer list that the one-line error for a config with the old model keys shows, after checking that
+    the error is one line naming the file."""
+    path.write_text(old_model_yaml)
+    with pytest.raises(errors.ConfigError) as error:
+        main.load_config(path)
+    message = str(error.value)
+    assert "\n" not in message and str(path) in message and OLD_KEYS_ERROR in message, message
+    return message.split(OLD_KEYS_ERROR, 1)[1]
+
+
+def test_old_model_keys_are_one_line_showing_the_same_network_as_a_layer_list(tmp_path: Path) -> None:
+    """model.conv_layers + model.dense_units are refused with one line that spells out the same network as a
+    layer list, and that list, pasted into the config as it is shown, is the network the old keys described."""
+    path = tmp_path / "c.yaml"
+    shown = layers_shown_for_old_keys(path, "model:\n  conv_layers:\n"
+                                            "    - {filters: 8, kernel_size: 5, stride: 2, pool_size: 3, "
+                                            "pool_stride: 1}\n    - {filters: 4, padding: 1, pool_size: 0}\n"
+                                            "    - {pool_size: null}\n  dense_units: 24\n")
+    assert shown == ("[{conv2d: {filters: 8, kernel_size: 5, stride: 2, padding: 0}}, relu, "
+                     "{maxpool2d: {pool_size: 3, stride: 1}}, {conv2d: {filters: 4, kernel_size: 3, stride: 1, "
+                     "padding: 1}}, relu, {conv2d: {filters: 32, kernel_size: 3, stride: 1, padding: 0}}, relu, "
+                     "flatten, {dense: {units: 24}}, relu, {dense: {units: 10}}]")
+    path.write_text(f"model:\n  layers: {shown}\n")
+    expected = conv_blocks([{"filters": 8, "kernel_size": 5, "stride": 2, "pool_size": 3, "pool_stride": 1},
+                            {"filters": 4, "padding": 1, "pool_size": 0}, {"pool_size": None}], 24)
+    assert main.load_config(path)["model"] == expected
+
+
+def test_old_conv_layers_alone_show_the_default_dense_units(tmp_path: Path) -> None:
+    """`model: {conv_layers: [...]}` without dense_units kept the default 128 dense units: so does the list shown."""
+    path = tmp_path / "c.yaml"
+    path.write_text(f"model:\n  layers: {layers_shown_for_old_keys(path, 'model: {conv_layers: [{filters: 8}]}')}")
+    assert main.load_config(path)["model"] == conv_blocks([{"filters": 8}], 128)
+
+
+def test_old_dense_units_alone_show_the_default_conv_layers(tmp_path: Path) -> None:
+    """`model: {dense_units: 64}` meant the default conv layers (32 and 64 filters, padding 1, pooling 2) and a
+    dense layer of 64: the list shown is that network, not a dense-only one."""
+    path = tmp_path / "c.yaml"
+    path.write_text(f"model:\n  layers: {layers_shown_for_old_keys(path, 'model: {dense_units: 64}')}")
+    assert main.load_config(path)["model"] == conv_blocks([{"filters": 32, "padding": 1},
+                                                           {"filters": 64, "padding": 1}], 64)
 
 
 def test_precedence_flag_over_environment_over_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -233,7 +288,7 @@ def test_precedence_flag_over_environment_over_file(tmp_path: Path, monkeypatch:
 def digits_config(**training: object) -> dict:
     cfg = config_schema.validate_config({
         "data": {"dataset": "digits", "n_train": 1297, "n_test": 500, "random_seed": 0},
-        "model": {"conv_layers": [{"filters": 16, "kernel_size": 3, "padding": 1, "pool_size": 2}], "dense_units": 64},
+        "model": conv_blocks([{"filters": 16, "kernel_size": 3, "padding": 1, "pool_size": 2}], 64),
         "training": {"epochs": 8, "batch_size": 32, **training},
     })
     return cfg
@@ -274,8 +329,7 @@ def test_synthetic_digits_are_learnable() -> None:
     """Chance is 10%; a small model gets most of the synthetic digits right within 3 short epochs (not all:
     about 1 digit in 10 misses a segment, and some of those become another digit)."""
     cfg = config_schema.validate_config({"data": {"dataset": "synthetic", "n_train": 2000, "n_test": 500},
-                                "model": {"conv_layers": [{"filters": 8, "kernel_size": 3, "padding": 1}],
-                                          "dense_units": 32},
+                                "model": conv_blocks([{"filters": 8, "kernel_size": 3, "padding": 1}], 32),
                                 "training": {"epochs": 3}})
     _, result = fit(cfg)
     assert result.history[-1]["test_accuracy"] >= 0.85
@@ -288,7 +342,7 @@ def test_cli_run_writes_complete_results(tmp_path: Path) -> None:
     """A real run of `python src/main.py --config ... --output ...`: exit 0, a results file with every
     promised field, consistent numbers, a log file, a summary table and epoch lines on the console."""
     config = write_config(tmp_path, data={"dataset": "digits", "n_train": 600, "n_test": 200},
-                          model={"conv_layers": [{"filters": 8, "kernel_size": 3, "padding": 1}], "dense_units": 32},
+                          model=conv_blocks([{"filters": 8, "kernel_size": 3, "padding": 1}], 32),
                           training={"epochs": 2})
     proc = run_cli(["--config", str(config), "--output", "out/results.json"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

@@ -29,7 +29,7 @@ import modelfile
 # A small model that learns the synthetic digits in 3 epochs of 2,000 images (a few seconds).
 CONFIG = {
     "data": {"dataset": "synthetic", "n_train": 2000, "n_test": 300, "random_seed": 0},
-    "model": {"conv_layers": [{"filters": 8, "kernel_size": 3, "padding": 1, "pool_size": 2}], "dense_units": 64},
+    "model": conftest.conv_blocks([{"filters": 8, "kernel_size": 3, "padding": 1, "pool_size": 2}], 64),
     "training": {"epochs": 3, "batch_size": 32, "optimizer": "adam", "learning_rate": 0.001},
 }
 
@@ -96,11 +96,11 @@ def test_save_then_load_gives_bit_identical_predictions_and_optimizer_state(tmp_
     assert loaded.meta["class_names"] == data.class_names and loaded.meta["input_shape"] == [28, 28, 1]
 
     adam = main.Adam()
-    assert modelfile.restore_optimizer(adam, loaded)
+    assert modelfile.restore_optimizer(adam, loaded, {k: p for k, p, _ in main.parameters(loaded.model)})
     assert adam.t == optimizer.t > 0
     assert adam.state.keys() == optimizer.state.keys()
     assert all(np.array_equal(adam.state[key], value) for key, value in optimizer.state.items())
-    assert not modelfile.restore_optimizer(main.SGD(), loaded), "a different optimiser must start afresh"
+    assert not modelfile.restore_optimizer(main.SGD(), loaded, {}), "a different optimiser must start afresh"
 
 
 def test_loaded_model_continues_training_where_it_stopped(saved: SavedModel, tmp_path: Path) -> None:
@@ -134,15 +134,21 @@ def test_epochs_0_only_evaluates_and_reproduces_the_saved_accuracy(saved: SavedM
 def test_results_record_the_loaded_architecture_as_the_model_config(saved: SavedModel, tmp_path: Path) -> None:
     """With --load-model, the results' config shows the architecture that ran (the file's), not the config
     file's model section, which the loaded model replaced."""
-    config = conftest.write_config(tmp_path, **{**CONFIG, "model": {**CONFIG["model"], "dense_units": 16}})
+    config_model = conftest.conv_blocks([{"filters": 8, "kernel_size": 3, "padding": 1, "pool_size": 2}], 16)
+    config = conftest.write_config(tmp_path, **{**CONFIG, "model": config_model})
     run = run_cli(["--config", str(config), "--load-model", str(saved.path), "--epochs", "0", "--output", "r.json"],
                   tmp_path)
     assert run.returncode == 0, run.stderr
     results = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
     stored = modelfile.load_model(saved.path, main.build_model).meta["model"]
-    assert results["config"]["model"] == stored and stored["dense_units"] != 16
+    assert results["config"]["model"] == stored and first_dense_units(stored) != 16
     dense = [row for row in results["model"]["summary"] if row["layer"].startswith("dense_1")]
-    assert dense[0]["output_shape"] == [stored["dense_units"]]
+    assert dense[0]["output_shape"] == [first_dense_units(stored)]
+
+
+def first_dense_units(model_cfg: dict) -> int:
+    """The units of the first dense layer of a model section's layer list."""
+    return next(spec["dense"]["units"] for spec in model_cfg["layers"] if isinstance(spec, dict) and "dense" in spec)
 
 
 def _model_arrays(path: Path) -> dict[str, np.ndarray]:
@@ -174,8 +180,12 @@ def make_bad_model_file(kind: str, good: Path, folder: Path) -> Path:
         np.savez(path, **{k: v for k, v in _model_arrays(good).items() if k != "meta"})
     elif kind == "wrong weight shape":
         np.savez(path, **{**_model_arrays(good), "layer0.W": np.zeros((5, 5, 1, 8), dtype=np.float32)})
-    elif kind == "changed architecture":
-        np.savez(path, **_with_meta(_model_arrays(good), {"dense_units": 65}))
+    elif kind == "changed architecture":  # the first dense layer gets 65 units instead of the stored weights' 64
+        arrays = _model_arrays(good)
+        layers = [{"dense": {"units": 65}} if isinstance(spec, dict) and "dense" in spec else spec
+                  for spec in json.loads(str(arrays["meta"]))["model"]["layers"]]
+        layers[-1] = {"dense": {"units": 10}}
+        np.savez(path, **_with_meta(arrays, {"layers": layers}))
     elif kind == "training summary null":
         np.savez(path, **_with_meta(_model_arrays(good), {"training": None}, section=None))
     elif kind == "epochs completed a word":
@@ -211,6 +221,56 @@ def test_bad_model_files_are_rejected_with_one_line_naming_the_file(
                       "--load-model", str(path)])
     assert code == main.EXIT_USAGE
     one_error_line(capsys.readouterr().err, str(path))
+
+
+# What the version before model.layers stored as the architecture of CONFIG's model: its checked model section.
+OLD_ARCHITECTURE = {"conv_layers": [{"filters": 8, "kernel_size": 3, "stride": 1, "padding": 1, "pool_size": 2,
+                                     "pool_stride": None}], "dense_units": 64}
+
+
+def old_model_file(good: Path, folder: Path) -> Path:
+    """A copy of the model file `good` as the version before model.layers wrote it: the same weights and
+    optimiser state, with the architecture in the old keys conv_layers and dense_units."""
+    path = folder / "old_model.npz"
+    arrays = _model_arrays(good)
+    meta = json.loads(str(arrays["meta"]))
+    assert meta["model"] == CONFIG["model"]
+    meta["model"] = OLD_ARCHITECTURE
+    np.savez(path, **{**arrays, "meta": np.array(json.dumps(meta))})
+    return path
+
+
+def test_a_model_file_saved_with_the_old_architecture_keys_still_loads(saved: SavedModel, tmp_path: Path) -> None:
+    """A model file from before model.layers (architecture in conv_layers + dense_units) loads as the same
+    network: the same layers and summary, bit-identical predictions, the Adam state back; and on the command
+    line `--epochs 0` reproduces the saved test accuracy."""
+    old = old_model_file(saved.path, tmp_path)
+    new_loaded, old_loaded = (modelfile.load_model(path, main.build_model) for path in (saved.path, old))
+    assert old_loaded.model.summary_rows() == new_loaded.model.summary_rows()
+    x = main.load_data(config_schema.validate_config(CONFIG)["data"]).x_test
+    assert np.array_equal(old_loaded.model.predict_proba(x), new_loaded.model.predict_proba(x))
+    adam = main.Adam()
+    params = {key: param for key, param, _ in main.parameters(old_loaded.model)}
+    assert modelfile.restore_optimizer(adam, old_loaded, params) and adam.t > 0
+
+    run = run_cli(["--config", str(saved.config), "--load-model", str(old), "--epochs", "0", "--output", "r.json"],
+                  tmp_path)
+    assert run.returncode == 0, run.stderr
+    results = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
+    assert results["test_accuracy"] == saved.results["test_accuracy"] and results["epochs_completed"] == 3
+
+
+def test_a_model_loaded_from_an_old_file_is_recorded_and_saved_again_as_a_layer_list(saved: SavedModel,
+                                                                                    tmp_path: Path) -> None:
+    """Trained on from an old model file, the results' config shows the architecture as the layer list (a model
+    section the config accepts) and the model file saved again stores that list, not the old keys."""
+    old = old_model_file(saved.path, tmp_path)
+    run = run_cli(["--config", str(saved.config), "--load-model", str(old), "--epochs", "1", "--save-model",
+                   "again.npz", "--output", "r.json"], tmp_path)
+    assert run.returncode == 0, run.stderr
+    results = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
+    assert results["config"]["model"] == CONFIG["model"]
+    assert modelfile.load_model(tmp_path / "again.npz", main.build_model).meta["model"] == CONFIG["model"]
 
 
 # ------------------------------------------------------------------------------------------------

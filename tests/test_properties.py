@@ -1,7 +1,8 @@
 """Property-based tests (hypothesis): on randomly drawn shapes, kernel sizes, strides, paddings and pool
-sizes, the vectorised Conv2D and MaxPool2D equal the slow loop reference, and every model config that
+sizes, the vectorised Conv2D and MaxPool2D equal the slow loop reference, and every model.layers list that
 config_schema.validate_config accepts either trains for one step or is refused with a ConfigError naming the
-layer that shrinks the image below 1x1.
+first layer that cannot take its input (a kernel or pool that empties the image, a dense layer on an image, a
+conv or pooling layer on a vector) or the last layer when it does not give one score per class.
 """
 
 from __future__ import annotations
@@ -83,59 +84,104 @@ def test_maxpool2d_equals_loop_reference(n: int, case: tuple[int, int | None, in
                                rtol=1e-12, atol=1e-12)
 
 
-conv_layer_specs = st.fixed_dictionaries(
-    {"filters": st.integers(1, 3), "kernel_size": st.integers(1, 7), "stride": st.integers(1, 3),
-     "padding": st.integers(0, 2)},
-    optional={"pool_size": st.one_of(st.none(), st.integers(0, 5)),
-              "pool_stride": st.one_of(st.none(), st.integers(1, 3))},
+conv2d_layers = st.fixed_dictionaries(
+    {"filters": st.integers(1, 3)},
+    optional={"kernel_size": st.integers(1, 7), "stride": st.integers(1, 3), "padding": st.integers(0, 2)},
+).map(lambda arguments: {"conv2d": arguments})
+pooling_layers = st.builds(
+    lambda name, arguments: {name: arguments}, st.sampled_from(["maxpool2d", "avgpool2d"]),
+    st.fixed_dictionaries({}, optional={"pool_size": st.integers(1, 5),
+                                        "stride": st.one_of(st.none(), st.integers(1, 3))}),
 )
+elementwise_layers = st.one_of(  # any shape in, the same shape out
+    st.sampled_from(["relu", "tanh", "batchnorm"]),
+    st.sampled_from([0.0, 0.25, 0.5, 0.9]).map(lambda rate: {"dropout": {"rate": rate}}),
+)
+image_layers = st.one_of(conv2d_layers, pooling_layers, elementwise_layers)
+vector_layers = st.one_of(st.integers(1, 16).map(lambda units: {"dense": {"units": units}}), elementwise_layers)
+
+
+@st.composite
+def layer_lists(draw: st.DrawFn) -> list:
+    """A model.layers list as a user writes it (arguments left out take their defaults): layers for images, flatten,
+    layers for vectors, and a dense layer of 10 units; or, in half the examples, with one of the mistakes a user
+    makes: no flatten, a conv or pooling layer after the flatten, or a last layer of another size."""
+    mistake = draw(st.one_of(st.none(), st.sampled_from(["no flatten", "image layer on a vector",
+                                                          "wrong class count"])))
+    event(f"mistake: {mistake}")
+    image_part = draw(st.lists(image_layers, max_size=5))
+    vector_part = draw(st.lists(vector_layers, max_size=3))
+    if mistake == "image layer on a vector":
+        vector_part.insert(draw(st.integers(0, len(vector_part))), draw(st.one_of(conv2d_layers, pooling_layers)))
+    flatten = [] if mistake == "no flatten" else ["flatten"]
+    units = draw(st.sampled_from([*range(1, 10), *range(11, 17)])) if mistake == "wrong class count" else 10
+    return [*image_part, *flatten, *vector_part, {"dense": {"units": units}}]
+
+
 raw_configs = st.fixed_dictionaries({
-    "model": st.fixed_dictionaries({"conv_layers": st.lists(conv_layer_specs, max_size=3),
-                                    "dense_units": st.integers(1, 16)}),
+    "model": st.fixed_dictionaries({"layers": layer_lists()}),
     "data": st.fixed_dictionaries({"dataset": st.sampled_from(["digits", "mnist"])}),
     "training": st.fixed_dictionaries({"optimizer": st.sampled_from(["adam", "sgd"]),
                                        "learning_rate": st.sampled_from([1e-3, 0.05])}),
 })
 
 
-def first_layer_emptying_image(conv_layers: list[dict], height: int, width: int) -> int | None:
-    """Index of the first conv layer whose kernel, or whose pool, does not fit its input; None if all fit.
-    Worked out here from the shape formulas, independently of build_model."""
-    for index, spec in enumerate(conv_layers):
-        kernel, stride, padding = spec["kernel_size"], spec["stride"], spec["padding"]
-        if kernel > height + 2 * padding or kernel > width + 2 * padding:
-            return index
-        height, width = (height + 2 * padding - kernel) // stride + 1, (width + 2 * padding - kernel) // stride + 1
-        pool = spec["pool_size"]
-        if pool:
-            if pool > height or pool > width:
+def first_layer_that_does_not_fit(layers: list, input_shape: tuple[int, int, int], num_classes: int = 10) -> int | None:
+    """Index of the first item of a checked layer list that cannot take its input (a kernel larger than its padded
+    image, a pool larger than its image, a dense layer on an image, a conv or pooling layer on a vector); when all
+    fit, the last layer's index if it does not output num_classes values; None if the model can be built.
+    Worked out here from the shape formulas, following the list, independently of build_model."""
+    shape = tuple(input_shape)
+    for index, spec in enumerate(layers):
+        name, arguments = (spec, {}) if isinstance(spec, str) else next(iter(spec.items()))
+        if name in ("conv2d", "maxpool2d", "avgpool2d"):
+            if len(shape) != 3:
                 return index
-            pool_stride = spec["pool_stride"] or pool
-            height, width = (height - pool) // pool_stride + 1, (width - pool) // pool_stride + 1
-    return None
+            height, width, channels = shape
+            if name == "conv2d":
+                kernel, stride, padding = arguments["kernel_size"], arguments["stride"], arguments["padding"]
+                if kernel > height + 2 * padding or kernel > width + 2 * padding:
+                    return index
+                shape = ((height + 2 * padding - kernel) // stride + 1, (width + 2 * padding - kernel) // stride + 1,
+                         arguments["filters"])
+            else:
+                pool = arguments["pool_size"]
+                if pool > height or pool > width:
+                    return index
+                stride = arguments["stride"] or pool
+                shape = ((height - pool) // stride + 1, (width - pool) // stride + 1, channels)
+        elif name == "dense":
+            if len(shape) != 1:
+                return index
+            shape = (arguments["units"],)
+        elif name == "flatten":
+            shape = (int(np.prod(shape)),)
+    return None if shape == (num_classes,) else len(layers) - 1
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=100, deadline=None)  # each example takes milliseconds
 @given(raw=raw_configs, seed=seeds)
 def test_valid_config_trains_one_step_or_raises_config_error(raw: dict, seed: int) -> None:
     """Every config validate_config accepts either builds a model that runs one training step (forward,
     loss, backward, optimiser step) on a small batch of 8x8 or 28x28 images, with finite loss and finite
-    float32 weights, or raises ConfigError naming the layer that shrinks the image below 1x1 -- never
-    another exception."""
+    float32 weights, or raises ConfigError naming the item of model.layers (index and type) that cannot take
+    its input or, the last, does not give one score per class -- never another exception."""
     cfg = config_schema.validate_config(raw)
     input_shape = main.input_shape_of(cfg["data"]["dataset"])
     rng = np.random.default_rng(seed)
-    bad_layer = first_layer_emptying_image(cfg["model"]["conv_layers"], *input_shape[:2])
+    layers = cfg["model"]["layers"]
+    bad_layer = first_layer_that_does_not_fit(layers, input_shape)
     event("refused" if bad_layer is not None else "trained one step")
     if bad_layer is not None:
+        name = layers[bad_layer] if isinstance(layers[bad_layer], str) else next(iter(layers[bad_layer]))
         try:
-            main.build_model(cfg["model"], input_shape, 10, rng)
+            main.build_model(cfg["model"], input_shape, 10, rng, rng)
         except errors.ConfigError as error:
-            assert re.search(re.escape(f"model.conv_layers[{bad_layer}]"), str(error)), str(error)
+            assert re.search(re.escape(f"model.layers[{bad_layer}]") + r"\W+" + name + r"\b", str(error)), str(error)
             return
-        raise AssertionError(f"build_model accepted a config whose layer {bad_layer} empties the image")
+        raise AssertionError(f"build_model accepted a config whose layer {bad_layer} ({name}) does not fit")
 
-    model = main.build_model(cfg["model"], input_shape, 10, rng)
+    model = main.build_model(cfg["model"], input_shape, 10, rng, rng)
     optimizer = main.make_optimizer(cfg["training"])
     x = rng.random((4, *input_shape)).astype(np.float32)
     labels = rng.integers(0, 10, 4).astype(np.uint8)

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
+from conftest import conv_blocks
 
 import config_schema
 import main
@@ -41,8 +42,7 @@ def small_config(dataset: str = "digits", n_train: int = 500, n_test: int = 200,
     return {
         "logging": {"level": "INFO", "file": "log/app.log"},
         "data": {"dataset": dataset, "n_train": n_train, "n_test": n_test, "random_seed": 7},
-        "model": {"conv_layers": [{"filters": 4, "kernel_size": 3, "padding": 1, "pool_size": 2}],
-                  "dense_units": 16},
+        "model": conv_blocks([{"filters": 4, "kernel_size": 3, "padding": 1, "pool_size": 2}], 16),
         "training": {"epochs": 2, "optimizer": "sgd", "learning_rate": 0.05, "batch_size": 32, **training},
     }
 
@@ -292,7 +292,7 @@ def test_evaluate_and_predict_proba_pass_at_most_one_batch_to_forward(monkeypatc
     """On 10,000 inputs with batch_size 1000, forward never sees more than 1000 samples at once, every
     sample is seen exactly once, and the results equal those of one big forward pass."""
     rng = np.random.default_rng(0)
-    model = main.build_model({"conv_layers": [], "dense_units": 16}, (8, 8, 1), 10, rng)  # fast: dense only
+    model = main.build_model(conv_blocks([], 16), (8, 8, 1), 10, rng)  # fast: dense only
     x = rng.random((10_000, 8, 8, 1), dtype=np.float32)
     y = rng.integers(0, 10, 10_000)
     one_pass_logits = model.forward(x, training=False)
@@ -318,11 +318,11 @@ def test_evaluate_and_predict_proba_pass_at_most_one_batch_to_forward(monkeypatc
     np.testing.assert_array_equal(probabilities.argmax(axis=1), one_pass_logits.argmax(axis=1))
 
 
-@pytest.mark.parametrize("conv_layers", [[], [{"filters": 4, "kernel_size": 3, "padding": 1, "pool_size": 2,
-                                                  "stride": 1, "pool_stride": None}]], ids=["dense", "conv"])
-def test_no_images_give_no_rows_of_k_probabilities(conv_layers: list) -> None:
+@pytest.mark.parametrize("convs", [[], [{"filters": 4, "kernel_size": 3, "padding": 1, "pool_size": 2,
+                                           "stride": 1, "pool_stride": None}]], ids=["dense", "conv"])
+def test_no_images_give_no_rows_of_k_probabilities(convs: list) -> None:
     """predict_proba of 0 images has shape (0, K), as documented, so predict gives (0,) and evaluate (0, 0)."""
-    model = main.build_model({"conv_layers": conv_layers, "dense_units": 16}, (8, 8, 1), 7, np.random.default_rng(0))
+    model = main.build_model(conv_blocks(convs, 16, num_classes=7), (8, 8, 1), 7, np.random.default_rng(0))
     empty = np.zeros((0, 8, 8, 1), dtype=np.float32)
     assert model.predict_proba(empty).shape == (0, 7)
     assert model.predict(empty).shape == (0,)

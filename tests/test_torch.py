@@ -1,12 +1,16 @@
 """Differential tests against PyTorch: same network, same weights, same batch -> same loss, logits, gradients
-and Adam step. Optional: skipped when torch is not installed (it is not a project dependency).
+and Adam step; AdamW's decoupled weight decay over three steps; the learning-rate schedules against PyTorch's
+schedulers; and BatchNorm's running statistics inside a small model trained for a few steps. Optional: skipped
+when torch is not installed (it is not a project dependency).
 
 Layout differences handled here, once:
 - images: the project is channels-last (N, H, W, C), PyTorch channels-first (N, C, H, W);
 - conv weights: project (k, k, C, F), PyTorch (F, C, k, k)  -> transpose(3, 2, 0, 1);
 - dense weights: project (in, out), PyTorch (out, in)       -> transpose;
-- the dense layer after Flatten: the project flattens (H, W, C), PyTorch (C, H, W), so its input rows are
-  permuted: PyTorch row (c, h, w) is project row (h, w, c).
+- the layers after Flatten: the project flattens (H, W, C), PyTorch (C, H, W), so the input rows of the next
+  dense layer, and the per-feature values of a BatchNorm before it, are permuted: PyTorch's (c, h, w) is the
+  project's (h, w, c);
+- BatchNorm's gamma and beta are PyTorch's weight and bias; running_mean and running_var have the same names.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from conftest import to_float64
 
 import config_schema
 import main
@@ -61,20 +66,29 @@ def seed_model(dtype: type, seed: int = 0) -> main.Sequential:
 
 
 def to_torch_layout(layer: object, name: str, array: np.ndarray, flattened_from: tuple | None) -> np.ndarray:
-    """A project weight (or gradient) array rearranged into PyTorch's layout for the same layer."""
+    """A project weight (or gradient, or BatchNorm statistic) array rearranged into PyTorch's layout for the
+    same layer."""
     if name == "b":
         return array
     if isinstance(layer, main.Conv2D):
         return array.transpose(3, 2, 0, 1)  # (k, k, C, F) -> (F, C, k, k)
-    if flattened_from is not None:  # rows in (H, W, C) order -> (C, H, W) order
+    if flattened_from is not None:  # rows (or per-feature values) in (H, W, C) order -> (C, H, W) order
         height, width, channels = flattened_from
-        array = array.reshape(height, width, channels, -1).transpose(2, 0, 1, 3).reshape(array.shape)
-    return array.T  # (in, out) -> (out, in)
+        rest = array.shape[1:]
+        array = array.reshape(height, width, channels, *rest).transpose(2, 0, 1, *range(3, 3 + len(rest)))
+        array = array.reshape(-1, *rest)
+    return array.T if name == "W" else array  # dense (in, out) -> (out, in); BatchNorm's vectors stay
+
+
+# The project's parameter names and PyTorch's for the same tensor.
+TORCH_NAMES = {"W": "weight", "b": "bias", "gamma": "weight", "beta": "bias"}
 
 
 def torch_twin(model: main.Sequential, dtype: torch.dtype) -> tuple[torch.nn.Sequential, list[tuple]]:
-    """The same network in PyTorch with copies of the project's weights, and a list pairing every project
-    parameter with its PyTorch twin: (layer index, name, project layer, torch parameter, flattened_from)."""
+    """The same network in PyTorch with copies of the project's weights (and BatchNorm statistics), and a list
+    pairing every project parameter with its PyTorch twin: (layer index, name, project layer, torch parameter,
+    flattened_from). One PyTorch module per project layer; BatchNorm is BatchNorm2d on images, BatchNorm1d on
+    vectors."""
     nn = torch.nn
     modules, pairs, shape, flattened_from = [], [], model.input_shape, None
     for index, layer in enumerate(model.layers):
@@ -83,22 +97,33 @@ def torch_twin(model: main.Sequential, dtype: torch.dtype) -> tuple[torch.nn.Seq
             module = nn.Conv2d(channels, filters, k, stride=layer.stride, padding=layer.padding)
         elif isinstance(layer, main.Dense):
             module = nn.Linear(*layer.params["W"].shape)
+        elif isinstance(layer, main.BatchNorm):
+            norm = nn.BatchNorm2d if len(shape) == 3 else nn.BatchNorm1d
+            module = norm(shape[-1], eps=layer.eps, momentum=layer.momentum)
         elif isinstance(layer, main.ReLU):
             module = nn.ReLU()
+        elif isinstance(layer, main.Tanh):
+            module = nn.Tanh()
         elif isinstance(layer, main.MaxPool2D):
             module = nn.MaxPool2d(layer.pool_size, layer.stride)
+        elif isinstance(layer, main.AvgPool2D):
+            module = nn.AvgPool2d(layer.pool_size, layer.stride)
+        elif isinstance(layer, main.Dropout):
+            module = nn.Dropout(layer.rate)
         elif isinstance(layer, main.Flatten):
             module = nn.Flatten()
         else:
             raise TypeError(f"no PyTorch twin for {type(layer).__name__}")
         module = module.to(dtype)
-        for name, torch_name in (("W", "weight"), ("b", "bias")):
-            if name in layer.params:
-                parameter = getattr(module, torch_name)
-                arranged = to_torch_layout(layer, name, layer.params[name], flattened_from)
-                with torch.no_grad():
-                    parameter.copy_(torch.from_numpy(np.ascontiguousarray(arranged)))
-                pairs.append((index, name, layer, parameter, flattened_from))
+        for name, array in layer.params.items():
+            parameter = getattr(module, TORCH_NAMES[name])
+            arranged = to_torch_layout(layer, name, array, flattened_from)
+            with torch.no_grad():
+                parameter.copy_(torch.from_numpy(np.ascontiguousarray(arranged)))
+            pairs.append((index, name, layer, parameter, flattened_from))
+        for name, array in getattr(layer, "buffers", {}).items():
+            getattr(module, name).copy_(torch.from_numpy(np.ascontiguousarray(
+                to_torch_layout(layer, name, array, flattened_from))))
         if isinstance(layer, main.Dense):
             flattened_from = None
         if isinstance(layer, main.Flatten):
@@ -116,9 +141,13 @@ def relative_difference(ours: np.ndarray, theirs: np.ndarray) -> float:
     return float(np.max(np.abs(ours - theirs)) / max(np.max(np.abs(theirs)), 1e-300))
 
 
-def batch(dtype: type, seed: int = 2) -> tuple[np.ndarray, np.ndarray]:
+def batch(dtype: type, seed: int = 2, input_shape: tuple = INPUT_SHAPE) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return rng.random((BATCH, *INPUT_SHAPE)).astype(dtype), rng.integers(0, N_CLASSES, BATCH)
+    return rng.random((BATCH, *input_shape)).astype(dtype), rng.integers(0, N_CLASSES, BATCH)
+
+
+def to_nchw(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
 
 def forward_backward_both(dtype: type, torch_dtype: torch.dtype) -> dict:
@@ -191,3 +220,171 @@ def test_one_adam_step_matches_pytorch() -> None:
         assert np.abs(torch_step).max() > 5e-4  # the step really moved the weights (by about lr)
         error = relative_difference(step, torch_step)
         assert error < 1e-9, f"layer {index} ({type(layer).__name__}).{name}: Adam step differs by {error:.2e}"
+
+
+# A small network with every layer type that has a PyTorch twin here, BatchNorm after a conv layer (BatchNorm2d),
+# straight after Flatten (BatchNorm1d on permuted features) and after a dense layer, on 12x12 images.
+SMALL_INPUT_SHAPE = (12, 12, 1)
+SMALL_LAYERS = [{"conv2d": {"filters": 4, "kernel_size": 3, "padding": 1}}, "batchnorm", "relu",
+                {"maxpool2d": {"pool_size": 2}}, {"conv2d": {"filters": 8, "kernel_size": 3}}, "tanh",
+                {"avgpool2d": {"pool_size": 2}}, "flatten", "batchnorm", {"dense": {"units": 16}}, "batchnorm",
+                "relu", {"dense": {"units": N_CLASSES}}]
+
+
+def small_model(seed: int) -> main.Sequential:
+    """SMALL_LAYERS in float64, with random biases, BatchNorm scales and shifts (so that their paths count)."""
+    model = main.build_model(config_schema.check_model({"layers": SMALL_LAYERS}), SMALL_INPUT_SHAPE, N_CLASSES,
+                             np.random.default_rng(seed))
+    rng = np.random.default_rng(seed + 1)
+    for layer in model.layers:
+        to_float64(layer)
+        for name in ("b", "beta"):
+            if name in layer.params:
+                layer.params[name][...] = rng.normal(0, 0.1, layer.params[name].shape)
+        if "gamma" in layer.params:
+            layer.params["gamma"][...] = rng.uniform(0.5, 1.5, layer.params["gamma"].shape)
+    return model
+
+
+def test_three_adamw_steps_with_weight_decay_match_pytorch() -> None:
+    """Decoupled weight decay: three steps of main.Adam(lr, weight_decay=wd) move every weight as
+    torch.optim.AdamW does with weight decay wd on the conv kernels and dense matrices (one param group) and
+    none on the biases and BatchNorm's gamma and beta (the other group), in float64, from the same gradients.
+
+    lr * wd = 5e-3 per step shrinks every W by about 1.5% over the three steps: decay applied to the wrong
+    tensors, or added to the gradient (L2) rather than decoupled, would miss the tolerance by orders of magnitude.
+    """
+    learning_rate, weight_decay = 1e-2, 0.5
+    model = small_model(seed=4)
+    _, pairs = torch_twin(model, torch.float64)
+    decayed = [parameter for _, name, _, parameter, _ in pairs if name == "W"]
+    not_decayed = [parameter for _, name, _, parameter, _ in pairs if name != "W"]
+    assert len(decayed) == 4 and len(not_decayed) == 4 + 2 * 3  # 2 conv + 2 dense; their biases, 3 gammas, betas
+    torch_adamw = torch.optim.AdamW([{"params": decayed, "weight_decay": weight_decay},
+                                     {"params": not_decayed, "weight_decay": 0.0}], lr=learning_rate)
+    optimizer = main.Adam(learning_rate, weight_decay=weight_decay)
+    assert (optimizer.beta1, optimizer.beta2, optimizer.eps) == (*torch_adamw.defaults["betas"],
+                                                                 torch_adamw.defaults["eps"])
+    loss_fn = main.SoftmaxCrossEntropy()
+    for step in range(3):
+        x, labels = batch(np.float64, seed=10 + step, input_shape=SMALL_INPUT_SHAPE)
+        loss_fn.forward(model.forward(x), labels)
+        model.backward(loss_fn.backward())
+        for _, name, layer, parameter, flattened_from in pairs:  # the very same gradients on both sides
+            parameter.grad = torch.from_numpy(np.ascontiguousarray(
+                to_torch_layout(layer, name, layer.grads[name], flattened_from)))
+        optimizer.step(model)
+        torch_adamw.step()
+
+    for index, name, layer, parameter, flattened_from in pairs:
+        ours = to_torch_layout(layer, name, layer.params[name], flattened_from)
+        error = relative_difference(ours, parameter.detach().numpy())
+        assert error < 1e-6, f"layer {index} ({type(layer).__name__}).{name}: differs by {error:.2e} after 3 steps"
+
+
+def torch_learning_rates(scheduler_class: type, steps_per_epoch: int, n_steps: int, base_lr: float,
+                         per_epoch: bool = False, **settings: float) -> list[float]:
+    """The learning rate PyTorch uses at each of n_steps optimiser steps under scheduler_class(optimizer,
+    **settings), stepped after every step, or after every epoch of steps_per_epoch steps (per_epoch)."""
+    parameter = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.SGD([parameter], lr=base_lr)
+    scheduler = scheduler_class(optimizer, **settings)
+    rates = []
+    for step in range(n_steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()  # no gradient: changes nothing, but keeps the scheduler's order check quiet
+        if not per_epoch or (step + 1) % steps_per_epoch == 0:
+            scheduler.step()
+    return rates
+
+
+def assert_same_rates(ours: list[float], theirs: list[float]) -> None:
+    ours_array, theirs_array = np.array(ours), np.array(theirs)
+    worst = int(np.argmax(np.abs(ours_array - theirs_array)))
+    assert np.abs(ours_array - theirs_array).max() < 1e-12, \
+        f"step {worst}: lr {ours[worst]!r}, PyTorch's {theirs[worst]!r}"
+    assert np.max(np.abs(ours_array - theirs_array) / theirs_array) < 1e-9  # also where the rate is tiny
+
+
+@pytest.mark.parametrize(("base_lr", "pct_start", "div_factor", "final_div_factor", "total_steps"), [
+    (3e-3, 0.3, 25.0, 1e4, 50),  # the project's defaults, configs/mnist_best.yaml's peak
+    (0.1, 0.25, 10.0, 100.0, 37),  # the peak between two steps
+], ids=["defaults", "other-settings"])
+def test_one_cycle_schedule_matches_onecyclelr(base_lr: float, pct_start: float, div_factor: float,
+                                               final_div_factor: float, total_steps: int) -> None:
+    """learning_rate_schedule("one_cycle") gives, step by step, the rate of PyTorch's OneCycleLR with the same
+    max_lr, pct_start, div_factor and final_div_factor (cosine annealing, two phases), stepped after every batch."""
+    schedule = {"name": "one_cycle", "pct_start": pct_start, "div_factor": div_factor,
+                "final_div_factor": final_div_factor}
+    rate = main.learning_rate_schedule(schedule, base_lr, steps_per_epoch=5, total_steps=total_steps)
+    theirs = torch_learning_rates(torch.optim.lr_scheduler.OneCycleLR, 5, total_steps, base_lr, max_lr=base_lr,
+                                  total_steps=total_steps, pct_start=pct_start, div_factor=div_factor,
+                                  final_div_factor=final_div_factor, anneal_strategy="cos", three_phase=False,
+                                  cycle_momentum=False)
+    assert_same_rates([rate(step) for step in range(total_steps)], theirs)
+    assert max(theirs) == pytest.approx(base_lr, rel=1e-2)  # the cycle really peaked (near a step)
+
+
+def test_cosine_schedule_matches_cosineannealinglr() -> None:
+    """learning_rate_schedule("cosine") gives, step by step, the rate of PyTorch's CosineAnnealingLR with
+    T_max = total_steps and eta_min = min_lr, stepped after every batch."""
+    base_lr, min_lr, total_steps = 3e-3, 1e-4, 50
+    rate = main.learning_rate_schedule({"name": "cosine", "min_lr": min_lr}, base_lr, 5, total_steps)
+    theirs = torch_learning_rates(torch.optim.lr_scheduler.CosineAnnealingLR, 5, total_steps, base_lr,
+                                  T_max=total_steps, eta_min=min_lr)
+    assert_same_rates([rate(step) for step in range(total_steps)], theirs)
+
+
+def test_step_schedule_matches_steplr_stepped_per_epoch() -> None:
+    """learning_rate_schedule("step") gives, at every batch, the rate of PyTorch's StepLR with the same
+    step_size (in epochs) and gamma, stepped after every epoch."""
+    base_lr, steps_per_epoch, epochs = 0.1, 7, 10
+    schedule = {"name": "step", "step_size": 3, "gamma": 0.5}
+    rate = main.learning_rate_schedule(schedule, base_lr, steps_per_epoch, steps_per_epoch * epochs)
+    theirs = torch_learning_rates(torch.optim.lr_scheduler.StepLR, steps_per_epoch, steps_per_epoch * epochs,
+                                  base_lr, per_epoch=True, step_size=3, gamma=0.5)
+    assert_same_rates([rate(step) for step in range(steps_per_epoch * epochs)], theirs)
+    assert theirs[-1] == pytest.approx(base_lr * 0.5 ** 3)  # epochs 9: three decays
+
+
+def test_batchnorm_running_statistics_in_a_trained_model_match_pytorch() -> None:
+    """Four SGD steps (momentum 0.9) of a small model with BatchNorm after a conv layer, after Flatten and
+    after a dense layer, each side computing its own gradients on the same batches: afterwards every
+    BatchNorm's running_mean and running_var equal PyTorch's, and so does the evaluation output, which uses
+    them (float64). The statistics depend on the weights, which the steps changed, so this checks BatchNorm's
+    training forward, its backward through the batch statistics and the running averages together."""
+    model = small_model(seed=7)
+    twin, pairs = torch_twin(model, torch.float64)
+    twin.train()
+    learning_rate, momentum = 0.05, 0.9
+    optimizer = main.SGD(learning_rate, momentum)
+    torch_sgd = torch.optim.SGD(twin.parameters(), lr=learning_rate, momentum=momentum)
+    loss_fn = main.SoftmaxCrossEntropy()
+    for step in range(4):
+        x, labels = batch(np.float64, seed=20 + step, input_shape=SMALL_INPUT_SHAPE)
+        loss_fn.forward(model.forward(x), labels)
+        model.backward(loss_fn.backward())
+        optimizer.step(model)
+        torch_sgd.zero_grad()
+        torch.nn.functional.cross_entropy(twin(to_nchw(x)), torch.from_numpy(labels)).backward()
+        torch_sgd.step()
+
+    flattened_from = {index: before for index, _, _, _, before in pairs}
+    batchnorms = [index for index, layer in enumerate(model.layers) if isinstance(layer, main.BatchNorm)]
+    assert [len(model.layers[index].buffers["running_mean"]) for index in batchnorms] == [4, 32, 16]
+    for index in batchnorms:
+        layer, module = model.layers[index], twin[index]
+        assert int(module.num_batches_tracked) == 4
+        for name in ("running_mean", "running_var"):
+            ours = to_torch_layout(layer, name, layer.buffers[name], flattened_from[index])
+            error = relative_difference(ours, getattr(module, name).numpy())
+            assert error < 1e-9, f"layer {index} {name}: relative difference {error:.2e} from PyTorch"
+        # The statistics moved away from their start (zeros, ones) by what the four batches said.
+        assert np.abs(layer.buffers["running_mean"]).max() > 1e-3
+
+    x, _ = batch(np.float64, seed=30, input_shape=SMALL_INPUT_SHAPE)
+    twin.eval()
+    with torch.no_grad():
+        torch_logits = twin(to_nchw(x)).numpy()
+    error = relative_difference(model.forward(x, training=False), torch_logits)
+    assert error < 1e-9, f"evaluation logits: relative difference {error:.2e} from PyTorch"

@@ -3,13 +3,16 @@ times computes the same numbers as the project's code (otherwise its timing woul
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -35,7 +38,15 @@ EXPECTED_ROWS = (
     "col2im += vs np.add.at: epoch",
     "winner masks vs argmax",
     "x * (x > 0) vs np.maximum(x, 0)",
-) + (("worker threads vs BLAS threads", "default workers vs") if why_fast_cpus() >= 2 else ())  # skipped on one CPU
+) + (("worker threads vs BLAS threads", "default workers vs") if why_fast_cpus() >= 2 else ()) + (  # skipped on one CPU
+    "a. bias gradient",
+    "b. conv dx",
+    "c. im2col, one channel",
+    "d. ReLU",
+    "e. max pool backward",
+    "f. Adam",
+)
+SPEED_TRICK_LETTERS = "abcdef"
 
 
 def load_why_fast() -> ModuleType:
@@ -51,8 +62,13 @@ why_fast = load_why_fast()
 
 
 def summary_rows(stdout: str) -> list[str]:
-    """The rows of the summary table: the lines after the dashed line, up to the first empty line."""
-    lines = stdout.split("Summary:", 1)[1].splitlines()
+    """The rows of the summary table."""
+    return table_rows(stdout.split("Summary:", 1)[1])
+
+
+def table_rows(text: str) -> list[str]:
+    """The rows of the first table in text: the lines after its dashed line, up to the first empty line."""
+    lines = text.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("---")) + 1
     rows = []
     for line in lines[start:]:
@@ -77,6 +93,14 @@ def test_quick_run_exits_0_and_prints_a_row_for_every_design_choice(tmp_path: Pa
         assert len(cells) == 5, f"expected choice, project, alternative, ratio, spread in {row!r}"
         ratio = float(cells[3].replace(",", ""))
         assert math.isfinite(ratio) and ratio > 0
+    tricks = table_rows(done.stdout.split("Speed tricks:", 1)[1])  # the second table: the share of an epoch saved
+    assert [row.split(".", 1)[0] for row in tricks] == list(SPEED_TRICK_LETTERS)
+    for row in tricks:
+        cells = re.split(r"\s{2,}", row.strip())
+        assert len(cells) == 4, f"expected trick, in the core, share saved, range in {row!r}"
+        assert cells[1] == ("yes" if row.startswith("f.") else "no")
+        assert math.isfinite(float(cells[2].rstrip("%")))
+    assert len(re.findall(r"^  trick (saves|costs) ", done.stdout, re.MULTILINE)) == len(SPEED_TRICK_LETTERS)
     assert "NumPy" in done.stdout and "BLAS" in done.stdout and "CPUs usable" in done.stdout
     assert list(tmp_path.iterdir()) == [], "the script must not write files"
 
@@ -111,3 +135,99 @@ def test_a_wrong_alternative_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(why_fast, "col2im_add_at", col2im_assigning)
     with pytest.raises(why_fast.MismatchError, match="col2im"):
         why_fast.check_col2im(*why_fast.conv2_grad_cols(np.random.default_rng(0)))
+
+
+def test_every_speed_trick_computes_what_the_core_computes() -> None:
+    """Each speed trick of comparison 8 (a-f) gives the core's loss and gradients on one batch (f: the core's
+    Adam state and weight updates), and the check sees the trick's code run."""
+    assert "".join(trick.letter for trick in why_fast.SPEED_TRICKS) == SPEED_TRICK_LETTERS
+    core = [getattr(trick.owner, trick.attribute) for trick in why_fast.SPEED_TRICKS]
+    images, labels = why_fast.synthetic_batch(8, np.random.default_rng(0))
+    for trick in why_fast.SPEED_TRICKS:
+        why_fast.check_speed_trick(trick, images, labels)
+    after = [getattr(trick.owner, trick.attribute) for trick in why_fast.SPEED_TRICKS]
+    assert all(a is b for a, b in zip(after, core)), "a check left a trick patched into main"
+
+
+def speed_trick(letter: str) -> why_fast.SpeedTrick:
+    return next(trick for trick in why_fast.SPEED_TRICKS if trick.letter == letter)
+
+
+def bias_gradient_averaged(self: main.Conv2D, grad_out: np.ndarray) -> np.ndarray | None:
+    """Trick a with a classic slip: the bias gradient averaged over the pixels instead of summed."""
+    grad_in = why_fast.conv_backward_bias_by_ones_matmul(self, grad_out)
+    self.grads["b"] /= math.prod(grad_out.shape[:3])
+    return grad_in
+
+
+def dx_with_untransposed_weights(self: main.Conv2D, grad_out: np.ndarray) -> np.ndarray | None:
+    """Trick b with W reshaped to (k*k, F, C) instead of transposed to it: the same shape, other numbers."""
+    weights = self.params["W"]
+    k, _, channels, filters = weights.shape
+    self.params["W"] = weights.reshape(k * k, filters, channels).transpose(0, 2, 1).reshape(weights.shape)
+    try:
+        return why_fast.conv_backward_dx_per_kernel_offset(self, grad_out)
+    finally:
+        self.params["W"] = weights
+
+
+def im2col_offsets_swapped(x_padded: np.ndarray, kernel_size: int, stride: int) -> np.ndarray:
+    """Trick c with the two kernel offsets swapped: every window transposed."""
+    return np.ascontiguousarray(why_fast.im2col_one_channel_by_offsets(x_padded, kernel_size, stride)
+                                .transpose(0, 1, 2, 4, 3, 5))
+
+
+def relu_forward_leaky(self: main.ReLU, x: np.ndarray, training: bool = True) -> np.ndarray:
+    """Trick d, but letting a hundredth of the negative inputs through."""
+    return why_fast.relu_forward_by_multiply(self, x, training) + 0.01 * np.minimum(x, 0)
+
+
+def maxpool_backward_to_first_offset(self: main.MaxPool2D, grad_out: np.ndarray) -> np.ndarray:
+    """Trick e writing every window's gradient to its top-left input, whoever won."""
+    grad_in = np.zeros(self.x_shape, dtype=grad_out.dtype)
+    out_h, out_w = grad_out.shape[1:3]
+    _, row_slice, col_slice = next(self._offsets(out_h, out_w))
+    np.multiply(grad_out, 1, out=grad_in[:, row_slice, col_slice, :])
+    return grad_in
+
+
+def adam_without_bias_correction(self: main.Adam, model: main.Sequential) -> None:
+    """The textbook Adam that forgets m_hat and v_hat: its first steps are far too small."""
+    self.t += 1
+    for key, param, grad in main.parameters(model):
+        m = self.state[f"{key}.m"] = self.beta1 * self.slot(f"{key}.m", param) + (1 - self.beta1) * grad
+        v = self.state[f"{key}.v"] = self.beta2 * self.slot(f"{key}.v", param) + (1 - self.beta2) * grad ** 2
+        param -= self.learning_rate * m / (np.sqrt(v) + self.eps)
+
+
+@pytest.mark.parametrize(("letter", "wrong"), [
+    ("a", bias_gradient_averaged),
+    ("b", dx_with_untransposed_weights),
+    ("c", im2col_offsets_swapped),
+    ("d", relu_forward_leaky),
+    ("e", maxpool_backward_to_first_offset),
+    ("f", adam_without_bias_correction),
+])
+def test_a_wrong_speed_trick_is_caught(letter: str, wrong: Callable) -> None:
+    """The speed tricks' checks can fail: each trick with a deliberate mistake raises MismatchError."""
+    images, labels = why_fast.synthetic_batch(8, np.random.default_rng(0))
+    with pytest.raises(why_fast.MismatchError, match="speed trick"):
+        why_fast.check_speed_trick(dataclasses.replace(speed_trick(letter), replacement=wrong), images, labels)
+
+
+def test_a_speed_trick_whose_code_never_runs_is_caught() -> None:
+    """A patch the core never calls would time the core against itself: the check refuses it."""
+    images, labels = why_fast.synthetic_batch(8, np.random.default_rng(0))
+    unused = SimpleNamespace(backward=None)  # the core never looks here
+    with pytest.raises(why_fast.MismatchError, match="never ran"):
+        why_fast.check_speed_trick(dataclasses.replace(speed_trick("a"), owner=unused), images, labels)
+
+
+def test_only_selects_comparisons_by_number_or_title() -> None:
+    """--only 8 and --only 'speed tricks' pick comparison 8; a name that matches nothing is an error."""
+    assert [title[:2] for title, _ in why_fast.selected_comparisons("8")] == ["8."]
+    assert [title[:2] for title, _ in why_fast.selected_comparisons("Speed Tricks")] == ["8."]
+    assert len(why_fast.selected_comparisons(None)) == len(why_fast.COMPARISONS)
+    with pytest.raises(SystemExit) as exit_info:
+        why_fast.main_cli(["--only", "no such comparison"])
+    assert exit_info.value.code == 2
