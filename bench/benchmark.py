@@ -239,11 +239,9 @@ def describe_recipe(recipe: dict) -> str:
     if schedule["name"] != "constant":
         settings = ", ".join(f"{key} {value:g}" for key, value in schedule.items() if key != "name")
         text += f", {schedule['name']} schedule" + (f" ({settings})" if settings else "")
-    if augment["shift"] or augment["rotate"]:
-        text += f", augmentation: shifts of up to {augment['shift']} px, rotations of up to {augment['rotate']:g} deg"
-    else:
-        text += ", no augmentation"
-    return text
+    changes = ([f"shifts of up to {augment['shift']} px"] if augment["shift"] else []) \
+        + ([f"rotations of up to {augment['rotate']:g} degrees"] if augment["rotate"] else [])
+    return text + (f", augmentation: {' and '.join(changes)}" if changes else ", no augmentation")
 
 
 # ------------------------------------------------------------------------------------------------

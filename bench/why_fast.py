@@ -3,7 +3,8 @@ obvious alternative, on the real shapes of the default model at batch 32.
 
 Run from the project root:
 
-    python bench/why_fast.py              # every comparison: about 6 minutes, 4-5 of them the speed tricks (8)
+    python bench/why_fast.py              # every comparison: about 10 minutes, 4-5 of them the speed tricks (8),
+                                          # 3-5 the BLAS threads (9)
     python bench/why_fast.py --quick      # a smoke run: few rounds, numbers only roughly right
     python bench/why_fast.py --threads 1  # one BLAS thread: steadier on a busy machine
     python bench/why_fast.py --only 8     # one comparison, by its number or a word of its title
@@ -32,6 +33,12 @@ The comparisons (project's way first, the alternative second):
    e. MaxPool2D.backward: += against writing in place (np.multiply(..., out=)) when windows do not overlap.
    Kept in the core, so here the project's side is the trick and the alternative the plain form:
    f. Adam in place through one scratch array against the textbook form, a temporary array per operation.
+9. BLAS threads with one worker: training holds BLAS to one thread per worker thread (parallel.one_blas_thread
+   for one worker, parallel.DataParallel for more); the alternative lets BLAS use 2 threads per worker. Training
+   epochs of three configurations (8x8 digits with 1 worker; the default model on 28x28 with its default workers;
+   the same with --workers 1), each on the machine as it is ("idle") and with one competing process that keeps a
+   core busy; reported: the best setting's epoch and how much slower the project's setting is than the best
+   (at most 1.5x is the goal).
 
 How it measures: the machine may be shared and noisy, so the two sides ALTERNATE (project, alternative,
 project, alternative, ...), each round timing enough calls to last a moment, and the report gives the median
@@ -94,12 +101,14 @@ class Settings:
     epoch_images: int  # training images of each epoch of the per-epoch comparisons (4, 7 and 8)
     epoch_rounds: int
     trick_rounds: int  # alternating pairs of epochs per speed trick (8)
+    blas_images: int = 1000  # training images of each epoch of the BLAS thread comparison (9)
+    blas_rounds: int = 5  # alternating pairs of epochs per configuration and load there
 
 
 FULL = Settings(rounds=30, min_seconds=0.12, loop_images=2, loop_crop=None, epoch_images=2000, epoch_rounds=3,
                 trick_rounds=15)
 QUICK = Settings(rounds=3, min_seconds=0.01, loop_images=1, loop_crop=5, epoch_images=160, epoch_rounds=1,
-                 trick_rounds=1)
+                 trick_rounds=1, blas_images=BATCH, blas_rounds=1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -119,6 +128,7 @@ class Result:
     unit: str = "ms"  # how the times are printed: "ms", "s" or "us"
     note: str = ""
     trick_side: str = ""  # for a speed trick (8): the side that uses it, "project" or "alternative"
+    slowdown_limit: float = 0.0  # for 9: how much slower than the best side the project's may be (0: no limit)
 
     @property
     def ratios(self) -> list[float]:
@@ -142,6 +152,12 @@ class Result:
         if self.trick_side == "alternative":
             return [1 - ratio for ratio in self.ratios]
         return [1 - 1 / ratio for ratio in self.ratios]
+
+    @property
+    def slowdown(self) -> float:
+        """The project's median time over the best side's (1.0: the project's way is the best)."""
+        project, alternative = statistics.median(self.project_seconds), statistics.median(self.alternative_seconds)
+        return project / min(project, alternative)
 
     def savings(self) -> str:
         """'trick saves 2.7% of an epoch (pairs -0.4% to 5.1%)': the median share and the range of the pairs."""
@@ -968,6 +984,145 @@ def compare_speed_tricks(settings: Settings, rng: np.random.Generator) -> list[R
 
 
 # ------------------------------------------------------------------------------------------------
+# 9. BLAS threads with one worker: the project's one BLAS thread per worker against two, idle and busy
+# ------------------------------------------------------------------------------------------------
+# With one training worker, a second BLAS thread gains little on these small matrices, and when the other core is
+# busy the two BLAS threads wait for each other, spinning: epochs many times slower (issue 14, item 18). Training
+# therefore holds BLAS to one thread per worker. Here each configuration trains with that setting and with two
+# BLAS threads per worker, alternating, once on the machine as it is and once beside a process that keeps a core
+# busy; the project's setting must stay within MAX_SLOWDOWN of the faster of the two.
+
+MAX_SLOWDOWN = 1.5
+ALTERNATIVE_BLAS_THREADS = 2
+
+
+@contextlib.contextmanager
+def training_blas_threads(threads: int) -> Iterator[None]:
+    """main.train with BLAS held to `threads` threads per worker instead of the project's one: on one worker
+    (parallel.one_blas_thread, which train() looks up when it starts) and on several (parallel.DataParallel, whose
+    __enter__ sets the limit)."""
+    from threadpoolctl import threadpool_limits
+
+    @contextlib.contextmanager
+    def blas_threads_for_one_worker(model: main.Sequential) -> Iterator[main.Sequential]:
+        with threadpool_limits(limits=threads, user_api="blas"):
+            yield model
+
+    project_enter = parallel.DataParallel.__enter__
+
+    def enter_with_blas_threads(self: parallel.DataParallel) -> parallel.DataParallel:
+        net = project_enter(self)
+        self.blas_limit.restore_original_limits()
+        self.blas_limit = threadpool_limits(limits=threads, user_api="blas")
+        return net
+
+    with replaced(parallel, "one_blas_thread", blas_threads_for_one_worker), \
+            replaced(parallel.DataParallel, "__enter__", enter_with_blas_threads):
+        yield
+
+
+def blas_side(threads: int | None) -> contextlib.AbstractContextManager[None]:
+    """The block in which main.train runs the project's setting (None) or `threads` BLAS threads per worker."""
+    return contextlib.nullcontext() if threads is None else training_blas_threads(threads)
+
+
+def blas_threads_while_training(data: main.Dataset, workers: int, threads: int | None) -> set[int]:
+    """The BLAS thread counts in force while main.train runs the layers (one batch), on the given side."""
+    seen: set[int] = set()
+    project_forward = main.Dense.forward
+
+    def recording_forward(self: main.Dense, x: np.ndarray, training: bool = True) -> np.ndarray:
+        seen.add(parallel.blas_threads())
+        return project_forward(self, x, training)
+
+    small = main.Dataset(data.x_train[:BATCH], data.y_train[:BATCH], data.x_test[:BATCH],
+                         data.y_test[:BATCH], data.class_names, data.name, data.source, data.note)
+    with replaced(main.Dense, "forward", recording_forward), blas_side(threads):
+        main.train(epoch_model(small), main.Adam(1e-3), small, epochs=1, batch_size=BATCH,
+                   rng=np.random.default_rng(SEED), workers=workers)
+    return seen
+
+
+def check_blas_sides(data: main.Dataset, workers: int) -> None:
+    """The project's side trains with one BLAS thread per worker and the alternative with two, as the report says
+    (were training to stop calling parallel.one_blas_thread or DataParallel, the patch would change nothing)."""
+    for threads, expected in ((None, 1), (ALTERNATIVE_BLAS_THREADS, ALTERNATIVE_BLAS_THREADS)):
+        seen = blas_threads_while_training(data, workers, threads)
+        if seen != {expected}:
+            side = "the project's setting" if threads is None else f"the alternative ({threads} BLAS threads)"
+            raise MismatchError(f"BLAS threads with {workers} worker{'s' if workers > 1 else ''}: {side} trained "
+                                f"with {sorted(seen)} BLAS threads, expected {expected}")
+
+
+@contextlib.contextmanager
+def busy_core() -> Iterator[Any]:
+    """One competing process, a tight Python loop that keeps one core busy, for as long as the block runs (the
+    block gets its subprocess.Popen)."""
+    import subprocess
+
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.2)  # started and spinning
+        if spinner.poll() is not None:
+            raise RuntimeError("the busy process ended at once")
+        yield spinner
+    finally:
+        spinner.kill()
+        spinner.wait()
+
+
+def blas_epoch_seconds(data: main.Dataset, workers: int, threads: int | None) -> float:
+    """One training epoch (main.train, the default model from the seed-42 weights, batch 32) on the given side;
+    its seconds leave out the evaluation."""
+    with blas_side(threads):
+        row = main.train(epoch_model(data), main.Adam(1e-3), data, epochs=1, batch_size=BATCH,
+                         rng=np.random.default_rng(SEED), workers=workers).history[0]
+    return row["seconds"]
+
+
+def compare_blas_threads(settings: Settings, rng: np.random.Generator) -> list[Result]:
+    from threadpoolctl import threadpool_limits
+
+    cpus = available_cpus()
+    digits, images = digits_dataset(), synthetic_dataset(settings.blas_images, 100, rng)
+    n = min(settings.blas_images, len(digits.x_train))
+    digits = main.Dataset(digits.x_train[:n], digits.y_train[:n], digits.x_test, digits.y_test, digits.class_names,
+                          digits.name, digits.source, digits.note)
+    results = []
+    # BLAS may use every CPU, as in a user's process; training then holds it to one thread per worker.
+    with threadpool_limits(limits=max(cpus, ALTERNATIVE_BLAS_THREADS)):
+        default_workers = parallel.default_workers(epoch_model(images), BATCH)  # what training picks for 28x28
+        configurations = [
+            ("8x8 digits, 1 worker", digits, 1),
+            (f"default model 28x28, default workers ({default_workers})", images, default_workers),
+            ("default model 28x28, --workers 1", images, 1),
+        ]
+        print(f"  {n:,} 8x8 digits or {settings.blas_images:,} synthetic 28x28 images per epoch, batch {BATCH}; "
+              f"{settings.blas_rounds} pair{'s' if settings.blas_rounds > 1 else ''} of epochs per configuration "
+              f"and load; {cpus} CPUs usable")
+        for label, data, workers in configurations:
+            check_blas_sides(data, workers)
+            for load, competing in (("idle", contextlib.nullcontext), ("busy", busy_core)):
+                with competing():
+                    if settings.blas_rounds > 1:  # warm-up: allocations, worker threads, BLAS threads
+                        blas_epoch_seconds(data, workers, None)
+                        blas_epoch_seconds(data, workers, ALTERNATIVE_BLAS_THREADS)
+                    project, alternative = [], []
+                    for _ in range(settings.blas_rounds):
+                        project.append(blas_epoch_seconds(data, workers, None))
+                        alternative.append(blas_epoch_seconds(data, workers, ALTERNATIVE_BLAS_THREADS))
+                note = ("the machine as it is" if load == "idle" else "beside one process that keeps a core busy")
+                result = Result(f"BLAS 1 vs {ALTERNATIVE_BLAS_THREADS} threads: {label}, {load}",
+                                "1 BLAS thread per worker", f"{ALTERNATIVE_BLAS_THREADS} BLAS threads per worker",
+                                project, alternative, unit="s", note=note, slowdown_limit=MAX_SLOWDOWN)
+                results.append(report(result))
+                print(f"  best: {show_time(min(map(statistics.median, (project, alternative))), 's')}; the "
+                      f"project's setting is {result.slowdown:.2f}x the best (limit {MAX_SLOWDOWN}x)", flush=True)
+    return results
+
+
+# ------------------------------------------------------------------------------------------------
 # Report
 # ------------------------------------------------------------------------------------------------
 
@@ -1021,6 +1176,27 @@ def tricks_table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def blas_table(results: list[Result]) -> str:
+    """The BLAS rows (9): the best setting's epoch and the project's setting's time over it, against the limit."""
+    header = ("configuration, load", "project's setting", "best setting", "best epoch", "project / best",
+              "within limit")
+    rows = [header]
+    for result in results:
+        if result.slowdown_limit:
+            project = statistics.median(result.project_seconds)
+            alternative = statistics.median(result.alternative_seconds)
+            best = result.project if project <= alternative else result.alternative
+            rows.append((result.choice.split(": ", 1)[1], result.project, best,
+                         show_time(min(project, alternative), result.unit), f"{result.slowdown:.2f}x",
+                         f"{'yes' if round(result.slowdown, 2) <= result.slowdown_limit else 'NO'} "
+                         f"(<= {result.slowdown_limit:g}x)"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) if i < 3 else cell.rjust(width)
+                       for i, (cell, width) in enumerate(zip(row, widths))) for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
 COMPARISONS = [
     ("1. im2col + one BLAS multiply vs the loop reference (conv2d_2, one image)", compare_loops),
     ("2. float32 vs float64 (one training step of the default model, batch 32)", compare_dtypes),
@@ -1031,6 +1207,8 @@ COMPARISONS = [
     ("7. worker threads vs BLAS threads alone (training epochs of the default model, every usable CPU)",
      compare_workers),
     ("8. speed tricks: each against the core's plain form, over whole training epochs", compare_speed_tricks),
+    ("9. BLAS threads with one worker: 1 vs 2 BLAS threads per worker, idle and beside a busy process",
+     compare_blas_threads),
 ]
 
 
@@ -1093,6 +1271,9 @@ def main_cli(argv: list[str] | None = None) -> int:
         if any(result.trick_side for result in results):
             print(f"\nSpeed tricks: the share of an epoch each trick saves, (epoch without it - epoch with it) / "
                   f"epoch without it, pair by pair\n\n{tricks_table(results)}")
+        if any(result.slowdown_limit for result in results):
+            print(f"\nBLAS threads with one worker: the best setting's median epoch, and the project's setting's "
+                  f"median epoch over it (the goal: at most {MAX_SLOWDOWN}x)\n\n{blas_table(results)}")
         print(f"\nmachine: {machine_description()}")
         command = " ".join(["python bench/why_fast.py", *sys.argv[1:]])
         print(f"total {time.perf_counter() - start:.0f} s; `{command}`")

@@ -8,9 +8,14 @@ A leaf module: it never imports main.
 
 from __future__ import annotations
 
+import builtins
 import difflib
+import functools
 import math
+import os
+import reprlib
 from collections.abc import Iterable
+from itertools import islice
 from typing import Any, Callable
 
 from errors import ConfigError
@@ -38,10 +43,203 @@ DEFAULT_CONFIG: dict = {
 MAX_SHOWN = 80  # characters of a value quoted in an error message
 
 
+class _BoundedRepr(reprlib.Repr):
+    """reprlib's repr, whose work is bounded whatever the value (a billion-laughs list, a 1 MB string): a few
+    items of each container, a few levels deep; mappings in their own (the YAML file's) order, not sorted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel, self.maxdict, self.maxlist, self.maxtuple, self.maxset = 3, 4, 6, 6, 6
+        self.maxfrozenset = self.maxdeque = self.maxarray = 6
+        self.maxstring = self.maxother = MAX_SHOWN + 1
+
+    def repr_dict(self, x: dict, level: int) -> str:
+        if not x:
+            return "{}"
+        if level <= 0:
+            return "{...}"
+        pieces = [f"{self.repr1(key, level - 1)}: {self.repr1(value, level - 1)}"
+                  for key, value in islice(x.items(), self.maxdict)]
+        return "{" + ", ".join(pieces + (["..."] if len(x) > self.maxdict else [])) + "}"
+
+    def repr_str(self, x: str, level: int) -> str:  # the start of a long string, not its two ends
+        return builtins.repr(x[:self.maxstring])
+
+    def repr_bytes(self, x: bytes, level: int) -> str:
+        return builtins.repr(x[:self.maxstring])
+
+    def repr_int(self, x: int, level: int) -> str:  # repr() itself refuses an integer of over 4,300 digits
+        return builtins.repr(x) if x.bit_length() < 1000 else f"<an integer of about {x.bit_length() * 3 // 10} digits>"
+
+
+_REPR = _BoundedRepr()
+
+
 def shown(value: Any) -> str:
-    """repr(value), cut to MAX_SHOWN characters with an ellipsis: a message stays one readable line."""
-    text = repr(value)
+    """A repr of value for an error message: bounded work (reprlib-style: a few items, a few levels), then cut
+    to MAX_SHOWN characters with an ellipsis, so that a message stays one readable line whatever the value."""
+    text = _REPR.repr(value).replace("\n", " ")
     return text if len(text) <= MAX_SHOWN else text[:MAX_SHOWN - 3] + "..."
+
+
+def _label(key: Any) -> str:
+    """A mapping key for a key path in a message: as it is when it is a short plain word, else shown()."""
+    if isinstance(key, str) and 0 < len(key) <= 40 and key.isprintable():
+        return key
+    return shown(key)
+
+
+# What a YAML document may hold: a config is a few dozen values, a few levels deep, a few kilobytes.
+MAX_YAML_CHARACTERS = 100_000
+MAX_YAML_VALUES = 100_000  # keys, values and items, counted with every alias expanded
+MAX_YAML_DEPTH = 50
+
+
+def read_yaml(text: str, path: str) -> Any:
+    """The value a YAML document (a config file's text) holds, as yaml.safe_load reads it, or ConfigError with one
+    line starting with `path` for: a syntax error (line, column, problem), a key given twice in one mapping,
+    nesting deeper than MAX_YAML_DEPTH, an alias that contains itself, and a document of more than
+    MAX_YAML_VALUES values once its aliases are expanded (a 'billion laughs' document is refused after
+    composing it, in time proportional to its text, before any of it is expanded)."""
+    import yaml
+
+    if len(text) > MAX_YAML_CHARACTERS:
+        raise ConfigError(f"{path}: {len(text):,} characters, more than a config file may have "
+                          f"({MAX_YAML_CHARACTERS:,})")
+    loader = _bounded_loader()(text, path)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_yaml_nodes(node, path)
+        return loader.construct_document(node)
+    except yaml.YAMLError as error:
+        mark, context = getattr(error, "problem_mark", None), getattr(error, "context_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        if context is not None and getattr(error, "context", None):
+            problem += f" ({error.context} started at line {context.line + 1})"
+        raise ConfigError(f"{path}: YAML syntax error{where}: {_cut(problem)}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to read (at most {MAX_YAML_DEPTH} levels)") from None
+    except (ValueError, TypeError, OverflowError) as error:  # a tagged value that is no such thing: !!int abc
+        raise ConfigError(f"{path}: a value cannot be read ({_cut(str(error))})") from None
+    finally:
+        loader.dispose()
+
+
+def read_yaml_file(path: str | os.PathLike) -> Any:
+    """read_yaml of a config file: ConfigError naming the file when it is missing, a folder, unreadable, not
+    UTF-8 or larger than a config can be (read no further than that: `--config /dev/zero` ends at once)."""
+    limit = 4 * MAX_YAML_CHARACTERS  # UTF-8 takes at most 4 bytes a character
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a config file") from None
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read the config file ({error.strerror or error})") from None
+    if len(data) > limit:
+        raise ConfigError(f"{path}: larger than {limit:,} bytes; a config file has a few kilobytes")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[:error.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: cannot read the config file (line {line} is not UTF-8 text: byte "
+                          f"0x{data[error.start]:02x}); save it as UTF-8") from None
+    return read_yaml(text, str(path))
+
+
+def _cut(text: str, limit: int = 160) -> str:
+    """One line of at most `limit` characters."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+@functools.cache
+def _bounded_loader() -> type:
+    """yaml.SafeLoader that stops composing beyond MAX_YAML_DEPTH levels or MAX_YAML_VALUES nodes (aliases not
+    expanded: _check_yaml_nodes counts them), before Python's recursion limit or the memory runs out. Made on
+    first use: importing PyYAML takes time that most imports of this module do not need."""
+    import yaml
+
+    class BoundedLoader(yaml.SafeLoader):
+        def __init__(self, text: str, path: str) -> None:
+            super().__init__(text)
+            self.path, self.depth, self.nodes = path, 0, 0
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.depth >= MAX_YAML_DEPTH:
+                line = self.peek_event().start_mark.line + 1
+                raise ConfigError(f"{self.path}: line {line}: nested more than {MAX_YAML_DEPTH} levels deep")
+            self.nodes += 1
+            if self.nodes > MAX_YAML_VALUES:
+                raise ConfigError(f"{self.path}: more than {MAX_YAML_VALUES:,} values; a config has a few dozen")
+            self.depth += 1
+            try:
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
+    return BoundedLoader
+
+
+def _check_yaml_nodes(root: Any, path: str) -> None:
+    """Walk the composed node graph once, each node once however many aliases point at it: refuse a key given
+    twice in a mapping, an alias inside the value it names (a loop), and a document that, with its aliases
+    expanded, holds more than MAX_YAML_VALUES values or nests deeper than MAX_YAML_DEPTH."""
+    import yaml
+
+    size: dict[int, int] = {}
+    depth: dict[int, int] = {}
+    open_nodes: set[int] = set()  # the nodes on the path from the root to the current one
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        children: list = []
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [child for pair in node.value for child in pair]
+        if children_done:
+            open_nodes.discard(key)
+            size[key] = 1 + sum(size[id(child)] for child in children)
+            depth[key] = 1 + max((depth[id(child)] for child in children), default=0)
+            line = node.start_mark.line + 1
+            if size[key] > MAX_YAML_VALUES:
+                raise ConfigError(f"{path}: line {line}: this value expands to more than {MAX_YAML_VALUES:,} values "
+                                  "through its aliases (*name); a config has a few dozen")
+            if depth[key] > MAX_YAML_DEPTH:
+                raise ConfigError(f"{path}: line {line}: nested more than {MAX_YAML_DEPTH} levels deep through its "
+                                  "aliases (*name)")
+            continue
+        if key in size:
+            continue
+        if key in open_nodes:
+            raise ConfigError(f"{path}: line {node.start_mark.line + 1}: an alias (*name) inside the value it names; "
+                              "a config cannot hold a loop")
+        if isinstance(node, yaml.MappingNode):
+            _check_duplicate_keys(node, path)
+        open_nodes.add(key)
+        stack.append((node, True))
+        stack.extend((child, False) for child in reversed(children))
+
+
+def _check_duplicate_keys(node: Any, path: str) -> None:
+    """A key given twice in one mapping (say, two `training:` sections): YAML would silently keep the last."""
+    first_line: dict[tuple[str, str], int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node.value, str):
+            continue  # `<<: *defaults` merges a mapping; keys given beside it override it, as intended
+        seen = (key_node.tag, key_node.value)
+        line = key_node.start_mark.line + 1
+        if seen in first_line:
+            raise ConfigError(f"{path}: line {line}: key {shown(key_node.value)} appears twice in the same mapping "
+                              f"(first at line {first_line[seen]}); YAML would keep only the last: merge them")
+        first_line[seen] = line
 
 
 def _fail(path: str, value: Any, allowed: str) -> ConfigError:
@@ -50,18 +248,20 @@ def _fail(path: str, value: Any, allowed: str) -> ConfigError:
 
 def _did_you_mean(word: Any, options: Iterable[str]) -> str:
     """' (did you mean 'x'?)' for the closest option to a mistyped word, or ''."""
-    close = difflib.get_close_matches(str(word).lower().replace("-", "_"), list(options), n=1)
+    if not isinstance(word, str) or len(word) > 100:  # a list, a mapping or a page of text is no typo
+        return ""
+    close = difflib.get_close_matches(word.lower().replace("-", "_"), list(options), n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def _integer(minimum: int, nullable: bool = False) -> Callable[[Any, str], Any]:
-    allowed = f"an integer >= {minimum}" + (" or null" if nullable else "")
-
     def check(value: Any, path: str) -> Any:
         if value is None and nullable:
             return None
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise _fail(path, value, allowed)
+            on_command_line = path.startswith("--")  # a flag cannot be null: leave it out instead
+            raise _fail(path, value, f"an integer >= {minimum}" + (" or null" if nullable and not on_command_line
+                                                                    else ""))
         return value
     return check
 
@@ -94,7 +294,7 @@ def _choice(options: tuple[str, ...], case_insensitive: bool = False) -> Callabl
     def check(value: Any, path: str) -> str:
         candidate = value.upper() if case_insensitive and isinstance(value, str) else value
         if candidate not in options:
-            raise ConfigError(f"{path}: got {value!r}{_did_you_mean(value, options)}, expected one of "
+            raise ConfigError(f"{path}: got {shown(value)}{_did_you_mean(value, options)}, expected one of "
                               + ", ".join(options))
         return candidate
     return check
@@ -107,15 +307,17 @@ def _boolean(value: Any, path: str) -> bool:
 
 
 def _optional_path(value: Any, path: str) -> str | None:
+    """A path or null; ~ and ~user at its start mean the home folder, as in a shell."""
     if value is not None and (not isinstance(value, str) or not value.strip()):
         raise _fail(path, value, "a path (a non-empty string) or null")
-    return value
+    return None if value is None else os.path.expanduser(value)
 
 
 def _path(value: Any, path: str) -> str:
+    """A path; ~ and ~user at its start mean the home folder, as in a shell."""
     if not isinstance(value, str) or not value.strip():
         raise _fail(path, value, "a path (a non-empty string)")
-    return value
+    return os.path.expanduser(value)
 
 
 def check_mapping(path: str, raw: Any, schema: dict, defaults: dict) -> dict:
@@ -124,7 +326,8 @@ def check_mapping(path: str, raw: Any, schema: dict, defaults: dict) -> dict:
         raise _fail(path, raw, f"a mapping with keys {', '.join(schema)}")
     for key in raw:
         if key not in schema:
-            raise ConfigError(f"{path}.{key}: unknown key{_did_you_mean(key, schema)}; allowed: {', '.join(schema)}")
+            raise ConfigError(f"{path}.{_label(key)}: unknown key{_did_you_mean(key, schema)}; "
+                              f"allowed: {', '.join(schema)}")
     return {key: check(raw.get(key, defaults[key]), f"{path}.{key}") for key, check in schema.items()}
 
 
@@ -161,7 +364,7 @@ def check_layer(spec: Any, path: str) -> Any:
     else:
         raise _fail(path, spec, "a layer name like relu, or a one-key mapping like {conv2d: {filters: 32}}")
     if not isinstance(name, str) or name not in LAYER_ARGUMENTS:
-        reason = NOT_LAYERS.get(str(name).lower())
+        reason = NOT_LAYERS.get(name.lower()) if isinstance(name, str) else None
         if reason:
             raise ConfigError(f"{path}: {name}: {reason}")
         raise ConfigError(f"{path}: unknown layer {shown(name)}{_did_you_mean(name, LAYER_ARGUMENTS)}; "
@@ -175,7 +378,7 @@ def check_layer(spec: Any, path: str) -> Any:
         raise _fail(f"{path}.{name}", given, f"a mapping with keys {', '.join(arguments)}")
     for key in given:
         if key not in arguments:
-            raise ConfigError(f"{path}.{name}.{key}: unknown argument{_did_you_mean(key, arguments)}; "
+            raise ConfigError(f"{path}.{name}.{_label(key)}: unknown argument{_did_you_mean(key, arguments)}; "
                               f"{name} takes {', '.join(arguments)}")
     checked = {}
     for key, (check, default) in arguments.items():
@@ -211,7 +414,8 @@ def flow(layers: list) -> str:
     items = []
     for spec in layers:
         name, arguments = layer_name_and_arguments(spec)
-        given = ", ".join(f"{key}: {value}" for key, value in arguments.items() if value is not None)
+        given = ", ".join(f"{_label(key)}: {value if type(value) in (int, float) else shown(value)}"
+                          for key, value in arguments.items() if value is not None)
         items.append(f"{{{name}: {{{given}}}}}" if arguments else name)
     return "[" + ", ".join(items) + "]"
 
@@ -230,8 +434,10 @@ def check_model(raw: Any, path: str = "model", convert_old_keys: bool = False) -
         if convert_old_keys:
             raw = {"layers": layers_from_old_keys(raw)}
         else:
+            same = flow(layers_from_old_keys(raw))
+            same = same if len(same) <= 400 else same[:397] + "..."
             raise ConfigError(f"{path}: conv_layers and dense_units were replaced by model.layers; the same "
-                              f"network is layers: {flow(layers_from_old_keys(raw))}")
+                              f"network is layers: {same}")
     return check_mapping(path, raw, SCHEMA["model"], DEFAULT_CONFIG["model"])
 
 
@@ -280,11 +486,11 @@ def validate_config(raw: Any) -> dict:
     """The full, checked config: every section and key present, defaults filled in, values normalised.
     Raises ConfigError naming the key path, the value given and what is allowed."""
     if not isinstance(raw, dict):
-        shown = "an empty file" if raw is None else f"{type(raw).__name__} {raw!r:.60}"
-        raise ConfigError(f"expected a mapping with sections {', '.join(SCHEMA)}, got {shown}")
+        got = "an empty file" if raw is None else f"{type(raw).__name__} {shown(raw)}"
+        raise ConfigError(f"expected a mapping with sections {', '.join(SCHEMA)}, got {got}")
     for section in raw:
         if section not in SCHEMA:
-            raise ConfigError(f"{section}: unknown section{_did_you_mean(section, SCHEMA)}; "
+            raise ConfigError(f"{_label(section)}: unknown section{_did_you_mean(section, SCHEMA)}; "
                               f"allowed: {', '.join(SCHEMA)}")
     checked = {}
     for section, schema in SCHEMA.items():

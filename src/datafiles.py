@@ -15,6 +15,7 @@ import struct
 import warnings
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -30,32 +31,75 @@ IDX_FILES = {  # split -> (images, labels), without the optional .gz
 }
 
 
+MAX_IDX_BYTES = 1 << 30  # the data an IDX file may declare: MNIST's training images are 47 MB
+IDX_CHUNK = 1 << 22  # bytes read (and, for .gz, decompressed) at a time
+
+
 def read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (the MNIST format, optionally gzipped) into a uint8 array.
 
     Layout: two zero bytes, a type byte (0x08 = unsigned byte), the number of dimensions, one big-endian
-    uint32 per dimension, then the data. Raises DataError naming the file for anything else.
+    uint32 per dimension, then the data. The header is read and checked first, a declared size beyond
+    MAX_IDX_BYTES is refused before any data is read, and then exactly the declared bytes are read, plus one
+    to find out whether more follow: a .gz file is never decompressed further than that (a gzip bomb of
+    zeros stops at once). Raises DataError naming the file for anything else, with one line.
     """
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError, zlib.error) as error:  # zlib.error: a damaged .gz
+            head = _read_up_to(f, 4)
+            if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] != 0x08 or not 1 <= head[3] <= 3:
+                magic = head.hex() if len(head) >= 4 else f"only {len(head)} bytes"
+                raise DataError(f"{path}: not an IDX file of unsigned bytes (magic number {magic}, "
+                                "expected 00000801 for labels or 00000803 for images)")
+            ndim = head[3]
+            dims = _read_up_to(f, 4 * ndim)
+            if len(dims) < 4 * ndim:
+                raise DataError(f"{path}: truncated header ({4 + len(dims)} bytes)")
+            shape = struct.unpack(f">{ndim}I", dims)
+            expected = math.prod(shape)
+            if expected > MAX_IDX_BYTES:
+                raise DataError(f"{path}: header declares shape {shape}, {expected:,} bytes of data, more than the "
+                                f"{MAX_IDX_BYTES:,} an IDX file may hold here (corrupt, or not an MNIST-like set)")
+            data = np.empty(expected, dtype=np.uint8)
+            held = _read_into(f, memoryview(data))
+            more = held == expected and len(_read_up_to(f, 1)) > 0
+    except DataError:
+        raise
+    except (OSError, EOFError, zlib.error) as error:  # zlib.error, EOFError: a damaged or truncated .gz
         raise DataError(f"{path}: cannot read it ({error})") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or not 1 <= raw[3] <= 3:
-        magic = raw[:4].hex() if len(raw) >= 4 else f"only {len(raw)} bytes"
-        raise DataError(f"{path}: not an IDX file of unsigned bytes (magic number {magic}, "
-                        "expected 00000801 for labels or 00000803 for images)")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(f"{path}: truncated header ({len(raw)} bytes)")
-    shape = struct.unpack(f">{ndim}I", raw[4:header])
-    expected = math.prod(shape)
-    if len(raw) - header != expected:
+    if held < expected:
         raise DataError(f"{path}: header promises {expected:,} bytes of data for shape {shape}, "
-                        f"file holds {len(raw) - header:,} (truncated or corrupt)")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+                        f"file holds {held:,} (truncated or corrupt)")
+    if more:
+        extra = "" if path.suffix == ".gz" else f" ({path.stat().st_size - 4 - 4 * ndim - expected:,} more)"
+        raise DataError(f"{path}: header promises {expected:,} bytes of data for shape {shape}, file holds more"
+                        f"{extra} (corrupt, or not what its header says)")
+    return data.reshape(shape)
+
+
+def _read_up_to(f: Any, size: int) -> bytes:
+    """`size` bytes from f, fewer only at its end (a read may return less than asked before the end)."""
+    parts, held = [], 0
+    while held < size:
+        part = f.read(size - held)
+        if not part:
+            break
+        parts.append(part)
+        held += len(part)
+    return b"".join(parts)
+
+
+def _read_into(f: Any, target: memoryview) -> int:
+    """Fill target from f, IDX_CHUNK bytes at a time; returns how many bytes f had (fewer only at its end)."""
+    held = 0
+    while held < len(target):
+        part = f.read(min(IDX_CHUNK, len(target) - held))
+        if not part:
+            break
+        target[held:held + len(part)] = part
+        held += len(part)
+    return held
 
 
 def _find_idx(folder: Path, stem: str) -> Path | None:

@@ -10,6 +10,8 @@ model on a list of files. Called by main.py's --predict and by serve.py; it neve
 from __future__ import annotations
 
 import io
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,26 +29,61 @@ def as_fraction(grey: np.ndarray, integer: bool, sixteen_bit: bool = False) -> n
 
 
 def read_image(path: Path) -> np.ndarray:
-    """A grayscale image file (PNG, JPEG, ... via Pillow, or .npy) as a 2-D float array in [0, 1]."""
+    """A grayscale image file (PNG, JPEG, ... via Pillow, or .npy) as a 2-D float array in [0, 1].
+    Raises DataError with one line naming the file for anything else, including an image of more pixels than
+    Pillow's limit (PIL.Image.MAX_IMAGE_PIXELS, about 89 million): a small file can hold a huge image."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, not an image file")
     if not path.is_file():
-        raise DataError(f"{path}: no such image file")
+        raise DataError(f"{path}: {'not a regular file' if path.exists() else 'no such image file'}")
     try:
         if path.suffix.lower() == ".npy":
-            raw = np.load(path, allow_pickle=False)
-            image = raw.astype(np.float64)
-            if image.ndim == 3 and image.shape[2] in (1, 3, 4):
-                image = image[..., :3].mean(axis=2)
-            if image.ndim != 2:
-                raise ValueError(f"expected a 2-D array (H, W), got shape {image.shape}")
-            if not np.isfinite(image).all():
-                raise ValueError("it holds NaN or infinite values")
-            return as_fraction(image, integer=raw.dtype.kind in "iu")
-        return image_from_bytes(path.read_bytes())
+            return _read_npy(path)
+        with open(path, "rb") as f:
+            return _read_picture(f, None)
     except DataError as error:  # from image_from_bytes: the same line, naming the file
         raise DataError(f"{path}: {error}") from None
     except Exception as error:
-        raise DataError(f"{path}: cannot read it as an image ({type(error).__name__}: {error})") from None
+        raise DataError(f"{path}: cannot read it as an image ({type(error).__name__}: {_one_line(error)})") from None
+
+
+def _read_npy(path: Path) -> np.ndarray:
+    """A .npy array of grey values (H, W), or (H, W, C) with 1, 3 or 4 channels, as fractions in [0, 1].
+    Its header is checked before its data is read (memory-mapped): a file can declare any size."""
+    from PIL import Image
+
+    raw = np.load(path, mmap_mode="r", allow_pickle=False)
+    if not isinstance(raw, np.ndarray):  # np.load reads an .npz archive whatever the file's name
+        raw.close()
+        raise DataError("is an .npz archive of arrays, not one .npy array")
+    if raw.dtype.kind == "c":
+        raise DataError("holds complex numbers; expected grey values (real numbers)")
+    if raw.dtype.kind not in "biuf":
+        raise DataError(f"holds {raw.dtype} values; expected grey values (numbers)")
+    if not (raw.ndim == 2 or (raw.ndim == 3 and raw.shape[2] in (1, 3, 4))):
+        raise DataError(f"expected a 2-D array (H, W), got shape {raw.shape}")
+    if min(raw.shape[:2]) < 1:
+        raise DataError(f"is empty (shape {raw.shape})")
+    _check_pixels(raw.shape[1], raw.shape[0], Image.MAX_IMAGE_PIXELS)
+    image = np.asarray(raw, dtype=np.float64)
+    if image.ndim == 3:
+        image = image[..., :3].mean(axis=2)
+    if not np.isfinite(image).all():
+        raise DataError("it holds NaN or infinite values")
+    return as_fraction(image, integer=raw.dtype.kind in "iub")
+
+
+def _one_line(error: BaseException, limit: int = 200) -> str:
+    """An exception's message on one line of at most `limit` characters."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _check_pixels(width: int, height: int, max_pixels: int | None) -> None:
+    if max_pixels is not None and width * height > max_pixels:
+        raise DataError(f"{width}x{height} pixels is more than the {max_pixels:,} allowed (a small file can hold a "
+                        "huge image)")
 
 
 def image_from_bytes(data: bytes, max_pixels: int | None = None) -> np.ndarray:
@@ -54,14 +91,23 @@ def image_from_bytes(data: bytes, max_pixels: int | None = None) -> np.ndarray:
 
     Ink on a transparent background is shown on white, as a screen shows it; a photo's orientation tag is
     applied. `max_pixels` refuses, before decoding, an image with more pixels than that (a small compressed
-    file can hold a huge image). Raises DataError with one line for anything that is not such an image.
+    file can hold a huge image); Pillow's own limit (PIL.Image.MAX_IMAGE_PIXELS) applies in any case. Raises
+    DataError with one line for anything that is not such an image.
     """
+    return _read_picture(io.BytesIO(data), max_pixels)
+
+
+def _read_picture(file: Any, max_pixels: int | None) -> np.ndarray:
+    """image_from_bytes for an open binary file (of bytes or on disk, so that a large file is not read whole)."""
     from PIL import Image, ImageOps
 
+    # Pillow warns (DecompressionBombWarning) about an image between its limit and twice it, and refuses one
+    # beyond: the check below turns both into one DataError line, so the warning itself must not reach the user.
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels)
     try:
-        with Image.open(io.BytesIO(data)) as picture:
-            if max_pixels is not None and picture.width * picture.height > max_pixels:
-                raise ValueError(f"{picture.width}x{picture.height} pixels is more than the {max_pixels:,} allowed")
+        with Image.open(file) as picture:
+            _check_pixels(picture.width, picture.height, limit)
             # A phone photo is stored sideways with a tag saying how to turn it.
             upright = ImageOps.exif_transpose(picture)
             if upright.mode in ("RGBA", "LA", "PA") or "transparency" in upright.info:
@@ -71,11 +117,17 @@ def image_from_bytes(data: bytes, max_pixels: int | None = None) -> np.ndarray:
                 return as_fraction(np.asarray(upright, dtype=np.float64), integer=upright.mode != "F",
                                    sixteen_bit=upright.mode.startswith("I;16"))
             return np.asarray(upright.convert("L"), dtype=np.float64) / 255
+    except DataError:
+        raise
+    except Image.DecompressionBombError as error:  # beyond twice Pillow's limit: refused while opening
+        size = re.search(r"\((\d+) pixels\)", str(error))
+        pixels = f"{int(size.group(1)):,} pixels" if size else "the image"
+        raise DataError(f"{pixels} is more than the {limit:,} allowed (a small file can hold a huge image)") from None
     except Image.UnidentifiedImageError:  # its own message would name an anonymous in-memory file
         raise DataError("cannot read it as an image (UnidentifiedImageError: not an image format Pillow knows)") \
             from None
     except Exception as error:
-        raise DataError(f"cannot read it as an image ({type(error).__name__}: {error})") from None
+        raise DataError(f"cannot read it as an image ({type(error).__name__}: {_one_line(error)})") from None
 
 
 def prepare_image(image: np.ndarray, input_shape: tuple[int, int, int], fill: float = 20 / 28) -> np.ndarray:
@@ -117,14 +169,26 @@ def prepare_image(image: np.ndarray, input_shape: tuple[int, int, int], fill: fl
 
 
 def predict_files(model: Any, paths: list[Path], class_names: list[str], fill: float) -> list[dict]:
-    """Top-3 classes with probabilities for each image file (and a warning for an image with no ink)."""
-    images = np.stack([prepare_image(read_image(p), model.input_shape, fill) for p in paths])
-    probabilities = model.predict_proba(images)
-    results = []
-    for path, image, probs in zip(paths, images, probabilities):
-        top = np.argsort(probs)[::-1][:3]
-        result = {"file": str(path), "top": [{"class": class_names[i], "probability": float(probs[i])} for i in top]}
-        if image.max() < 0.05:
-            result["warning"] = "the image is blank (no ink found): the prediction means nothing"
+    """One result per image file, in order: {"file", "top": the top-3 classes with probabilities} (with a
+    "warning" for an image with no ink), or {"file", "error": one line saying why it cannot be read} for a
+    file that is not a usable image, so that one bad file does not cost the predictions of the others."""
+    results: list[dict] = []
+    prepared: list[tuple[dict, np.ndarray]] = []
+    for path in paths:
+        result: dict = {"file": str(path)}
+        try:
+            image = prepare_image(read_image(path), model.input_shape, fill)
+        except DataError as error:
+            message = str(error)
+            result["error"] = message.removeprefix(f"{path}: ")
+        else:
+            prepared.append((result, image))
         results.append(result)
+    if prepared:
+        probabilities = model.predict_proba(np.stack([image for _, image in prepared]))
+        for (result, image), probs in zip(prepared, probabilities):
+            top = np.argsort(probs)[::-1][:3]
+            result["top"] = [{"class": class_names[i], "probability": float(probs[i])} for i in top]
+            if image.max() < 0.05:
+                result["warning"] = "the image is blank (no ink found): the prediction means nothing"
     return results

@@ -22,6 +22,7 @@ Conventions used everywhere:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -36,7 +37,15 @@ from typing import Any, Callable
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from config_schema import DATASETS, LOG_LEVELS, OPTIMIZERS, SCHEMA, layer_name_and_arguments, validate_config
+from config_schema import (
+    DATASETS,
+    LOG_LEVELS,
+    OPTIMIZERS,
+    SCHEMA,
+    layer_name_and_arguments,
+    read_yaml_file,
+    validate_config,
+)
 from datafiles import OPENML_NAMES, download_openml, load_cache, load_idx_folder, make_synthetic
 from errors import CNNError, ConfigError, DataError
 from images import predict_files
@@ -45,9 +54,14 @@ from plumbing import (
     Interrupted,
     ProgressBar,
     StopRequest,
+    check_distinct_files,
+    check_fits_in_memory,
     check_writable,
     close_logging,
+    load_env_file,
     log_to_file,
+    machine_memory,
+    result_line,
     setup_logging,
     versions,
     write_atomic,
@@ -625,6 +639,7 @@ def make_layer(name: str, arguments: dict, shape: tuple[int, ...], rng: np.rando
         if k > shape[0] + 2 * p or k > shape[1] + 2 * p:
             raise ConfigError(f"{where}: kernel_size {k} is larger than its padded input {shape[0] + 2 * p}x"
                               f"{shape[1] + 2 * p} (input {shape[0]}x{shape[1]}, padding {p})")
+        refuse_if_too_big(k * k * shape[2] * arguments["filters"], where)
         return Conv2D(shape[2], arguments["filters"], k, arguments["stride"], p, rng=rng)
     if name in ("maxpool2d", "avgpool2d"):
         pool = (MaxPool2D if name == "maxpool2d" else AvgPool2D)(arguments["pool_size"], arguments["stride"])
@@ -633,12 +648,23 @@ def make_layer(name: str, arguments: dict, shape: tuple[int, ...], rng: np.rando
                               "it pools (reduce pool_size, use padding, or drop a layer)")
         return pool
     if name == "dense":
+        refuse_if_too_big(shape[0] * arguments["units"], where)
         return Dense(shape[0], arguments["units"], rng=rng)
     if name == "batchnorm":
         return BatchNorm(shape[-1], arguments["momentum"], arguments["eps"])
     if name == "dropout":
         return Dropout(arguments["rate"], dropout_rng)
     return {"relu": ReLU, "tanh": Tanh, "flatten": Flatten}[name]()
+
+
+def refuse_if_too_big(weights: int, where: str) -> None:
+    """ConfigError, before anything is allocated, for a layer whose weights could not fit in memory: in
+    training each weight takes 16 bytes (float32 weight, gradient and Adam's two moments)."""
+    memory = machine_memory()
+    if memory is not None and 16 * weights > memory:
+        raise ConfigError(f"{where}: {weights:,} weights need about {16 * weights / 2**30:,.1f} GiB in training, "
+                          f"but this machine has {memory / 2**30:.1f} GiB of memory available; use fewer filters or "
+                          "units")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -867,7 +893,7 @@ def _hold_out(images: np.ndarray, labels: np.ndarray, n_train: int, n_test: int,
     return (images[train], labels[train]), (images[test], labels[test])
 
 
-def load_data(data_cfg: dict) -> Dataset:
+def load_data(data_cfg: dict, evaluating_only: bool = False) -> Dataset:
     """Load data_cfg['dataset'] and draw n_train / n_test images from it with the seed.
 
     MNIST and Fashion-MNIST come from, in order: the IDX folder data_cfg['path'], the cache in
@@ -915,7 +941,8 @@ def load_data(data_cfg: dict) -> Dataset:
                 raise DataError(reason + "; synthetic fallback is off (--no-fallback)") from None
             log.warning("!" * 78)
             log.warning("SYNTHETIC DATA: %s", reason)
-            log.warning("Training on synthetic seven-segment digits instead: the accuracy says nothing about %s.", name)
+            log.warning("%s on synthetic seven-segment digits instead: the accuracy says nothing about %s.",
+                        "Evaluating" if evaluating_only else "Training", name)
             log.warning("!" * 78)
             return _to_dataset(make_synthetic(n_train, rng), make_synthetic(n_test, rng), DIGIT_NAMES, name,
                                "synthetic", "FALLBACK: " + reason, n_val)
@@ -1166,25 +1193,11 @@ def gradient_check_table(rows: list[dict]) -> str:
 
 
 def load_config(path: str | Path) -> dict:
-    """Read and validate a YAML config file. Raises ConfigError (one line) for any problem."""
-    import yaml
-
+    """Read and validate a YAML config file. Raises ConfigError (one line) for any problem: see
+    config_schema.read_yaml_file (missing, a folder, not UTF-8, too large, YAML syntax, duplicate keys, alias
+    bombs, deep nesting) and validate_config (every key and value)."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{path}: cannot read the config file ({error})") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        mark, context = getattr(error, "problem_mark", None), getattr(error, "context_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        if context is not None and getattr(error, "context", None):
-            problem += f" ({error.context} started at line {context.line + 1})"
-        raise ConfigError(f"{path}: YAML syntax error{where}: {problem}") from None
+    raw = read_yaml_file(path)
     try:
         return validate_config(raw)
     except ConfigError as error:
@@ -1195,7 +1208,8 @@ def load_config(path: str | Path) -> dict:
 # Command line
 # ------------------------------------------------------------------------------------------------
 
-EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_DIVERGED = 0, 1, 2, 3
+EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_DIVERGED, EXIT_OUTPUT = 0, 1, 2, 3, 4
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a Unix tool reports when the reader of its output went away
 EXIT_BY_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal number, as shells report it
 # flag -> (section, key) that it overrides
 OVERRIDES = {"epochs": ("training", "epochs"), "batch_size": ("training", "batch_size"),
@@ -1228,7 +1242,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a convolutional neural network written from scratch in NumPy on MNIST.",
         epilog="Precedence: flags > environment (RANDOM_SEED, also from .env) > config file > defaults. "
                "Exit codes: 0 done, 1 unexpected error, 2 bad usage/config/data, 3 training diverged, "
-               "130 interrupted (Ctrl-C), 143 terminated.")
+               "4 an output file could not be written, 130 interrupted (Ctrl-C), 143 terminated, "
+               "141 the output's reader went away.")
     parser.add_argument("--config", type=path_argument, metavar="FILE",
                         help="YAML config (default: ./config.yaml if present, else built-in defaults)")
     parser.add_argument("--output", type=path_argument, metavar="FILE", help="write results as JSON to FILE")
@@ -1297,9 +1312,10 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, dict[str, str]]:
     Returns the config and where it came from: {"config": file or "built-in defaults", "seed": ...}.
     """
     if args.config:
-        cfg, origin = load_config(args.config), {"config": args.config, "seed": args.config}
+        cfg, origin = load_config(args.config), {"config": args.config, "seed": args.config, "file": args.config}
     elif Path("config.yaml").is_file():
-        cfg, origin = load_config("config.yaml"), {"config": "config.yaml", "seed": "config.yaml"}
+        cfg, origin = load_config("config.yaml"), {"config": "config.yaml", "seed": "config.yaml",
+                                                   "file": "config.yaml"}
     else:
         cfg, origin = validate_config({}), {"config": "built-in defaults", "seed": "built-in default"}
     seed_text = os.environ.get("RANDOM_SEED", "").strip()
@@ -1321,7 +1337,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, dict[str, str]]:
         # Build the configured model once on the data set's image size, so that an impossible architecture
         # is reported now, not after a minute of downloading. (A loaded model brings its own architecture.)
         try:
-            build_model(cfg["model"], input_shape_of(cfg["data"]["dataset"]), 10, np.random.default_rng(0))
+            model = build_model(cfg["model"], input_shape_of(cfg["data"]["dataset"]), 10, np.random.default_rng(0))
+            check_fits_in_memory(model, cfg["training"]["batch_size"])
         except ConfigError as error:
             raise ConfigError(f"{origin['config']}: {error}") from None
         except (MemoryError, ValueError) as error:  # numpy cannot allocate the weights
@@ -1338,9 +1355,11 @@ def input_shape_of(dataset: str) -> tuple[int, int, int]:
     return (8, 8, 1) if dataset == "digits" else (28, 28, 1)
 
 
-def run_gradcheck(args: argparse.Namespace, cfg: dict) -> int:
+def run_gradcheck(args: argparse.Namespace, cfg: dict, origin: dict[str, str]) -> int:
     """--gradcheck: the configured model, four random inputs, float64, every layer's backward checked.
     The table is the command's output, so it is printed whatever the log level."""
+    check_distinct_files({"the config": origin.get("file"), "--output": args.output,
+                          "logging.file": cfg["logging"]["file"]})
     check_writable(args.output, "--output")
     rngs = make_rngs(cfg["data"]["random_seed"])
     rng, input_shape = rngs["init"], input_shape_of(cfg["data"]["dataset"])
@@ -1372,21 +1391,32 @@ def ink_fill(dataset: str | None) -> float:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    """--predict: classify image files with a saved model, one line each, no training."""
+    """--predict: classify image files with a saved model, one line each on stdout, no training. A file that
+    cannot be read gets one `error: FILE: why` line on stderr instead, the others are still classified, and the
+    exit code is then 2 (EXIT_USAGE). --output lists every file: its top classes, or its error."""
+    for role, path in [("--load-model", args.load_model)] + [("an image of --predict", p) for p in args.predict]:
+        check_distinct_files({role: path, "--output": args.output})
     check_writable(args.output, "--output")
     loaded = load_model(Path(args.load_model), build_model)
     fill = ink_fill(loaded.meta.get("dataset"))
     predictions = predict_files(loaded.model, [Path(p) for p in args.predict], loaded.meta["class_names"], fill)
+    failed = [prediction for prediction in predictions if "error" in prediction]
     for prediction in predictions:
+        if "error" in prediction:
+            sys.stdout.flush()  # keep the lines in order when stdout and stderr go to the same terminal or file
+            print(f"error: {prediction['file']}: {prediction['error']}", file=sys.stderr, flush=True)
+            log_to_file(logging.ERROR, f"{prediction['file']}: {prediction['error']}")
+            continue
         ranked = ", ".join(f"{t['class']} ({100 * t['probability']:.1f}%)" for t in prediction["top"])
         print(f"{prediction['file']}: {ranked}")
         if "warning" in prediction:
             log.warning("%s: %s", prediction["file"], prediction["warning"])
         log_to_file(logging.INFO, f"prediction {prediction['file']}: {ranked}")
     if args.output:
-        write_json(args.output, {"status": "predicted", "model": args.load_model, "predictions": predictions,
-                                 "versions": versions()})
-    return EXIT_OK
+        status = "predicted" if not failed else "failed" if len(failed) == len(predictions) else "partly predicted"
+        write_json(args.output, {"status": status, "model": args.load_model, "predictions": predictions,
+                                 "failed_files": len(failed), "versions": versions()})
+    return EXIT_USAGE if failed else EXIT_OK
 
 
 def run_serve(args: argparse.Namespace, model: Sequential, meta: dict) -> int:
@@ -1430,6 +1460,16 @@ def model_for_run(args: argparse.Namespace, cfg: dict, data: Dataset,
     earlier = loaded.meta.get("training", {})
     log.info("loaded %s (trained for %s); its architecture replaces the config's model section", args.load_model,
              plural(int(earlier.get("epochs_completed", 0)), "epoch"))
+    trained_on = loaded.meta.get("data") or {"dataset": loaded.meta.get("dataset")}
+    now = "evaluated" if cfg["training"]["epochs"] == 0 else "trained further"
+    synthetic_then, synthetic_now = trained_on.get("source") == "synthetic", data.source == "synthetic"
+    if trained_on.get("dataset") != data.name or synthetic_then != synthetic_now:
+        log.warning("%s was trained on %s%s, but is now %s on %s (source: %s): its accuracy here says little; "
+                    "pass the data it was trained on (--data-path, --dataset)", args.load_model,
+                    trained_on.get("dataset"), f" (source: {trained_on['source']})" if trained_on.get("source") else "",
+                    now, data.name, data.source)
+    if cfg["training"]["epochs"] == 0:
+        return loaded.model, loaded.meta["model"], optimizer, earlier
     if restore_optimizer(optimizer, loaded, {key: param for key, param, _ in parameters(loaded.model)}):
         log.info("continuing with the saved %s state", cfg["training"]["optimizer"])
     else:
@@ -1457,14 +1497,23 @@ def results_document(args: argparse.Namespace, cfg: dict, model_cfg: dict, data:
 
 def run_training(args: argparse.Namespace, cfg: dict, origin: dict[str, str], stop: StopRequest) -> int:
     """The default command: load data, build (or load) the model, train, evaluate, write what was asked."""
-    plot_dir = cfg["output"]["plot_dir"]
+    plot_dir, training_cfg, seed = cfg["output"]["plot_dir"], cfg["training"], cfg["data"]["random_seed"]
+    pictures = {}
+    if plot_dir:
+        from plots import FIGURE_SIZES
+
+        pictures = {f"the picture {name}.png": str(Path(plot_dir) / f"{name}.png") for name in FIGURE_SIZES}
+    check_distinct_files({"the config": origin.get("file"), "--output": args.output, "--save-model": args.save_model,
+                          "logging.file": cfg["logging"]["file"], **pictures})
+    if args.load_model and args.load_model != args.save_model:
+        check_distinct_files({"--load-model": args.load_model, "--output": args.output, **pictures})
     check_writable(args.output, "--output")
     check_writable(args.save_model, "--save-model")
-    check_writable(plot_dir, "output.plot_dir", folder=True)
-    seed, training_cfg = cfg["data"]["random_seed"], cfg["training"]
+    check_writable(plot_dir, "--plot-dir" if args.plot_dir else "output.plot_dir", folder=True)
+    evaluating_only = training_cfg["epochs"] == 0
     log.info("numpy-cnn: config from %s, seed %d (from %s)", origin["config"], seed, origin["seed"])
     rngs = make_rngs(seed)
-    data = load_data(cfg["data"])
+    data = load_data(cfg["data"], evaluating_only)
     held_out = f", {len(data.x_val):,} validation" if len(data.x_val) else ""
     log.info("data: %s (source: %s), %s training%s and %s test images of %s, %d classes; %s", data.name,
              data.source, f"{len(data.x_train):,}", held_out, f"{len(data.x_test):,}", data.input_shape,
@@ -1481,16 +1530,18 @@ def run_training(args: argparse.Namespace, cfg: dict, origin: dict[str, str], st
     schedule, augment_cfg = training_cfg["lr_schedule"], cfg["data"]["augment"]
     changes = [f"shifts of up to {augment_cfg['shift']} px"] if augment_cfg["shift"] else []
     changes += [f"rotations of up to {augment_cfg['rotate']:g} degrees"] if augment_cfg["rotate"] else []
-    log.info("training: %s, batch %d, %s, learning rate %g (%s)%s%s, %s", plural(training_cfg["epochs"], "epoch"),
-             training_cfg["batch_size"], training_cfg["optimizer"], training_cfg["learning_rate"], schedule["name"],
-             f", weight decay {training_cfg['weight_decay']:g}" if training_cfg["weight_decay"] else "",
-             f", {' and '.join(changes)}" if changes else "", plural(workers, "worker thread"))
+    if not evaluating_only:
+        log.info("training: %s, batch %d, %s, learning rate %g (%s)%s%s, %s",
+                 plural(training_cfg["epochs"], "epoch"), training_cfg["batch_size"], training_cfg["optimizer"],
+                 training_cfg["learning_rate"], schedule["name"],
+                 f", weight decay {training_cfg['weight_decay']:g}" if training_cfg["weight_decay"] else "",
+                 f", {' and '.join(changes)}" if changes else "", plural(workers, "worker thread"))
     timings = instrument(model, optimizer) if args.profile else None
     steps_per_epoch = math.ceil(len(data.x_train) / training_cfg["batch_size"])
     learning_rate = learning_rate_schedule(schedule, training_cfg["learning_rate"], steps_per_epoch,
                                            steps_per_epoch * training_cfg["epochs"])
     augment = None
-    if augment_cfg["shift"] or augment_cfg["rotate"]:
+    if changes:
         def augment(x: np.ndarray) -> np.ndarray:
             return shift_and_rotate(x, rngs["augment"], augment_cfg["shift"], augment_cfg["rotate"])
 
@@ -1501,6 +1552,7 @@ def run_training(args: argparse.Namespace, cfg: dict, origin: dict[str, str], st
                    rng=rngs["shuffle"], workers=workers, learning_rate=learning_rate, augment=augment,
                    should_stop=lambda: stop.signum is not None, first_epoch=first_epoch)
     train_seconds = time.perf_counter() - start
+    stop.after = "the file being written"
 
     test_loss = test_accuracy = None
     if result.status == "diverged":
@@ -1514,46 +1566,26 @@ def run_training(args: argparse.Namespace, cfg: dict, origin: dict[str, str], st
     if result.status == "interrupted":
         log.warning("interrupted after %s", plural(len(result.history), "completed epoch"))
     if test_accuracy is not None:
-        log.info("test accuracy %.2f%%, test loss %.4f, training took %.1fs", 100 * test_accuracy, test_loss,
-                 train_seconds)
+        real = data.source != "synthetic" or data.name == "synthetic"
+        on_what = "" if real else f" on SYNTHETIC digits, not {data.name} (offline fallback: see above)"
+        took = "evaluation only, no training" if evaluating_only else f"training took {train_seconds:.1f}s"
+        result_line(f"test accuracy {100 * test_accuracy:.2f}%{on_what}, test loss {test_loss:.4f}, {took}")
     if timings is not None and result.batches:
         side_by_side = f"; layers: mean of {workers} worker threads, which run side by side" if workers > 1 else ""
         log.info("time per layer over %d training batches (evaluation not included%s):\n%s", result.batches,
                  side_by_side, profile_table(timings, model.names, result.batches, workers))
 
-    files: dict[str, Any] = {}
     summary = {"epochs_completed": first_epoch - 1 + len(result.history), "test_accuracy": test_accuracy,
                "test_loss": test_loss, "status": result.status, "stopped_at": result.stopped_at, "seed": seed,
                "history": earlier.get("history", []) + result.history, "saved_at": started_at, "workers": workers}
-    if args.save_model:
-        if result.status == "diverged":
-            log.warning("not saving the model: its weights are not finite")
-        else:
-            save_model(Path(args.save_model), model, model_cfg, data, summary, optimizer)
-            files["model"] = args.save_model
-            log.info("saved the model to %s", args.save_model)
-    problems = []
-    if plot_dir and result.status != "diverged":
-        try:  # a picture that fails must not cost the results of the run
-            from plots import write_plots
-
-            files["plots"] = write_plots(Path(plot_dir), model, data, result.history)
-            log.info("pictures written to %s: %s", plot_dir, ", ".join(Path(p).name for p in files["plots"].values()))
-        except Exception as error:
-            log_to_file(logging.ERROR, "drawing the pictures failed", with_traceback=True)
-            problems.append(f"pictures: {type(error).__name__}: {error}")
-            log.error("could not draw the pictures (%s: %s)", type(error).__name__, error)
-    if cfg["logging"]["file"]:
-        files["log"] = cfg["logging"]["file"]
-    if args.output:
-        files["results"] = args.output
-        write_json(args.output, results_document(args, cfg, model_cfg, data, model, result, summary, train_seconds,
-                                                 files, problems))
-        log.info("results written to %s", args.output)
+    problems, failed_writes = write_outputs(args, cfg, model_cfg, data, model, optimizer, result, summary,
+                                            train_seconds, stop)
     if result.status == "diverged":
         return EXIT_DIVERGED
     if stop.signum is not None:  # interrupted, or a signal came while the results were being written
         return EXIT_BY_SIGNAL[stop.signum]
+    if failed_writes:
+        return EXIT_OUTPUT
     if problems:
         return EXIT_UNEXPECTED
     if args.serve:
@@ -1562,21 +1594,73 @@ def run_training(args: argparse.Namespace, cfg: dict, origin: dict[str, str], st
     return EXIT_OK
 
 
+def write_outputs(args: argparse.Namespace, cfg: dict, model_cfg: dict, data: Dataset, model: Sequential,
+                  optimizer: Optimizer, result: TrainResult, summary: dict, train_seconds: float,
+                  stop: StopRequest) -> tuple[list[str], bool]:
+    """The model file, the pictures and the results file, each written whole or not at all. A file that cannot
+    be written (a full disk, say) is named in one line, and the others are still written; a signal skips the
+    pictures. Returns the problems, and whether a file could not be written."""
+    files: dict[str, Any] = {}
+    problems: list[str] = []
+    failed_writes = False
+
+    def write(what: str, path: str, action: Callable[[], None]) -> bool:
+        nonlocal failed_writes
+        try:
+            action()
+            return True
+        except OSError as error:
+            failed_writes = True
+            problems.append(f"{what} {path}: {error.strerror or error}")
+            log.error("could not write %s %s (%s)", what, path, error.strerror or error)
+            return False
+
+    if args.save_model and result.status == "diverged":
+        log.warning("not saving the model: its weights are not finite")
+    elif args.save_model and write("the model", args.save_model, lambda: save_model(
+            Path(args.save_model), model, model_cfg, data, summary, optimizer)):
+        files["model"] = args.save_model
+        log.info("saved the model to %s", args.save_model)
+    plot_dir = cfg["output"]["plot_dir"]
+    if plot_dir and result.status != "diverged" and stop.signum is None:
+        try:  # a picture that fails must not cost the results of the run
+            from plots import write_plots
+
+            pictures: dict = {}
+            if write("the pictures in", plot_dir, lambda: pictures.update(
+                    write_plots(Path(plot_dir), model, data, result.history))):
+                files["plots"] = pictures
+                log.info("pictures written to %s: %s", plot_dir, ", ".join(Path(p).name for p in pictures.values()))
+        except Exception as error:
+            log_to_file(logging.ERROR, "drawing the pictures failed", with_traceback=True)
+            problems.append(f"pictures: {type(error).__name__}: {error}")
+            log.error("could not draw the pictures (%s: %s)", type(error).__name__, error)
+    if cfg["logging"]["file"]:
+        files["log"] = cfg["logging"]["file"]
+    if args.output:
+        if stop.signum is not None and result.status == "completed":  # the status says what the exit code says
+            result.status, result.stopped_at = "interrupted", {"after": "training, while writing the outputs"}
+        files["results"] = args.output
+        document = results_document(args, cfg, model_cfg, data, model, result, summary, train_seconds, files,
+                                    problems)
+        if write("the results", args.output, lambda: write_json(args.output, document)):
+            log.info("results written to %s", args.output)
+    return problems, failed_writes
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit code (0 done, 1 unexpected, 2 bad input, 3 diverged,
-    130 / 143 interrupted)."""
+    """Run the command line; returns the exit code (0 done, 1 unexpected, 2 bad input, 3 diverged, 4 an output
+    could not be written, 130 / 143 interrupted, 141 the reader of the output went away)."""
     try:
         args = build_parser().parse_args(argv)
         check_flag_combinations(args)
-        from dotenv import find_dotenv, load_dotenv
-
-        load_dotenv(find_dotenv(usecwd=True))  # never overrides variables already set
+        load_env_file()  # the nearest .env; never overrides variables already set
         cfg, origin = resolve_config(args)
         setup_logging(cfg["logging"])
         # Overflow in a diverging run is reported as divergence, not as a NumPy warning.
         with np.errstate(all="ignore"), StopRequest() as stop:
             if args.gradcheck:
-                return run_gradcheck(args, cfg)
+                return run_gradcheck(args, cfg, origin)
             if args.predict:
                 return run_predict(args)
             if args.serve and args.load_model:
@@ -1587,6 +1671,10 @@ def main(argv: list[str] | None = None) -> int:
         log_to_file(logging.ERROR, str(error))
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # `python src/main.py ... | head`: the reader has all it wanted
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        return EXIT_BROKEN_PIPE
     except (KeyboardInterrupt, Interrupted) as stopped:
         signum = getattr(stopped, "signum", signal.SIGINT)
         log_to_file(logging.WARNING, f"stopped by {signal.Signals(signum).name}")

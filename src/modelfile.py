@@ -8,6 +8,7 @@ build_model function passed in, so this leaf module never imports main.
 from __future__ import annotations
 
 import json
+import math
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from config_schema import check_model
+from config_schema import check_model, shown
 from errors import ConfigError, ModelFileError
 from plumbing import write_atomic
 
@@ -55,62 +56,165 @@ class LoadedModel:
     optimizer_state: dict[str, np.ndarray]
 
 
+MAX_SIDE = 4096  # pixels of an input image's side
+MAX_CLASSES = 1000
+MAX_META_CHARACTERS = 16_000_000  # the JSON 'meta' entry: a training history of thousands of epochs fits
+
+
 def load_model(path: Path, build_model: Callable[..., Any]) -> LoadedModel:
     """Rebuild a model saved by save_model with build_model(model_cfg, input_shape, num_classes, rng) (main's).
-    Never unpickles; any defect is a ModelFileError naming the file."""
+    Never unpickles; any defect is a ModelFileError naming the file, with one line: metadata that lies (an input
+    of other than 1 channel or of absurd size, class names that are not a short list of strings, a training
+    summary with a non-finite accuracy), an architecture that cannot be built, arrays that do not fit it (checked
+    from each array's header, before its data is read) and weights or optimiser state holding NaN or infinity."""
     path = Path(path)
+    if path.is_dir():
+        raise ModelFileError(f"{path}: is a folder, not a model file")
     if not path.is_file():
         raise ModelFileError(f"{path}: no such model file")
     if not zipfile.is_zipfile(path):
         raise ModelFileError(f"{path}: not a numpy-cnn model file (not an .npz archive)")
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {key: archive[key] for key in archive.files}
-    except Exception as error:  # not a zip, truncated, pickled objects, bad CRC: all "not a model file"
-        raise ModelFileError(f"{path}: not a readable numpy-cnn model file ({type(error).__name__}: {error})") from None
-    if "meta" not in arrays:
-        raise ModelFileError(f"{path}: not a numpy-cnn model file (it has no 'meta' entry)")
-    try:
-        meta = json.loads(str(arrays.pop("meta")))
-        if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
-            raise ValueError(f"its format is not {MODEL_FORMAT!r}")
-        model_cfg = meta["model"] = check_model(meta["model"], convert_old_keys=True)
-        input_shape, class_names = tuple(int(v) for v in meta["input_shape"]), [str(c) for c in meta["class_names"]]
-        if len(input_shape) != 3 or min(input_shape) < 1 or len(class_names) < 2:
-            raise ValueError(f"input shape {input_shape} or class names {class_names} make no sense")
-        training, optimizer = meta.setdefault("training", {}), meta.get("optimizer")
-        epochs, history = (training.get("epochs_completed", 0), training.get("history", [])) \
-            if isinstance(training, dict) else (None, None)
-        if (type(epochs) is not int or epochs < 0  # type(), not isinstance(): True is an int too
-                or not isinstance(history, list) or not all(isinstance(row, dict) for row in history)):
-            raise ValueError(f"its training summary {training!r:.80} is not a mapping with an integer "
-                             "epochs_completed >= 0 and a list of history rows")
-        if optimizer is not None and (not isinstance(optimizer, dict) or not isinstance(optimizer.get("name"), str)
-                                      or not isinstance(optimizer.get("t", 0), int)):
-            raise ValueError(f"its optimizer entry {optimizer!r:.80} is not a mapping with a name and a step count")
-    except (KeyError, TypeError, ValueError, ConfigError) as error:
-        raise ModelFileError(f"{path}: not a valid numpy-cnn model file (meta: {error})") from None
-    try:
-        model = build_model(model_cfg, input_shape, len(class_names), np.random.default_rng(0))
-    except ConfigError as error:
-        raise ModelFileError(f"{path}: the stored architecture does not fit its input shape ({error})") from None
-    expected = {weight_key(i, name) for i, layer in enumerate(model.layers)
-                for name in {**layer.params, **layer.buffers}}
-    stored = {key for key in arrays if not key.startswith("optimizer.")}
-    if stored != expected:
-        raise ModelFileError(f"{path}: weights {sorted(stored ^ expected)[:3]} do not fit the stored architecture")
-    for i, layer in enumerate(model.layers):
-        for name, param in {**layer.params, **layer.buffers}.items():
-            weights = arrays[weight_key(i, name)]
-            if weights.shape != param.shape or weights.dtype.kind != "f":
-                raise ModelFileError(f"{path}: {weight_key(i, name)} has shape {weights.shape} ({weights.dtype}), "
-                                     f"the stored architecture needs {param.shape} (float)")
-            param[...] = weights
-    optimizer_state = {key.removeprefix("optimizer."): arrays[key] for key in arrays if key.startswith("optimizer.")}
-    for key, state in optimizer_state.items():
-        if state.dtype.kind != "f":
-            raise ModelFileError(f"{path}: optimizer.{key} holds {state.dtype} values, not floats")
+        archive = np.load(path, allow_pickle=False)
+    except Exception as error:  # damaged zip directory and the like
+        raise _unreadable(path, error) from None
+    with archive:
+        if "meta" not in archive.files:
+            raise ModelFileError(f"{path}: not a numpy-cnn model file (it has no 'meta' entry)")
+        try:
+            meta = _read_meta(archive)
+            model_cfg, input_shape, class_names = _check_meta(meta)
+        except (KeyError, TypeError, ValueError, RecursionError, ConfigError) as error:
+            raise ModelFileError(f"{path}: not a valid numpy-cnn model file (meta: {error})") from None
+        except ModelFileError:
+            raise
+        except Exception as error:  # a damaged member: bad CRC, truncated data
+            raise _unreadable(path, error) from None
+        try:
+            model = build_model(model_cfg, input_shape, len(class_names), np.random.default_rng(0))
+        except ConfigError as error:
+            raise ModelFileError(f"{path}: the stored architecture cannot be built ({error})") from None
+        except (MemoryError, ValueError):  # numpy cannot allocate the weights
+            raise ModelFileError(f"{path}: the stored architecture's weights do not fit in memory") from None
+        try:
+            optimizer_state = _load_arrays(path, archive, model)
+        except ModelFileError:
+            raise
+        except Exception as error:  # a damaged member: bad CRC, truncated data, a header numpy cannot parse
+            raise _unreadable(path, error) from None
     return LoadedModel(model, meta, optimizer_state)
+
+
+def _unreadable(path: Path, error: BaseException) -> ModelFileError:
+    return ModelFileError(f"{path}: not a readable numpy-cnn model file ({type(error).__name__}: "
+                          f"{' '.join(str(error).split())[:160]})")
+
+
+def _name(key: str) -> str:
+    """An array's name from the file for a message: as it is when short and on one line, else quoted and cut."""
+    return key if len(key) <= 80 and key.isprintable() else shown(key)
+
+
+def _header(archive: Any, key: str) -> tuple[tuple[int, ...], np.dtype]:
+    """The shape and dtype an .npz member declares in its .npy header, read without reading its data."""
+    try:
+        name = archive.zip.getinfo(key + ".npy").filename  # np.savez stores 'layer0.W' as 'layer0.W.npy'
+    except KeyError:
+        name = key
+    with archive.zip.open(name) as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            raise ValueError(f"{_name(key)} is stored in .npy format version {version}, which no model file uses")
+    return tuple(shape), dtype
+
+
+def _read_meta(archive: Any) -> dict:
+    shape, dtype = _header(archive, "meta")
+    if shape != () or dtype.kind not in "US" or dtype.itemsize > 4 * MAX_META_CHARACTERS:
+        raise ValueError(f"it is not one JSON text of at most {MAX_META_CHARACTERS:,} characters "
+                         f"(an array of {dtype} and shape {shape})")
+    meta = json.loads(str(archive["meta"]))
+    if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
+        raise ValueError(f"its format is not {MODEL_FORMAT!r}")
+    return meta
+
+
+def _finite_number(value: Any) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+def _check_meta(meta: dict) -> tuple[dict, tuple[int, int, int], list[str]]:
+    """(architecture, input shape, class names) of a model file's meta entry; ValueError saying what lies.
+    The training summary, optimiser entry and data summary are checked too (and meta["model"] normalised)."""
+    model_cfg = meta["model"] = check_model(meta["model"], convert_old_keys=True)
+    shape, names = meta["input_shape"], meta["class_names"]
+    if not isinstance(shape, list) or len(shape) != 3 or not all(type(side) is int for side in shape):
+        raise ValueError(f"input_shape {shown(shape)} is not [height, width, channels] (3 integers)")
+    if shape[2] != 1:
+        raise ValueError(f"input_shape {shape} has {shape[2]} channels, but numpy-cnn models read grey images "
+                         "(1 channel)")
+    if not (1 <= shape[0] <= MAX_SIDE and 1 <= shape[1] <= MAX_SIDE):
+        raise ValueError(f"input_shape {shape}: an image's sides must be 1 to {MAX_SIDE} pixels")
+    if (not isinstance(names, list) or not 2 <= len(names) <= MAX_CLASSES
+            or not all(isinstance(name, str) and 0 < len(name) <= 100 and name.isprintable() for name in names)):
+        raise ValueError(f"class_names {shown(names)} is not a list of 2 to {MAX_CLASSES:,} names (short strings "
+                         "on one line)")
+    training, optimizer = meta.setdefault("training", {}), meta.get("optimizer")
+    epochs, history = (training.get("epochs_completed", 0), training.get("history", [])) \
+        if isinstance(training, dict) else (None, None)
+    if (type(epochs) is not int or epochs < 0  # type(), not isinstance(): True is an int too
+            or not isinstance(history, list) or not all(isinstance(row, dict) for row in history)):
+        raise ValueError(f"its training summary {shown(training)} is not a mapping with an integer "
+                         "epochs_completed >= 0 and a list of history rows")
+    for key, high in (("test_accuracy", 1), ("test_loss", math.inf)):
+        value = training.get(key)
+        if value is not None and not (_finite_number(value) and 0 <= value <= high):
+            raise ValueError(f"training.{key} is {shown(value)}, not a finite number"
+                             + (" from 0 to 1" if high == 1 else " >= 0"))
+    if optimizer is not None and (not isinstance(optimizer, dict) or not isinstance(optimizer.get("name"), str)
+                                  or type(optimizer.get("t", 0)) is not int or optimizer.get("t", 0) < 0):
+        raise ValueError(f"its optimizer entry {shown(optimizer)} is not a mapping with a name and a step count")
+    if not isinstance(meta.get("data") or {}, dict) or not isinstance(meta.get("dataset") or "", str):
+        raise ValueError(f"its data entry {shown(meta.get('data'))} or dataset {shown(meta.get('dataset'))} is not "
+                         "what save_model writes")
+    return model_cfg, (shape[0], shape[1], shape[2]), names
+
+
+def _load_arrays(path: Path, archive: Any, model: Any) -> dict[str, np.ndarray]:
+    """Copy the stored weights and buffers into `model`; return the optimiser state. Each array's header is
+    checked before its data is read: a small file can declare a huge array."""
+    expected = {weight_key(i, name): param for i, layer in enumerate(model.layers)
+                for name, param in {**layer.params, **layer.buffers}.items()}
+    stored = {key for key in archive.files if key != "meta" and not key.startswith("optimizer.")}
+    if stored != set(expected):
+        raise ModelFileError(f"{path}: weights {shown(sorted(stored ^ set(expected))[:3])} do not fit the stored "
+                             "architecture")
+    for key, param in expected.items():
+        shape, dtype = _header(archive, key)
+        if shape != param.shape or dtype.kind != "f":
+            raise ModelFileError(f"{path}: {key} has shape {shape} ({dtype}), the stored architecture needs "
+                                 f"{param.shape} (float)")
+        weights = archive[key]
+        if not np.isfinite(weights).all():
+            raise ModelFileError(f"{path}: {key} holds NaN or infinite values")
+        param[...] = weights
+    largest = max((param.size for param in expected.values()), default=0)
+    optimizer_state = {}
+    for key in (key for key in archive.files if key.startswith("optimizer.")):
+        shape, dtype = _header(archive, key)
+        if dtype.kind != "f":
+            raise ModelFileError(f"{path}: {_name(key)} holds {dtype} values, not floats")
+        if math.prod(shape) > largest:
+            raise ModelFileError(f"{path}: {_name(key)} has shape {shape}, larger than any weight of the model")
+        state = archive[key]
+        if not np.isfinite(state).all():
+            raise ModelFileError(f"{path}: {_name(key)} holds NaN or infinite values")
+        optimizer_state[key.removeprefix("optimizer.")] = state
+    return optimizer_state
 
 
 def restore_optimizer(optimizer: Any, loaded: LoadedModel, params: dict[str, np.ndarray]) -> bool:

@@ -6,8 +6,10 @@ A leaf module: it never imports main.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import os
 import platform
 import signal
@@ -76,25 +78,57 @@ class ConsoleFormatter(logging.Formatter):
         return message if record.levelno < logging.WARNING else f"{record.levelname}: {message}"
 
 
+class ConsoleHandler(logging.StreamHandler):
+    """A console stream whose reader went away (`| head`) ends the program quietly: the BrokenPipeError goes
+    up to main, which exits as a Unix tool does, instead of logging's "--- Logging error ---" report."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
+        error = sys.exc_info()[1]
+        if isinstance(error, BrokenPipeError):
+            raise error
+        super().handleError(record)
+
+
+class LogFileHandler(logging.FileHandler):
+    """The log file. When it cannot be written (a full disk), it says so once on stderr and stops trying:
+    a log must not take the run, or its results, down with it."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
+        error = sys.exc_info()[1]
+        log.removeHandler(self)
+        with contextlib.suppress(OSError):
+            self.close()
+        reason = getattr(error, "strerror", None) or error
+        with contextlib.suppress(OSError):
+            print(f"warning: cannot write the log file {self.baseFilename} ({reason}); logging to the console only",
+                  file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError:  # the last flush on a full disk: the file keeps what it had
+            self.stream = None
+
+
 def setup_logging(logging_cfg: dict) -> None:
-    """Console (stdout at the configured level; errors on stderr) and, if logging.file is set, a file with
-    timestamps."""
+    """Information on stdout at the configured level; warnings and errors on stderr (diagnostics, which a
+    pipe of the results should not carry); and, if logging.file is set, a file with timestamps."""
     close_logging()
     log.setLevel(logging.DEBUG)
     log.propagate = False
-    console = logging.StreamHandler(sys.stdout)
+    console = ConsoleHandler(sys.stdout)
     console.setLevel(logging_cfg["level"])
-    console.addFilter(lambda record: record.levelno < logging.ERROR)
-    errors = logging.StreamHandler(sys.stderr)
-    errors.setLevel(logging.ERROR)
-    for handler in (console, errors):
+    console.addFilter(lambda record: record.levelno < logging.WARNING)
+    diagnostics = ConsoleHandler(sys.stderr)
+    diagnostics.setLevel(max(logging.WARNING, logging.getLevelName(logging_cfg["level"])))
+    for handler in (console, diagnostics):
         handler.setFormatter(ConsoleFormatter("%(message)s"))
         log.addHandler(handler)
     if logging_cfg["file"]:
         path = Path(logging_cfg["file"])
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            handler = logging.FileHandler(path, encoding="utf-8")
+            handler = LogFileHandler(path, encoding="utf-8")
         except OSError as error:
             raise CNNError(f"logging.file: cannot write the log file {path} ({error.strerror or error})") from None
         handler.setLevel(logging_cfg["level"])
@@ -104,8 +138,16 @@ def setup_logging(logging_cfg: dict) -> None:
 
 def close_logging() -> None:
     for handler in list(log.handlers):
-        handler.close()
+        with contextlib.suppress(OSError):
+            handler.close()
         log.removeHandler(handler)
+
+
+def result_line(message: str) -> None:
+    """The line that says what a run achieved: on stdout whatever the log level (a diagnostic it is not), and
+    in the log file."""
+    print(message, flush=True)
+    log_to_file(logging.INFO, message)
 
 
 def log_to_file(level: int, message: str, with_traceback: bool = False) -> None:
@@ -136,8 +178,13 @@ def check_writable(path: str | None, what: str, folder: bool = False) -> None:
     try:
         for new_folder in reversed(missing):
             new_folder.mkdir()
-        with tempfile.TemporaryFile(dir=target if folder else target.parent):
-            pass
+        if folder:
+            with tempfile.TemporaryFile(dir=target):
+                pass
+        else:  # the very name write_atomic will create: the file's name and 14 more characters
+            descriptor, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+            os.close(descriptor)
+            os.unlink(temporary)
     except OSError as error:
         raise CNNError(f"{what} {target}: cannot write there ({error.strerror or error})") from None
     finally:
@@ -159,21 +206,22 @@ class StopRequest:
     """SIGINT (Ctrl-C) and SIGTERM handler for the whole run.
 
     Before training, a signal stops the program at once. Once `graceful` is set (training has started), the
-    first signal only asks training to stop after the current batch, so that the results and the model are
-    still written; a second signal stops at once.
+    first signal only asks the run to stop after the current batch (or, once training is over, after the file
+    being written), so that the results and the model are still written; a second signal stops at once.
     """
 
     def __init__(self) -> None:
         self.signum: int | None = None
         self.graceful = False
+        self.after = "this batch"  # what the run finishes before it stops; main sets it as the run goes on
         self.previous: dict = {}
 
     def __call__(self, signum: int, frame: Any) -> None:
         if not self.graceful or self.signum is not None:
             raise Interrupted(signum)
         self.signum = signum
-        log.warning("%s received: stopping after this batch and keeping what was done (again to stop at once)",
-                    signal.Signals(signum).name)
+        log.warning("%s received: stopping after %s and keeping what was done (again to stop at once)",
+                    signal.Signals(signum).name, self.after)
 
     def __enter__(self) -> StopRequest:
         self.previous = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -192,3 +240,88 @@ def write_json(path: str | Path, payload: dict) -> None:
     write_atomic(Path(path), lambda f: json.dump(payload, f, indent=2, default=str), binary=False)
 
 
+
+
+def check_distinct_files(files: dict[str, str | None]) -> None:
+    """Refuse, before any work, two roles (config, results, model, log, a picture, ...) given the same file: one
+    would overwrite the other. files: {role: path or None}."""
+    seen: dict[str, str] = {}
+    for role, path in files.items():
+        if not path:
+            continue
+        resolved = os.path.realpath(os.path.expanduser(path))
+        if resolved in seen:
+            raise CNNError(f"{role} and {seen[resolved]} are the same file ({path}): one would overwrite the other; "
+                           "give each its own name")
+        seen[resolved] = role
+
+
+def machine_memory() -> int | None:
+    """Bytes of memory this process could use: the machine's available memory (Linux), else its total."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits_in_memory(model: Any, batch_size: int) -> None:
+    """CNNError when training the model at this batch size would need more memory than the machine has: its
+    weights (16 bytes each: weight, gradient, Adam's two moments) and one batch's activations (each layer's
+    output, kept for backward, and its gradient; a conv layer's im2col columns and their gradient too)."""
+    memory = machine_memory()
+    if memory is None or model.input_shape is None:
+        return
+    weights = sum(param.size for layer in model.layers for param in layer.params.values())
+    values, shape = 0, tuple(model.input_shape)
+    for layer in model.layers:
+        out = layer.output_shape(shape)
+        values += 2 * math.prod(out)
+        if hasattr(layer, "kernel_size"):  # im2col: every output pixel's k x k x C window
+            values += 2 * math.prod(out[:2]) * layer.kernel_size ** 2 * shape[2]
+        shape = out
+    needed = 16 * weights + 4 * batch_size * values
+    if needed > memory:
+        raise CNNError(f"model: training needs about {needed / 2**30:,.1f} GiB ({weights:,} weights, and the "
+                       f"activations of a batch of {batch_size}), but this machine has {memory / 2**30:.1f} GiB of "
+                       "memory available: use fewer filters or units, or a smaller training.batch_size")
+
+
+MAX_ENV_FILE_BYTES = 1_000_000  # a .env holds a few variables
+
+
+def load_env_file() -> None:
+    """What dotenv's load_dotenv(find_dotenv(usecwd=True)) does (set the variables of the nearest .env, from the
+    current folder up, never overriding one already set), but a .env that cannot be read, is not UTF-8 text or
+    is absurdly large raises CNNError naming it. A UTF-8 byte-order mark (Windows editors write one) is ignored."""
+    import io
+
+    from dotenv import find_dotenv, load_dotenv
+
+    try:
+        found = find_dotenv(usecwd=True)
+    except OSError:  # the current folder was deleted: there is no .env to look for
+        return
+    if not found:
+        return
+    try:
+        with open(found, "rb") as f:
+            data = f.read(MAX_ENV_FILE_BYTES + 1)
+    except OSError as error:
+        raise CNNError(f"{found}: cannot read the .env file ({error.strerror or error})") from None
+    if len(data) > MAX_ENV_FILE_BYTES:
+        raise CNNError(f"{found}: larger than {MAX_ENV_FILE_BYTES:,} bytes; a .env file holds a few VARIABLE=value "
+                       "lines")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[:error.start].count(b"\n") + 1
+        raise CNNError(f"{found}: line {line} is not UTF-8 text (byte 0x{data[error.start]:02x}); save the .env file "
+                       "as UTF-8") from None
+    load_dotenv(stream=io.StringIO(text))

@@ -230,8 +230,8 @@ def test_failed_run_keeps_the_previous_results_file(tmp_path: Path, monkeypatch:
     monkeypatch.setattr(plumbing.json, "dump", dump_half_then_disk_full)
     code = main.main(["--config", config, "--output", "results.json"])
     stderr = capsys.readouterr().err
-    assert code == main.EXIT_UNEXPECTED, stderr
-    assert stderr.startswith("error: ") and len(stderr.splitlines()) == 1 and "Traceback" not in stderr
+    assert code == main.EXIT_OUTPUT, stderr
+    assert stderr == "ERROR: could not write the results results.json (No space left on device)\n", stderr
     assert (tmp_path / "results.json").read_text() == previous
     assert not list(tmp_path.glob(".results.json*"))
 
@@ -332,21 +332,31 @@ def test_no_images_give_no_rows_of_k_probabilities(convs: list) -> None:
 def test_a_test_set_larger_than_one_batch_is_evaluated_in_batches(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """--n-test 1500 (more than the evaluation batch of 1000) works from the command line, and the
-    network never sees more than 1000 test images at once."""
+    """--n-test 1500 (far more than the evaluation batch, main.EVAL_BATCH_SIZE = 32) works from the command line:
+    the network gets the test images in batches of 32 (the last one 1500 - 46 * 32 = 28), never more, every
+    image once per evaluation, and the reported test accuracy is that of the logits those batches gave."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("RANDOM_SEED", raising=False)
     write_config(tmp_path, small_config(epochs=1))
-    evaluation_batches: list[int] = []
+    evaluation_logits: list[np.ndarray] = []
     real_forward = main.Sequential.forward
 
     def counting_forward(self: main.Sequential, x: np.ndarray, training: bool = True) -> np.ndarray:
+        logits = real_forward(self, x, training)
         if not training:
-            evaluation_batches.append(len(x))
-        return real_forward(self, x, training)
+            evaluation_logits.append(logits)
+        return logits
 
     monkeypatch.setattr(main.Sequential, "forward", counting_forward)
-    results = run_in_process("results.json", "--n-train", "200", "--n-test", "1500")
+    # One worker: the batches then come one after the other, in the order of the test set.
+    results = run_in_process("results.json", "--n-train", "200", "--n-test", "1500", "--workers", "1")
     assert results["data"]["n_test"] == 1500
-    assert max(evaluation_batches) <= 1000 and sum(evaluation_batches) % 1500 == 0
-    assert 0.0 <= results["test_accuracy"] <= 1.0
+    batch_sizes = [len(logits) for logits in evaluation_logits]
+    size = main.EVAL_BATCH_SIZE
+    assert size < 1500
+    one_pass = [size] * (1500 // size) + ([1500 % size] if 1500 % size else [])
+    assert len(batch_sizes) >= len(one_pass)
+    assert batch_sizes == one_pass * (len(batch_sizes) // len(one_pass)), batch_sizes
+    last_pass = np.concatenate(evaluation_logits[-len(one_pass):])
+    y_test = main.load_data(results["config"]["data"]).y_test
+    assert results["test_accuracy"] == np.mean(last_pass.argmax(axis=1) == y_test)

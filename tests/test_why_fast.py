@@ -3,6 +3,7 @@ times computes the same numbers as the project's code (otherwise its timing woul
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import math
@@ -10,6 +11,8 @@ import os
 import re
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Callable
@@ -45,8 +48,15 @@ EXPECTED_ROWS = (
     "d. ReLU",
     "e. max pool backward",
     "f. Adam",
+    "BLAS 1 vs 2 threads: 8x8 digits, 1 worker, idle",
+    "BLAS 1 vs 2 threads: 8x8 digits, 1 worker, busy",
+    "BLAS 1 vs 2 threads: default model 28x28, default workers (",
+    "BLAS 1 vs 2 threads: default model 28x28, default workers (",
+    "BLAS 1 vs 2 threads: default model 28x28, --workers 1, idle",
+    "BLAS 1 vs 2 threads: default model 28x28, --workers 1, busy",
 )
 SPEED_TRICK_LETTERS = "abcdef"
+BLAS_ROWS = 6  # comparison 9: three configurations, each idle and beside a busy process
 
 
 def load_why_fast() -> ModuleType:
@@ -101,6 +111,17 @@ def test_quick_run_exits_0_and_prints_a_row_for_every_design_choice(tmp_path: Pa
         assert cells[1] == ("yes" if row.startswith("f.") else "no")
         assert math.isfinite(float(cells[2].rstrip("%")))
     assert len(re.findall(r"^  trick (saves|costs) ", done.stdout, re.MULTILINE)) == len(SPEED_TRICK_LETTERS)
+    blas = table_rows(done.stdout.rsplit("BLAS threads with one worker:", 1)[1])  # the last table
+    assert len(blas) == BLAS_ROWS
+    for row, load in zip(blas, ["idle", "busy"] * 3):
+        cells = re.split(r"\s{2,}", row.strip())
+        assert len(cells) == 6, f"expected configuration, project's, best, best epoch, ratio, verdict in {row!r}"
+        assert cells[0].endswith(f", {load}") and cells[1] == "1 BLAS thread per worker"
+        assert cells[2] in ("1 BLAS thread per worker", "2 BLAS threads per worker")
+        slowdown = float(cells[4].rstrip("x"))
+        assert math.isfinite(slowdown) and slowdown >= 1  # quick numbers are too rough to hold to the 1.5x goal
+        assert cells[5] in ("yes (<= 1.5x)", "NO (<= 1.5x)")
+        assert (cells[2] == cells[1]) == (slowdown == 1)
     assert "NumPy" in done.stdout and "BLAS" in done.stdout and "CPUs usable" in done.stdout
     assert list(tmp_path.iterdir()) == [], "the script must not write files"
 
@@ -223,10 +244,85 @@ def test_a_speed_trick_whose_code_never_runs_is_caught() -> None:
         why_fast.check_speed_trick(dataclasses.replace(speed_trick("a"), owner=unused), images, labels)
 
 
+def test_the_blas_sides_train_with_the_threads_they_claim() -> None:
+    """Comparison 9 checks, before timing, that training runs with one BLAS thread per worker on the project's
+    side and two on the alternative's, with one worker (parallel.one_blas_thread) and with two (DataParallel),
+    whatever the BLAS limit around it; and the project's limits are back afterwards."""
+    from threadpoolctl import threadpool_limits
+
+    import parallel
+
+    data = why_fast.synthetic_dataset(why_fast.BATCH, 8, np.random.default_rng(0))
+    project = (parallel.one_blas_thread, parallel.DataParallel.__enter__)
+    for outer in (1, 2):
+        with threadpool_limits(limits=outer):
+            for workers in (1, 2):
+                why_fast.check_blas_sides(data, workers)
+            assert parallel.blas_threads() == outer, "a side left its BLAS limit behind"
+    assert (parallel.one_blas_thread, parallel.DataParallel.__enter__) == project
+
+
+def test_a_blas_side_that_does_not_hold_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check can fail: a project that stops limiting BLAS (one_blas_thread doing nothing) is seen training
+    with two BLAS threads, and an alternative whose patch no longer reaches training with one."""
+    from threadpoolctl import threadpool_limits
+
+    import parallel
+
+    data = why_fast.synthetic_dataset(why_fast.BATCH, 8, np.random.default_rng(0))
+    with threadpool_limits(limits=2):
+        with monkeypatch.context() as patch:
+            @contextlib.contextmanager
+            def no_limit(model: object) -> Iterator[object]:
+                yield model
+
+            patch.setattr(parallel, "one_blas_thread", no_limit)
+            with pytest.raises(why_fast.MismatchError, match="the project's setting trained with \\[2\\]"):
+                why_fast.check_blas_sides(data, 1)
+        with threadpool_limits(limits=1), monkeypatch.context() as patch:
+            patch.setattr(why_fast, "training_blas_threads", lambda threads: contextlib.nullcontext())
+            with pytest.raises(why_fast.MismatchError, match="the alternative"):
+                why_fast.check_blas_sides(data, 2)
+
+
+def test_the_busy_process_spins_while_the_block_runs_and_is_gone_after() -> None:
+    """busy_core's competing process is running (and burning CPU time) inside the block, and killed and reaped
+    when the block ends, even when it ends with an error."""
+    with pytest.raises(KeyError), why_fast.busy_core() as spinner:
+        assert spinner.poll() is None
+        stat = Path(f"/proc/{spinner.pid}/stat")
+        if stat.is_file():
+            time.sleep(0.3)
+            user_ticks = int(stat.read_text().rsplit(")", 1)[1].split()[11])  # utime, in clock ticks
+            assert user_ticks > 0, "the busy process does not use the CPU"
+        raise KeyError("the block failed")
+    assert spinner.returncode is not None
+
+
+def test_blas_table_reports_the_best_setting_and_the_slowdown() -> None:
+    """The table of comparison 9: the faster side's median epoch, the project's over it, and the verdict."""
+    def result(load: str, project: list[float], alternative: list[float]) -> why_fast.Result:
+        return why_fast.Result(f"BLAS 1 vs 2 threads: digits, {load}", "1 BLAS thread per worker",
+                               "2 BLAS threads per worker", project, alternative, unit="s", slowdown_limit=1.5)
+
+    results = [result("idle", [1.0, 1.2, 1.1], [3.0, 2.0, 4.0]), result("busy", [2.0, 2.2, 2.1], [1.0, 1.6, 1.4]),
+               result("odd", [1.6, 1.6, 1.6], [1.0, 1.0, 1.0])]
+    lines = why_fast.blas_table(results).splitlines()
+    cells = [re.split(r"\s{2,}", line.strip()) for line in lines[2:]]
+    assert [row[0] for row in cells] == ["digits, idle", "digits, busy", "digits, odd"]
+    assert [row[2] for row in cells] == ["1 BLAS thread per worker", "2 BLAS threads per worker",
+                                         "2 BLAS threads per worker"]
+    assert [row[3] for row in cells] == ["1.100 s", "1.400 s", "1.000 s"]
+    assert [row[4] for row in cells] == ["1.00x", "1.50x", "1.60x"]
+    assert [row[5] for row in cells] == ["yes (<= 1.5x)", "yes (<= 1.5x)", "NO (<= 1.5x)"]
+
+
 def test_only_selects_comparisons_by_number_or_title() -> None:
     """--only 8 and --only 'speed tricks' pick comparison 8; a name that matches nothing is an error."""
     assert [title[:2] for title, _ in why_fast.selected_comparisons("8")] == ["8."]
     assert [title[:2] for title, _ in why_fast.selected_comparisons("Speed Tricks")] == ["8."]
+    assert [title[:2] for title, _ in why_fast.selected_comparisons("9")] == ["9."]
+    assert [title[:2] for title, _ in why_fast.selected_comparisons("BLAS threads with one worker")] == ["9."]
     assert len(why_fast.selected_comparisons(None)) == len(why_fast.COMPARISONS)
     with pytest.raises(SystemExit) as exit_info:
         why_fast.main_cli(["--only", "no such comparison"])
