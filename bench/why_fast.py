@@ -3,8 +3,8 @@ obvious alternative, on the real shapes of the default model at batch 32.
 
 Run from the project root:
 
-    python bench/why_fast.py              # every comparison: about 10 minutes, 4-5 of them the speed tricks (8),
-                                          # 3-5 the BLAS threads (9)
+    python bench/why_fast.py              # every comparison: about 7 minutes, 4-5 of them the speed tricks (8),
+                                          # 1-3 the BLAS threads (9)
     python bench/why_fast.py --quick      # a smoke run: few rounds, numbers only roughly right
     python bench/why_fast.py --threads 1  # one BLAS thread: steadier on a busy machine
     python bench/why_fast.py --only 8     # one comparison, by its number or a word of its title

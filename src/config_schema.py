@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from itertools import islice
 from typing import Any, Callable
 
-from errors import ConfigError
+from errors import CNNError, ConfigError
 
 DATASETS = ("mnist", "fashion_mnist", "digits", "synthetic")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -499,3 +499,39 @@ def validate_config(raw: Any) -> dict:
                             else check_mapping(section, given, schema, DEFAULT_CONFIG[section]))
     return checked
 
+
+# flag -> (section, key) that it overrides
+OVERRIDES = {"epochs": ("training", "epochs"), "batch_size": ("training", "batch_size"),
+             "learning_rate": ("training", "learning_rate"), "n_train": ("data", "n_train"),
+             "n_test": ("data", "n_test"), "seed": ("data", "random_seed"), "dataset": ("data", "dataset"),
+             "data_path": ("data", "path"), "log_level": ("logging", "level"), "plot_dir": ("output", "plot_dir"),
+             "optimizer": ("training", "optimizer"), "workers": ("training", "workers")}
+# Flags that would do nothing in the --predict or --gradcheck mode: an error rather than silently ignored.
+TRAINING_ONLY = ("epochs", "batch_size", "learning_rate", "optimizer", "workers", "n_train", "n_test", "data_path",
+                 "no_fallback", "plot_dir", "save_model", "profile")
+IGNORED_IN_MODE = {"predict": (*TRAINING_ONLY, "seed", "dataset"),  # the saved model brings its own
+                   "gradcheck": (*TRAINING_ONLY, "load_model")}  # it uses the model section, dataset and seed
+
+
+def check_flag_combinations(args: Any) -> None:
+    """One line (CNNError) for flags that contradict each other or would do nothing in the chosen mode."""
+    if args.predict and not args.load_model:
+        raise CNNError("--predict needs --load-model FILE (a model saved with --save-model)")
+    if (args.host is not None or args.port is not None) and not args.serve:
+        raise CNNError(f"{'--host' if args.host is not None else '--port'} goes with --serve")
+    if args.serve and (args.predict or args.gradcheck):
+        raise CNNError(f"--serve and --{'predict' if args.predict else 'gradcheck'} are separate commands: run one")
+    if args.serve and args.load_model:  # nothing trains: the saved model is served as it is
+        for flag in (*TRAINING_ONLY, "seed", "dataset"):
+            value = getattr(args, flag)
+            if value is not None and value is not False:
+                raise CNNError(f"--{flag.replace('_', '-')} has no effect with --load-model and --serve, which "
+                               "serve the saved model as it is (without --load-model, --serve trains first)")
+    for mode, ignored in IGNORED_IN_MODE.items():
+        if getattr(args, mode):
+            for flag in ignored:
+                value = getattr(args, flag)
+                if value is not None and value is not False:  # not `value in (None, False)`: 0 == False
+                    option = "--" + flag.replace("_", "-")
+                    raise CNNError(f"{option} has no effect with --{mode}, which "
+                                   + ("only classifies images" if mode == "predict" else "trains nothing"))

@@ -41,15 +41,18 @@ from config_schema import (
     DATASETS,
     LOG_LEVELS,
     OPTIMIZERS,
+    OVERRIDES,
     SCHEMA,
+    check_flag_combinations,
     layer_name_and_arguments,
     read_yaml_file,
     validate_config,
 )
 from datafiles import OPENML_NAMES, download_openml, load_cache, load_idx_folder, make_synthetic
 from errors import CNNError, ConfigError, DataError
-from images import predict_files
-from modelfile import data_summary, load_model, restore_optimizer, save_model
+from images import ink_fill, predict_files
+from modelfile import data_summary, load_model, restore_optimizer
+from outputs import write_outputs
 from plumbing import (
     Interrupted,
     ProgressBar,
@@ -1065,6 +1068,8 @@ def train(
             if not all(np.isfinite(p).all() for layer in model.layers for p in layer.params.values()):
                 return result.stop("diverged", epoch, n_batches, "a weight became infinite or NaN")
             scored_loss, scored_accuracy = net.evaluate(x_scored, y_scored, EVAL_BATCH_SIZE)
+            if not math.isfinite(scored_loss):  # finite weights so large that the logits overflow
+                return result.stop("diverged", epoch, n_batches, f"the {scored_on} loss became {scored_loss:.4g}")
             row = {"epoch": epoch, "learning_rate": epoch_lr, "train_loss": total_loss / n_train,
                    "train_accuracy": correct / n_train, f"{scored_on}_loss": scored_loss,
                    f"{scored_on}_accuracy": scored_accuracy, "seconds": round(seconds, 3),
@@ -1211,17 +1216,6 @@ def load_config(path: str | Path) -> dict:
 EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_DIVERGED, EXIT_OUTPUT = 0, 1, 2, 3, 4
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a Unix tool reports when the reader of its output went away
 EXIT_BY_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal number, as shells report it
-# flag -> (section, key) that it overrides
-OVERRIDES = {"epochs": ("training", "epochs"), "batch_size": ("training", "batch_size"),
-             "learning_rate": ("training", "learning_rate"), "n_train": ("data", "n_train"),
-             "n_test": ("data", "n_test"), "seed": ("data", "random_seed"), "dataset": ("data", "dataset"),
-             "data_path": ("data", "path"), "log_level": ("logging", "level"), "plot_dir": ("output", "plot_dir"),
-             "optimizer": ("training", "optimizer"), "workers": ("training", "workers")}
-# Flags that would do nothing in the --predict or --gradcheck mode: an error rather than silently ignored.
-TRAINING_ONLY = ("epochs", "batch_size", "learning_rate", "optimizer", "workers", "n_train", "n_test", "data_path",
-                 "no_fallback", "plot_dir", "save_model", "profile")
-IGNORED_IN_MODE = {"predict": (*TRAINING_ONLY, "seed", "dataset"),  # the saved model brings its own
-                   "gradcheck": (*TRAINING_ONLY, "load_model")}  # it uses the model section, dataset and seed
 
 
 def path_argument(text: str) -> str:
@@ -1281,29 +1275,6 @@ def build_parser() -> argparse.ArgumentParser:
                       "127.0.0.1, this machine only; 0.0.0.0 lets other machines in)")
     page.add_argument("--port", type=int, metavar="N", help="with --serve: the port (default 8000; 0: a free one)")
     return parser
-
-
-def check_flag_combinations(args: argparse.Namespace) -> None:
-    if args.predict and not args.load_model:
-        raise CNNError("--predict needs --load-model FILE (a model saved with --save-model)")
-    if (args.host is not None or args.port is not None) and not args.serve:
-        raise CNNError(f"{'--host' if args.host is not None else '--port'} goes with --serve")
-    if args.serve and (args.predict or args.gradcheck):
-        raise CNNError(f"--serve and --{'predict' if args.predict else 'gradcheck'} are separate commands: run one")
-    if args.serve and args.load_model:  # nothing trains: the saved model is served as it is
-        for flag in (*TRAINING_ONLY, "seed", "dataset"):
-            value = getattr(args, flag)
-            if value is not None and value is not False:
-                raise CNNError(f"--{flag.replace('_', '-')} has no effect with --load-model and --serve, which "
-                               "serve the saved model as it is (without --load-model, --serve trains first)")
-    for mode, ignored in IGNORED_IN_MODE.items():
-        if getattr(args, mode):
-            for flag in ignored:
-                value = getattr(args, flag)
-                if value is not None and value is not False:  # not `value in (None, False)`: 0 == False
-                    option = "--" + flag.replace("_", "-")
-                    raise CNNError(f"{option} has no effect with --{mode}, which "
-                                   + ("only classifies images" if mode == "predict" else "trains nothing"))
 
 
 def resolve_config(args: argparse.Namespace) -> tuple[dict, dict[str, str]]:
@@ -1384,12 +1355,6 @@ def run_gradcheck(args: argparse.Namespace, cfg: dict, origin: dict[str, str]) -
     return EXIT_OK
 
 
-def ink_fill(dataset: str | None) -> float:
-    """How much of the frame a drawn or photographed image's ink should fill to look like the training images:
-    MNIST fitted its digits into 20x20 pixels of 28x28 (and the synthetic digits copy it); the others fill it."""
-    return 20 / 28 if dataset in ("mnist", "synthetic") else 1.0
-
-
 def run_predict(args: argparse.Namespace) -> int:
     """--predict: classify image files with a saved model, one line each on stdout, no training. A file that
     cannot be read gets one `error: FILE: why` line on stderr instead, the others are still classified, and the
@@ -1417,24 +1382,6 @@ def run_predict(args: argparse.Namespace) -> int:
         write_json(args.output, {"status": status, "model": args.load_model, "predictions": predictions,
                                  "failed_files": len(failed), "versions": versions()})
     return EXIT_USAGE if failed else EXIT_OK
-
-
-def run_serve(args: argparse.Namespace, model: Sequential, meta: dict) -> int:
-    """--serve: the draw-a-digit page (serve.py) for a model, until Ctrl-C. meta: the model file's meta entry
-    (or what a model file of the model just trained would hold): class names, data set, training summary."""
-    from images import prepare_image
-    from serve import serve
-
-    training, data = meta.get("training") or {}, meta.get("data") or {}
-    info = {"dataset": meta.get("dataset"), "source": data.get("source"), "n_train": data.get("n_train"),
-            "test_accuracy": training.get("test_accuracy"), "epochs": training.get("epochs_completed"),
-            "parameters": model.parameter_count()}
-    fill = ink_fill(meta.get("dataset"))
-    serve(model, prepare=lambda image: prepare_image(image, model.input_shape, fill), softmax=softmax,
-          class_names=meta["class_names"], info=info, host=args.host or "127.0.0.1",
-          port=8000 if args.port is None else args.port,
-          announce=lambda line: print(line, file=sys.stderr if line.startswith("WARNING") else sys.stdout, flush=True))
-    return EXIT_OK
 
 
 def plural(count: int, word: str) -> str:
@@ -1476,23 +1423,6 @@ def model_for_run(args: argparse.Namespace, cfg: dict, data: Dataset,
         saved = (loaded.meta.get("optimizer") or {}).get("name", "no")
         log.info("starting %s afresh: the model file holds %s optimiser state", cfg["training"]["optimizer"], saved)
     return loaded.model, loaded.meta["model"], optimizer, earlier
-
-
-def results_document(args: argparse.Namespace, cfg: dict, model_cfg: dict, data: Dataset, model: Sequential,
-                     result: TrainResult, summary: dict, train_seconds: float, files: dict,
-                     problems: list[str]) -> dict:
-    """Everything --output records about a training run (the README's 'Results file' table)."""
-    return {
-        "status": result.status, "stopped_at": result.stopped_at, "started_at": summary["saved_at"],
-        "config": dict(cfg, model=model_cfg),
-        "data": {"dataset": data.name, "source": data.source, "n_train": len(data.x_train), "n_test": len(data.x_test),
-                 "input_shape": list(data.input_shape), "note": data.note, "class_names": data.class_names},
-        "model": {"summary": model.summary_rows(), "parameters": model.parameter_count(),
-                  "loaded_from": args.load_model},
-        "history": result.history, "epochs_completed": summary["epochs_completed"],
-        "test_accuracy": summary["test_accuracy"], "test_loss": summary["test_loss"], "workers": summary["workers"],
-        "train_seconds": round(train_seconds, 3), "files": files, "problems": problems, "versions": versions(),
-    }
 
 
 def run_training(args: argparse.Namespace, cfg: dict, origin: dict[str, str], stop: StopRequest) -> int:
@@ -1589,63 +1519,11 @@ def run_training(args: argparse.Namespace, cfg: dict, origin: dict[str, str], st
     if problems:
         return EXIT_UNEXPECTED
     if args.serve:
-        return run_serve(args, model, {"class_names": data.class_names, "dataset": data.name,
-                                       "data": data_summary(data), "training": summary})
+        from serve import serve_trained_model
+
+        serve_trained_model(model, {"class_names": data.class_names, "dataset": data.name, "data": data_summary(data),
+                                    "training": summary}, softmax, args.host, args.port)
     return EXIT_OK
-
-
-def write_outputs(args: argparse.Namespace, cfg: dict, model_cfg: dict, data: Dataset, model: Sequential,
-                  optimizer: Optimizer, result: TrainResult, summary: dict, train_seconds: float,
-                  stop: StopRequest) -> tuple[list[str], bool]:
-    """The model file, the pictures and the results file, each written whole or not at all. A file that cannot
-    be written (a full disk, say) is named in one line, and the others are still written; a signal skips the
-    pictures. Returns the problems, and whether a file could not be written."""
-    files: dict[str, Any] = {}
-    problems: list[str] = []
-    failed_writes = False
-
-    def write(what: str, path: str, action: Callable[[], None]) -> bool:
-        nonlocal failed_writes
-        try:
-            action()
-            return True
-        except OSError as error:
-            failed_writes = True
-            problems.append(f"{what} {path}: {error.strerror or error}")
-            log.error("could not write %s %s (%s)", what, path, error.strerror or error)
-            return False
-
-    if args.save_model and result.status == "diverged":
-        log.warning("not saving the model: its weights are not finite")
-    elif args.save_model and write("the model", args.save_model, lambda: save_model(
-            Path(args.save_model), model, model_cfg, data, summary, optimizer)):
-        files["model"] = args.save_model
-        log.info("saved the model to %s", args.save_model)
-    plot_dir = cfg["output"]["plot_dir"]
-    if plot_dir and result.status != "diverged" and stop.signum is None:
-        try:  # a picture that fails must not cost the results of the run
-            from plots import write_plots
-
-            pictures: dict = {}
-            if write("the pictures in", plot_dir, lambda: pictures.update(
-                    write_plots(Path(plot_dir), model, data, result.history))):
-                files["plots"] = pictures
-                log.info("pictures written to %s: %s", plot_dir, ", ".join(Path(p).name for p in pictures.values()))
-        except Exception as error:
-            log_to_file(logging.ERROR, "drawing the pictures failed", with_traceback=True)
-            problems.append(f"pictures: {type(error).__name__}: {error}")
-            log.error("could not draw the pictures (%s: %s)", type(error).__name__, error)
-    if cfg["logging"]["file"]:
-        files["log"] = cfg["logging"]["file"]
-    if args.output:
-        if stop.signum is not None and result.status == "completed":  # the status says what the exit code says
-            result.status, result.stopped_at = "interrupted", {"after": "training, while writing the outputs"}
-        files["results"] = args.output
-        document = results_document(args, cfg, model_cfg, data, model, result, summary, train_seconds, files,
-                                    problems)
-        if write("the results", args.output, lambda: write_json(args.output, document)):
-            log.info("results written to %s", args.output)
-    return problems, failed_writes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1664,8 +1542,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.predict:
                 return run_predict(args)
             if args.serve and args.load_model:
+                from serve import serve_trained_model
+
                 loaded = load_model(Path(args.load_model), build_model)
-                return run_serve(args, loaded.model, loaded.meta)
+                serve_trained_model(loaded.model, loaded.meta, softmax, args.host, args.port)
+                return EXIT_OK
             return run_training(args, cfg, origin, stop)
     except CNNError as error:
         log_to_file(logging.ERROR, str(error))

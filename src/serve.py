@@ -24,6 +24,7 @@ import logging
 import signal
 import socket
 import socketserver
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -36,7 +37,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from errors import CNNError
-from images import image_from_bytes
+from images import image_from_bytes, ink_fill, prepare_image
 
 log = logging.getLogger("numpy_cnn.serve")
 
@@ -493,3 +494,17 @@ def serve(model: Any, *, prepare: Callable[[np.ndarray], np.ndarray], softmax: C
         server.server_close()
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+
+
+def serve_trained_model(model: Any, meta: dict, softmax: Callable[[np.ndarray], np.ndarray], host: str | None,
+                        port: int | None) -> None:
+    """--serve: the page for a model, until Ctrl-C. meta: the model file's meta entry (or what a model file of
+    the model just trained would hold): class names, data set, where the data came from, training summary."""
+    training, data = meta.get("training") or {}, meta.get("data") or {}
+    info = {"dataset": meta.get("dataset"), "source": data.get("source"), "n_train": data.get("n_train"),
+            "test_accuracy": training.get("test_accuracy"), "epochs": training.get("epochs_completed"),
+            "parameters": model.parameter_count()}
+    fill = ink_fill(meta.get("dataset"))
+    serve(model, prepare=lambda image: prepare_image(image, model.input_shape, fill), softmax=softmax,
+          class_names=meta["class_names"], info=info, host=host or "127.0.0.1", port=8000 if port is None else port,
+          announce=lambda line: print(line, file=sys.stderr if line.startswith("WARNING") else sys.stdout, flush=True))

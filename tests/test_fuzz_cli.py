@@ -53,7 +53,7 @@ PARSER = main.build_parser()
 # The flags `python src/main.py --help` lists, as argparse knows them (whether they take values, and how many).
 HELP_FLAGS = sorted(set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", PARSER.format_help())))
 NEVER = {"--help", "--serve"}  # --serve waits for Ctrl-C; --help prints and exits through argparse's SystemExit
-FLAGS = [flag for flag in HELP_FLAGS if flag not in NEVER]
+FLAGS = [flag for flag in HELP_FLAGS if flag not in NEVER and flag in PARSER._option_string_actions]
 
 
 def crashed(text: str) -> bool:

@@ -182,3 +182,13 @@ def test_an_evaluation_only_run_reads_like_one_and_warns_of_other_data(tmp_path:
     assert "Evaluating on synthetic seven-segment digits instead" in proc.stderr
     assert "m.npz was trained on synthetic (source: synthetic), but is now evaluated on mnist" in proc.stderr
 
+
+
+def test_weights_too_large_for_the_test_set_end_as_divergence(tmp_path: Path) -> None:
+    """SGD at 1e20: one batch leaves finite but huge weights, whose test loss overflows: diverged, exit 3, not a
+    'test loss nan' reported as success."""
+    proc = run_cli(["--optimizer", "sgd", "--learning-rate", "1e20", "--dataset", "digits", "--n-train", "32",
+                    "--n-test", "16", "--epochs", "1", "--output", "r.json"], cwd=tmp_path)
+    assert proc.returncode == main.EXIT_DIVERGED == 3, proc.stderr
+    assert "training diverged at epoch 1, batch 1 (the test loss became nan)" in proc.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["status"] == "diverged"

@@ -121,7 +121,8 @@ def test_quick_run_exits_0_and_prints_a_row_for_every_design_choice(tmp_path: Pa
         slowdown = float(cells[4].rstrip("x"))
         assert math.isfinite(slowdown) and slowdown >= 1  # quick numbers are too rough to hold to the 1.5x goal
         assert cells[5] in ("yes (<= 1.5x)", "NO (<= 1.5x)")
-        assert (cells[2] == cells[1]) == (slowdown == 1)
+        if cells[2] == cells[1]:  # the project's setting was the faster one
+            assert slowdown == 1
     assert "NumPy" in done.stdout and "BLAS" in done.stdout and "CPUs usable" in done.stdout
     assert list(tmp_path.iterdir()) == [], "the script must not write files"
 
