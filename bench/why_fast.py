@@ -999,8 +999,8 @@ ALTERNATIVE_BLAS_THREADS = 2
 @contextlib.contextmanager
 def training_blas_threads(threads: int) -> Iterator[None]:
     """main.train with BLAS held to `threads` threads per worker instead of the project's one: on one worker
-    (parallel.one_blas_thread, which train() looks up when it starts) and on several (parallel.DataParallel, whose
-    __enter__ sets the limit)."""
+    (one_blas_thread, which main imports from parallel) and on several (parallel.DataParallel, whose __enter__
+    sets the limit)."""
     from threadpoolctl import threadpool_limits
 
     @contextlib.contextmanager
@@ -1016,7 +1016,7 @@ def training_blas_threads(threads: int) -> Iterator[None]:
         self.blas_limit = threadpool_limits(limits=threads, user_api="blas")
         return net
 
-    with replaced(parallel, "one_blas_thread", blas_threads_for_one_worker), \
+    with replaced(main, "one_blas_thread", blas_threads_for_one_worker), \
             replaced(parallel.DataParallel, "__enter__", enter_with_blas_threads):
         yield
 

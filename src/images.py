@@ -10,7 +10,9 @@ model on a list of files. Called by main.py's --predict and by serve.py; it neve
 from __future__ import annotations
 
 import io
+import logging
 import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,9 @@ from typing import Any
 import numpy as np
 
 from errors import DataError
+from plumbing import log_to_file, versions, write_json
+
+log = logging.getLogger("numpy_cnn")
 
 
 def as_fraction(grey: np.ndarray, integer: bool, sixteen_bit: bool = False) -> np.ndarray:
@@ -198,3 +203,27 @@ def ink_fill(dataset: str | None) -> float:
     """How much of the frame a drawn or photographed image's ink should fill to look like the training images:
     MNIST fitted its digits into 20x20 pixels of 28x28 (and the synthetic digits copy it); the others fill it."""
     return 20 / 28 if dataset in ("mnist", "synthetic") else 1.0
+
+
+def report_predictions(model: Any, meta: dict, paths: list[Path], model_path: str, output: str | None) -> bool:
+    """--predict's output: one line per image on stdout (its three likeliest classes), or one `error: FILE: why`
+    line on stderr for a file that cannot be read; --output lists every file, its top classes or its error.
+    Returns whether every file could be read."""
+    predictions = predict_files(model, paths, meta["class_names"], ink_fill(meta.get("dataset")))
+    failed = [prediction for prediction in predictions if "error" in prediction]
+    for prediction in predictions:
+        if "error" in prediction:
+            sys.stdout.flush()  # keep the lines in order when stdout and stderr go to the same terminal or file
+            print(f"error: {prediction['file']}: {prediction['error']}", file=sys.stderr, flush=True)
+            log_to_file(logging.ERROR, f"{prediction['file']}: {prediction['error']}")
+            continue
+        ranked = ", ".join(f"{t['class']} ({100 * t['probability']:.1f}%)" for t in prediction["top"])
+        print(f"{prediction['file']}: {ranked}")
+        if "warning" in prediction:
+            log.warning("%s: %s", prediction["file"], prediction["warning"])
+        log_to_file(logging.INFO, f"prediction {prediction['file']}: {ranked}")
+    if output:
+        status = "predicted" if not failed else "failed" if len(failed) == len(predictions) else "partly predicted"
+        write_json(output, {"status": status, "model": model_path, "predictions": predictions,
+                            "failed_files": len(failed), "versions": versions()})
+    return not failed

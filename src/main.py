@@ -50,20 +50,22 @@ from config_schema import (
 )
 from datafiles import OPENML_NAMES, download_openml, load_cache, load_idx_folder, make_synthetic
 from errors import CNNError, ConfigError, DataError
-from images import ink_fill, predict_files
-from modelfile import data_summary, load_model, restore_optimizer
-from outputs import write_outputs
+from images import report_predictions
+from modelfile import continue_from, data_summary, load_model
+from outputs import check_outputs, write_outputs
+from parallel import DataParallel, default_workers, one_blas_thread
 from plumbing import (
     Interrupted,
     ProgressBar,
     StopRequest,
     check_distinct_files,
     check_fits_in_memory,
+    check_weights_fit,
     check_writable,
     close_logging,
     load_env_file,
     log_to_file,
-    machine_memory,
+    plural,
     result_line,
     setup_logging,
     versions,
@@ -642,7 +644,7 @@ def make_layer(name: str, arguments: dict, shape: tuple[int, ...], rng: np.rando
         if k > shape[0] + 2 * p or k > shape[1] + 2 * p:
             raise ConfigError(f"{where}: kernel_size {k} is larger than its padded input {shape[0] + 2 * p}x"
                               f"{shape[1] + 2 * p} (input {shape[0]}x{shape[1]}, padding {p})")
-        refuse_if_too_big(k * k * shape[2] * arguments["filters"], where)
+        check_weights_fit(k * k * shape[2] * arguments["filters"], where)
         return Conv2D(shape[2], arguments["filters"], k, arguments["stride"], p, rng=rng)
     if name in ("maxpool2d", "avgpool2d"):
         pool = (MaxPool2D if name == "maxpool2d" else AvgPool2D)(arguments["pool_size"], arguments["stride"])
@@ -651,23 +653,13 @@ def make_layer(name: str, arguments: dict, shape: tuple[int, ...], rng: np.rando
                               "it pools (reduce pool_size, use padding, or drop a layer)")
         return pool
     if name == "dense":
-        refuse_if_too_big(shape[0] * arguments["units"], where)
+        check_weights_fit(shape[0] * arguments["units"], where)
         return Dense(shape[0], arguments["units"], rng=rng)
     if name == "batchnorm":
         return BatchNorm(shape[-1], arguments["momentum"], arguments["eps"])
     if name == "dropout":
         return Dropout(arguments["rate"], dropout_rng)
     return {"relu": ReLU, "tanh": Tanh, "flatten": Flatten}[name]()
-
-
-def refuse_if_too_big(weights: int, where: str) -> None:
-    """ConfigError, before anything is allocated, for a layer whose weights could not fit in memory: in
-    training each weight takes 16 bytes (float32 weight, gradient and Adam's two moments)."""
-    memory = machine_memory()
-    if memory is not None and 16 * weights > memory:
-        raise ConfigError(f"{where}: {weights:,} weights need about {16 * weights / 2**30:,.1f} GiB in training, "
-                          f"but this machine has {memory / 2**30:.1f} GiB of memory available; use fewer filters or "
-                          "units")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1028,14 +1020,7 @@ def train(
     x_scored, y_scored = (data.x_val, data.y_val) if len(data.x_val) else (data.x_test, data.y_test)
     # Guessing at random costs log(classes); a loss 1000 times that is an explosion, even while finite.
     loss_limit = 1000 * math.log(max(data.num_classes, 2))
-    if workers > 1:
-        from parallel import DataParallel
-
-        threads = DataParallel(model, workers)
-    else:
-        from parallel import one_blas_thread
-
-        threads = one_blas_thread(model)
+    threads = DataParallel(model, workers) if workers > 1 else one_blas_thread(model)
     with threads as net:  # the model, or the model spread over worker threads: both have forward and backward
         for epoch in range(first_epoch, last_epoch + 1):
             start = time.perf_counter()
@@ -1356,36 +1341,15 @@ def run_gradcheck(args: argparse.Namespace, cfg: dict, origin: dict[str, str]) -
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    """--predict: classify image files with a saved model, one line each on stdout, no training. A file that
-    cannot be read gets one `error: FILE: why` line on stderr instead, the others are still classified, and the
-    exit code is then 2 (EXIT_USAGE). --output lists every file: its top classes, or its error."""
+    """--predict: classify image files with a saved model, one line each on stdout, no training (images.py).
+    A file that cannot be read gets an error line instead, and the exit code is then 2."""
     for role, path in [("--load-model", args.load_model)] + [("an image of --predict", p) for p in args.predict]:
         check_distinct_files({role: path, "--output": args.output})
     check_writable(args.output, "--output")
     loaded = load_model(Path(args.load_model), build_model)
-    fill = ink_fill(loaded.meta.get("dataset"))
-    predictions = predict_files(loaded.model, [Path(p) for p in args.predict], loaded.meta["class_names"], fill)
-    failed = [prediction for prediction in predictions if "error" in prediction]
-    for prediction in predictions:
-        if "error" in prediction:
-            sys.stdout.flush()  # keep the lines in order when stdout and stderr go to the same terminal or file
-            print(f"error: {prediction['file']}: {prediction['error']}", file=sys.stderr, flush=True)
-            log_to_file(logging.ERROR, f"{prediction['file']}: {prediction['error']}")
-            continue
-        ranked = ", ".join(f"{t['class']} ({100 * t['probability']:.1f}%)" for t in prediction["top"])
-        print(f"{prediction['file']}: {ranked}")
-        if "warning" in prediction:
-            log.warning("%s: %s", prediction["file"], prediction["warning"])
-        log_to_file(logging.INFO, f"prediction {prediction['file']}: {ranked}")
-    if args.output:
-        status = "predicted" if not failed else "failed" if len(failed) == len(predictions) else "partly predicted"
-        write_json(args.output, {"status": status, "model": args.load_model, "predictions": predictions,
-                                 "failed_files": len(failed), "versions": versions()})
-    return EXIT_USAGE if failed else EXIT_OK
-
-
-def plural(count: int, word: str) -> str:
-    return f"{count} {word}{'' if count == 1 else 's'}"
+    all_read = report_predictions(loaded.model, loaded.meta, [Path(p) for p in args.predict], args.load_model,
+                                  args.output)
+    return EXIT_OK if all_read else EXIT_USAGE
 
 
 def model_for_run(args: argparse.Namespace, cfg: dict, data: Dataset,
@@ -1396,50 +1360,15 @@ def model_for_run(args: argparse.Namespace, cfg: dict, data: Dataset,
     if not args.load_model:
         model = build_model(cfg["model"], data.input_shape, data.num_classes, rngs["init"], rngs["dropout"])
         return model, cfg["model"], optimizer, {}
-    loaded = load_model(Path(args.load_model), build_model)
-    for layer in loaded.model.layers:
-        if isinstance(layer, Dropout):
-            layer.rng = rngs["dropout"]
-    if loaded.model.input_shape != data.input_shape or len(loaded.meta["class_names"]) != data.num_classes:
-        raise DataError(f"--load-model {args.load_model}: the model takes {loaded.model.input_shape} images and "
-                        f"{len(loaded.meta['class_names'])} classes, the data has {data.input_shape} "
-                        f"and {data.num_classes}")
-    earlier = loaded.meta.get("training", {})
-    log.info("loaded %s (trained for %s); its architecture replaces the config's model section", args.load_model,
-             plural(int(earlier.get("epochs_completed", 0)), "epoch"))
-    trained_on = loaded.meta.get("data") or {"dataset": loaded.meta.get("dataset")}
-    now = "evaluated" if cfg["training"]["epochs"] == 0 else "trained further"
-    synthetic_then, synthetic_now = trained_on.get("source") == "synthetic", data.source == "synthetic"
-    if trained_on.get("dataset") != data.name or synthetic_then != synthetic_now:
-        log.warning("%s was trained on %s%s, but is now %s on %s (source: %s): its accuracy here says little; "
-                    "pass the data it was trained on (--data-path, --dataset)", args.load_model,
-                    trained_on.get("dataset"), f" (source: {trained_on['source']})" if trained_on.get("source") else "",
-                    now, data.name, data.source)
-    if cfg["training"]["epochs"] == 0:
-        return loaded.model, loaded.meta["model"], optimizer, earlier
-    if restore_optimizer(optimizer, loaded, {key: param for key, param, _ in parameters(loaded.model)}):
-        log.info("continuing with the saved %s state", cfg["training"]["optimizer"])
-    else:
-        saved = (loaded.meta.get("optimizer") or {}).get("name", "no")
-        log.info("starting %s afresh: the model file holds %s optimiser state", cfg["training"]["optimizer"], saved)
-    return loaded.model, loaded.meta["model"], optimizer, earlier
+    loaded = continue_from(Path(args.load_model), data, optimizer, build_model, parameters, rngs["dropout"],
+                           evaluating_only=cfg["training"]["epochs"] == 0)
+    return loaded.model, loaded.meta["model"], optimizer, loaded.meta.get("training", {})
 
 
 def run_training(args: argparse.Namespace, cfg: dict, origin: dict[str, str], stop: StopRequest) -> int:
     """The default command: load data, build (or load) the model, train, evaluate, write what was asked."""
-    plot_dir, training_cfg, seed = cfg["output"]["plot_dir"], cfg["training"], cfg["data"]["random_seed"]
-    pictures = {}
-    if plot_dir:
-        from plots import FIGURE_SIZES
-
-        pictures = {f"the picture {name}.png": str(Path(plot_dir) / f"{name}.png") for name in FIGURE_SIZES}
-    check_distinct_files({"the config": origin.get("file"), "--output": args.output, "--save-model": args.save_model,
-                          "logging.file": cfg["logging"]["file"], **pictures})
-    if args.load_model and args.load_model != args.save_model:
-        check_distinct_files({"--load-model": args.load_model, "--output": args.output, **pictures})
-    check_writable(args.output, "--output")
-    check_writable(args.save_model, "--save-model")
-    check_writable(plot_dir, "--plot-dir" if args.plot_dir else "output.plot_dir", folder=True)
+    training_cfg, seed = cfg["training"], cfg["data"]["random_seed"]
+    check_outputs(args, cfg, origin.get("file"))  # before any work: each file can be written, none twice
     evaluating_only = training_cfg["epochs"] == 0
     log.info("numpy-cnn: config from %s, seed %d (from %s)", origin["config"], seed, origin["seed"])
     rngs = make_rngs(seed)
@@ -1451,12 +1380,7 @@ def run_training(args: argparse.Namespace, cfg: dict, origin: dict[str, str], st
     model, model_cfg, optimizer, earlier = model_for_run(args, cfg, data, rngs)
     first_epoch = int(earlier.get("epochs_completed", 0)) + 1
     log.info("model:\n%s", model.summary())
-    if training_cfg["workers"]:
-        workers = training_cfg["workers"]
-    else:
-        from parallel import default_workers
-
-        workers = default_workers(model, training_cfg["batch_size"])
+    workers = training_cfg["workers"] or default_workers(model, training_cfg["batch_size"])
     schedule, augment_cfg = training_cfg["lr_schedule"], cfg["data"]["augment"]
     changes = [f"shifts of up to {augment_cfg['shift']} px"] if augment_cfg["shift"] else []
     changes += [f"rotations of up to {augment_cfg['rotate']:g} degrees"] if augment_cfg["rotate"] else []
@@ -1501,9 +1425,7 @@ def run_training(args: argparse.Namespace, cfg: dict, origin: dict[str, str], st
         took = "evaluation only, no training" if evaluating_only else f"training took {train_seconds:.1f}s"
         result_line(f"test accuracy {100 * test_accuracy:.2f}%{on_what}, test loss {test_loss:.4f}, {took}")
     if timings is not None and result.batches:
-        side_by_side = f"; layers: mean of {workers} worker threads, which run side by side" if workers > 1 else ""
-        log.info("time per layer over %d training batches (evaluation not included%s):\n%s", result.batches,
-                 side_by_side, profile_table(timings, model.names, result.batches, workers))
+        log.info("%s", profile_table(timings, model.names, result.batches, workers))
 
     summary = {"epochs_completed": first_epoch - 1 + len(result.history), "test_accuracy": test_accuracy,
                "test_loss": test_loss, "status": result.status, "stopped_at": result.stopped_at, "seed": seed,

@@ -8,6 +8,7 @@ build_model function passed in, so this leaf module never imports main.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import zipfile
 from dataclasses import dataclass
@@ -17,8 +18,10 @@ from typing import Any, Callable
 import numpy as np
 
 from config_schema import check_model, shown
-from errors import ConfigError, ModelFileError
-from plumbing import write_atomic
+from errors import ConfigError, DataError, ModelFileError
+from plumbing import plural, write_atomic
+
+log = logging.getLogger("numpy_cnn")
 
 MODEL_FORMAT = "numpy-cnn-model"
 
@@ -232,3 +235,37 @@ def restore_optimizer(optimizer: Any, loaded: LoadedModel, params: dict[str, np.
         optimizer.t = int(saved.get("t", 0))
     return True
 
+
+
+def continue_from(path: Path, data: Any, optimizer: Any, build_model: Callable[..., Any],
+                  parameters: Callable[[Any], Any], dropout_rng: Any, evaluating_only: bool) -> LoadedModel:
+    """--load-model for a training run (main.model_for_run): the model, checked against the data it will see;
+    a loud warning when that is not the data it was trained on; its Dropout layers drawing from dropout_rng; and,
+    unless it is only evaluated, the saved optimiser state restored into `optimizer` when it fits.
+    parameters: main.parameters (the optimiser's weight keys)."""
+    loaded = load_model(path, build_model)
+    for layer in loaded.model.layers:
+        if hasattr(layer, "draw_mask"):
+            layer.rng = dropout_rng
+    if loaded.model.input_shape != data.input_shape or len(loaded.meta["class_names"]) != data.num_classes:
+        raise DataError(f"--load-model {path}: the model takes {loaded.model.input_shape} images and "
+                        f"{len(loaded.meta['class_names'])} classes, the data has {data.input_shape} "
+                        f"and {data.num_classes}")
+    earlier = loaded.meta.get("training", {})
+    log.info("loaded %s (trained for %s); its architecture replaces the config's model section", path,
+             plural(int(earlier.get("epochs_completed", 0)), "epoch"))
+    trained_on = loaded.meta.get("data") or {"dataset": loaded.meta.get("dataset")}
+    synthetic_then, synthetic_now = trained_on.get("source") == "synthetic", data.source == "synthetic"
+    if trained_on.get("dataset") != data.name or synthetic_then != synthetic_now:
+        log.warning("%s was trained on %s%s, but is now %s on %s (source: %s): its accuracy here says little; "
+                    "pass the data it was trained on (--data-path, --dataset)", path, trained_on.get("dataset"),
+                    f" (source: {trained_on['source']})" if trained_on.get("source") else "",
+                    "evaluated" if evaluating_only else "trained further", data.name, data.source)
+    if evaluating_only:
+        return loaded
+    if restore_optimizer(optimizer, loaded, {key: param for key, param, _ in parameters(loaded.model)}):
+        log.info("continuing with the saved %s state", optimizer.name)
+    else:
+        saved = (loaded.meta.get("optimizer") or {}).get("name", "no")
+        log.info("starting %s afresh: the model file holds %s optimiser state", optimizer.name, saved)
+    return loaded

@@ -12,9 +12,27 @@ from pathlib import Path
 from typing import Any, Callable
 
 from modelfile import save_model
-from plumbing import StopRequest, log_to_file, versions, write_json
+from plumbing import StopRequest, check_distinct_files, check_writable, log_to_file, versions, write_json
 
 log = logging.getLogger("numpy_cnn")
+
+
+def check_outputs(args: Any, cfg: dict, config_file: str | None) -> None:
+    """Before any training: CNNError (one line) when an output could not be written later, or when two roles
+    (config, results, model, log, a picture, the model being loaded) name the same file."""
+    plot_dir = cfg["output"]["plot_dir"]
+    pictures = {}
+    if plot_dir:
+        from plots import FIGURE_SIZES
+
+        pictures = {f"the picture {name}.png": str(Path(plot_dir) / f"{name}.png") for name in FIGURE_SIZES}
+    check_distinct_files({"the config": config_file, "--output": args.output, "--save-model": args.save_model,
+                          "logging.file": cfg["logging"]["file"], **pictures})
+    if args.load_model and args.load_model != args.save_model:  # continuing a model into its own file is fine
+        check_distinct_files({"--load-model": args.load_model, "--output": args.output, **pictures})
+    check_writable(args.output, "--output")
+    check_writable(args.save_model, "--save-model")
+    check_writable(plot_dir, "--plot-dir" if args.plot_dir else "output.plot_dir", folder=True)
 
 
 def results_document(args: Any, cfg: dict, model_cfg: dict, data: Any, model: Any,

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from errors import CNNError
+from errors import CNNError, ConfigError
 
 log = logging.getLogger("numpy_cnn")
 
@@ -325,3 +325,17 @@ def load_env_file() -> None:
         raise CNNError(f"{found}: line {line} is not UTF-8 text (byte 0x{data[error.start]:02x}); save the .env file "
                        "as UTF-8") from None
     load_dotenv(stream=io.StringIO(text))
+
+
+def check_weights_fit(weights: int, where: str) -> None:
+    """CNNError, before anything is allocated, for a layer whose weights could not fit in memory: in training
+    each weight takes 16 bytes (float32 weight, gradient and Adam's two moments)."""
+    memory = machine_memory()
+    if memory is not None and 16 * weights > memory:
+        raise ConfigError(f"{where}: {weights:,} weights need about {16 * weights / 2**30:,.1f} GiB in training, "
+                          f"but this machine has {memory / 2**30:.1f} GiB of memory available; use fewer filters or "
+                          "units")
+
+
+def plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"

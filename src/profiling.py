@@ -77,7 +77,9 @@ def profile_table(timings: Timings, names: list[str], n_batches: int, workers: i
     # columns add up to the time of the training batches.
     rows.append(("optimizer step", 0.0, seconds.get(("optimizer", "step"), 0.0)))
     total = sum(forward + backward for _, forward, backward in rows) or 1.0
-    lines = [f"{'layer':<18}{'forward s':>11}{'backward s':>12}{'ms/batch':>10}{'share':>8}", "-" * 59]
+    side_by_side = f"; layers: mean of {workers} worker threads, which run side by side" if workers > 1 else ""
+    lines = [f"time per layer over {n_batches} training batches (evaluation not included{side_by_side}):",
+             f"{'layer':<18}{'forward s':>11}{'backward s':>12}{'ms/batch':>10}{'share':>8}", "-" * 59]
     for name, forward, backward in rows:
         per_batch = 1000 * (forward + backward) / max(n_batches, 1)
         share = 100 * (forward + backward) / total

@@ -11,15 +11,12 @@ one line naming the culprit, in bounded time and memory.
 - --predict with bad files among good ones: one result per file, no Pillow or NumPy warning reaching the user
   (images.predict_files, read_image).
 
-All files are made here, small. Tests that run the command line through main.py's use of these functions are
-marked xfail(strict) while that glue (/work/scratch/main_glue.md) is not in main.py; once it is, they run as
-ordinary tests.
+All files are made here, small.
 """
 
 from __future__ import annotations
 
 import gzip
-import inspect
 import io
 import json
 import os
@@ -45,14 +42,6 @@ import main
 import modelfile
 import plumbing
 from errors import CNNError, ConfigError, DataError, ModelFileError
-
-# ---- which parts of main.py's glue are in place ----------------------------------------------------------
-
-GLUE = "needs the main.py glue in /work/scratch/main_glue.md"
-needs_yaml_glue = pytest.mark.xfail(not hasattr(main, "read_yaml_file"), reason=GLUE, strict=True)
-needs_env_glue = pytest.mark.xfail(not hasattr(main, "load_env_file"), reason=GLUE, strict=True)
-needs_predict_glue = pytest.mark.xfail('"error" in prediction' not in inspect.getsource(main.run_predict),
-                                       reason=GLUE, strict=True)
 
 
 def one_line(stderr: str) -> str:
@@ -184,7 +173,6 @@ def test_keys_in_messages_are_one_short_line() -> None:
     assert len(str(error.value)) < 200
 
 
-@needs_yaml_glue
 def test_the_yaml_bomb_on_the_command_line_is_one_line(tmp_path: Path) -> None:
     """`python src/main.py --config bomb.yaml`: exit 2 and one line, in a process capped at 2 GB (the old
     validation printed the expanded value in full: 40 s, 3 GB and "unexpected MemoryError")."""
@@ -195,7 +183,6 @@ def test_the_yaml_bomb_on_the_command_line_is_one_line(tmp_path: Path) -> None:
     assert run.returncode == 2
 
 
-@needs_yaml_glue
 def test_duplicate_sections_on_the_command_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                 capsys: pytest.CaptureFixture) -> None:
     """Two `training:` sections were silently merged (the last won): now exit 2 and one line."""
@@ -245,7 +232,6 @@ def test_a_dotenv_is_loaded_as_before(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.delenv("HARDENING_TEST_A")
 
 
-@needs_env_glue
 def test_a_dotenv_that_is_not_utf8_on_the_command_line(tmp_path: Path) -> None:
     """`python src/main.py` from a folder whose .env has a Latin-1 byte: exit 2, one line naming the file
     (before: "unexpected UnicodeDecodeError", exit 1, the file not named)."""
@@ -553,7 +539,6 @@ def test_a_folder_is_not_reported_as_a_missing_image(tmp_path: Path) -> None:
     assert str(error.value) == f"{tmp_path}: is a folder, not an image file"
 
 
-@needs_predict_glue
 def test_predict_on_the_command_line_prints_the_good_and_one_line_per_bad(
         good_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     """Each good file's line on stdout, one `error: FILE: why` line per bad file on stderr, exit 2, and the

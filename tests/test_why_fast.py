@@ -254,13 +254,13 @@ def test_the_blas_sides_train_with_the_threads_they_claim() -> None:
     import parallel
 
     data = why_fast.synthetic_dataset(why_fast.BATCH, 8, np.random.default_rng(0))
-    project = (parallel.one_blas_thread, parallel.DataParallel.__enter__)
+    project = (why_fast.main.one_blas_thread, parallel.DataParallel.__enter__)
     for outer in (1, 2):
         with threadpool_limits(limits=outer):
             for workers in (1, 2):
                 why_fast.check_blas_sides(data, workers)
             assert parallel.blas_threads() == outer, "a side left its BLAS limit behind"
-    assert (parallel.one_blas_thread, parallel.DataParallel.__enter__) == project
+    assert (why_fast.main.one_blas_thread, parallel.DataParallel.__enter__) == project
 
 
 def test_a_blas_side_that_does_not_hold_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -268,7 +268,6 @@ def test_a_blas_side_that_does_not_hold_is_caught(monkeypatch: pytest.MonkeyPatc
     with two BLAS threads, and an alternative whose patch no longer reaches training with one."""
     from threadpoolctl import threadpool_limits
 
-    import parallel
 
     data = why_fast.synthetic_dataset(why_fast.BATCH, 8, np.random.default_rng(0))
     with threadpool_limits(limits=2):
@@ -277,7 +276,7 @@ def test_a_blas_side_that_does_not_hold_is_caught(monkeypatch: pytest.MonkeyPatc
             def no_limit(model: object) -> Iterator[object]:
                 yield model
 
-            patch.setattr(parallel, "one_blas_thread", no_limit)
+            patch.setattr(why_fast.main, "one_blas_thread", no_limit)
             with pytest.raises(why_fast.MismatchError, match="the project's setting trained with \\[2\\]"):
                 why_fast.check_blas_sides(data, 1)
         with threadpool_limits(limits=1), monkeypatch.context() as patch:
