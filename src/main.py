@@ -381,17 +381,18 @@ class BatchNorm(Layer):
     """Batch normalisation (Ioffe & Szegedy, 2015) per channel: over (N, H, W) for (N, H, W, C) input after a
     conv layer, over N for (N, F) input after a dense layer (every axis but the last is normalised over).
 
-    Input and output of the same shape; C (or F) = num_features; M = values per channel in the batch.
+    Input and output of the same shape; C (or F) = num_features; M = values per channel in the batch; mean()
+    below is the mean over those M values.
     params: gamma (C,) = ones, beta (C,) = zeros. buffers (not trained, saved with the model): running_mean (C,)
     = zeros, running_var (C,) = ones.
-    Forward, training:   mean = sum(x) / M,  var = sum((x - mean)^2) / M,
-                         xhat = (x - mean) / sqrt(var + eps),  y = gamma * xhat + beta;
-                         running_mean = (1 - momentum) * running_mean + momentum * mean, and running_var likewise
+    Forward, training:   mu = mean(x),  var = mean((x - mu)^2),  xhat = (x - mu) / sqrt(var + eps),
+                         y = gamma * xhat + beta;
+                         running_mean = (1 - momentum) * running_mean + momentum * mu, and running_var likewise
                          from the unbiased variance var * M / (M - 1), as PyTorch (momentum 0.1, eps 1e-5).
     Forward, evaluation: y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta.
-    Backward, through the batch mean and variance (sums over the M values of each channel):
+    Backward, through the batch mean and variance:
         dgamma = sum(grad_out * xhat),  dbeta = sum(grad_out),
-        dx = gamma / sqrt(var + eps) / M * (M * grad_out - dbeta - xhat * dgamma).
+        dx = gamma / sqrt(var + eps) * (grad_out - mean(grad_out) - xhat * mean(grad_out * xhat)).
     """
 
     def __init__(self, num_features: int, momentum: float = 0.1, eps: float = 1e-5) -> None:
@@ -403,34 +404,42 @@ class BatchNorm(Layer):
         self.buffers = {"running_mean": np.zeros(num_features, dtype=DTYPE),
                         "running_var": np.ones(num_features, dtype=DTYPE)}
 
+    def batch_mean(self, rows: np.ndarray) -> np.ndarray:
+        """The mean of each column over the batch, (M, C) -> (C,). (On worker threads, parallel.py gives each
+        replica a version that averages over every worker's slice: the whole batch's mean.)"""
+        return rows.mean(axis=0)
+
     def forward(self, x: np.ndarray, training: bool = True) -> np.ndarray:
         gamma, beta = self.params["gamma"], self.params["beta"]
         rows = x.reshape(-1, x.shape[-1])  # (M, C): every value of a channel in one column
         if not training:
             xhat = (rows - self.buffers["running_mean"]) / np.sqrt(self.buffers["running_var"] + self.eps)
             return (gamma * xhat + beta).reshape(x.shape)
-        m = len(rows)
-        mean = rows.mean(axis=0)
-        centred = rows - mean
-        var = (centred * centred).mean(axis=0)
+        mu = self.batch_mean(rows)
+        centred = rows - mu
+        var = self.batch_mean(centred * centred)
         inv_std = 1 / np.sqrt(var + self.eps)
         xhat = centred * inv_std
-        running = self.buffers
-        if m > 1:  # one value per channel (a last batch of one image, after a dense layer) says nothing of the spread
-            running["running_mean"][...] = (1 - self.momentum) * running["running_mean"] + self.momentum * mean
-            unbiased = var * m / (m - 1)
-            running["running_var"][...] = (1 - self.momentum) * running["running_var"] + self.momentum * unbiased
+        self.update_running_statistics(mu, var, len(rows))
         self.xhat, self.inv_std = xhat, inv_std
         return (gamma * xhat + beta).reshape(x.shape)
 
+    def update_running_statistics(self, mu: np.ndarray, var: np.ndarray, m: int) -> None:
+        """running = (1 - momentum) * running + momentum * batch statistic, the variance unbiased. One value per
+        channel (a last batch of one image, after a dense layer) says nothing of the spread: no update."""
+        if m > 1:
+            running, momentum = self.buffers, self.momentum
+            running["running_mean"][...] = (1 - momentum) * running["running_mean"] + momentum * mu
+            running["running_var"][...] = (1 - momentum) * running["running_var"] + momentum * var * m / (m - 1)
+
     def backward(self, grad_out: np.ndarray) -> np.ndarray | None:
         grad_rows = grad_out.reshape(self.xhat.shape)  # (M, C)
-        m = len(grad_rows)
-        self.grads["gamma"][...] = dgamma = (grad_rows * self.xhat).sum(axis=0)
-        self.grads["beta"][...] = dbeta = grad_rows.sum(axis=0)
+        self.grads["gamma"][...] = (grad_rows * self.xhat).sum(axis=0)
+        self.grads["beta"][...] = grad_rows.sum(axis=0)
         if not self.need_input_grad:
             return None
-        grad_in = self.params["gamma"] * self.inv_std / m * (m * grad_rows - dbeta - self.xhat * dgamma)
+        grad_in = self.params["gamma"] * self.inv_std * (
+            grad_rows - self.batch_mean(grad_rows) - self.xhat * self.batch_mean(grad_rows * self.xhat))
         return grad_in.reshape(grad_out.shape)
 
 

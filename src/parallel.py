@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import copy
 import math
+import threading
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from typing import Any, Callable
 
@@ -32,13 +33,10 @@ def blas_threads() -> int:
 
 def default_workers(model: Any = None, batch_size: int | None = None) -> int:
     """As many training threads as BLAS would use; given the model and the batch size, fewer, so that each
-    worker's slice holds at least MIN_ACTIVATION_PER_WORKER values in its largest layer. A model whose layers
-    keep batch statistics (BatchNorm) trains on one: its statistics must be the whole batch's."""
+    worker's slice holds at least MIN_ACTIVATION_PER_WORKER values in its largest layer."""
     threads = blas_threads()
     if model is None or model.input_shape is None or batch_size is None:
         return threads
-    if any(getattr(layer, "buffers", None) for layer in model.layers):
-        return 1
     largest = max(math.prod(row["output_shape"]) for row in model.summary_rows())
     return max(min(threads, batch_size * largest // MIN_ACTIVATION_PER_WORKER), 1)
 
@@ -89,8 +87,9 @@ class DataParallel:
 
     The gradient is the whole batch's: backward hands each replica its rows of dLoss/dlogits, which the loss
     computed over the whole batch, and the model's grads are the sum of the replicas'. Dropout masks are drawn
-    for the whole batch in the calling thread, so the run does not depend on the number of workers.
-    Use as `with DataParallel(model, workers) as net:`.
+    for the whole batch in the calling thread, and BatchNorm layers combine the slices' sums (SliceSums), so
+    the run computes what one pass over the whole batch computes. Use as `with DataParallel(model, workers) as
+    net:`.
     """
 
     def __init__(self, model: Any, workers: int = 2) -> None:
@@ -100,6 +99,12 @@ class DataParallel:
 
     def __enter__(self) -> DataParallel:
         self.replicas = [replicate(self.model) for _ in range(self.workers)]
+        for rank, replica in enumerate(self.replicas):
+            for layer in replica.layers:
+                if hasattr(layer, "batch_mean"):  # BatchNorm: statistics of the whole batch, from every slice
+                    layer.__class__ = synchronised(type(layer))
+                    layer.rank = rank
+        self.slice_sums = SliceSums(1)
         from threadpoolctl import threadpool_limits
 
         self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="worker")
@@ -115,13 +120,23 @@ class DataParallel:
 
     def _map(self, function: Callable, *iterables: Iterable) -> list:
         """pool.map(function, *iterables), each call under the calling thread's np.errstate: NumPy keeps its
-        error settings per thread, and a new thread starts from the defaults (which warn on overflow)."""
+        error settings per thread, and a new thread starts from the defaults (which warn on overflow). A worker
+        that fails breaks the SliceSums barrier, so that no other worker waits for it forever."""
         settings = np.geterr()
 
         def with_settings(*args: Any) -> Any:
-            with np.errstate(**settings):
-                return function(*args)
-        return list(self.pool.map(with_settings, *iterables))
+            try:
+                with np.errstate(**settings):
+                    return function(*args)
+            except BaseException:
+                self.slice_sums.abort()
+                raise
+        futures = [self.pool.submit(with_settings, *args) for args in zip(*iterables)]
+        wait(futures)
+        errors = [future.exception() for future in futures if future.exception() is not None]
+        if errors:  # the worker that failed first, rather than the others it woke
+            raise next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0])
+        return [future.result() for future in futures]
 
     def _split(self, n: int) -> list[slice]:
         """`workers` contiguous slices of range(n), as equal as can be (empty ones dropped)."""
@@ -133,6 +148,7 @@ class DataParallel:
         self.parts = self._split(len(x))
         if training:
             self._hand_out_dropout_masks(x)
+        self._share_slice_sums(len(self.parts))
         replicas = self.replicas[:len(self.parts)]
         return np.concatenate(self._map(lambda replica, part: replica.forward(x[part], training),
                                         replicas, self.parts))
@@ -140,6 +156,7 @@ class DataParallel:
     def backward(self, grad_out: np.ndarray) -> None:
         """Each replica's backward from its rows of dLoss/dlogits; the model's grads become their sum."""
         replicas = self.replicas[:len(self.parts)]
+        self._share_slice_sums(len(self.parts))
         self._map(lambda replica, part: replica.backward(grad_out[part]), replicas, self.parts)
         for layer, twins in zip(self.model.layers, zip(*(replica.layers for replica in replicas))):
             for name, grad in layer.grads.items():  # into the model's own arrays, which the optimiser reads
@@ -157,6 +174,14 @@ class DataParallel:
                     replica.layers[index].next_mask = mask[part]
             shape = (shape[0], *layer.output_shape(shape[1:]))
 
+    def _share_slice_sums(self, parties: int) -> None:
+        """A fresh SliceSums for the workers of this pass, given to every replica's BatchNorm layers."""
+        self.slice_sums = SliceSums(parties)
+        for replica in self.replicas:
+            for layer in replica.layers:
+                if hasattr(layer, "rank"):
+                    layer.slice_sums = self.slice_sums
+
     def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int) -> tuple[float, float]:
         """model.evaluate(x, y, batch_size), each worker taking a contiguous part of the set."""
         parts = self._split(len(x))
@@ -166,3 +191,54 @@ class DataParallel:
         loss = sum(part_loss * size for (part_loss, _), size in zip(results, sizes)) / max(len(x), 1)
         correct = sum(round(accuracy * size) for (_, accuracy), size in zip(results, sizes))
         return loss, correct / max(len(x), 1)
+
+
+class SliceSums:
+    """Sums an array over the worker threads of one pass: each worker adds its own part and waits until all
+    have, then every worker reads the total. The workers' BatchNorm layers call it in the same order (the
+    layers run in the same order in every replica), so one SliceSums serves every layer of a pass."""
+
+    def __init__(self, parties: int) -> None:
+        self.lock = threading.Lock()
+        self.total: np.ndarray | None = None
+        self.all_added = threading.Barrier(parties)
+        self.all_read = threading.Barrier(parties, action=self._clear)  # the action runs once all have read
+
+    def _clear(self) -> None:
+        self.total = None
+
+    def __call__(self, part: np.ndarray) -> np.ndarray:
+        with self.lock:
+            self.total = part if self.total is None else self.total + part
+        self.all_added.wait()
+        total = self.total
+        self.all_read.wait()
+        return total
+
+    def abort(self) -> None:
+        """Wake every waiting worker with BrokenBarrierError (another worker failed)."""
+        self.all_added.abort()
+        self.all_read.abort()
+
+
+_synchronised_classes: dict[type, type] = {}
+
+
+def synchronised(cls: type) -> type:
+    """A subclass of a BatchNorm class whose statistics are those of the whole batch: batch_mean averages over
+    every worker's slice (through the layer's slice_sums), and only the replica of rank 0 moves the running
+    statistics, which all replicas share. It keeps the class's name."""
+    if cls not in _synchronised_classes:
+        def batch_mean(self: Any, rows: np.ndarray) -> np.ndarray:
+            sums = self.slice_sums(np.append(rows.sum(axis=0), len(rows)))  # the columns' sums, then M
+            return (sums[:-1] / sums[-1]).astype(rows.dtype)
+
+        def update_running_statistics(self: Any, mu: np.ndarray, var: np.ndarray, m: int) -> None:
+            m_whole = int(self.slice_sums(np.array([m]))[0])
+            if self.rank == 0:
+                cls.update_running_statistics(self, mu, var, m_whole)
+
+        _synchronised_classes[cls] = type(cls.__name__, (cls,), {
+            "batch_mean": batch_mean, "update_running_statistics": update_running_statistics,
+            "__module__": cls.__module__})
+    return _synchronised_classes[cls]
