@@ -25,13 +25,13 @@ The comparisons (project's way first, the alternative second):
 8. Speed tricks, each against the core's plain form, over whole training epochs of the default model (2,000
    synthetic images, batch 32, the default worker threads), reported as the share of an epoch the trick saves.
    Taken out of src/main.py, so here the project's side is the plain core and the alternative the trick:
-   a. Conv2D's bias gradient: grad_rows.sum(axis=0) against np.ones(n) @ grad_rows;
    b. Conv2D's dx: one (N*Ho*Wo, k*k*C) product against one batched product per kernel offset, laid out so that
       col2im's slices are contiguous;
    c. im2col with one channel: the transposing copy against one copy per kernel offset;
    d. ReLU: np.maximum(x, 0) against x * (x > 0);
    e. MaxPool2D.backward: += against writing in place (np.multiply(..., out=)) when windows do not overlap.
    Kept in the core, so here the project's side is the trick and the alternative the plain form:
+   a. column sums (bias gradients, BatchNorm's statistics) as np.ones(M) @ rows against rows.sum(axis=0);
    f. Adam in place through one scratch array against the textbook form, a temporary array per operation.
 9. BLAS threads with one worker: training holds BLAS to one thread per worker thread (parallel.one_blas_thread
    for one worker, parallel.DataParallel for more); the alternative lets BLAS use 2 threads per worker. Training
@@ -754,21 +754,9 @@ def compare_workers(settings: Settings, rng: np.random.Generator) -> list[Result
 CORE_IM2COL = main.im2col  # the core's im2col, which trick c calls for inputs with more than one channel
 
 
-def conv_backward_bias_by_ones_matmul(self: main.Conv2D, grad_out: np.ndarray) -> np.ndarray | None:
-    """Conv2D.backward with trick a: db = sum(grad_out) as the vector-matrix product ones @ grad_rows, one BLAS
-    call, instead of grad_rows.sum(axis=0)."""
-    filters, p = grad_out.shape[3], self.padding
-    grad_rows = grad_out.reshape(-1, filters)  # (N*Ho*Wo, F)
-    cols = self.cols.reshape(grad_rows.shape[0], -1)  # (N*Ho*Wo, k*k*C)
-    weights = self.params["W"].reshape(cols.shape[1], filters)  # (k*k*C, F)
-    self.grads["W"][...] = (cols.T @ grad_rows).reshape(self.params["W"].shape)
-    self.grads["b"][...] = np.ones(len(grad_rows), dtype=grad_rows.dtype) @ grad_rows  # the trick
-    if not self.need_input_grad:
-        return None
-    grad_cols = (grad_rows @ weights.T).reshape(self.cols.shape)  # (N, Ho, Wo, k, k, C)
-    grad_padded = main.col2im(grad_cols, self.padded_shape, self.stride)
-    height, width = self.padded_shape[1] - 2 * p, self.padded_shape[2] - 2 * p
-    return grad_padded[:, p:p + height, p:p + width, :]
+def column_sums_by_reduction(rows: np.ndarray) -> np.ndarray:
+    """main.column_sums in its plain form: NumPy's reduction over the rows, instead of ones(M) @ rows."""
+    return rows.sum(axis=0)
 
 
 def conv_backward_dx_per_kernel_offset(self: main.Conv2D, grad_out: np.ndarray) -> np.ndarray | None:
@@ -779,7 +767,7 @@ def conv_backward_dx_per_kernel_offset(self: main.Conv2D, grad_out: np.ndarray) 
     grad_rows = grad_out.reshape(-1, filters)  # (N*Ho*Wo, F)
     cols = self.cols.reshape(grad_rows.shape[0], -1)  # (N*Ho*Wo, k*k*C)
     self.grads["W"][...] = (cols.T @ grad_rows).reshape(self.params["W"].shape)
-    self.grads["b"][...] = grad_rows.sum(axis=0)
+    self.grads["b"][...] = main.column_sums(grad_rows)
     if not self.need_input_grad:
         return None
     n, out_h, out_w, k, _, channels = self.cols.shape
@@ -859,8 +847,8 @@ class SpeedTrick:
 
 
 SPEED_TRICKS = [
-    SpeedTrick("a. bias gradient: grad_rows.sum(axis=0) vs ones @ grad_rows", "grad_rows.sum(axis=0)",
-               "np.ones(len(grad_rows)) @ grad_rows", main.Conv2D, "backward", conv_backward_bias_by_ones_matmul),
+    SpeedTrick("a. column sums: ones @ rows vs rows.sum(axis=0)", "np.ones(M) @ rows (main.column_sums)",
+               "rows.sum(axis=0)", main, "column_sums", column_sums_by_reduction, in_core=True),
     SpeedTrick("b. conv dx: one product vs one per kernel offset", "grad_rows @ W.reshape(k*k*C, F).T",
                "np.matmul per kernel offset, contiguous for col2im", main.Conv2D, "backward",
                conv_backward_dx_per_kernel_offset),

@@ -117,6 +117,13 @@ def he_normal(shape: tuple[int, ...], fan_in: int, rng: np.random.Generator) -> 
     return (rng.standard_normal(shape) * math.sqrt(2.0 / fan_in)).astype(DTYPE)
 
 
+def column_sums(rows: np.ndarray) -> np.ndarray:
+    """rows.sum(axis=0): (M, C) -> (C,), the sum of each column, as the product ones(M) @ rows. A bias gradient
+    and BatchNorm's statistics are such sums over a batch's pixels; BLAS computes them several times faster than
+    NumPy's reduction, which adds one row after the other (bench/why_fast.py: "column sums")."""
+    return np.ones(len(rows), dtype=rows.dtype) @ rows
+
+
 def im2col(x_padded: np.ndarray, kernel_size: int, stride: int) -> np.ndarray:
     """Every k x k x C window of the (already padded) input, one window per row.
 
@@ -206,7 +213,7 @@ class Conv2D(Layer):
         cols = self.cols.reshape(grad_rows.shape[0], -1)  # (N*Ho*Wo, k*k*C)
         weights = self.params["W"].reshape(cols.shape[1], filters)  # (k*k*C, F)
         self.grads["W"][...] = (cols.T @ grad_rows).reshape(self.params["W"].shape)
-        self.grads["b"][...] = grad_rows.sum(axis=0)
+        self.grads["b"][...] = column_sums(grad_rows)
         if not self.need_input_grad:
             return None
         grad_cols = (grad_rows @ weights.T).reshape(self.cols.shape)  # (N, Ho, Wo, k, k, C)
@@ -371,7 +378,7 @@ class Dense(Layer):
 
     def backward(self, grad_out: np.ndarray) -> np.ndarray | None:
         self.grads["W"][...] = self.x.T @ grad_out
-        self.grads["b"][...] = grad_out.sum(axis=0)
+        self.grads["b"][...] = column_sums(grad_out)
         if not self.need_input_grad:
             return None
         return grad_out @ self.params["W"].T
@@ -407,7 +414,7 @@ class BatchNorm(Layer):
     def batch_mean(self, rows: np.ndarray) -> np.ndarray:
         """The mean of each column over the batch, (M, C) -> (C,). (On worker threads, parallel.py gives each
         replica a version that averages over every worker's slice: the whole batch's mean.)"""
-        return rows.mean(axis=0)
+        return column_sums(rows) / len(rows)
 
     def forward(self, x: np.ndarray, training: bool = True) -> np.ndarray:
         gamma, beta = self.params["gamma"], self.params["beta"]
@@ -434,8 +441,8 @@ class BatchNorm(Layer):
 
     def backward(self, grad_out: np.ndarray) -> np.ndarray | None:
         grad_rows = grad_out.reshape(self.xhat.shape)  # (M, C)
-        self.grads["gamma"][...] = (grad_rows * self.xhat).sum(axis=0)
-        self.grads["beta"][...] = grad_rows.sum(axis=0)
+        self.grads["gamma"][...] = column_sums(grad_rows * self.xhat)
+        self.grads["beta"][...] = column_sums(grad_rows)
         if not self.need_input_grad:
             return None
         grad_in = self.params["gamma"] * self.inv_std * (
@@ -857,25 +864,27 @@ def shift_and_rotate(images: np.ndarray, rng: np.random.Generator, max_shift: in
     Output pixel (r, c) reads the input at the point where the inverse rotation (about the image's centre) and
     shift take it, interpolated bilinearly between the four pixels around it; outside the image reads 0.
     """
-    n, height, width, _ = images.shape
-    angle = np.deg2rad(rng.uniform(-max_degrees, max_degrees, (n, 1, 1)))
-    shift_r, shift_c = rng.integers(-max_shift, max_shift + 1, (2, n, 1, 1))
+    n, height, width, channels = images.shape
+    angle = np.deg2rad(rng.uniform(-max_degrees, max_degrees, (n, 1, 1))).astype(DTYPE)
+    shift_r, shift_c = rng.integers(-max_shift, max_shift + 1, (2, n, 1, 1)).astype(DTYPE)
     centre_r, centre_c = (height - 1) / 2, (width - 1) / 2
-    rows, cols = np.mgrid[0:height, 0:width]
+    rows, cols = np.mgrid[0:height, 0:width].astype(DTYPE)
     r, c = rows - shift_r - centre_r, cols - shift_c - centre_c  # (N, H, W), relative to the centre
-    source_r = np.cos(angle) * r - np.sin(angle) * c + centre_r
-    source_c = np.sin(angle) * r + np.cos(angle) * c + centre_c
-    top, left = np.floor(source_r).astype(int), np.floor(source_c).astype(int)
+    # The source point, in the coordinates of the image framed by a border of zeros (1 pixel before, 2 after, so
+    # that a point outside, clipped onto the border, and its neighbours below and to the right all read 0).
+    source_r = np.clip(np.cos(angle) * r - np.sin(angle) * c + centre_r + 1, 0, height + 1)
+    source_c = np.clip(np.sin(angle) * r + np.cos(angle) * c + centre_c + 1, 0, width + 1)
+    top, left = np.floor(source_r), np.floor(source_c)
     down, right = (source_r - top)[..., None], (source_c - left)[..., None]  # bilinear weights, (N, H, W, 1)
-    # A border of zeros around every image: a source point outside it reads the border.
-    framed = np.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    sample = np.arange(n)[:, None, None]
+    framed = np.pad(images, ((0, 0), (1, 2), (1, 2), (0, 0))).reshape(n, -1, channels)  # pixels in one row
+    row_length = width + 3
+    corner = (top.astype(np.intp) * row_length + left.astype(np.intp)).reshape(n, -1, 1)
 
-    def pixel(row: np.ndarray, col: np.ndarray) -> np.ndarray:
-        return framed[sample, np.clip(row + 1, 0, height + 1), np.clip(col + 1, 0, width + 1)]
+    def pixel(offset: int) -> np.ndarray:  # the framed pixel `offset` places after each top-left corner
+        return np.take_along_axis(framed, corner + offset, axis=1).reshape(images.shape)
 
-    return ((1 - down) * ((1 - right) * pixel(top, left) + right * pixel(top, left + 1))
-            + down * ((1 - right) * pixel(top + 1, left) + right * pixel(top + 1, left + 1))).astype(images.dtype)
+    return ((1 - down) * ((1 - right) * pixel(0) + right * pixel(1))
+            + down * ((1 - right) * pixel(row_length) + right * pixel(row_length + 1))).astype(images.dtype)
 
 
 def _draw(split: tuple[np.ndarray, np.ndarray], n: int, rng: np.random.Generator, what: str) -> tuple:

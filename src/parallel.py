@@ -230,7 +230,7 @@ def synchronised(cls: type) -> type:
     statistics, which all replicas share. It keeps the class's name."""
     if cls not in _synchronised_classes:
         def batch_mean(self: Any, rows: np.ndarray) -> np.ndarray:
-            sums = self.slice_sums(np.append(rows.sum(axis=0), len(rows)))  # the columns' sums, then M
+            sums = self.slice_sums(np.append(np.ones(len(rows), rows.dtype) @ rows, len(rows)))  # column sums, then M
             return (sums[:-1] / sums[-1]).astype(rows.dtype)
 
         def update_running_statistics(self: Any, mu: np.ndarray, var: np.ndarray, m: int) -> None:

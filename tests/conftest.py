@@ -95,3 +95,19 @@ def assert_conv2d_matches_reference(layer: object, x: np.ndarray, rng: np.random
     np.testing.assert_allclose(grad_x, ref_x, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(layer.grads["W"], ref_w, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(layer.grads["b"], ref_b, rtol=1e-10, atol=1e-12)
+
+
+def untrained_model_scores(results: dict) -> tuple[float, float, int]:
+    """The test loss and accuracy of the untrained model that the seed of a results file builds, recomputed here
+    in float64 (what a run with --epochs 0 must report), and the number of test images."""
+    import main
+
+    cfg = results["config"]
+    data = main.load_data(cfg["data"])
+    model = main.build_model(cfg["model"], data.input_shape, data.num_classes,
+                             main.make_rngs(cfg["data"]["random_seed"])["init"])
+    logits = model.forward(data.x_test, training=False).astype(np.float64)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    loss = float(-log_probs[np.arange(len(data.y_test)), data.y_test].mean())
+    return loss, float(np.mean(logits.argmax(axis=1) == data.y_test)), len(data.y_test)

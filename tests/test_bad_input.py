@@ -25,6 +25,7 @@ from typing import Callable
 import numpy as np
 import pytest
 import yaml
+from conftest import untrained_model_scores
 
 import main
 
@@ -447,13 +448,7 @@ def test_learning_rate_in_e_notation_is_accepted(tmp_path: Path, monkeypatch: py
     assert results["status"] == "completed" and results["history"] == [] and results["epochs_completed"] == 0
     # The run succeeded at what epochs 0 asks: it scored the untrained model of the seed on the 50 test images
     # (recomputed here in float64; the accuracy may be one image apart, where float32 rounds a near-tie).
-    cfg = results["config"]
-    data = main.load_data(cfg["data"])
-    model = main.build_model(cfg["model"], data.input_shape, data.num_classes,
-                             main.make_rngs(cfg["data"]["random_seed"])["init"])
-    logits = model.forward(data.x_test, training=False).astype(np.float64)
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-    assert len(data.y_test) == 50
-    assert results["test_loss"] == pytest.approx(-log_probs[np.arange(50), data.y_test].mean(), rel=1e-4)
-    assert abs(results["test_accuracy"] - np.mean(logits.argmax(axis=1) == data.y_test)) <= 1 / 50
+    loss, accuracy, n_test = untrained_model_scores(results)
+    assert n_test == 50
+    assert results["test_loss"] == pytest.approx(loss, rel=1e-4)
+    assert abs(results["test_accuracy"] - accuracy) <= 1 / 50

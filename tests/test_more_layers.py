@@ -18,12 +18,10 @@ import numpy as np
 import pytest
 import reference
 from conftest import to_float64
+from test_layers import TOLERANCE, central_differences, gradient_error
 
 import main
 from main import AvgPool2D, BatchNorm, Dropout, Tanh
-
-STEP = 1e-6  # central-difference step (float64)
-TOLERANCE = 1e-6  # largest relative error accepted between analytic and numeric gradients
 
 # The worst gradient-check error seen per layer, printed at the end of the module (visible with pytest -s).
 WORST_ERRORS: dict[str, float] = {}
@@ -38,33 +36,8 @@ def report_worst_errors() -> Iterator[None]:
 
 
 # ------------------------------------------------------------------------------------------------
-# Helpers: an independent gradient checker (as in tests/test_layers.py, but in training mode)
+# Helpers: tests/test_layers.py's independent gradient checker, here in training mode
 # ------------------------------------------------------------------------------------------------
-
-
-def central_differences(objective: Callable[[], float], array: np.ndarray, step: float = STEP) -> np.ndarray:
-    """d objective / d array at EVERY element, as (f(a + h) - f(a - h)) / 2h.
-
-    `array` is changed in place (one element at a time) and restored; objective() must read it.
-    """
-    gradient = np.zeros(array.shape)
-    for index in np.ndindex(array.shape):
-        original = array[index]
-        array[index] = original + step
-        plus = objective()
-        array[index] = original - step
-        minus = objective()
-        array[index] = original
-        gradient[index] = (plus - minus) / (2 * step)
-    return gradient
-
-
-def gradient_error(analytic: np.ndarray, numeric: np.ndarray) -> float:
-    """max |analytic - numeric| relative to the tensor's largest gradient entry (see tests/test_layers.py)."""
-    assert analytic is not None, "backward returned None instead of a gradient"
-    assert analytic.shape == numeric.shape
-    scale = max(float(np.max(np.abs(analytic))), float(np.max(np.abs(numeric))), 1e-12)
-    return float(np.max(np.abs(analytic - numeric))) / scale
 
 
 def layer_gradient_errors(layer: Any, x: np.ndarray, rng: np.random.Generator) -> dict[str, float]:
