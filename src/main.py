@@ -37,41 +37,16 @@ from typing import Any, Callable
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from config_schema import (
-    DATASETS,
-    LOG_LEVELS,
-    OPTIMIZERS,
-    OVERRIDES,
-    SCHEMA,
-    check_flag_combinations,
-    layer_name_and_arguments,
-    read_yaml_file,
-    validate_config,
-)
+import config_schema
+import plumbing
+from config_schema import layer_name_and_arguments
 from datafiles import OPENML_NAMES, download_openml, load_cache, load_idx_folder, make_synthetic
 from errors import CNNError, ConfigError, DataError
 from images import report_predictions
 from modelfile import continue_from, data_summary, load_model
 from outputs import check_outputs, write_outputs
 from parallel import DataParallel, default_workers, one_blas_thread
-from plumbing import (
-    Interrupted,
-    ProgressBar,
-    StopRequest,
-    check_distinct_files,
-    check_fits_in_memory,
-    check_weights_fit,
-    check_writable,
-    close_logging,
-    load_env_file,
-    log_to_file,
-    plural,
-    result_line,
-    setup_logging,
-    versions,
-    write_atomic,
-    write_json,
-)
+from plumbing import ProgressBar
 from profiling import instrument, profile_table
 
 DTYPE = np.float32
@@ -660,7 +635,7 @@ def make_layer(name: str, arguments: dict, shape: tuple[int, ...], rng: np.rando
         if k > shape[0] + 2 * p or k > shape[1] + 2 * p:
             raise ConfigError(f"{where}: kernel_size {k} is larger than its padded input {shape[0] + 2 * p}x"
                               f"{shape[1] + 2 * p} (input {shape[0]}x{shape[1]}, padding {p})")
-        check_weights_fit(k * k * shape[2] * arguments["filters"], where)
+        plumbing.check_weights_fit(k * k * shape[2] * arguments["filters"], where)
         return Conv2D(shape[2], arguments["filters"], k, arguments["stride"], p, rng=rng)
     if name in ("maxpool2d", "avgpool2d"):
         pool = (MaxPool2D if name == "maxpool2d" else AvgPool2D)(arguments["pool_size"], arguments["stride"])
@@ -669,7 +644,7 @@ def make_layer(name: str, arguments: dict, shape: tuple[int, ...], rng: np.rando
                               "it pools (reduce pool_size, use padding, or drop a layer)")
         return pool
     if name == "dense":
-        check_weights_fit(shape[0] * arguments["units"], where)
+        plumbing.check_weights_fit(shape[0] * arguments["units"], where)
         return Dense(shape[0], arguments["units"], rng=rng)
     if name == "batchnorm":
         return BatchNorm(shape[-1], arguments["momentum"], arguments["eps"])
@@ -960,7 +935,7 @@ def load_data(data_cfg: dict, evaluating_only: bool = False) -> Dataset:
             return _to_dataset(make_synthetic(n_train, rng), make_synthetic(n_test, rng), DIGIT_NAMES, name,
                                "synthetic", "FALLBACK: " + reason, n_val)
         source, note = "openml", f"downloaded from OpenML ({OPENML_NAMES[name]}), cached in {cache}"
-        write_atomic(cache, lambda f: np.savez_compressed(
+        plumbing.write_atomic(cache, lambda f: np.savez_compressed(
             f, x_train=splits[0][0], y_train=splits[0][1], x_test=splits[1][0], y_test=splits[1][1]))
     train, test = splits
     return _to_dataset(_draw(train, n_train, rng, "data.n_train"), _draw(test, n_test, rng, "data.n_test"),
@@ -1203,11 +1178,11 @@ def gradient_check_table(rows: list[dict]) -> str:
 def load_config(path: str | Path) -> dict:
     """Read and validate a YAML config file. Raises ConfigError (one line) for any problem: see
     config_schema.read_yaml_file (missing, a folder, not UTF-8, too large, YAML syntax, duplicate keys, alias
-    bombs, deep nesting) and validate_config (every key and value)."""
+    bombs, deep nesting) and config_schema.validate_config (every key and value)."""
     path = Path(path)
-    raw = read_yaml_file(path)
+    raw = config_schema.read_yaml_file(path)
     try:
-        return validate_config(raw)
+        return config_schema.validate_config(raw)
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from None
 
@@ -1248,18 +1223,18 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--epochs", type=int, metavar="N", help="training.epochs (0: only evaluate)")
     group.add_argument("--batch-size", type=int, metavar="N", help="training.batch_size")
     group.add_argument("--learning-rate", metavar="LR", help="training.learning_rate")
-    group.add_argument("--optimizer", metavar="NAME", help="training.optimizer: " + ", ".join(OPTIMIZERS))
+    group.add_argument("--optimizer", metavar="NAME", help="training.optimizer: " + ", ".join(config_schema.OPTIMIZERS))
     group.add_argument("--workers", type=int, metavar="N", help="training.workers: threads that each take a slice "
                        "of every batch (default: one per BLAS thread, i.e. per CPU unless OPENBLAS_NUM_THREADS "
                        "says fewer, and fewer when slices would be too small)")
     group.add_argument("--n-train", type=int, metavar="N", help="data.n_train")
     group.add_argument("--n-test", type=int, metavar="N", help="data.n_test")
     group.add_argument("--seed", type=int, metavar="N", help="data.random_seed (seeds everything)")
-    group.add_argument("--dataset", metavar="NAME", help="data.dataset: " + ", ".join(DATASETS))
+    group.add_argument("--dataset", metavar="NAME", help="data.dataset: " + ", ".join(config_schema.DATASETS))
     group.add_argument("--data-path", type=path_argument, metavar="DIR",
                        help="data.path: a folder of MNIST IDX files")
     group.add_argument("--no-fallback", action="store_true", help="fail instead of using synthetic data")
-    group.add_argument("--log-level", metavar="LEVEL", help="logging.level: " + ", ".join(LOG_LEVELS))
+    group.add_argument("--log-level", metavar="LEVEL", help="logging.level: " + ", ".join(config_schema.LOG_LEVELS))
     group.add_argument("--plot-dir", type=path_argument, metavar="DIR",
                        help="output.plot_dir: write PNG pictures there")
     extra = parser.add_argument_group("models, predictions and teaching")
@@ -1291,18 +1266,18 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, dict[str, str]]:
         cfg, origin = load_config("config.yaml"), {"config": "config.yaml", "seed": "config.yaml",
                                                    "file": "config.yaml"}
     else:
-        cfg, origin = validate_config({}), {"config": "built-in defaults", "seed": "built-in default"}
+        cfg, origin = config_schema.validate_config({}), {"config": "built-in defaults", "seed": "built-in default"}
     seed_text = os.environ.get("RANDOM_SEED", "").strip()
     if seed_text and args.seed is None:
         try:
-            cfg["data"]["random_seed"] = SCHEMA["data"]["random_seed"](int(seed_text), "RANDOM_SEED")
+            cfg["data"]["random_seed"] = config_schema.SCHEMA["data"]["random_seed"](int(seed_text), "RANDOM_SEED")
         except ValueError:
             raise ConfigError(f"RANDOM_SEED (environment): got {seed_text!r}, expected an integer >= 0") from None
         origin["seed"] = "RANDOM_SEED"
-    for flag, (section, key) in OVERRIDES.items():
+    for flag, (section, key) in config_schema.OVERRIDES.items():
         value = getattr(args, flag)
         if value is not None:
-            cfg[section][key] = SCHEMA[section][key](value, f"--{flag.replace('_', '-')}")
+            cfg[section][key] = config_schema.SCHEMA[section][key](value, f"--{flag.replace('_', '-')}")
     if args.seed is not None:
         origin["seed"] = "--seed"
     if args.no_fallback:
@@ -1312,7 +1287,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, dict[str, str]]:
         # is reported now, not after a minute of downloading. (A loaded model brings its own architecture.)
         try:
             model = build_model(cfg["model"], input_shape_of(cfg["data"]["dataset"]), 10, np.random.default_rng(0))
-            check_fits_in_memory(model, cfg["training"]["batch_size"])
+            plumbing.check_fits_in_memory(model, cfg["training"]["batch_size"])
         except ConfigError as error:
             raise ConfigError(f"{origin['config']}: {error}") from None
         except (MemoryError, ValueError) as error:  # numpy cannot allocate the weights
@@ -1332,9 +1307,9 @@ def input_shape_of(dataset: str) -> tuple[int, int, int]:
 def run_gradcheck(args: argparse.Namespace, cfg: dict, origin: dict[str, str]) -> int:
     """--gradcheck: the configured model, four random inputs, float64, every layer's backward checked.
     The table is the command's output, so it is printed whatever the log level."""
-    check_distinct_files({"the config": origin.get("file"), "--output": args.output,
+    plumbing.check_distinct_files({"the config": origin.get("file"), "--output": args.output,
                           "logging.file": cfg["logging"]["file"]})
-    check_writable(args.output, "--output")
+    plumbing.check_writable(args.output, "--output")
     rngs = make_rngs(cfg["data"]["random_seed"])
     rng, input_shape = rngs["init"], input_shape_of(cfg["data"]["dataset"])
     model = build_model(cfg["model"], input_shape, 10, rng, rngs["dropout"])
@@ -1344,17 +1319,17 @@ def run_gradcheck(args: argparse.Namespace, cfg: dict, origin: dict[str, str]) -
     failed = [row for row in rows if not row["ok"]]
     table = gradient_check_table(rows)
     print(f"gradient check of the configured model, input {input_shape}, float64, central differences:\n{table}")
-    log_to_file(logging.INFO, f"gradient check:\n{table}")
+    plumbing.log_to_file(logging.INFO, f"gradient check:\n{table}")
     verdict = f"{len(rows) - len(failed)}/{len(rows)} tensors ok (tolerance 1e-6) in {time.perf_counter() - start:.1f}s"
     if args.output:
-        write_json(args.output, {"status": "failed" if failed else "passed", "rows": rows, "config": cfg,
-                                 "versions": versions()})
+        plumbing.write_json(args.output, {"status": "failed" if failed else "passed", "rows": rows, "config": cfg,
+                                 "plumbing.versions": plumbing.versions()})
     if failed:
         log.error("gradient check FAILED: %s; broken: %s", verdict,
                   ", ".join(f"{row['layer']}.{row['tensor']}" for row in failed))
         return EXIT_UNEXPECTED
     print(f"gradient check passed: {verdict}")
-    log_to_file(logging.INFO, f"gradient check passed: {verdict}")
+    plumbing.log_to_file(logging.INFO, f"gradient check passed: {verdict}")
     return EXIT_OK
 
 
@@ -1362,8 +1337,8 @@ def run_predict(args: argparse.Namespace) -> int:
     """--predict: classify image files with a saved model, one line each on stdout, no training (images.py).
     A file that cannot be read gets an error line instead, and the exit code is then 2."""
     for role, path in [("--load-model", args.load_model)] + [("an image of --predict", p) for p in args.predict]:
-        check_distinct_files({role: path, "--output": args.output})
-    check_writable(args.output, "--output")
+        plumbing.check_distinct_files({role: path, "--output": args.output})
+    plumbing.check_writable(args.output, "--output")
     loaded = load_model(Path(args.load_model), build_model)
     all_read = report_predictions(loaded.model, loaded.meta, [Path(p) for p in args.predict], args.load_model,
                                   args.output)
@@ -1383,7 +1358,7 @@ def model_for_run(args: argparse.Namespace, cfg: dict, data: Dataset,
     return loaded.model, loaded.meta["model"], optimizer, loaded.meta.get("training", {})
 
 
-def run_training(args: argparse.Namespace, cfg: dict, origin: dict[str, str], stop: StopRequest) -> int:
+def run_training(args: argparse.Namespace, cfg: dict, origin: dict[str, str], stop: plumbing.StopRequest) -> int:
     """The default command: load data, build (or load) the model, train, evaluate, write what was asked."""
     training_cfg, seed = cfg["training"], cfg["data"]["random_seed"]
     check_outputs(args, cfg, origin.get("file"))  # before any work: each file can be written, none twice
@@ -1404,10 +1379,10 @@ def run_training(args: argparse.Namespace, cfg: dict, origin: dict[str, str], st
     changes += [f"rotations of up to {augment_cfg['rotate']:g} degrees"] if augment_cfg["rotate"] else []
     if not evaluating_only:
         log.info("training: %s, batch %d, %s, learning rate %g (%s)%s%s, %s",
-                 plural(training_cfg["epochs"], "epoch"), training_cfg["batch_size"], training_cfg["optimizer"],
-                 training_cfg["learning_rate"], schedule["name"],
+                 plumbing.plural(training_cfg["epochs"], "epoch"), training_cfg["batch_size"],
+                 training_cfg["optimizer"], training_cfg["learning_rate"], schedule["name"],
                  f", weight decay {training_cfg['weight_decay']:g}" if training_cfg["weight_decay"] else "",
-                 f", {' and '.join(changes)}" if changes else "", plural(workers, "worker thread"))
+                 f", {' and '.join(changes)}" if changes else "", plumbing.plural(workers, "worker thread"))
     timings = instrument(model, optimizer) if args.profile else None
     steps_per_epoch = math.ceil(len(data.x_train) / training_cfg["batch_size"])
     learning_rate = learning_rate_schedule(schedule, training_cfg["learning_rate"], steps_per_epoch,
@@ -1436,12 +1411,12 @@ def run_training(args: argparse.Namespace, cfg: dict, origin: dict[str, str], st
     else:
         test_loss, test_accuracy = model.evaluate(data.x_test, data.y_test, EVAL_BATCH_SIZE)
     if result.status == "interrupted":
-        log.warning("interrupted after %s", plural(len(result.history), "completed epoch"))
+        log.warning("interrupted after %s", plumbing.plural(len(result.history), "completed epoch"))
     if test_accuracy is not None:
         real = data.source != "synthetic" or data.name == "synthetic"
         on_what = "" if real else f" on SYNTHETIC digits, not {data.name} (offline fallback: see above)"
         took = "evaluation only, no training" if evaluating_only else f"training took {train_seconds:.1f}s"
-        result_line(f"test accuracy {100 * test_accuracy:.2f}%{on_what}, test loss {test_loss:.4f}, {took}")
+        plumbing.result_line(f"test accuracy {100 * test_accuracy:.2f}%{on_what}, test loss {test_loss:.4f}, {took}")
     if timings is not None and result.batches:
         log.info("%s", profile_table(timings, model.names, result.batches, workers))
 
@@ -1471,12 +1446,12 @@ def main(argv: list[str] | None = None) -> int:
     could not be written, 130 / 143 interrupted, 141 the reader of the output went away)."""
     try:
         args = build_parser().parse_args(argv)
-        check_flag_combinations(args)
-        load_env_file()  # the nearest .env; never overrides variables already set
+        config_schema.check_flag_combinations(args)
+        plumbing.load_env_file()  # the nearest .env; never overrides variables already set
         cfg, origin = resolve_config(args)
-        setup_logging(cfg["logging"])
+        plumbing.setup_logging(cfg["logging"])
         # Overflow in a diverging run is reported as divergence, not as a NumPy warning.
-        with np.errstate(all="ignore"), StopRequest() as stop:
+        with np.errstate(all="ignore"), plumbing.StopRequest() as stop:
             if args.gradcheck:
                 return run_gradcheck(args, cfg, origin)
             if args.predict:
@@ -1489,26 +1464,26 @@ def main(argv: list[str] | None = None) -> int:
                 return EXIT_OK
             return run_training(args, cfg, origin, stop)
     except CNNError as error:
-        log_to_file(logging.ERROR, str(error))
+        plumbing.log_to_file(logging.ERROR, str(error))
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:  # `python src/main.py ... | head`: the reader has all it wanted
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
         return EXIT_BROKEN_PIPE
-    except (KeyboardInterrupt, Interrupted) as stopped:
+    except (KeyboardInterrupt, plumbing.Interrupted) as stopped:
         signum = getattr(stopped, "signum", signal.SIGINT)
-        log_to_file(logging.WARNING, f"stopped by {signal.Signals(signum).name}")
-        # Every file is written whole or not at all (write_atomic), so none is left half-written.
+        plumbing.log_to_file(logging.WARNING, f"stopped by {signal.Signals(signum).name}")
+        # Every file is written whole or not at all (plumbing.write_atomic), so none is left half-written.
         print(f"interrupted ({signal.Signals(signum).name}): stopped; no file was left half-written", file=sys.stderr)
         return EXIT_BY_SIGNAL[signum]
     except Exception as error:
-        log_to_file(logging.ERROR, "unexpected error", with_traceback=True)
+        plumbing.log_to_file(logging.ERROR, "unexpected error", with_traceback=True)
         where = " (traceback in the log file)" if any(isinstance(h, logging.FileHandler) for h in log.handlers) else ""
         print(f"error: unexpected {type(error).__name__}: {error}{where}", file=sys.stderr)
         return EXIT_UNEXPECTED
     finally:
-        close_logging()
+        plumbing.close_logging()
 
 
 if __name__ == "__main__":
