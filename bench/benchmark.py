@@ -147,25 +147,27 @@ def limit_blas_threads(threads: int) -> Any:
 
 def load_recipe(config_file: str | None) -> dict:
     """The checked config whose training is benchmarked: config_file read and validated as `python src/main.py
-    --config FILE` reads it, or the built-in defaults. Raises main.CNNError (one line) for a config that the
+    --config FILE` reads it, or the built-in defaults. Raises errors.CNNError (one line) for a config that the
     benchmark cannot run: unreadable or invalid, for images other than 28x28, or with a model that does not fit
     them or does not end in 10 classes."""
     import numpy as np
 
     main = import_main()
     import config_schema
+    from errors import ConfigError
+
     if config_file is None:
         return config_schema.validate_config({})
     recipe = main.load_config(config_file)
     dataset = recipe["data"]["dataset"]
     if main.input_shape_of(dataset) != INPUT_SHAPE:
         shape = "x".join(map(str, main.input_shape_of(dataset)[:2]))
-        raise main.ConfigError(f"{config_file}: data.dataset {dataset} has {shape} images; the benchmark trains on "
-                               "synthetic 28x28 digits, so it times models for 28x28 images only")
+        raise ConfigError(f"{config_file}: data.dataset {dataset} has {shape} images; the benchmark trains on "
+                          "synthetic 28x28 digits, so it times models for 28x28 images only")
     try:
         main.build_model(recipe["model"], INPUT_SHAPE, N_CLASSES, np.random.default_rng(0))
-    except main.ConfigError as error:
-        raise main.ConfigError(f"{config_file}: {error}") from None
+    except ConfigError as error:
+        raise ConfigError(f"{config_file}: {error}") from None
     return recipe
 
 
@@ -1115,8 +1117,10 @@ def run_benchmark(args: argparse.Namespace, recipe: dict) -> int:
     report = build_report(args, recipe, environment, runs, has_torch)
     print_results(report)
     if args.json:
-        import_main().write_atomic(Path(args.json), lambda f: f.write(json.dumps(report, indent=2) + "\n"),
-                                   binary=False)
+        import_main()  # puts src/ on the path
+        from plumbing import write_atomic
+
+        write_atomic(Path(args.json), lambda f: f.write(json.dumps(report, indent=2) + "\n"), binary=False)
         print(f"\nall numbers written to {args.json}")
     return 0
 
@@ -1155,11 +1159,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         run_worker(args)
         return 0
-    project = import_main()
+    import_main()  # puts src/ on the path
+    from errors import CNNError
+    from plumbing import check_writable
+
     try:  # minutes of measuring should not end in an unwritable --json path or a config that cannot run
-        project.check_writable(args.json, "--json")
+        check_writable(args.json, "--json")
         recipe = load_recipe(args.config)
-    except project.CNNError as error:
+    except CNNError as error:
         parser.error(str(error))
     return run_benchmark(args, recipe)
 
