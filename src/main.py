@@ -1,11 +1,14 @@
 """numpy-cnn: a convolutional neural network from scratch in NumPy, trained on MNIST.
 
 Read it top to bottom, like a chapter of a textbook:
-  1. Layers: Conv2D, MaxPool2D, ReLU, Flatten, Dense, each with its forward and backward pass side by side.
+  1. Layers: Conv2D, MaxPool2D, AvgPool2D, ReLU, Tanh, Flatten, Dense, BatchNorm, Dropout, each with its
+     forward and backward pass side by side.
   2. Loss: softmax cross-entropy.
-  3. Model: Sequential, which chains the layers (forward in order, backward in reverse), and build_model.
-  4. Optimisers: SGD with momentum, Adam.
-  5. Data: MNIST, Fashion-MNIST or scikit-learn's digits, with labelled synthetic digits when offline.
+  3. Model: Sequential, which chains the layers (forward in order, backward in reverse), and build_model, which
+     makes them from the config's layer list.
+  4. Optimisers: SGD with momentum, Adam, weight decay, learning-rate schedules.
+  5. Data: MNIST, Fashion-MNIST or scikit-learn's digits, with labelled synthetic digits when offline; shifts
+     and rotations that augment it.
   6. Training: the loop of forward -> loss -> backward -> step.
   7. The gradient check, which proves every backward pass right with central differences.
   8. The configuration file and the command line.
@@ -1002,9 +1005,9 @@ def train(
     workers > 1 splits every batch over that many threads (parallel.DataParallel), which computes the same
     gradient; either way BLAS runs one thread per worker. learning_rate(step) sets the optimiser's rate before
     each step (see learning_rate_schedule); augment(x) changes each batch of images before it goes in (see
-    shift_and_rotate). Stops early, with the
-    matching status, when the loss or a weight stops being finite (diverged) or when should_stop() turns true
-    after a batch (interrupted). first_epoch numbers the epochs of a continued run.
+    shift_and_rotate). Stops early, with the matching status, when the loss or a weight stops being finite
+    (diverged) or when should_stop() turns true after a batch (interrupted). first_epoch numbers the epochs of a
+    continued run.
     """
     result, loss_fn = TrainResult(), SoftmaxCrossEntropy()
     n_train, last_epoch = len(data.x_train), first_epoch + epochs - 1
