@@ -9,9 +9,6 @@ in both. gamma and beta are PyTorch's weight and bias; running_mean and running_
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 from conftest import to_float64
@@ -19,28 +16,12 @@ from conftest import to_float64
 from main import AvgPool2D, BatchNorm, Tanh
 
 torch = pytest.importorskip("torch")
+from test_torch import one_thread  # noqa: E402, F401 (autouse: both libraries on one thread, as test_torch.py)
 
 pytestmark = pytest.mark.torch
 
 DTYPES = [(np.float64, torch.float64, 1e-10), (np.float32, torch.float32, 1e-5)]
 DTYPE_IDS = ["float64", "float32"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Both libraries on one thread (as tests/test_torch.py): fastest for these tiny arrays, and not stalled by
-    BLAS threads waiting for each other on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        limit = contextlib.nullcontext()
-    else:
-        limit = threadpool_limits(limits=1)
-    with limit:
-        yield
-    torch.set_num_threads(previous)
 
 
 def to_torch(array: np.ndarray) -> torch.Tensor:
