@@ -62,8 +62,10 @@ def gradient_error(analytic: np.ndarray, numeric: np.ndarray) -> float:
     return float(np.max(np.abs(analytic - numeric))) / scale
 
 
-def layer_gradient_errors(layer: Any, x: np.ndarray, rng: np.random.Generator) -> dict[str, float]:
-    """Check one layer's backward on the objective sum(layer(x) * upstream), upstream random.
+def layer_gradient_errors(layer: Any, x: np.ndarray, rng: np.random.Generator,
+                          training: bool = False) -> dict[str, float]:
+    """Check one layer's backward on the objective sum(layer(x) * upstream), upstream random (in training mode
+    for layers whose training forward differs: BatchNorm's batch statistics, Dropout's fixed mask).
 
     The gradient of that objective is layer.backward(upstream) with respect to x and layer.grads
     with respect to the weights. Returns the error of every tensor: 'input' and each parameter.
@@ -72,7 +74,7 @@ def layer_gradient_errors(layer: Any, x: np.ndarray, rng: np.random.Generator) -
     upstream = rng.standard_normal(layer.forward(x).shape)
 
     def objective() -> float:
-        return float(np.sum(layer.forward(x, training=False) * upstream))
+        return float(np.sum(layer.forward(x, training=training) * upstream))
 
     layer.forward(x)
     analytic = {"input": layer.backward(upstream)}

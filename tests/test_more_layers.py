@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import reference
 from conftest import to_float64
-from test_layers import TOLERANCE, central_differences, gradient_error
+from test_layers import TOLERANCE
 
 import main
 from main import AvgPool2D, BatchNorm, Dropout, Tanh
@@ -41,22 +41,8 @@ def report_worst_errors() -> Iterator[None]:
 
 
 def layer_gradient_errors(layer: Any, x: np.ndarray, rng: np.random.Generator) -> dict[str, float]:
-    """Check one layer's backward on the objective sum(layer(x, training=True) * upstream), upstream random.
-
-    Returns the error of every tensor, 'input' and each parameter, and records the worst in WORST_ERRORS.
-    """
-    to_float64(layer)
-    upstream = rng.standard_normal(layer.forward(x).shape)
-
-    def objective() -> float:
-        return float(np.sum(layer.forward(x, training=True) * upstream))
-
-    layer.forward(x)
-    analytic = {"input": layer.backward(upstream)}
-    analytic.update({name: grad.copy() for name, grad in layer.grads.items()})
-    tensors = {"input": x, **layer.params}
-    errors = {name: gradient_error(analytic[name], central_differences(objective, tensors[name]))
-              for name in tensors}
+    """test_layers' check of one layer's backward, in training mode; records the worst error in WORST_ERRORS."""
+    errors = test_layers.layer_gradient_errors(layer, x, rng, training=True)
     name = type(layer).__name__
     WORST_ERRORS[name] = max(WORST_ERRORS.get(name, 0.0), *errors.values())
     return errors
