@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 import reference
+import test_layers
 from conftest import to_float64
 from test_layers import TOLERANCE
 
