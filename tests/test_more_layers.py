@@ -227,16 +227,8 @@ def test_dropout_matches_loop_reference(shape: tuple[int, ...]) -> None:
     assert_close(layer.backward(upstream), reference.dropout_backward(upstream, expected_mask))
 
 
-# (N, H, W, C, pool, stride)
-POOL_CASES = [
-    (2, 6, 6, 2, 2, None),
-    (1, 7, 5, 3, 2, None),  # non-dividing, non-square
-    (2, 8, 7, 1, 3, 1),  # overlapping
-    (2, 9, 9, 2, 3, 2),  # overlapping, non-dividing
-    (1, 10, 6, 2, 2, 3),  # gaps between windows
-    (3, 5, 8, 1, 4, 1),  # large overlapping pool
-    (2, 10, 10, 6, 5, 5),  # LeNet-5's size class: 2x2 would be usual, 5x5 checks bigger windows
-]
+# (N, H, W, C, pool, stride): test_layers' max-pooling cases, and 5x5 windows (bigger than LeNet-5's usual 2x2)
+POOL_CASES = [*test_layers.POOL_CASES, (2, 10, 10, 6, 5, 5)]
 
 
 @pytest.mark.parametrize(("n", "height", "width", "channels", "pool_size", "stride"), POOL_CASES)
