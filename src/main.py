@@ -969,7 +969,7 @@ class TrainResult:
 
     status: "completed", "interrupted" (a stop was requested) or "diverged" (loss or weights not finite);
     stopped_at: for the last two, the epoch and batch where it happened (and, when diverged, why);
-    batches: how many training batches ran in all (for --profile's time per batch).
+    batches: how many training batches ran in all (the learning-rate schedule's step, --profile's count).
     """
 
     history: list[dict] = field(default_factory=list)
@@ -982,6 +982,27 @@ class TrainResult:
         if reason:
             self.stopped_at["reason"] = reason
         return self
+
+
+@dataclass
+class Position:
+    """Where training is between two steps: enough to watch it, or to continue it exactly where it was.
+
+    epoch: the epoch under way; batch: the batches of it done (n_batches when it has ended); order: its shuffle
+    order; total_loss and correct: its running sums so far; loss: the last batch's loss.
+    """
+
+    epoch: int
+    batch: int
+    n_batches: int
+    order: np.ndarray
+    total_loss: float = 0.0
+    correct: int = 0
+    loss: float = float("nan")
+
+    @property
+    def epoch_ended(self) -> bool:
+        return self.batch == self.n_batches
 
 
 def train(
@@ -997,6 +1018,8 @@ def train(
     augment: Callable[[np.ndarray], np.ndarray] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     first_epoch: int = 1,
+    on_step: Callable[[Position, TrainResult], None] | None = None,
+    resume: tuple[Position, TrainResult] | None = None,
 ) -> TrainResult:
     """Mini-batch training: each epoch shuffles the training set, and for every batch runs
     forward -> loss -> backward -> optimiser step; then it scores the epoch on the validation set, or on the
@@ -1008,8 +1031,13 @@ def train(
     shift_and_rotate). Stops early, with the matching status, when the loss or a weight stops being finite
     (diverged) or when should_stop() turns true after a batch (interrupted). first_epoch numbers the epochs of a
     continued run.
+
+    on_step(position, result), if given, is called after every step and again when an epoch's row is in the
+    history (position.epoch_ended), between steps, so it may copy the model but must not change it.
+    resume=(position, result) continues a run from there (the model, optimiser and random generators restored
+    by the caller): the epoch under way goes on with its own order and running sums.
     """
-    result, loss_fn = TrainResult(), SoftmaxCrossEntropy()
+    result, loss_fn = (TrainResult() if resume is None else resume[1]), SoftmaxCrossEntropy()
     n_train, last_epoch = len(data.x_train), first_epoch + epochs - 1
     n_batches = math.ceil(n_train / batch_size)
     scored_on = "val" if len(data.x_val) else "test"
@@ -1018,14 +1046,16 @@ def train(
     loss_limit = 1000 * math.log(max(data.num_classes, 2))
     threads = DataParallel(model, workers) if workers > 1 else one_blas_thread(model)
     with threads as net:  # the model, or the model spread over worker threads: both have forward and backward
-        for epoch in range(first_epoch, last_epoch + 1):
+        for epoch in range(first_epoch if resume is None else resume[0].epoch, last_epoch + 1):
             start = time.perf_counter()
-            order = rng.permutation(n_train)
-            total_loss, correct = 0.0, 0
-            epoch_lr = optimizer.learning_rate if learning_rate is None else learning_rate(result.batches)
+            if resume is not None and resume[0].epoch == epoch:
+                at = resume[0]
+            else:
+                at = Position(epoch, 0, n_batches, rng.permutation(n_train))
+            epoch_lr = optimizer.learning_rate if learning_rate is None else learning_rate(result.batches - at.batch)
             with ProgressBar(n_batches, f"epoch {epoch}/{last_epoch}") as bar:
-                for batch in range(n_batches):
-                    chosen = order[batch * batch_size:(batch + 1) * batch_size]
+                for batch in range(at.batch, n_batches):
+                    chosen = at.order[batch * batch_size:(batch + 1) * batch_size]
                     x, labels = data.x_train[chosen], data.y_train[chosen]
                     if augment is not None:
                         x = augment(x)
@@ -1040,9 +1070,12 @@ def train(
                     optimizer.step(model)
 
                     result.batches += 1
-                    total_loss += loss * len(labels)
-                    correct += int((logits.argmax(axis=1) == labels).sum())
+                    at.batch, at.loss = batch + 1, loss
+                    at.total_loss += loss * len(labels)
+                    at.correct += int((logits.argmax(axis=1) == labels).sum())
                     bar.update(batch + 1, loss)
+                    if on_step is not None and batch + 1 < n_batches:
+                        on_step(at, result)
                     if should_stop():
                         return result.stop("interrupted", epoch, batch + 1)
             seconds = time.perf_counter() - start
@@ -1051,8 +1084,8 @@ def train(
             scored_loss, scored_accuracy = net.evaluate(x_scored, y_scored, EVAL_BATCH_SIZE)
             if not math.isfinite(scored_loss):  # finite weights so large that the logits overflow
                 return result.stop("diverged", epoch, n_batches, f"the {scored_on} loss became {scored_loss:.4g}")
-            row = {"epoch": epoch, "learning_rate": epoch_lr, "train_loss": total_loss / n_train,
-                   "train_accuracy": correct / n_train, f"{scored_on}_loss": scored_loss,
+            row = {"epoch": epoch, "learning_rate": epoch_lr, "train_loss": at.total_loss / n_train,
+                   "train_accuracy": at.correct / n_train, f"{scored_on}_loss": scored_loss,
                    f"{scored_on}_accuracy": scored_accuracy, "seconds": round(seconds, 3),
                    "images_per_second": round(n_train / seconds, 1)}
             result.history.append(row)
@@ -1060,6 +1093,8 @@ def train(
                      len(str(last_epoch)), epoch, last_epoch, epoch_lr, row["train_loss"],
                      100 * row["train_accuracy"], scored_on, scored_loss, 100 * scored_accuracy, seconds,
                      row["images_per_second"])
+            if on_step is not None:
+                on_step(at, result)
             if should_stop():
                 return result.stop("interrupted", epoch, n_batches)
     return result
