@@ -15,7 +15,6 @@ import copy
 import gzip
 import json
 import os
-import struct
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from typing import Callable
 import numpy as np
 import pytest
 import yaml
-from conftest import untrained_model_scores
+from helpers import idx_bytes, untrained_model_scores
 
 import main
 
@@ -52,12 +51,6 @@ IDX_DATA = {"dataset": "mnist", "path": "idx", "n_train": 10, "n_test": 5}  # da
 
 
 # ---- IDX files built by hand -----------------------------------------------------------------------
-
-
-def idx_bytes(array: np.ndarray) -> bytes:
-    """The IDX encoding of a uint8 array: magic 00 00 08 ndim, one big-endian uint32 per dimension, data."""
-    header = struct.pack(">HBB", 0, 8, array.ndim) + struct.pack(">" + "I" * array.ndim, *array.shape)
-    return header + array.astype(np.uint8).tobytes()
 
 
 def write_file(path: Path, content: bytes, gz: bool = False) -> None:

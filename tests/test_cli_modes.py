@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import write_config
+from helpers import write_config
 
 import main
 

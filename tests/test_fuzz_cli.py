@@ -12,13 +12,11 @@ pictures are not drawn (plots.write_plots is replaced by a stub: drawing takes s
 
 from __future__ import annotations
 
-import gzip
 import math
 import os
 import re
 import shutil
 import socket
-import struct
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-from conftest import conv_blocks
+from helpers import write_idx
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageDraw
@@ -65,11 +63,6 @@ def crashed(text: str) -> bool:
 # ---- the files a run may be pointed at -------------------------------------------------------------------------
 
 
-def write_idx(path: Path, array: np.ndarray) -> None:
-    header = struct.pack(">HBB", 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
-
-
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder of inputs, copied for every example: a tiny IDX data set (28x28, labels 0-9), a digits model trained
@@ -82,7 +75,9 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
         write_idx(folder / "idx" / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
     (folder / "model.yaml").write_text(yaml.safe_dump({
         "logging": {"level": "ERROR", "file": None}, "data": {"dataset": "digits", "n_train": 32, "n_test": 16},
-        "model": conv_blocks([{"filters": 2, "kernel_size": 3, "padding": 1}], 8), "training": {"epochs": 1}}))
+        "model": {"layers": [{"conv2d": {"filters": 2, "padding": 1}}, "relu", "maxpool2d", "flatten",
+                             {"dense": {"units": 8}}, "relu", {"dense": {"units": 10}}]},
+        "training": {"epochs": 1}}))
     cwd = Path.cwd()
     try:
         os.chdir(folder)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, run_cli, write_config
+from helpers import ROOT, run_cli, write_config
 
 import main
 

@@ -10,12 +10,10 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import queue
 import signal
-import struct
 import subprocess
 import sys
 import threading
@@ -26,7 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-from conftest import MAIN, conv_blocks
+from helpers import MAIN, classifier_head, write_idx_folder
 from PIL import Image, ImageDraw
 
 import main
@@ -110,22 +108,6 @@ def test_the_softmax_checks_fail_without_the_max_shift(monkeypatch: pytest.Monke
 # ---- --predict fills the frame as the model's data set did ---------------------------------------------------
 
 
-def write_idx(path: Path, array: np.ndarray) -> None:
-    """A uint8 array as a gzipped IDX file (the MNIST format)."""
-    header = struct.pack(">HBB", 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
-
-
-def write_idx_folder(folder: Path, seed: int = 0) -> Path:
-    """Random 28x28 images with labels 0-9 (each present) as train and t10k IDX files."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir()
-    for prefix, n in (("train", 30), ("t10k", 10)):
-        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
-        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
-    return folder
-
-
 def draw_a_one(path: Path) -> tuple[int, int]:
     """A tall '1' drawn in black on white paper, 200x160 pixels; returns its ink's (height, width)."""
     picture = Image.new("L", (160, 200), 255)
@@ -152,7 +134,7 @@ def train_tiny_model(folder: Path, dataset: str, data_path: Path | None) -> Path
     config.write_text(yaml.safe_dump({
         "logging": {"level": "WARNING", "file": None},
         "data": {"n_train": 20, "n_test": 10},
-        "model": conv_blocks([], 8),
+        "model": {"layers": classifier_head(8)},
         "training": {"epochs": 1, "batch_size": 10, "workers": 1},
     }))
     model = folder / f"{dataset}.npz"
@@ -218,7 +200,8 @@ def test_a_picture_that_fails_exits_1_and_is_recorded_in_the_results(tmp_path: P
     Path("cfg.yaml").write_text(yaml.safe_dump({
         "logging": {"level": "INFO", "file": "logs/app.log"},
         "data": {"dataset": "digits", "n_train": 64, "n_test": 32},
-        "model": conv_blocks([], 8), "training": {"epochs": 1, "workers": 1}}))
+        "model": {"layers": classifier_head(8)},
+        "training": {"epochs": 1, "workers": 1}}))
     code = main.main(["--config", "cfg.yaml", "--plot-dir", "pictures", "--output", "results.json",
                       "--save-model", "model.npz"])
     captured = capsys.readouterr()

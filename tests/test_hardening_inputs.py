@@ -32,7 +32,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import MAIN, ROOT, run_cli, write_config
+from helpers import MAIN, ROOT, idx_bytes, run_cli, write_config
 from PIL import Image, ImageDraw
 
 import config_schema
@@ -459,12 +459,8 @@ def test_an_idx_gzip_bomb_is_refused_at_once(tmp_path: Path, header: bytes, prob
     assert float(seconds) < 0.5
 
 
-def idx(array: np.ndarray) -> bytes:
-    return struct.pack(">HBB", 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
-
-
 def test_an_idx_file_with_more_or_fewer_bytes_than_declared_is_one_line(tmp_path: Path) -> None:
-    data = idx(np.arange(60, dtype=np.uint8).reshape(3, 4, 5))
+    data = idx_bytes(np.arange(60, dtype=np.uint8).reshape(3, 4, 5))
     path = tmp_path / "t10k-images-idx3-ubyte"
     path.write_bytes(data + bytes(7))
     with pytest.raises(DataError) as error:

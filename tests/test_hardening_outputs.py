@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import MAIN, run_cli, write_config
+from helpers import MAIN, run_cli, write_config
 
 import main
 import modelfile

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 import reference
-from conftest import assert_conv2d_matches_reference, conv_blocks, count_layers, to_float64
+from helpers import assert_conv2d_matches_reference, classifier_head, count_layers, model_section, to_float64
 
 import config_schema
 import datafiles
@@ -173,14 +173,19 @@ def test_first_layer_skips_input_gradient_but_keeps_weight_gradients(make_layer:
 
 SMALL_MODELS = {
     # The default architecture (conv k3 p1 + pool 2, twice), scaled down to 8x8 digits.
-    "default_8x8": ((8, 8, 1), conv_blocks([{"filters": 3, "padding": 1}, {"filters": 4, "padding": 1}], 6)),
+    "default_8x8": ((8, 8, 1), model_section(
+        {"conv2d": {"filters": 3, "padding": 1}}, "relu", "maxpool2d", {"conv2d": {"filters": 4, "padding": 1}}, "relu",
+        "maxpool2d", *classifier_head(6))),
     # Non-square, two channels, even kernel, stride 2, padding 2, overlapping 3x3 pooling at stride 1.
-    "nonsquare_overlap": ((9, 7, 2), conv_blocks([
-        {"filters": 3, "kernel_size": 4, "stride": 2, "padding": 2, "pool_size": 3, "pool_stride": 1},
-        {"filters": 2, "kernel_size": 2, "pool_size": 0}], 5)),
+    "nonsquare_overlap": ((9, 7, 2), model_section(
+        {"conv2d": {"filters": 3, "kernel_size": 4, "stride": 2, "padding": 2}}, "relu",
+        {"maxpool2d": {"pool_size": 3, "stride": 1}}, {"conv2d": {"filters": 2, "kernel_size": 2}}, "relu",
+        *classifier_head(5))),
     # Kernel 5, stride 3, and a pool size that does not divide its input.
-    "stride3_nondividing": ((11, 10, 1), conv_blocks([
-        {"filters": 2, "kernel_size": 5, "stride": 3, "padding": 2, "pool_size": 3, "pool_stride": 2}], 4)),
+    "stride3_nondividing": ((11, 10, 1), model_section(
+        {"conv2d": {"filters": 2, "kernel_size": 5, "stride": 3, "padding": 2}}, "relu",
+        {"maxpool2d": {"pool_size": 3, "stride": 2}}, "flatten", {"dense": {"units": 4}}, "relu",
+        {"dense": {"units": 10}})),
 }
 
 
@@ -591,21 +596,30 @@ def test_summary_shapes_agree_with_a_real_forward_pass() -> None:
         assert list(x.shape[1:]) == row["output_shape"], row["layer"]
 
 
-@pytest.mark.parametrize(("input_shape", "convs", "message"), [
+CONV_32 = {"conv2d": {"filters": 32}}
+
+
+@pytest.mark.parametrize(("input_shape", "layers", "message"), [
     # 8 -> conv 6 -> pool 3 -> conv k5: too large
-    ((8, 8, 1), [{}, {"kernel_size": 5}], "model.layers[3] (conv2d): kernel_size 5"),
+    ((8, 8, 1), [CONV_32, "relu", "maxpool2d", {"conv2d": {"filters": 32, "kernel_size": 5}}],
+     "model.layers[3] (conv2d): kernel_size 5"),
     # 8 -> conv 6 -> pool 3 -> conv 1 -> pool 2: too large
-    ((8, 8, 1), [{}, {}], "model.layers[5] (maxpool2d): pool_size 2"),
-    ((28, 28, 1), [{"kernel_size": 31, "padding": 1}], "model.layers[0] (conv2d): kernel_size 31"),
-    # 28 -> conv s3 9 -> pool 2 -> conv k1 2 (no pool) -> conv p1 2 -> pool 3: too large
-    ((28, 28, 1), [{"stride": 3, "pool_size": 4}, {"kernel_size": 1, "pool_size": 0}, {"padding": 1, "pool_size": 3}],
+    ((8, 8, 1), [CONV_32, "relu", "maxpool2d", CONV_32, "relu", "maxpool2d"],
+     "model.layers[5] (maxpool2d): pool_size 2"),
+    ((28, 28, 1), [{"conv2d": {"filters": 32, "kernel_size": 31, "padding": 1}}],
+     "model.layers[0] (conv2d): kernel_size 31"),
+    # 28 -> conv s3 9 -> pool 4 2 -> conv k1 2 -> conv p1 2 -> pool 3: too large
+    ((28, 28, 1), [{"conv2d": {"filters": 32, "stride": 3}}, "relu", {"maxpool2d": {"pool_size": 4}},
+                   {"conv2d": {"filters": 32, "kernel_size": 1}}, "relu", {"conv2d": {"filters": 32, "padding": 1}},
+                   "relu", {"maxpool2d": {"pool_size": 3}}],
      "model.layers[7] (maxpool2d): pool_size 3"),
 ])
-def test_build_model_names_the_layer_that_empties_the_image(input_shape: tuple, convs: list, message: str) -> None:
+def test_build_model_names_the_layer_that_empties_the_image(input_shape: tuple, layers: list, message: str) -> None:
     """A kernel larger than its padded input, or a pool larger than its image, raises ConfigError
     naming the offending item of model.layers and its type."""
     with pytest.raises(errors.ConfigError, match=re.escape(message)):
-        main.build_model(conv_blocks(convs, 8), input_shape, 10, np.random.default_rng(0))
+        main.build_model(model_section(*layers, *classifier_head(8)),
+                         input_shape, 10, np.random.default_rng(0))
 
 
 CONV = {"conv2d": {"filters": 2, "kernel_size": 3, "stride": 1, "padding": 0}}
@@ -644,10 +658,15 @@ def test_default_architecture_builds_and_runs_on_digits_and_mnist_sizes(input_sh
 # ------------------------------------------------------------------------------------------------
 
 CHECKED_MODELS = {
-    "conv_pool": ((8, 8, 1), conv_blocks([{"filters": 3, "padding": 1}, {"filters": 4, "padding": 1}], 6)),
-    "conv_no_pool": ((8, 8, 1), conv_blocks([{"filters": 3, "padding": 1, "pool_size": 0},
-                                             {"filters": 4, "stride": 2, "pool_size": 0}], 6)),
-    "overlapping_pool": ((9, 7, 1), conv_blocks([{"filters": 3, "padding": 1, "pool_size": 3, "pool_stride": 2}], 5)),
+    "conv_pool": ((8, 8, 1), model_section(
+        {"conv2d": {"filters": 3, "padding": 1}}, "relu", "maxpool2d", {"conv2d": {"filters": 4, "padding": 1}}, "relu",
+        "maxpool2d", *classifier_head(6))),
+    "conv_no_pool": ((8, 8, 1), model_section(
+        {"conv2d": {"filters": 3, "padding": 1}}, "relu", {"conv2d": {"filters": 4, "stride": 2}}, "relu", "flatten",
+        {"dense": {"units": 6}}, "relu", {"dense": {"units": 10}})),
+    "overlapping_pool": ((9, 7, 1), model_section(
+        {"conv2d": {"filters": 3, "padding": 1}}, "relu", {"maxpool2d": {"pool_size": 3, "stride": 2}}, "flatten",
+        {"dense": {"units": 5}}, "relu", {"dense": {"units": 10}})),
 }
 
 

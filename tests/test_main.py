@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import socket
-import struct
 import time
 import urllib.error
 import urllib.request
@@ -15,7 +13,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import ROOT, conv_blocks, run_cli, untrained_model_scores, write_config
+from helpers import ROOT, classifier_head, model_section, run_cli, untrained_model_scores, write_config, write_idx
 
 import config_schema
 import datafiles
@@ -23,13 +21,6 @@ import errors
 import main
 
 # ---- data --------------------------------------------------------------------------------------
-
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    """Write a uint8 array as an IDX file (gzipped when the name ends in .gz)."""
-    payload = struct.pack(">HBB", 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    payload += array.astype(np.uint8).tobytes()
-    path.write_bytes(gzip.compress(payload) if path.suffix == ".gz" else payload)
 
 
 def test_read_idx_round_trip_plain_and_gzipped(tmp_path: Path) -> None:
@@ -248,8 +239,9 @@ def test_old_model_keys_are_one_line_showing_the_same_network_as_a_layer_list(tm
                      "padding: 1}}, relu, {conv2d: {filters: 32, kernel_size: 3, stride: 1, padding: 0}}, relu, "
                      "flatten, {dense: {units: 24}}, relu, {dense: {units: 10}}]")
     path.write_text(f"model:\n  layers: {shown}\n")
-    expected = conv_blocks([{"filters": 8, "kernel_size": 5, "stride": 2, "pool_size": 3, "pool_stride": 1},
-                            {"filters": 4, "padding": 1, "pool_size": 0}, {"pool_size": None}], 24)
+    expected = model_section({"conv2d": {"filters": 8, "kernel_size": 5, "stride": 2}}, "relu",
+                             {"maxpool2d": {"pool_size": 3, "stride": 1}}, {"conv2d": {"filters": 4, "padding": 1}},
+                             "relu", {"conv2d": {"filters": 32}}, "relu", *classifier_head(24))
     assert main.load_config(path)["model"] == expected
 
 
@@ -257,7 +249,8 @@ def test_old_conv_layers_alone_show_the_default_dense_units(tmp_path: Path) -> N
     """`model: {conv_layers: [...]}` without dense_units kept the default 128 dense units: so does the list shown."""
     path = tmp_path / "c.yaml"
     path.write_text(f"model:\n  layers: {layers_shown_for_old_keys(path, 'model: {conv_layers: [{filters: 8}]}')}")
-    assert main.load_config(path)["model"] == conv_blocks([{"filters": 8}], 128)
+    assert main.load_config(path)["model"] == model_section({"conv2d": {"filters": 8}}, "relu", "maxpool2d",
+                                                            *classifier_head(128))
 
 
 def test_old_dense_units_alone_show_the_default_conv_layers(tmp_path: Path) -> None:
@@ -265,8 +258,9 @@ def test_old_dense_units_alone_show_the_default_conv_layers(tmp_path: Path) -> N
     dense layer of 64: the list shown is that network, not a dense-only one."""
     path = tmp_path / "c.yaml"
     path.write_text(f"model:\n  layers: {layers_shown_for_old_keys(path, 'model: {dense_units: 64}')}")
-    assert main.load_config(path)["model"] == conv_blocks([{"filters": 32, "padding": 1},
-                                                           {"filters": 64, "padding": 1}], 64)
+    assert main.load_config(path)["model"] == model_section(
+        {"conv2d": {"filters": 32, "padding": 1}}, "relu", "maxpool2d", {"conv2d": {"filters": 64, "padding": 1}},
+        "relu", "maxpool2d", *classifier_head(64))
 
 
 def test_precedence_flag_over_environment_over_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -289,7 +283,7 @@ def test_precedence_flag_over_environment_over_file(tmp_path: Path, monkeypatch:
 def digits_config(**training: object) -> dict:
     cfg = config_schema.validate_config({
         "data": {"dataset": "digits", "n_train": 1297, "n_test": 500, "random_seed": 0},
-        "model": conv_blocks([{"filters": 16, "kernel_size": 3, "padding": 1, "pool_size": 2}], 64),
+        "model": {"layers": [{"conv2d": {"filters": 16, "padding": 1}}, "relu", "maxpool2d", *classifier_head(64)]},
         "training": {"epochs": 8, "batch_size": 32, **training},
     })
     return cfg
@@ -330,7 +324,8 @@ def test_synthetic_digits_are_learnable() -> None:
     """Chance is 10%; a small model gets most of the synthetic digits right within 3 short epochs (not all:
     about 1 digit in 10 misses a segment, and some of those become another digit)."""
     cfg = config_schema.validate_config({"data": {"dataset": "synthetic", "n_train": 2000, "n_test": 500},
-                                "model": conv_blocks([{"filters": 8, "kernel_size": 3, "padding": 1}], 32),
+                                "model": {"layers": [{"conv2d": {"filters": 8, "padding": 1}}, "relu", "maxpool2d",
+                                                     *classifier_head(32)]},
                                 "training": {"epochs": 3}})
     _, result = fit(cfg)
     assert result.history[-1]["test_accuracy"] >= 0.85
@@ -343,7 +338,8 @@ def test_cli_run_writes_complete_results(tmp_path: Path) -> None:
     """A real run of `python src/main.py --config ... --output ...`: exit 0, a results file with every
     promised field, consistent numbers, a log file, a summary table and epoch lines on the console."""
     config = write_config(tmp_path, data={"dataset": "digits", "n_train": 600, "n_test": 200},
-                          model=conv_blocks([{"filters": 8, "kernel_size": 3, "padding": 1}], 32),
+                          model={"layers": [{"conv2d": {"filters": 8, "padding": 1}}, "relu", "maxpool2d",
+                                            *classifier_head(32)]},
                           training={"epochs": 2})
     started = time.monotonic()
     proc = run_cli(["--config", str(config), "--output", "out/results.json"], cwd=tmp_path)

@@ -14,9 +14,10 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-import conftest
+import helpers
 import numpy as np
 import pytest
+from helpers import run_cli
 from PIL import Image, ImageDraw
 
 import config_schema
@@ -29,14 +30,9 @@ import modelfile
 # A small model that learns the synthetic digits in 3 epochs of 2,000 images (a few seconds).
 CONFIG = {
     "data": {"dataset": "synthetic", "n_train": 2000, "n_test": 300, "random_seed": 0},
-    "model": conftest.conv_blocks([{"filters": 8, "kernel_size": 3, "padding": 1, "pool_size": 2}], 64),
+    "model": {"layers": [{"conv2d": {"filters": 8, "padding": 1}}, "relu", "maxpool2d", *helpers.classifier_head(64)]},
     "training": {"epochs": 3, "batch_size": 32, "optimizer": "adam", "learning_rate": 0.001},
 }
-
-
-def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    """python src/main.py ARGS in cwd, as a user would ."""
-    return conftest.run_cli(args, cwd, timeout=300)
 
 
 @dataclass
@@ -51,7 +47,7 @@ class SavedModel:
 def saved(tmp_path_factory: pytest.TempPathFactory) -> SavedModel:
     """Train for 3 epochs on the command line, save the model and the results JSON (once for this file)."""
     folder = tmp_path_factory.mktemp("saved_model")
-    config = conftest.write_config(folder, **CONFIG)  # logs into folder/logs, not into the repo
+    config = helpers.write_config(folder, **CONFIG)  # logs into folder/logs, not into the repo
     run = run_cli(["--config", str(config), "--save-model", "model.npz", "--output", "trained.json"], folder)
     assert run.returncode == 0, run.stderr
     results = json.loads((folder / "trained.json").read_text(encoding="utf-8"))
@@ -134,8 +130,9 @@ def test_epochs_0_only_evaluates_and_reproduces_the_saved_accuracy(saved: SavedM
 def test_results_record_the_loaded_architecture_as_the_model_config(saved: SavedModel, tmp_path: Path) -> None:
     """With --load-model, the results' config shows the architecture that ran (the file's), not the config
     file's model section, which the loaded model replaced."""
-    config_model = conftest.conv_blocks([{"filters": 8, "kernel_size": 3, "padding": 1, "pool_size": 2}], 16)
-    config = conftest.write_config(tmp_path, **{**CONFIG, "model": config_model})
+    config_model = {"layers": [{"conv2d": {"filters": 8, "padding": 1}}, "relu", "maxpool2d",
+                               *helpers.classifier_head(16)]}
+    config = helpers.write_config(tmp_path, **{**CONFIG, "model": config_model})
     run = run_cli(["--config", str(config), "--load-model", str(saved.path), "--epochs", "0", "--output", "r.json"],
                   tmp_path)
     assert run.returncode == 0, run.stderr

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import reference
 import test_layers
-from conftest import to_float64
+from helpers import to_float64
 from test_layers import TOLERANCE
 
 import main

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, run_cli, to_float64, write_config
+from helpers import ROOT, run_cli, to_float64, write_config
 
 import config_schema
 import main

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import conv_blocks, run_cli, to_float64, write_config
+from helpers import classifier_head, model_section, run_cli, to_float64, write_config
 from threadpoolctl import threadpool_info, threadpool_limits
 
 import config_schema
@@ -18,10 +18,8 @@ import main
 import parallel
 import profiling
 
-SMALL_MODEL = conv_blocks([{"filters": 4, "kernel_size": 3, "padding": 1, "pool_size": 2, "stride": 1,
-                             "pool_stride": None},
-                            {"filters": 6, "kernel_size": 3, "padding": 1, "pool_size": 2, "stride": 1,
-                             "pool_stride": None}], 16)
+SMALL_MODEL = model_section({"conv2d": {"filters": 4, "padding": 1}}, "relu", "maxpool2d",
+                            {"conv2d": {"filters": 6, "padding": 1}}, "relu", "maxpool2d", *classifier_head(16))
 
 
 def float64_model(seed: int = 0) -> main.Sequential:
@@ -140,7 +138,8 @@ def test_two_workers_learn_digits_like_one() -> None:
     """The same training with 1 and 2 workers: float32 sums in another order, so the runs are not bit
     for bit equal, but both learn the 8x8 digits to >= 93% and end close to each other."""
     cfg = config_schema.validate_config({"data": {"dataset": "digits", "n_train": 1200, "n_test": 400},
-                                "model": conv_blocks([{"filters": 8, "padding": 1}], 32),
+                                "model": {"layers": [{"conv2d": {"filters": 8, "padding": 1}}, "relu", "maxpool2d",
+                                                     *classifier_head(32)]},
                                 "training": {"epochs": 4, "learning_rate": 0.003}})
     accuracies = []
     for workers in (1, 2):

@@ -14,7 +14,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
-from conftest import conv_blocks, run_cli, write_config
+from helpers import classifier_head, model_section, run_cli, write_config
 from PIL import Image
 
 import config_schema
@@ -22,7 +22,8 @@ import main
 import plots
 
 NAMES = ("curves", "confusion_matrix", "filters", "feature_maps", "mistakes")
-TWO_CONV_LAYERS = [{"filters": 4, "padding": 1, "pool_size": 2}, {"filters": 6, "padding": 1, "pool_size": 2}]
+TWO_CONV_LAYERS = [{"conv2d": {"filters": 4, "padding": 1}}, "relu", "maxpool2d",
+                   {"conv2d": {"filters": 6, "padding": 1}}, "relu", "maxpool2d"]
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def trained() -> tuple[main.Sequential, main.Dataset, list[dict]]:
     """A model with two conv layers, trained for two epochs on 28x28 synthetic digits, with its data and history."""
     cfg = config_schema.validate_config({"data": {"dataset": "synthetic", "n_train": 400, "n_test": 200,
                                                   "random_seed": 3},
-                                "model": conv_blocks(TWO_CONV_LAYERS, 32)})
+                                "model": {"layers": [*TWO_CONV_LAYERS, *classifier_head(32)]}})
     data = main.load_data(cfg["data"])
     rngs = main.make_rngs(3)
     model = main.build_model(cfg["model"], data.input_shape, data.num_classes, rngs["init"])
@@ -197,7 +198,7 @@ def test_feature_maps_are_the_relu_outputs_of_each_conv_layer(trained: tuple) ->
 
 def test_a_model_without_conv_layers_gets_a_note(tmp_path: Path) -> None:
     """A Dense-only model (no conv2d in model.layers) has no filters or feature maps: both figures say so."""
-    model = main.build_model(conv_blocks([], 8), (28, 28, 1), 10, np.random.default_rng(0))
+    model = main.build_model(model_section(*classifier_head(8)), (28, 28, 1), 10, np.random.default_rng(0))
     images = np.zeros((3, 28, 28, 1), dtype=np.float32)
     for fig in (plots.plot_filters(model),
                 plots.plot_feature_maps(model, images, np.zeros(3, int), np.eye(10)[[0, 0, 0]], main.DIGIT_NAMES)):
@@ -247,7 +248,8 @@ def test_cli_plot_dir_writes_the_pictures_and_lists_them_in_the_results(tmp_path
     """`--plot-dir` after a real (tiny) training run on the command line: exit 0, the five PNGs of the
     promised sizes in the folder (and nothing else), and the results JSON lists their paths under files.plots."""
     config = write_config(tmp_path, data={"dataset": "synthetic", "n_train": 200, "n_test": 100},
-                          model=conv_blocks([{"filters": 4, "padding": 1}], 16),
+                          model={"layers": [{"conv2d": {"filters": 4, "padding": 1}}, "relu", "maxpool2d",
+                                            *classifier_head(16)]},
                           training={"epochs": 1})  # logs into tmp_path/logs, not into the repo
     run = run_cli(["--config", str(config), "--plot-dir", "pictures", "--output", "results.json"], tmp_path)
     assert run.returncode == 0, run.stderr

@@ -11,7 +11,7 @@ import re
 
 import numpy as np
 import reference
-from conftest import assert_conv2d_matches_reference, to_float64
+from helpers import assert_conv2d_matches_reference, to_float64
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 

@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import MAIN, ROOT
+from helpers import MAIN, ROOT
 
 README_PATH = ROOT / "README.md"
 README = README_PATH.read_text(encoding="utf-8")

@@ -24,8 +24,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-import yaml
-from conftest import conv_blocks
+from helpers import classifier_head, model_section, write_config
 
 import config_schema
 import main
@@ -42,14 +41,9 @@ def small_config(dataset: str = "digits", n_train: int = 500, n_test: int = 200,
     return {
         "logging": {"level": "INFO", "file": "log/app.log"},
         "data": {"dataset": dataset, "n_train": n_train, "n_test": n_test, "random_seed": 7},
-        "model": conv_blocks([{"filters": 4, "kernel_size": 3, "padding": 1, "pool_size": 2}], 16),
+        "model": {"layers": [{"conv2d": {"filters": 4, "padding": 1}}, "relu", "maxpool2d", *classifier_head(16)]},
         "training": {"epochs": 2, "optimizer": "sgd", "learning_rate": 0.05, "batch_size": 32, **training},
     }
-
-
-def write_config(folder: Path, config: dict, name: str = "cfg.yaml") -> str:
-    (folder / name).write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-    return name
 
 
 def cli(*args: str) -> list[str]:
@@ -68,7 +62,7 @@ def test_divergence_stops_at_once_with_exit_3(tmp_path: Path) -> None:
     (of 20), exits 3, suggests a lower learning rate, records status 'diverged' and where, saves no model
     with broken weights, and no NumPy RuntimeWarning leaks to the console."""
     config = write_config(tmp_path, small_config("synthetic", 320, 50, learning_rate=1e20, epochs=20))
-    process = subprocess.run(cli("--config", config, "--output", "results.json", "--save-model", "model.npz"),
+    process = subprocess.run(cli("--config", str(config), "--output", "results.json", "--save-model", "model.npz"),
                              cwd=tmp_path, env=environment_without_seed(), capture_output=True, text=True,
                              timeout=120)
     console = process.stdout + process.stderr
@@ -133,7 +127,7 @@ def test_signal_stops_training_and_keeps_what_was_done(tmp_path: Path, signum: i
     128 + signal number, without a traceback."""
     # Far more epochs than it can do before the signal; synthetic data spares the subprocess scikit-learn.
     config = write_config(tmp_path, small_config("synthetic", 100, 50, epochs=100_000))
-    process = subprocess.Popen(cli("--config", config, "--output", "results.json", "--save-model", "model.npz"),
+    process = subprocess.Popen(cli("--config", str(config), "--output", "results.json", "--save-model", "model.npz"),
                                cwd=tmp_path, env=environment_without_seed(), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     lines: queue.Queue = queue.Queue()
@@ -228,7 +222,7 @@ def test_failed_run_keeps_the_previous_results_file(tmp_path: Path, monkeypatch:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(plumbing.json, "dump", dump_half_then_disk_full)
-    code = main.main(["--config", config, "--output", "results.json"])
+    code = main.main(["--config", str(config), "--output", "results.json"])
     stderr = capsys.readouterr().err
     assert code == main.EXIT_OUTPUT, stderr
     assert stderr == "ERROR: could not write the results results.json (No space left on device)\n", stderr
@@ -245,7 +239,7 @@ def without_timing(results: dict) -> list[dict]:
 
 def run_in_process(output: str, *flags: str) -> dict:
     """One CLI run in this process (cwd and environment already set by the test); returns the results."""
-    assert main.main(["--config", "cfg.yaml", "--output", output, *flags]) == 0
+    assert main.main(["--config", "config.yaml", "--output", output, *flags]) == 0
     return json.loads(Path(output).read_text())
 
 
@@ -256,7 +250,7 @@ def test_same_seed_same_run_and_seed_precedence(tmp_path: Path, monkeypatch: pyt
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("RANDOM_SEED", raising=False)
     write_config(tmp_path, small_config())  # data.random_seed: 7
-    fresh_process = subprocess.Popen(cli("--config", "cfg.yaml", "--output", "fresh.json"), cwd=tmp_path,
+    fresh_process = subprocess.Popen(cli("--config", "config.yaml", "--output", "fresh.json"), cwd=tmp_path,
                                      env=environment_without_seed(), stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True)
 
@@ -292,7 +286,7 @@ def test_evaluate_and_predict_proba_pass_at_most_one_batch_to_forward(monkeypatc
     """On 10,000 inputs with batch_size 1000, forward never sees more than 1000 samples at once, every
     sample is seen exactly once, and the results equal those of one big forward pass."""
     rng = np.random.default_rng(0)
-    model = main.build_model(conv_blocks([], 16), (8, 8, 1), 10, rng)  # fast: dense only
+    model = main.build_model(model_section(*classifier_head(16)), (8, 8, 1), 10, rng)  # fast: dense only
     x = rng.random((10_000, 8, 8, 1), dtype=np.float32)
     y = rng.integers(0, 10, 10_000)
     one_pass_logits = model.forward(x, training=False)
@@ -318,11 +312,11 @@ def test_evaluate_and_predict_proba_pass_at_most_one_batch_to_forward(monkeypatc
     np.testing.assert_array_equal(probabilities.argmax(axis=1), one_pass_logits.argmax(axis=1))
 
 
-@pytest.mark.parametrize("convs", [[], [{"filters": 4, "kernel_size": 3, "padding": 1, "pool_size": 2,
-                                           "stride": 1, "pool_stride": None}]], ids=["dense", "conv"])
+@pytest.mark.parametrize("convs", [[], [{"conv2d": {"filters": 4, "padding": 1}}, "relu", "maxpool2d"]],
+                         ids=["dense", "conv"])
 def test_no_images_give_no_rows_of_k_probabilities(convs: list) -> None:
     """predict_proba of 0 images has shape (0, K), as documented, so predict gives (0,) and evaluate (0, 0)."""
-    model = main.build_model(conv_blocks(convs, 16, num_classes=7), (8, 8, 1), 7, np.random.default_rng(0))
+    model = main.build_model(model_section(*convs, *classifier_head(16, 7)), (8, 8, 1), 7, np.random.default_rng(0))
     empty = np.zeros((0, 8, 8, 1), dtype=np.float32)
     assert model.predict_proba(empty).shape == (0, 7)
     assert model.predict(empty).shape == (0,)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import MNIST_5K, ROOT
+from helpers import ROOT, find_data
 from PIL import Image
 
 import images
@@ -68,9 +68,10 @@ def trained_model() -> Trained:
     """A small CNN trained for 4 epochs on 4,000 digits (a couple of seconds); 1,000 held out for testing.
     Trained once per test session: the browser test uses it too."""
     rng = np.random.default_rng(0)
-    if (MNIST_5K / "train-images-idx3-ubyte.gz").is_file():
-        pixels = read_idx_gz(MNIST_5K / "train-images-idx3-ubyte.gz")
-        labels = read_idx_gz(MNIST_5K / "train-labels-idx1-ubyte.gz").astype(np.int64)
+    mnist, _ = find_data("NUMPY_CNN_MNIST")
+    if mnist is not None and (mnist / "train-images-idx3-ubyte.gz").is_file():
+        pixels = read_idx_gz(mnist / "train-images-idx3-ubyte.gz")[:5000]
+        labels = read_idx_gz(mnist / "train-labels-idx1-ubyte.gz")[:5000].astype(np.int64)
         source = "idx"
     else:
         pixels, labels = main.make_synthetic(5000, rng)

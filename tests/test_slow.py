@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import run_cli, write_config
+from helpers import ROOT, run_cli, write_config
 
 
 @pytest.mark.slow
@@ -27,31 +27,23 @@ def test_default_model_10_epochs_on_real_mnist_sample(tmp_path: Path, mnist_5k: 
     assert json.loads((tmp_path / "r0.json").read_text())["test_accuracy"] == results["test_accuracy"]
 
 
-FASHION_DIRS = [Path("/usr/share/datasets/fashion-mnist"), Path("/tmp/fashion/usr/share/datasets/fashion-mnist")]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(("recipe", "at_least"), [("lenet5", 0.95), ("keras_mnist", 0.96), ("mnist_best", 0.975)])
 def test_mnist_recipes_on_the_real_sample(tmp_path: Path, mnist_5k: Path, recipe: str, at_least: float) -> None:
     """Each MNIST recipe as the README runs it, on 4,000 real digits, scored on the other 1,000 of the sample
     (README, Recipes: 96.2%, 97.0%, 97.9-98.7% over four seeds; one 1,000-image score's standard error is about
     0.4 points, hence the margins)."""
-    root = Path(__file__).resolve().parents[1]
-    run = run_cli(["--config", str(root / "configs" / f"{recipe}.yaml"), "--data-path", str(mnist_5k), "--n-train",
+    run = run_cli(["--config", str(ROOT / "configs" / f"{recipe}.yaml"), "--data-path", str(mnist_5k), "--n-train",
                    "4000", "--n-test", "1000", "--output", "r.json"], cwd=tmp_path, timeout=900)
     assert run.returncode == 0, run.stderr
     assert json.loads((tmp_path / "r.json").read_text())["test_accuracy"] >= at_least
 
 
 @pytest.mark.slow
-def test_fashion_recipe_on_full_fashion_mnist(tmp_path: Path) -> None:
+def test_fashion_recipe_on_full_fashion_mnist(tmp_path: Path, fashion_mnist: Path) -> None:
     """configs/fashion.yaml on all 60,000 Fashion-MNIST images (Debian's dataset-fashion-mnist): >= 92.5% on the
     10,000 test images (README, Recipes: 92.8%)."""
-    folder = next((path for path in FASHION_DIRS if (path / "t10k-images-idx3-ubyte.gz").is_file()), None)
-    if folder is None:
-        pytest.skip("Fashion-MNIST's IDX files not found (apt-get download dataset-fashion-mnist, then dpkg -x)")
-    root = Path(__file__).resolve().parents[1]
-    run = run_cli(["--config", str(root / "configs" / "fashion.yaml"), "--data-path", str(folder), "--output",
+    run = run_cli(["--config", str(ROOT / "configs" / "fashion.yaml"), "--data-path", str(fashion_mnist), "--output",
                    "r.json"], cwd=tmp_path, timeout=1800)
     assert run.returncode == 0, run.stderr
     assert json.loads((tmp_path / "r.json").read_text())["test_accuracy"] >= 0.925

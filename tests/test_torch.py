@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from conftest import to_float64
+from helpers import to_float64
 
 import config_schema
 import main

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import to_float64
+from helpers import to_float64
 
 from main import AvgPool2D, BatchNorm, Tanh
 
