@@ -117,7 +117,7 @@ MUTANTS = [
            (*LAYERS, *TORCH)),
     Mutant("sgd_momentum_sign", "SGD's velocity is -momentum * v + g",
            (("velocity *= self.momentum", "velocity *= -self.momentum"),),
-           ("test_networks.py", "test_main.py")),
+           TORCH),
     Mutant("adam_without_bias_correction", "Adam uses m and v without dividing by 1 - b1^t and 1 - b2^t",
            (("step_size = self.learning_rate / (1 - b1 ** self.t)", "step_size = self.learning_rate"),
             ("correction2_sqrt = math.sqrt(1 - b2 ** self.t)", "correction2_sqrt = 1.0")),

@@ -344,7 +344,7 @@ CONV_CASES = [
     (2, 4, 4, 3, 3, 5, 1, 2),  # kernel larger than the unpadded input
     (1, 9, 7, 1, 2, 1, 2, 1),  # 1x1 kernel, stride 2: padding-only pixels in the output
     (2, 10, 3, 2, 2, 3, 3, 0),  # stride leaves rows unused
-    (2, 9, 8, 1, 3, 3, 2, 1),  # one channel (im2col's per-offset copy), stride 2
+    (2, 9, 8, 1, 3, 3, 2, 1),  # one channel, stride 2
 ]
 
 
@@ -772,10 +772,14 @@ def test_layers_preserve_dtype(make_layer: Callable, dtype: type) -> None:
 
 
 @pytest.mark.parametrize(("kernel", "stride"), [(1, 1), (2, 2), (3, 1), (3, 2), (3, 3)])
-def test_im2col_one_channel_path_gives_the_windows_exactly(kernel: int, stride: int) -> None:
-    """With C = 1, im2col copies offset by offset: the result must equal the general path's windows, bit for bit."""
-    x = np.random.default_rng(kernel * 10 + stride).standard_normal((2, 9, 8, 1)).astype(np.float32)
-    windows = np.lib.stride_tricks.sliding_window_view(x, (kernel, kernel), axis=(1, 2))[:, ::stride, ::stride]
-    expected = windows.transpose(0, 1, 2, 4, 5, 3)  # (N, Ho, Wo, k, k, 1)
-    cols = main.im2col(x, kernel, stride)
-    assert cols.shape == expected.shape and cols.flags.c_contiguous and np.array_equal(cols, expected)
+def test_im2col_gives_every_strided_window_in_k_k_c_order(kernel: int, stride: int) -> None:
+    """im2col(x)[n, i, j, di, dj, c] is x[n, i*s + di, j*s + dj, c], bit for bit, C-contiguous, with one channel
+    and with several (the windows picked here by index arithmetic, not by sliding_window_view)."""
+    for channels in (1, 3):
+        x = np.random.default_rng(kernel * 10 + stride).standard_normal((2, 9, 8, channels)).astype(np.float32)
+        out_h, out_w = (9 - kernel) // stride + 1, (8 - kernel) // stride + 1
+        rows = stride * np.arange(out_h)[:, None] + np.arange(kernel)  # (Ho, k): input row of each window offset
+        columns = stride * np.arange(out_w)[:, None] + np.arange(kernel)  # (Wo, k)
+        expected = x[:, rows[:, None, :, None], columns[None, :, None, :], :]  # (N, Ho, Wo, k, k, C)
+        cols = main.im2col(x, kernel, stride)
+        assert cols.shape == expected.shape and cols.flags.c_contiguous and np.array_equal(cols, expected)

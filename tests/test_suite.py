@@ -10,7 +10,7 @@ from pathlib import Path
 
 import mutants
 import pytest
-from helpers import ROOT, find_data, write_idx_folder
+from helpers import DATA_SETS, ROOT, find_data, write_idx_folder
 
 
 @pytest.mark.parametrize("mutant", mutants.MUTANTS, ids=lambda mutant: mutant.name)
@@ -59,3 +59,10 @@ def test_slow_tests_without_their_data_fail_and_say_which_variable_to_set(tmp_pa
     assert "passed" not in summary and "skipped" not in summary
     assert run.stdout.count("set NUMPY_CNN_MNIST to a folder") >= 4
     assert "set NUMPY_CNN_FASHION to a folder" in run.stdout
+
+
+def test_the_readme_names_every_data_variable() -> None:
+    """The README's Tests section says how to point the slow tests at their data."""
+    tests_section = (ROOT / "README.md").read_text(encoding="utf-8").split("\n## Tests\n", 1)[1].split("\n## ", 1)[0]
+    for variable in DATA_SETS:
+        assert f"{variable}=DIR" in tests_section, variable

@@ -222,6 +222,34 @@ def test_one_adam_step_matches_pytorch() -> None:
         assert error < 1e-9, f"layer {index} ({type(layer).__name__}).{name}: Adam step differs by {error:.2e}"
 
 
+def test_three_sgd_momentum_steps_match_pytorch() -> None:
+    """From identical weights, three steps of main.SGD (lr 0.05, momentum 0.9) with the same gradients each time
+    move every weight as PyTorch's SGD does (v = momentum * v + g; w -= lr * v). From the second step on, the
+    velocity's sign and size show: a momentum of -0.9 or a velocity left out would miss by far.
+
+    PyTorch's side is torch.optim.sgd.sgd, the functional form that torch.optim.SGD.step runs."""
+    from torch.optim.sgd import sgd as torch_sgd
+
+    run = forward_backward_both(np.float64, torch.float64)
+    model, pairs = run["model"], run["pairs"]
+    before = {(index, name): layer.params[name].copy() for index, name, layer, _, _ in pairs}
+    params = [parameter.detach() for *_, parameter, _ in pairs]
+    grads = [torch.from_numpy(np.ascontiguousarray(to_torch_layout(layer, name, layer.grads[name], flattened_from)))
+             for _, name, layer, _, flattened_from in pairs]
+    optimizer = main.SGD(learning_rate=0.05, momentum=0.9)
+    velocities: list = [None] * len(params)
+    for _ in range(3):
+        optimizer.step(model)
+        torch_sgd(params, grads, velocities, foreach=False, weight_decay=0.0, momentum=optimizer.momentum,
+                  lr=optimizer.learning_rate, dampening=0.0, nesterov=False, maximize=False)
+
+    for (index, name, layer, _, flattened_from), torch_param in zip(pairs, params):
+        step = to_torch_layout(layer, name, layer.params[name] - before[index, name], flattened_from)
+        torch_step = torch_param.numpy() - to_torch_layout(layer, name, before[index, name], flattened_from)
+        error = relative_difference(step, torch_step)
+        assert error < 1e-9, f"layer {index} ({type(layer).__name__}).{name}: SGD steps differ by {error:.2e}"
+
+
 # A small network with every layer type that has a PyTorch twin here, BatchNorm after a conv layer (BatchNorm2d),
 # straight after Flatten (BatchNorm1d on permuted features) and after a dense layer, on 12x12 images.
 SMALL_INPUT_SHAPE = (12, 12, 1)
