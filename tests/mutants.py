@@ -38,7 +38,7 @@ class Mutant:
     name: str
     bug: str  # the mistake, in words
     edits: tuple[tuple[str, str], ...]  # (original, replacement); each original occurs exactly once in `path`
-    tests: tuple[str, ...]  # test files under tests/ that should catch it
+    tests: tuple[str, ...]  # test files under tests/ (or FILE::TEST for one test) that should catch it
     path: str = "src/main.py"
 
 
@@ -136,7 +136,7 @@ MUTANTS = [
     Mutant("training_never_shuffles", "every epoch visits the training images in the same order",
            (("Position(epoch, 0, n_batches, rng.permutation(n_train))",
              "Position(epoch, 0, n_batches, np.arange(n_train))"),),
-           ("test_networks.py", "test_main.py")),
+           ("test_main.py::test_each_epoch_visits_every_training_image_once_in_a_new_order",)),
 ]
 
 

@@ -289,6 +289,32 @@ def digits_config(**training: object) -> dict:
     return cfg
 
 
+def test_each_epoch_visits_every_training_image_once_in_a_new_order() -> None:
+    """train() shuffles: each epoch's order is a permutation of all the training images, a different one every
+    epoch, and the batches hold exactly the images of that order, in turn."""
+    cfg = config_schema.validate_config({"data": {"dataset": "synthetic", "n_train": 40, "n_test": 10},
+                                         "model": {"layers": classifier_head(8)}})
+    data = main.load_data(cfg["data"])
+    model = main.build_model(cfg["model"], data.input_shape, data.num_classes, np.random.default_rng(0))
+    orders: dict[int, np.ndarray] = {}
+    seen: list[np.ndarray] = []
+    real_forward = model.forward
+
+    def recording_forward(x: np.ndarray, training: bool = True) -> np.ndarray:
+        if training:
+            seen.append(x.copy())
+        return real_forward(x, training)
+
+    model.forward = recording_forward
+    main.train(model, main.SGD(0.01), data, epochs=3, batch_size=16, rng=np.random.default_rng(1),
+               on_step=lambda position, _: orders.setdefault(position.epoch, position.order.copy()))
+    assert sorted(orders) == [1, 2, 3]
+    for order in orders.values():
+        assert sorted(order.tolist()) == list(range(40))
+    assert len({tuple(order.tolist()) for order in orders.values()}) == 3
+    np.testing.assert_array_equal(np.concatenate(seen), data.x_train[np.concatenate([orders[e] for e in (1, 2, 3)])])
+
+
 def fit(cfg: dict) -> tuple[main.Dataset, main.TrainResult]:
     rngs = main.make_rngs(cfg["data"]["random_seed"])
     data = main.load_data(cfg["data"])

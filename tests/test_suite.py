@@ -20,7 +20,9 @@ def test_every_mutant_still_applies_to_the_source(mutant: mutants.Mutant) -> Non
     source = (ROOT / mutant.path).read_text()
     assert mutants.mutated(source, mutant) != source
     for name in mutant.tests:
-        assert (ROOT / "tests" / name).is_file(), name
+        file_name, _, test_name = name.partition("::")
+        assert (ROOT / "tests" / file_name).is_file(), name
+        assert not test_name or f"def {test_name}(" in (ROOT / "tests" / file_name).read_text(), name
 
 
 def test_a_mutant_whose_text_is_gone_is_refused() -> None:
