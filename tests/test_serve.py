@@ -613,7 +613,7 @@ def test_serving_on_localhost_gives_no_warning() -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# images.image_from_bytes, which read_image now uses for every Pillow format
+# images.image_from_bytes, which read_image uses for every Pillow format
 # ------------------------------------------------------------------------------------------------
 
 
