@@ -157,10 +157,11 @@ def mutated(source: str, mutant: Mutant) -> str:
 
 
 def copy_project(destination: Path) -> Path:
-    """The project's source, tests, configs and docs copied under destination (no .git, caches, logs)."""
+    """The project's source, tests, configs and docs copied under destination (no .git, caches, virtual
+    environments, logs, data or run outputs)."""
     copy = destination / "project"
-    shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".git", "__pycache__", ".pytest_cache", "logs",
-                                                              ".ruff_cache", "*.pyc", "data"))
+    shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".git", "__pycache__", "*.pyc", ".*_cache", "venv",
+                                                              ".venv", "htmlcov", "logs", "data", "plots"))
     return copy
 
 
