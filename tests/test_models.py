@@ -30,7 +30,8 @@ import modelfile
 # A small model that learns the synthetic digits in 3 epochs of 2,000 images (a few seconds).
 CONFIG = {
     "data": {"dataset": "synthetic", "n_train": 2000, "n_test": 300, "random_seed": 0},
-    "model": {"layers": [{"conv2d": {"filters": 8, "padding": 1}}, "relu", "maxpool2d", *helpers.classifier_head(64)]},
+    "model": helpers.model_section({"conv2d": {"filters": 8, "padding": 1}}, "relu", "maxpool2d",
+                                   *helpers.classifier_head(64)),
     "training": {"epochs": 3, "batch_size": 32, "optimizer": "adam", "learning_rate": 0.001},
 }
 
