@@ -87,7 +87,7 @@ def find_data(variable: str) -> tuple[Path | None, str]:
     for folder in candidates:
         if (folder / needed).is_file() or (folder / f"{needed}.gz").is_file():
             return folder, ""
-    where = f"{variable}={given}" if given else f"{variable} is not set and {', '.join(map(str, fallbacks))}"
+    where = f"{variable}={given}" if given else f"{variable} is not set, and {' or '.join(map(str, fallbacks))}"
     return None, (f"{where} holds no {needed}[.gz]: set {variable} to a folder of its IDX files "
                   f"(e.g. {variable}=/path/to/folder pytest ...)")
 
