@@ -10,7 +10,7 @@ test files chosen for that mutant against it. The mutant is CAUGHT when they fai
 
 Before the mutants, the chosen test files run once against the unmutated copy: if they fail there, no verdict
 means anything, and the script stops with exit 2. So does a mutant whose original text is no longer in the
-source (exactly once), so that the list cannot silently rot as the code changes; tests/test_mutants.py checks
+source (exactly once), so that the list cannot silently rot as the code changes; tests/test_suite.py checks
 this in the default suite.
 """
 
@@ -149,8 +149,8 @@ def mutated(source: str, mutant: Mutant) -> str:
     for original, replacement in mutant.edits:
         count = source.count(original)
         if count != 1:
-            raise OutdatedMutantError(f"mutant {mutant.name}: {original!r} occurs {count} times in {mutant.path}, "
-                               "expected once (update the mutant to the current code)")
+            raise OutdatedMutantError(f"mutant {mutant.name}: {original!r} occurs {count} times in "
+                                      f"{mutant.path}, expected once (update the mutant to the current code)")
         source = source.replace(original, replacement)
     compile(source, mutant.path, "exec")  # a mutant must be wrong Python, not broken Python
     return source
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: the unmutated project does not pass {' '.join(all_files)} ({verdict}: {first})",
                   file=sys.stderr)
             return 2
-        print(f"unmutated project: {len(all_files)} test files pass ({seconds:.0f} s)\n")
+        print(f"unmutated project: {', '.join(all_files)} pass ({seconds:.0f} s)\n")
         width = max(len(mutant.name) for mutant in chosen)
         print(f"{'mutant':<{width}}  result  seconds  caught by")
         missed = []
@@ -240,4 +240,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
