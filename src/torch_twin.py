@@ -136,6 +136,51 @@ def torch_twin(model: Any) -> tuple[Any, list[TwinParameter]]:
     return nn.Sequential(*modules), pairs
 
 
+def torch_optimizer(twin: Any, training: dict) -> tuple[Any, list]:
+    """The optimiser of the config for the twin: Adam, AdamW (Adam with weight decay) or SGD with momentum,
+    with weight decay as the project's (main.Optimizer.decay_weights): decoupled, and only on conv kernels and
+    dense matrices (one param group), not on biases or BatchNorm's weight and bias (the other group).
+
+    Returns the optimiser and the tensors to decay by hand before each SGD step: torch.optim.SGD's weight_decay
+    adds an L2 term to the gradient, which is not decoupled decay.
+    """
+    import torch
+    from torch import nn
+
+    weight_decay, learning_rate = training["weight_decay"], training["learning_rate"]
+    decayed = [module.weight for module in twin if isinstance(module, (nn.Conv2d, nn.Linear))]
+    decayed_ids = {id(tensor) for tensor in decayed}
+    others = [tensor for tensor in twin.parameters() if id(tensor) not in decayed_ids]
+    if training["optimizer"] == "sgd":
+        sgd = torch.optim.SGD(twin.parameters(), lr=learning_rate, momentum=training["momentum"])
+        return sgd, decayed if weight_decay else []
+    if not weight_decay:  # one group, as a PyTorch user would write it
+        return torch.optim.Adam(twin.parameters(), lr=learning_rate), []
+    groups = [{"params": group, "weight_decay": decay}
+              for group, decay in ((decayed, weight_decay), (others, 0.0)) if group]
+    return torch.optim.AdamW(groups, lr=learning_rate), []
+
+
+def torch_schedule(optimizer: Any, schedule: dict, base_lr: float, steps_per_epoch: int, total_steps: int) -> Any:
+    """PyTorch's scheduler for main.learning_rate_schedule(schedule, base_lr, steps_per_epoch, total_steps), to be
+    stepped after every batch (None for a constant rate): OneCycleLR (cosine, two phases, momentum left alone, as
+    the project's one-cycle), CosineAnnealingLR over total_steps, StepLR with the step size in batches."""
+    from torch.optim import lr_scheduler
+
+    name = schedule["name"]
+    if name == "one_cycle":
+        return lr_scheduler.OneCycleLR(optimizer, max_lr=base_lr, total_steps=total_steps,
+                                       pct_start=schedule["pct_start"], anneal_strategy="cos", cycle_momentum=False,
+                                       div_factor=schedule["div_factor"],
+                                       final_div_factor=schedule["final_div_factor"], three_phase=False)
+    if name == "cosine":
+        return lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps, eta_min=schedule["min_lr"])
+    if name == "step":
+        return lr_scheduler.StepLR(optimizer, step_size=schedule["step_size"] * steps_per_epoch,
+                                   gamma=schedule["gamma"])
+    return None
+
+
 def state_dict_arrays(model: Any) -> dict[str, np.ndarray]:
     """The twin's state_dict as NumPy arrays ('0.weight', '0.bias', '1.running_mean', ...): the project's weights
     and statistics in PyTorch's layout, without building the twin (no torch needed). A BatchNorm's
