@@ -14,13 +14,14 @@ from typing import Any
 
 from errors import ConfigError
 from plumbing import check_distinct_files, check_writable, write_atomic
+from torch_twin import INSTALL_TORCH
 
 log = logging.getLogger("numpy_cnn")
 
 # suffix -> (what it is, the package it needs, the command that installs that package)
 FORMATS = {
     ".onnx": ("ONNX", "onnx", "pip install onnx onnxruntime"),
-    ".pt": ("PyTorch", "torch", "pip install torch --index-url https://download.pytorch.org/whl/cpu"),
+    ".pt": ("PyTorch", "torch", INSTALL_TORCH),
 }
 
 

@@ -32,6 +32,7 @@ import numpy as np
 from errors import ModelFileError
 
 PT_FORMAT = "numpy-cnn-torch-twin"
+INSTALL_TORCH = "pip install torch --index-url https://download.pytorch.org/whl/cpu"
 # The project's parameter names and PyTorch's for the same tensor.
 TORCH_PARAMETER_NAMES = {"W": "weight", "b": "bias", "gamma": "weight", "beta": "bias"}
 
@@ -111,7 +112,7 @@ def module_for(layer: Any, shape: tuple[int, ...]) -> Any:
         return nn.AvgPool2d(layer.pool_size, layer.stride)
     simple = {"ReLU": nn.ReLU, "Tanh": nn.Tanh, "Flatten": nn.Flatten}
     if kind not in simple:
-        raise ModelFileError(f"no PyTorch twin for a {kind} layer")
+        raise ModelFileError(f"no PyTorch twin for the layer {kind}")
     return simple[kind]()
 
 
@@ -198,28 +199,26 @@ def copy_from_state_dict(model: Any, state_dict: dict[str, Any], where: str) -> 
     """Put a twin's state_dict (tensors or arrays) into the project's model, in the project's layout and dtype.
     ModelFileError (one line, naming `where`) when a weight is missing, extra, of another shape or not finite.
     BatchNorm's num_batches_tracked, which the project does not keep, is ignored."""
-    expected = {f"{index}.{TORCH_PARAMETER_NAMES.get(name, name)}": (layer, name, inverse[name])
-                for index, (layer, inverse) in enumerate(zip(model.layers, inverse_layouts(model)))
+    expected = {f"{index}.{TORCH_PARAMETER_NAMES.get(name, name)}": (layer, name, layout[name], inverse[name])
+                for index, (layer, layout, inverse) in enumerate(zip(model.layers, layouts(model),
+                                                                     inverse_layouts(model)))
                 for name in inverse}
     given = {key for key in state_dict if not key.endswith(".num_batches_tracked")}
     if given != set(expected):
         differing = sorted(given ^ set(expected))[:3]
         raise ModelFileError(f"{where}: weights {differing} do not fit the layer list (its state_dict has "
                              f"{len(given)} tensors, the layers need {len(expected)})")
-    for key, (layer, name, to_project) in expected.items():
+    for key, (layer, name, to_torch, to_project) in expected.items():
         value = state_dict[key]
         array = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
         target = {**layer.params, **layer.buffers}[name]
-        if array.size != target.size or array.dtype.kind != "f":
+        needed = to_torch(target).shape
+        if array.shape != needed or array.dtype.kind != "f":
             raise ModelFileError(f"{where}: {key} has shape {tuple(array.shape)} ({array.dtype}), the layer "
-                                 f"needs {int(target.size)} floats")
+                                 f"needs {tuple(needed)} (float)")
         if not np.isfinite(array).all():
             raise ModelFileError(f"{where}: {key} holds NaN or infinite values")
-        converted = to_project(array)
-        if converted.shape != target.shape:
-            raise ModelFileError(f"{where}: {key} has shape {tuple(array.shape)}, the layer needs the layout of "
-                                 f"{target.shape}")
-        target[...] = converted
+        target[...] = to_project(array)
 
 
 def save_pt(path: Path, model: Any, meta: dict, write: Callable[[Path, Callable[[Any], None]], None]) -> None:
@@ -236,8 +235,12 @@ def save_pt(path: Path, model: Any, meta: dict, write: Callable[[Path, Callable[
 def read_pt(path: Path) -> tuple[dict[str, Any], dict]:
     """(state_dict, meta) of a .pt file: {"state_dict": ..., "meta": ...} as save_pt writes it, or a bare
     state_dict (meta {}). Read with torch.load(weights_only=True) only: never unpickles anything but tensors and
-    plain containers. ModelFileError (one line) for anything else."""
-    import torch
+    plain containers. ModelFileError (one line) for anything else, and when torch is not installed."""
+    try:
+        import torch
+    except ImportError:
+        raise ModelFileError(f"{path}: reading a .pt file needs PyTorch, which is not installed: {INSTALL_TORCH}"
+                             ) from None
 
     try:
         document = torch.load(path, map_location="cpu", weights_only=True)

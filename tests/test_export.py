@@ -20,7 +20,7 @@ import main
 import modelfile
 from errors import CNNError, ConfigError, ModelFileError
 from exports import check_exports, export_model, write_exports
-from torch_twin import build_twin, read_pt
+from torch_twin import build_twin, copy_from_state_dict, read_pt, torch_twin
 
 onnx = pytest.importorskip("onnx", reason="onnx is optional: pip install -r requirements-test.txt")
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime is optional: pip install -r requirements-test.txt")
@@ -182,6 +182,38 @@ def test_a_bare_state_dict_takes_the_layer_list_from_the_config(tmp_path: Path) 
         modelfile.load_model(tmp_path / "object.pt", main.build_model, defaults)
 
 
+def test_a_state_dict_that_does_not_fit_is_refused_in_one_line(tmp_path: Path) -> None:
+    """Tensors of the wrong shape (even of the right size), not floats or not finite; a file that is not a
+    state_dict; a layer without a PyTorch twin: ModelFileError naming what is wrong."""
+    layers = main.load_config(ROOT / "configs" / "mnist_best.yaml")["model"]
+    model = main.build_model(layers, (28, 28, 1), 10, np.random.default_rng(0))
+    good = build_twin(layers, (28, 28, 1), 10, main.build_model).state_dict()
+    for key, value, message in [("0.weight", good["0.weight"].permute(1, 0, 2, 3), r"0\.weight has shape \(1, 32"),
+                                ("0.weight", good["0.weight"].double(), None),
+                                ("1.running_var", good["1.running_var"].long(), "int64"),
+                                ("10.bias", good["10.bias"] * float("nan"), "NaN or infinite")]:
+        state = dict(good, **{key: value})
+        if message is None:  # float64 is read, in the model's float32
+            copy_from_state_dict(model, state, "m.pt")
+            assert model.layers[0].params["W"].dtype == np.float32
+            continue
+        with pytest.raises(ModelFileError, match=message):
+            copy_from_state_dict(model, state, "m.pt")
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(ModelFileError, match="not a PyTorch state_dict"):
+        read_pt(tmp_path / "list.pt")
+    torch.save({"state_dict": good, "meta": [1]}, tmp_path / "meta.pt")
+    with pytest.raises(ModelFileError, match="meta entry is not a mapping"):
+        read_pt(tmp_path / "meta.pt")
+
+    class Attention(main.Layer):
+        pass
+
+    model.layers.insert(9, Attention())
+    with pytest.raises(ModelFileError, match="no PyTorch twin for the layer Attention"):
+        torch_twin(model)
+
+
 def test_check_exports_refuses_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(CNNError, match=r"--export m\.h5: expected a file ending in \.onnx .* or \.pt"):
         check_exports(["m.h5"])
@@ -235,3 +267,8 @@ def test_a_missing_package_is_exit_2_with_the_install_command_before_training(tm
     assert run.returncode == 2, run.stderr
     assert run.stderr.count("\n") == 1 and f"pip install {package}" in run.stderr, run.stderr
     assert "epoch" not in run.stdout and not (tmp_path / "r.json").exists()
+    if package == "torch":  # nor can a .pt file be read
+        (tmp_path / "m.pt").write_bytes(b"")
+        run = subprocess.run([sys.executable, "-c", code, "--load-model", "m.pt", "--predict", "m.pt"],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 2 and run.stderr.count("\n") == 1 and "needs PyTorch" in run.stderr, run.stderr
