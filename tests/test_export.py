@@ -174,6 +174,8 @@ def test_a_bare_state_dict_takes_the_layer_list_from_the_config(tmp_path: Path) 
     assert np.abs(loaded.model.forward(x, training=False) - theirs).max() < 1e-5
     with pytest.raises(ModelFileError, match="without model, input_shape, class_names"):
         modelfile.load_model(path, main.build_model)
+    with pytest.raises(ModelFileError, match="layer list, input shape or class names do not fit"):
+        modelfile.load_model(path, main.build_model, dict(defaults, input_shape=[28, 28]))
     wrong = dict(defaults, model=main.load_config(ROOT / "configs" / "keras_mnist.yaml")["model"])
     with pytest.raises(ModelFileError, match="do not fit the layer list"):
         modelfile.load_model(path, main.build_model, wrong)

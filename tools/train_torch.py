@@ -13,6 +13,8 @@ trains what they describe, as `python src/main.py` would:
 - the same batch: each of the W processes takes 1/W of every batch of training.batch_size images, drawn in the
   order that every process draws from the same seed, and DistributedDataParallel averages the gradients, so a
   step is the step of the whole batch;
+- BatchNorm, unlike the NumPy run (and as plain DistributedDataParallel does), normalises over each process's
+  slice of the batch; its running statistics are process 0's, which DDP hands to the others before each step;
 - the same optimiser and learning-rate schedule (torch_twin.torch_optimizer, torch_twin.torch_schedule, stepped
   after every batch) and the same augmentation (main.shift_and_rotate on each process's slice);
 - the same results file (--output: the config, data, per-epoch history, test accuracy and loss, files).
