@@ -4,6 +4,7 @@ the same data and epochs scores. Skipped where torch is not installed."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import subprocess
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, run_cli, write_config
+
+import main
 
 torch = pytest.importorskip("torch", reason="torch is optional: pip install -r requirements-test.txt")
 
@@ -35,26 +38,32 @@ def losses(stdout: str) -> dict[int, list[float]]:
     return found
 
 
-def test_one_process_trains_and_writes_a_pt_that_main_imports(tmp_path: Path) -> None:
+def test_one_process_trains_and_writes_a_pt_that_main_imports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture) -> None:
     """Without torchrun: one process trains the config on the 8x8 digits, the loss falls, the results file has
     the history, and --load-model m.pt --epochs 0 scores exactly what the trainer reported. Flags the trainer does
-    not take, and a --save-model that is not .pt, are exit 2 in one line."""
+    not take, and a --save-model that is not .pt, are exit 2 in one line. (In this process: the trainer's run()
+    and main.main, as their command lines call them.)"""
+    spec = importlib.util.spec_from_file_location("train_torch", TRAINER)
+    trainer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trainer)
+    monkeypatch.chdir(tmp_path)
     config = write_config(tmp_path, data={"dataset": "digits", "n_train": 600, "n_test": 300},
                           model={"layers": ["flatten", {"dense": {"units": 32}}, "relu", {"dense": {"units": 10}}]},
                           training={"epochs": 3, "batch_size": 32, "learning_rate": 0.01})
-    run = train_torch(["--config", str(config), "--save-model", "m.pt", "--output", "r.json"], tmp_path)
-    assert run.returncode == 0, run.stderr
-    assert len(losses(run.stdout)[0]) == 3 and losses(run.stdout)[0][-1] < losses(run.stdout)[0][0] / 2
+    assert trainer.run(["--config", str(config), "--save-model", "m.pt", "--output", "r.json"]) == 0
+    trained = losses(capsys.readouterr().out)[0]
+    assert len(trained) == 3 and trained[-1] < trained[0] / 2
     results = json.loads((tmp_path / "r.json").read_text())
     assert results["processes"] == 1 and len(results["history"]) == 3 and results["files"]["model"] == "m.pt"
-    imported = run_cli(["--config", str(config), "--load-model", "m.pt", "--epochs", "0", "--output", "i.json"],
-                       cwd=tmp_path)
-    assert imported.returncode == 0, imported.stderr
+    assert main.main(["--config", str(config), "--load-model", "m.pt", "--epochs", "0", "--output", "i.json"]) == 0
     assert json.loads((tmp_path / "i.json").read_text())["test_accuracy"] == results["test_accuracy"] > 0.8
+    capsys.readouterr()
     for args, message in [(["--export", "m.onnx"], "--export: not a flag of tools/train_torch.py"),
                           (["--save-model", "m.npz"], "writes a PyTorch .pt file")]:
-        refused = train_torch(["--config", str(config), *args], tmp_path)
-        assert refused.returncode == 2 and message in refused.stderr and refused.stderr.count("\n") == 1
+        assert trainer.run(["--config", str(config), *args]) == 2
+        error = capsys.readouterr().err
+        assert message in error and error.count("\n") == 1, error
 
 
 @pytest.mark.slow

@@ -77,8 +77,8 @@ def evaluate(twin: Any, x: np.ndarray, y: np.ndarray, batch_size: int = 1000) ->
     return total / max(len(x), 1), correct / max(len(x), 1)
 
 
-def train(argv: list[str]) -> int:
-    """The whole run; returns the exit code."""
+def train(args: Any) -> int:
+    """The whole run for the parsed arguments (parse); returns the exit code."""
     import torch
     import torch.distributed as dist
     from torch.nn import functional
@@ -86,7 +86,6 @@ def train(argv: list[str]) -> int:
 
     from torch_twin import copy_from_state_dict, save_pt, torch_optimizer, torch_schedule, torch_twin
 
-    args = parse(argv)
     cfg, origin = main.resolve_config(args)
     plumbing.setup_logging(cfg["logging"])
     distributed = "RANK" in os.environ
@@ -192,7 +191,7 @@ def train(argv: list[str]) -> int:
 def run(argv: list[str]) -> int:
     """train(argv) with the command line's error handling: one line and exit code 2 for bad input."""
     try:
-        return train(argv)
+        return train(parse(argv))
     except CNNError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
