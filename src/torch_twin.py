@@ -82,7 +82,7 @@ def inverse_layouts(model: Any) -> list[dict[str, Callable[[np.ndarray], np.ndar
         inverse = {}
         for name, to_torch in forward.items():
             shape = {**layer.params, **layer.buffers}[name].shape
-            # Where each project element lands in PyTorch's array, read backwards: exact for any permutation.
+            # positions: PyTorch's layout of the project's flat indices; undo: where PyTorch keeps each of them.
             positions = to_torch(np.arange(int(np.prod(shape))).reshape(shape))
             undo = np.empty(positions.size, dtype=np.int64)
             undo[positions.reshape(-1)] = np.arange(positions.size)
