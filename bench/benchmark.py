@@ -436,156 +436,8 @@ def worker_numpy(args: argparse.Namespace) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
-# Worker: PyTorch, the same network
+# Worker: PyTorch, the same network (the project's PyTorch twin, its optimiser and schedule: src/torch_twin.py)
 # ------------------------------------------------------------------------------------------------
-
-# The project's parameter names and PyTorch's for the same tensor.
-TORCH_PARAMETER_NAMES = {"W": "weight", "b": "bias", "gamma": "weight", "beta": "bias"}
-
-
-class TwinParameter(NamedTuple):
-    """A project parameter and its PyTorch twin."""
-
-    layer_index: int  # in model.layers, and in the twin (one PyTorch module per project layer)
-    name: str  # the project's name: W, b, gamma or beta
-    tensor: Any  # the PyTorch parameter
-    to_torch_layout: Callable[[Any], Any]  # a project array of this parameter (or its gradient) in PyTorch's layout
-
-
-def same_layout(array: Any) -> Any:
-    return array
-
-
-def conv_kernel_layout(array: Any) -> Any:
-    """Conv weights (k, k, C, F) -> PyTorch's (F, C, k, k)."""
-    return array.transpose(3, 2, 0, 1)
-
-
-def flatten_order(shape: tuple[int, int, int]) -> Any:
-    """For Flatten of an (H, W, C) image: PyTorch's feature j (in (C, H, W) order) is the project's feature
-    flatten_order(shape)[j] (in (H, W, C) order)."""
-    import numpy as np
-
-    height, width, channels = shape
-    return np.arange(height * width * channels).reshape(height, width, channels).transpose(2, 0, 1).reshape(-1)
-
-
-def per_feature_layout(feature_order: Any) -> Callable[[Any], Any]:
-    """Per-feature values (BatchNorm's) in PyTorch's order of the features (see flatten_order; None: the same)."""
-    def layout(array: Any) -> Any:
-        return array if feature_order is None else array[feature_order]
-    return layout
-
-
-def dense_matrix_layout(feature_order: Any) -> Callable[[Any], Any]:
-    """Dense weights (in, out) -> PyTorch's (out, in), the inputs in PyTorch's order (see flatten_order)."""
-    def layout(array: Any) -> Any:
-        return (array if feature_order is None else array[feature_order]).T
-    return layout
-
-
-def torch_twin(model: Any) -> tuple[Any, list[TwinParameter]]:
-    """The PyTorch network with the same layers and the same weights (and BatchNorm statistics) as the project's
-    model, one module per layer, and the list of its parameters paired with the project's.
-
-    PyTorch wants channels first: images (N, C, H, W), conv weights (F, C, k, k) where the project has
-    (k, k, C, F), dense weights (out, in) where the project has (in, out). The project flattens (H, W, C)
-    and PyTorch (C, H, W), so the rows of the dense layer after Flatten (and the per-feature values of a
-    BatchNorm between them) are permuted to match. BatchNorm becomes BatchNorm2d on images, BatchNorm1d on
-    vectors, with the same momentum and eps. The twin's tensors are copies, in the project's dtype.
-    """
-    import numpy as np
-    import torch
-    from torch import nn
-
-    main = import_main()
-    modules, pairs, shape = [], [], tuple(model.input_shape)
-    feature_order = None  # after a Flatten of an image: see flatten_order
-    for index, layer in enumerate(model.layers):
-        layouts: dict[str, Callable[[Any], Any]] = {}
-        if isinstance(layer, main.Conv2D):
-            k, _, channels, filters = layer.params["W"].shape
-            module = nn.Conv2d(channels, filters, k, stride=layer.stride, padding=layer.padding)
-            layouts = {"W": conv_kernel_layout, "b": same_layout}
-        elif isinstance(layer, main.Dense):
-            module = nn.Linear(*layer.params["W"].shape)
-            layouts = {"W": dense_matrix_layout(feature_order), "b": same_layout}
-            feature_order = None
-        elif isinstance(layer, main.BatchNorm):
-            norm = nn.BatchNorm2d if len(shape) == 3 else nn.BatchNorm1d
-            module = norm(shape[-1], eps=layer.eps, momentum=layer.momentum)
-            layouts = {"gamma": per_feature_layout(feature_order), "beta": per_feature_layout(feature_order)}
-            for buffer_name, values in layer.buffers.items():  # running_mean, running_var: PyTorch's names
-                setattr(module, buffer_name,
-                        torch.from_numpy(np.array(per_feature_layout(feature_order)(values), order="C")))
-        elif isinstance(layer, main.Dropout):
-            module = nn.Dropout(layer.rate)
-        elif isinstance(layer, main.ReLU):
-            module = nn.ReLU()
-        elif isinstance(layer, main.Tanh):
-            module = nn.Tanh()
-        elif isinstance(layer, main.MaxPool2D):
-            module = nn.MaxPool2d(layer.pool_size, layer.stride)
-        elif isinstance(layer, main.AvgPool2D):
-            module = nn.AvgPool2d(layer.pool_size, layer.stride)
-        elif isinstance(layer, main.Flatten):
-            module = nn.Flatten()
-            if len(shape) == 3:
-                feature_order = flatten_order(shape)
-        else:
-            raise TypeError(f"no PyTorch twin for {type(layer).__name__}")
-        for name, layout in layouts.items():
-            tensor = getattr(module, TORCH_PARAMETER_NAMES[name])
-            tensor.data = torch.from_numpy(np.array(layout(layer.params[name]), order="C"))  # a copy
-            pairs.append(TwinParameter(index, name, tensor, layout))
-        modules.append(module)
-        shape = layer.output_shape(shape)
-    return nn.Sequential(*modules), pairs
-
-
-def torch_optimizer(twin: Any, training: dict) -> tuple[Any, list]:
-    """The optimiser of the config for the twin: Adam, AdamW (Adam with weight decay) or SGD with momentum,
-    with weight decay as the project's (main.Optimizer.decay_weights): decoupled, and only on conv kernels and
-    dense matrices (one param group), not on biases or BatchNorm's weight and bias (the other group).
-
-    Returns the optimiser and the tensors to decay by hand before each SGD step: torch.optim.SGD's weight_decay
-    adds an L2 term to the gradient, which is not decoupled decay.
-    """
-    import torch
-    from torch import nn
-
-    weight_decay, learning_rate = training["weight_decay"], training["learning_rate"]
-    decayed = [module.weight for module in twin if isinstance(module, (nn.Conv2d, nn.Linear))]
-    decayed_ids = {id(tensor) for tensor in decayed}
-    others = [tensor for tensor in twin.parameters() if id(tensor) not in decayed_ids]
-    if training["optimizer"] == "sgd":
-        sgd = torch.optim.SGD(twin.parameters(), lr=learning_rate, momentum=training["momentum"])
-        return sgd, decayed if weight_decay else []
-    if not weight_decay:  # one group, as a PyTorch user would write it
-        return torch.optim.Adam(twin.parameters(), lr=learning_rate), []
-    groups = [{"params": group, "weight_decay": decay}
-              for group, decay in ((decayed, weight_decay), (others, 0.0)) if group]
-    return torch.optim.AdamW(groups, lr=learning_rate), []
-
-
-def torch_schedule(optimizer: Any, schedule: dict, base_lr: float, steps_per_epoch: int, total_steps: int) -> Any:
-    """PyTorch's scheduler for main.learning_rate_schedule(schedule, base_lr, steps_per_epoch, total_steps), to be
-    stepped after every batch (None for a constant rate): OneCycleLR (cosine, two phases, momentum left alone, as
-    the project's one-cycle), CosineAnnealingLR over total_steps, StepLR with the step size in batches."""
-    from torch.optim import lr_scheduler
-
-    name = schedule["name"]
-    if name == "one_cycle":
-        return lr_scheduler.OneCycleLR(optimizer, max_lr=base_lr, total_steps=total_steps,
-                                       pct_start=schedule["pct_start"], anneal_strategy="cos", cycle_momentum=False,
-                                       div_factor=schedule["div_factor"],
-                                       final_div_factor=schedule["final_div_factor"], three_phase=False)
-    if name == "cosine":
-        return lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps, eta_min=schedule["min_lr"])
-    if name == "step":
-        return lr_scheduler.StepLR(optimizer, step_size=schedule["step_size"] * steps_per_epoch,
-                                   gamma=schedule["gamma"])
-    return None
 
 
 def torch_affine(images: Any, angles: Any, shift_rows: Any, shift_cols: Any) -> Any:
@@ -634,7 +486,9 @@ def worker_torch(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(SEED)
-    recipe = load_recipe(args.config)
+    recipe = load_recipe(args.config)  # puts src/ on the path
+    from torch_twin import torch_optimizer, torch_schedule, torch_twin
+
     training, augment_cfg = recipe["training"], recipe["data"]["augment"]
     batch_size = training["batch_size"]
     data = load_images(args.data, args.images)

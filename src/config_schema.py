@@ -509,8 +509,8 @@ OVERRIDES = {"epochs": ("training", "epochs"), "batch_size": ("training", "batch
 # Flags that would do nothing in the --predict or --gradcheck mode: an error rather than silently ignored.
 TRAINING_ONLY = ("epochs", "batch_size", "learning_rate", "optimizer", "workers", "n_train", "n_test", "data_path",
                  "no_fallback", "plot_dir", "save_model", "profile")
-IGNORED_IN_MODE = {"predict": (*TRAINING_ONLY, "seed", "dataset"),  # the saved model brings its own
-                   "gradcheck": (*TRAINING_ONLY, "load_model")}  # it uses the model section, dataset and seed
+IGNORED_IN_MODE = {"predict": (*TRAINING_ONLY, "seed", "dataset", "export"),  # the saved model brings its own
+                   "gradcheck": (*TRAINING_ONLY, "load_model", "export")}  # it uses the model section, dataset, seed
 
 
 def check_flag_combinations(args: Any) -> None:
@@ -521,12 +521,13 @@ def check_flag_combinations(args: Any) -> None:
         raise CNNError(f"{'--host' if args.host is not None else '--port'} goes with --serve")
     if args.serve and (args.predict or args.gradcheck):
         raise CNNError(f"--serve and --{'predict' if args.predict else 'gradcheck'} are separate commands: run one")
-    if args.serve and args.load_model:  # nothing trains: the saved model is served as it is
-        for flag in (*TRAINING_ONLY, "seed", "dataset"):
+    if (args.serve or args.export) and args.load_model:  # nothing trains: the saved model is served or exported
+        mode = "--serve, which serve" if args.serve else "--export, which export"
+        for flag in (*TRAINING_ONLY, "seed", "dataset", *(() if args.serve else ("output",))):
             value = getattr(args, flag)
             if value is not None and value is not False:
-                raise CNNError(f"--{flag.replace('_', '-')} has no effect with --load-model and --serve, which "
-                               "serve the saved model as it is (without --load-model, --serve trains first)")
+                raise CNNError(f"--{flag.replace('_', '-')} has no effect with --load-model and {mode} the saved "
+                               f"model as it is (without --load-model, {mode.split(',')[0]} trains first)")
     for mode, ignored in IGNORED_IN_MODE.items():
         if getattr(args, mode):
             for flag in ignored:

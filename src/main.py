@@ -45,6 +45,7 @@ import plumbing
 from config_schema import layer_name_and_arguments
 from datafiles import OPENML_NAMES, download_openml, load_cache, load_idx_folder, make_synthetic
 from errors import CNNError, ConfigError, DataError
+from exports import check_exports, write_exports
 from images import report_predictions
 from modelfile import continue_from, data_summary, load_model
 from outputs import check_outputs, write_outputs
@@ -1278,7 +1279,9 @@ def build_parser() -> argparse.ArgumentParser:
     extra = parser.add_argument_group("models, predictions and teaching")
     extra.add_argument("--save-model", type=path_argument, metavar="FILE", help="save the trained model (.npz)")
     extra.add_argument("--load-model", type=path_argument, metavar="FILE",
-                       help="start from a saved model (with --epochs 0: evaluate)")
+                       help="start from a saved model, .npz or a PyTorch twin's .pt (with --epochs 0: evaluate)")
+    extra.add_argument("--export", type=path_argument, metavar="FILE", action="append", help="also write the model "
+                       "as FILE.onnx or FILE.pt (PyTorch); repeatable; with --load-model: the saved model, no training")
     extra.add_argument("--profile", action="store_true", help="print time per layer after training")
     mode = extra.add_mutually_exclusive_group()
     mode.add_argument("--predict", type=path_argument, metavar="IMAGE", nargs="+",
@@ -1342,6 +1345,13 @@ def input_shape_of(dataset: str) -> tuple[int, int, int]:
     return (8, 8, 1) if dataset == "digits" else (28, 28, 1)
 
 
+def pt_defaults(cfg: dict) -> dict:
+    """What --load-model FILE.pt takes from the config when the file holds a bare state_dict (modelfile.load_pt)."""
+    dataset = cfg["data"]["dataset"]
+    return {"model": cfg["model"], "input_shape": list(input_shape_of(dataset)), "dataset": dataset,
+            "class_names": FASHION_NAMES if dataset == "fashion_mnist" else DIGIT_NAMES}
+
+
 def run_gradcheck(args: argparse.Namespace, cfg: dict, origin: dict[str, str]) -> int:
     """--gradcheck: the configured model, four random inputs, float64, every layer's backward checked.
     The table is the command's output, so it is printed whatever the log level."""
@@ -1371,13 +1381,13 @@ def run_gradcheck(args: argparse.Namespace, cfg: dict, origin: dict[str, str]) -
     return EXIT_OK
 
 
-def run_predict(args: argparse.Namespace) -> int:
+def run_predict(args: argparse.Namespace, cfg: dict) -> int:
     """--predict: classify image files with a saved model, one line each on stdout, no training (images.py).
     A file that cannot be read gets an error line instead, and the exit code is then 2."""
     for role, path in [("--load-model", args.load_model)] + [("an image of --predict", p) for p in args.predict]:
         plumbing.check_distinct_files({role: path, "--output": args.output})
     plumbing.check_writable(args.output, "--output")
-    loaded = load_model(Path(args.load_model), build_model)
+    loaded = load_model(Path(args.load_model), build_model, pt_defaults(cfg))
     all_read = report_predictions(loaded.model, loaded.meta, [Path(p) for p in args.predict], args.load_model,
                                   args.output)
     return EXIT_OK if all_read else EXIT_USAGE
@@ -1392,7 +1402,7 @@ def model_for_run(args: argparse.Namespace, cfg: dict, data: Dataset,
         model = build_model(cfg["model"], data.input_shape, data.num_classes, rngs["init"], rngs["dropout"])
         return model, cfg["model"], optimizer, {}
     loaded = continue_from(Path(args.load_model), data, optimizer, build_model, parameters, rngs["dropout"],
-                           evaluating_only=cfg["training"]["epochs"] == 0)
+                           evaluating_only=cfg["training"]["epochs"] == 0, defaults=pt_defaults(cfg))
     return loaded.model, loaded.meta["model"], optimizer, loaded.meta.get("training", {})
 
 
@@ -1493,12 +1503,16 @@ def main(argv: list[str] | None = None) -> int:
             if args.gradcheck:
                 return run_gradcheck(args, cfg, origin)
             if args.predict:
-                return run_predict(args)
-            if args.serve and args.load_model:
-                from serve import serve_trained_model
+                return run_predict(args, cfg)
+            if (args.serve or args.export) and args.load_model:  # the saved model as it is, no training
+                check_exports(args.export or [], args.load_model)
+                loaded = load_model(Path(args.load_model), build_model, pt_defaults(cfg))
+                if write_exports(args.export or [], loaded.model, loaded.meta):
+                    return EXIT_OUTPUT
+                if args.serve:
+                    from serve import serve_trained_model
 
-                loaded = load_model(Path(args.load_model), build_model)
-                serve_trained_model(loaded.model, loaded.meta, softmax, args.host, args.port)
+                    serve_trained_model(loaded.model, loaded.meta, softmax, args.host, args.port)
                 return EXIT_OK
             return run_training(args, cfg, origin, stop)
     except CNNError as error:

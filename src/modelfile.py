@@ -37,14 +37,20 @@ def data_summary(data: Any) -> dict:
             "note": data.note}
 
 
+def model_meta(model: Any, model_cfg: dict, data: Any, summary: dict) -> dict:
+    """What a model file (and an export) records beside the weights: architecture (the model section's layer
+    list), input shape, class names, data set and training summary."""
+    return {"format": MODEL_FORMAT, "version": 2, "model": model_cfg, "input_shape": list(model.input_shape),
+            "class_names": data.class_names, "dataset": data.name, "data": data_summary(data), "training": summary}
+
+
 def save_model(path: Path, model: Any, model_cfg: dict, data: Any, summary: dict, optimizer: Any = None) -> None:
     """One .npz: every weight and buffer ('layer<i>.<name>', e.g. 'layer0.W', 'layer1.running_mean'), the
     optimiser's state ('optimizer.<key>'), and a JSON 'meta' entry with the architecture (the model section's
     layer list), input shape, class names, data set and training summary."""
     arrays = {weight_key(i, name): array for i, layer in enumerate(model.layers)
               for name, array in {**layer.params, **layer.buffers}.items()}
-    meta = {"format": MODEL_FORMAT, "version": 2, "model": model_cfg, "input_shape": list(model.input_shape),
-            "class_names": data.class_names, "dataset": data.name, "data": data_summary(data), "training": summary}
+    meta = model_meta(model, model_cfg, data, summary)
     if optimizer is not None:
         meta["optimizer"] = {"name": optimizer.name, "t": getattr(optimizer, "t", 0)}
         arrays.update({f"optimizer.{key}": value for key, value in optimizer.state.items()})
@@ -64,8 +70,9 @@ MAX_CLASSES = 1000
 MAX_META_CHARACTERS = 16_000_000  # the JSON 'meta' entry: a training history of thousands of epochs fits
 
 
-def load_model(path: Path, build_model: Callable[..., Any]) -> LoadedModel:
-    """Rebuild a model saved by save_model with build_model(model_cfg, input_shape, num_classes, rng) (main's).
+def load_model(path: Path, build_model: Callable[..., Any], defaults: dict | None = None) -> LoadedModel:
+    """Rebuild a model saved by save_model with build_model(model_cfg, input_shape, num_classes, rng) (main's),
+    or a PyTorch twin's state_dict from a .pt file (load_pt).
     Never unpickles; any defect is a ModelFileError naming the file, with one line: metadata that lies (an input
     of other than 1 channel or of absurd size, class names that are not a short list of strings, a training
     summary with a non-finite accuracy), an architecture that cannot be built, arrays that do not fit it (checked
@@ -75,6 +82,8 @@ def load_model(path: Path, build_model: Callable[..., Any]) -> LoadedModel:
         raise ModelFileError(f"{path}: is a folder, not a model file")
     if not path.is_file():
         raise ModelFileError(f"{path}: no such model file")
+    if path.suffix.lower() == ".pt":
+        return load_pt(path, build_model, defaults or {})
     if not zipfile.is_zipfile(path):
         raise ModelFileError(f"{path}: not a numpy-cnn model file (not an .npz archive)")
     try:
@@ -106,6 +115,29 @@ def load_model(path: Path, build_model: Callable[..., Any]) -> LoadedModel:
         except Exception as error:  # a damaged member: bad CRC, truncated data, a header numpy cannot parse
             raise _unreadable(path, error) from None
     return LoadedModel(model, meta, optimizer_state)
+
+
+def load_pt(path: Path, build_model: Callable[..., Any], defaults: dict) -> LoadedModel:
+    """--load-model FILE.pt: a numpy-cnn model from a state_dict of its PyTorch twin (torch_twin), e.g. trained
+    in PyTorch. The file's meta (from --export FILE.pt or tools/train_torch.py) gives the layer list, input
+    shape and class names; what it lacks (a bare state_dict has no meta) comes from `defaults`, the config's
+    (main: the model section, the data set's input shape and class names). Read with torch.load(weights_only=True)."""
+    from torch_twin import copy_from_state_dict, read_pt
+
+    state_dict, stored = read_pt(path)
+    meta = {**defaults, **{key: value for key, value in stored.items() if key != "format"}, "format": MODEL_FORMAT}
+    missing = [key for key in ("model", "input_shape", "class_names") if key not in meta]
+    if missing:
+        raise ModelFileError(f"{path}: a state_dict without {', '.join(missing)}: pass the config whose model "
+                             "section has its layer list (--config FILE)")
+    meta.pop("optimizer", None)
+    try:
+        model_cfg, input_shape, class_names = _check_meta(meta)
+        model = build_model(model_cfg, input_shape, len(class_names), np.random.default_rng(0))
+    except (KeyError, TypeError, ValueError, ConfigError) as error:
+        raise ModelFileError(f"{path}: its layer list, input shape or class names do not fit ({error})") from None
+    copy_from_state_dict(model, state_dict, str(path))
+    return LoadedModel(model, meta, {})
 
 
 def _unreadable(path: Path, error: BaseException) -> ModelFileError:
@@ -238,12 +270,13 @@ def restore_optimizer(optimizer: Any, loaded: LoadedModel, params: dict[str, np.
 
 
 def continue_from(path: Path, data: Any, optimizer: Any, build_model: Callable[..., Any],
-                  parameters: Callable[[Any], Any], dropout_rng: Any, evaluating_only: bool) -> LoadedModel:
+                  parameters: Callable[[Any], Any], dropout_rng: Any, evaluating_only: bool,
+                  defaults: dict | None = None) -> LoadedModel:
     """--load-model for a training run (main.model_for_run): the model, checked against the data it will see;
     a loud warning when that is not the data it was trained on; its Dropout layers drawing from dropout_rng; and,
     unless it is only evaluated, the saved optimiser state restored into `optimizer` when it fits.
-    parameters: main.parameters (the optimiser's weight keys)."""
-    loaded = load_model(path, build_model)
+    parameters: main.parameters (the optimiser's weight keys); defaults: see load_pt."""
+    loaded = load_model(path, build_model, defaults)
     for layer in loaded.model.layers:
         if hasattr(layer, "draw_mask"):
             layer.rng = dropout_rng

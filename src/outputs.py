@@ -1,5 +1,5 @@
-"""What a training run writes: the model file, the pictures and the results file (--save-model, --plot-dir,
---output), each whole or not at all, and what happens when one of them cannot be written.
+"""What a training run writes: the model file, the exports, the pictures and the results file (--save-model,
+--export, --plot-dir, --output), each whole or not at all, and what happens when one of them cannot be written.
 
 Called by main.run_training once training is over. A leaf module: it never imports main; the run's model,
 data and result come in as arguments.
@@ -11,7 +11,8 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
-from modelfile import save_model
+from exports import check_exports, export_model
+from modelfile import model_meta, save_model
 from plumbing import StopRequest, check_distinct_files, check_writable, log_to_file, versions, write_json
 
 log = logging.getLogger("numpy_cnn")
@@ -26,8 +27,10 @@ def check_outputs(args: Any, cfg: dict, config_file: str | None) -> None:
         from plots import FIGURE_SIZES
 
         pictures = {f"the picture {name}.png": str(Path(plot_dir) / f"{name}.png") for name in FIGURE_SIZES}
+    exports = {f"--export ({number})": path for number, path in enumerate(args.export or [], 1)}
     check_distinct_files({"the config": config_file, "--output": args.output, "--save-model": args.save_model,
-                          "logging.file": cfg["logging"]["file"], **pictures})
+                          "logging.file": cfg["logging"]["file"], **pictures, **exports})
+    check_exports(args.export or [], args.load_model)
     if args.load_model and args.load_model != args.save_model:  # continuing a model into its own file is fine
         check_distinct_files({"--load-model": args.load_model, "--output": args.output, **pictures})
     check_writable(args.output, "--output")
@@ -78,6 +81,11 @@ def write_outputs(args: Any, cfg: dict, model_cfg: dict, data: Any, model: Any, 
             Path(args.save_model), model, model_cfg, data, summary, optimizer)):
         files["model"] = args.save_model
         log.info("saved the model to %s", args.save_model)
+    for path in args.export or []:
+        if result.status == "diverged":
+            log.warning("not exporting the model to %s: its weights are not finite", path)
+        elif write("the export", path, lambda: export_model(path, model, model_meta(model, model_cfg, data, summary))):
+            files.setdefault("exports", []).append(path)
     plot_dir = cfg["output"]["plot_dir"]
     if plot_dir and result.status != "diverged" and stop.signum is None:
         try:  # a picture that fails must not cost the results of the run

@@ -20,6 +20,7 @@ import pytest
 
 import config_schema
 import main
+from torch_twin import torch_optimizer, torch_schedule, torch_twin
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "benchmark.py"
@@ -215,7 +216,7 @@ def test_torch_twin_forward_in_evaluation_mode_equals_the_project_s(tmp_path: Pa
     torch = pytest.importorskip("torch")
     benchmark = load_benchmark()
     model = recipe_model(benchmark, write_recipe(tmp_path))
-    twin, _ = benchmark.torch_twin(model)
+    twin, _ = torch_twin(model)
     twin.eval()
     x, _ = images_and_labels(16)
     with torch.no_grad():
@@ -231,7 +232,7 @@ def test_torch_twin_training_loss_and_gradients_equal_the_project_s_with_dropout
     torch = pytest.importorskip("torch")
     benchmark = load_benchmark()
     model = recipe_model(benchmark, write_recipe(tmp_path, dropout_rate=0.0))
-    twin, pairs = benchmark.torch_twin(model)
+    twin, pairs = torch_twin(model)
     twin.train()
     x, labels = images_and_labels(16)
     loss_fn = main.SoftmaxCrossEntropy()
@@ -288,13 +289,13 @@ def test_torch_augmentation_is_shift_and_rotate() -> None:
     {"name": "constant"}, {"name": "step", "step_size": 2, "gamma": 0.5}, {"name": "cosine", "min_lr": 1e-4},
     {"name": "one_cycle", "pct_start": 0.3, "div_factor": 25.0, "final_div_factor": 1e4}], ids=lambda s: s["name"])
 def test_torch_schedule_stepped_per_batch_follows_learning_rate_schedule(schedule: dict) -> None:
-    """The benchmark's PyTorch scheduler, stepped after every batch, gives every batch the project's rate."""
+    """The PyTorch scheduler of the benchmark and tools/train_torch.py, stepped after every batch, gives every
+    batch the project's rate."""
     torch = pytest.importorskip("torch")
-    benchmark = load_benchmark()
     base_lr, steps_per_epoch, epochs = 3e-3, 7, 6
     total_steps = steps_per_epoch * epochs
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=base_lr)
-    scheduler = benchmark.torch_schedule(optimizer, schedule, base_lr, steps_per_epoch, total_steps)
+    scheduler = torch_schedule(optimizer, schedule, base_lr, steps_per_epoch, total_steps)
     rate = main.learning_rate_schedule(schedule, base_lr, steps_per_epoch, total_steps)
     for step in range(total_steps):
         assert math.isclose(optimizer.param_groups[0]["lr"], rate(step), rel_tol=1e-9), f"step {step}"
@@ -310,9 +311,9 @@ def test_torch_optimizer_decays_the_same_tensors_as_the_project(tmp_path: Path, 
     torch = pytest.importorskip("torch")
     benchmark = load_benchmark()
     model = recipe_model(benchmark, write_recipe(tmp_path))
-    twin, pairs = benchmark.torch_twin(model)
+    twin, pairs = torch_twin(model)
     training = {"optimizer": optimizer_name, "learning_rate": 0.01, "momentum": 0.9, "weight_decay": 0.05}
-    optimizer, decayed_by_hand = benchmark.torch_optimizer(twin, training)
+    optimizer, decayed_by_hand = torch_optimizer(twin, training)
     weights = {id(pair.tensor) for pair in pairs if pair.name == "W"}
     assert len(weights) == 4 and sum(1 for _ in twin.parameters()) == len(pairs)
     if optimizer_name == "adam":

@@ -3,14 +3,9 @@ and Adam step; AdamW's decoupled weight decay over three steps; the learning-rat
 schedulers; and BatchNorm's running statistics inside a small model trained for a few steps. Optional: skipped
 when torch is not installed (it is not a project dependency).
 
-Layout differences handled here, once:
-- images: the project is channels-last (N, H, W, C), PyTorch channels-first (N, C, H, W);
-- conv weights: project (k, k, C, F), PyTorch (F, C, k, k)  -> transpose(3, 2, 0, 1);
-- dense weights: project (in, out), PyTorch (out, in)       -> transpose;
-- the layers after Flatten: the project flattens (H, W, C), PyTorch (C, H, W), so the input rows of the next
-  dense layer, and the per-feature values of a BatchNorm before it, are permuted: PyTorch's (c, h, w) is the
-  project's (h, w, c);
-- BatchNorm's gamma and beta are PyTorch's weight and bias; running_mean and running_var have the same names.
+The PyTorch network is the project's twin (src/torch_twin.py), which handles the layout differences: images
+channels-first, conv weights (F, C, k, k), dense weights (out, in), the features after Flatten in (C, H, W) order.
+Each pair it returns puts a project array (a weight, its gradient) in PyTorch's layout.
 """
 
 from __future__ import annotations
@@ -24,6 +19,7 @@ from helpers import to_float64
 
 import config_schema
 import main
+from torch_twin import layouts, torch_twin
 
 torch = pytest.importorskip("torch")
 
@@ -65,74 +61,6 @@ def seed_model(dtype: type, seed: int = 0) -> main.Sequential:
     return model
 
 
-def to_torch_layout(layer: object, name: str, array: np.ndarray, flattened_from: tuple | None) -> np.ndarray:
-    """A project weight (or gradient, or BatchNorm statistic) array rearranged into PyTorch's layout for the
-    same layer."""
-    if name == "b":
-        return array
-    if isinstance(layer, main.Conv2D):
-        return array.transpose(3, 2, 0, 1)  # (k, k, C, F) -> (F, C, k, k)
-    if flattened_from is not None:  # rows (or per-feature values) in (H, W, C) order -> (C, H, W) order
-        height, width, channels = flattened_from
-        rest = array.shape[1:]
-        array = array.reshape(height, width, channels, *rest).transpose(2, 0, 1, *range(3, 3 + len(rest)))
-        array = array.reshape(-1, *rest)
-    return array.T if name == "W" else array  # dense (in, out) -> (out, in); BatchNorm's vectors stay
-
-
-# The project's parameter names and PyTorch's for the same tensor.
-TORCH_NAMES = {"W": "weight", "b": "bias", "gamma": "weight", "beta": "bias"}
-
-
-def torch_twin(model: main.Sequential, dtype: torch.dtype) -> tuple[torch.nn.Sequential, list[tuple]]:
-    """The same network in PyTorch with copies of the project's weights (and BatchNorm statistics), and a list
-    pairing every project parameter with its PyTorch twin: (layer index, name, project layer, torch parameter,
-    flattened_from). One PyTorch module per project layer; BatchNorm is BatchNorm2d on images, BatchNorm1d on
-    vectors."""
-    nn = torch.nn
-    modules, pairs, shape, flattened_from = [], [], model.input_shape, None
-    for index, layer in enumerate(model.layers):
-        if isinstance(layer, main.Conv2D):
-            k, _, channels, filters = layer.params["W"].shape
-            module = nn.Conv2d(channels, filters, k, stride=layer.stride, padding=layer.padding)
-        elif isinstance(layer, main.Dense):
-            module = nn.Linear(*layer.params["W"].shape)
-        elif isinstance(layer, main.BatchNorm):
-            norm = nn.BatchNorm2d if len(shape) == 3 else nn.BatchNorm1d
-            module = norm(shape[-1], eps=layer.eps, momentum=layer.momentum)
-        elif isinstance(layer, main.ReLU):
-            module = nn.ReLU()
-        elif isinstance(layer, main.Tanh):
-            module = nn.Tanh()
-        elif isinstance(layer, main.MaxPool2D):
-            module = nn.MaxPool2d(layer.pool_size, layer.stride)
-        elif isinstance(layer, main.AvgPool2D):
-            module = nn.AvgPool2d(layer.pool_size, layer.stride)
-        elif isinstance(layer, main.Dropout):
-            module = nn.Dropout(layer.rate)
-        elif isinstance(layer, main.Flatten):
-            module = nn.Flatten()
-        else:
-            raise TypeError(f"no PyTorch twin for {type(layer).__name__}")
-        module = module.to(dtype)
-        for name, array in layer.params.items():
-            parameter = getattr(module, TORCH_NAMES[name])
-            arranged = to_torch_layout(layer, name, array, flattened_from)
-            with torch.no_grad():
-                parameter.copy_(torch.from_numpy(np.ascontiguousarray(arranged)))
-            pairs.append((index, name, layer, parameter, flattened_from))
-        for name, array in getattr(layer, "buffers", {}).items():
-            getattr(module, name).copy_(torch.from_numpy(np.ascontiguousarray(
-                to_torch_layout(layer, name, array, flattened_from))))
-        if isinstance(layer, main.Dense):
-            flattened_from = None
-        if isinstance(layer, main.Flatten):
-            flattened_from = shape
-        modules.append(module)
-        shape = layer.output_shape(shape)
-    return nn.Sequential(*modules), pairs
-
-
 def relative_difference(ours: np.ndarray, theirs: np.ndarray) -> float:
     """max |ours - theirs| / max |theirs|: the error relative to the tensor's scale (elementwise relative
     error is meaningless for entries that are ~0 by cancellation)."""
@@ -153,7 +81,7 @@ def to_nchw(x: np.ndarray) -> torch.Tensor:
 def forward_backward_both(dtype: type, torch_dtype: torch.dtype) -> dict:
     """One forward and backward pass of the same batch through the project's model and its PyTorch twin."""
     model = seed_model(dtype)
-    twin, pairs = torch_twin(model, torch_dtype)
+    twin, pairs = torch_twin(model)
     x, labels = batch(dtype)
 
     loss_fn = main.SoftmaxCrossEntropy()
@@ -185,9 +113,9 @@ def test_loss_logits_and_every_gradient_match_pytorch(dtype: type, torch_dtype: 
     loss_error = abs(run["loss"] - run["torch_loss"]) / abs(run["torch_loss"])
     assert loss_error < tolerance, f"loss {run['loss']} vs PyTorch's {run['torch_loss']}"
     assert len(run["pairs"]) == 8  # W and b of two convs and two dense layers
-    for index, name, layer, parameter, flattened_from in run["pairs"]:
-        ours = to_torch_layout(layer, name, layer.grads[name], flattened_from)
-        error = relative_difference(ours, parameter.grad.numpy())
+    for index, name, parameter, to_torch_layout in run["pairs"]:
+        layer = run["model"].layers[index]
+        error = relative_difference(to_torch_layout(layer.grads[name]), parameter.grad.numpy())
         assert error < tolerance, f"layer {index} ({type(layer).__name__}).{name}: relative difference {error:.2e}"
 
 
@@ -202,10 +130,10 @@ def test_one_adam_step_matches_pytorch() -> None:
 
     run = forward_backward_both(np.float64, torch.float64)
     model, pairs = run["model"], run["pairs"]
-    before = {(index, name): layer.params[name].copy() for index, name, layer, _, _ in pairs}
-    params = [parameter.detach() for *_, parameter, _ in pairs]
-    grads = [torch.from_numpy(np.ascontiguousarray(to_torch_layout(layer, name, layer.grads[name], flattened_from)))
-             for _, name, layer, _, flattened_from in pairs]  # the very same gradients on both sides
+    before = {(index, name): model.layers[index].params[name].copy() for index, name, _, _ in pairs}
+    params = [parameter.detach() for _, _, parameter, _ in pairs]
+    grads = [torch.from_numpy(np.ascontiguousarray(to_torch_layout(model.layers[index].grads[name])))
+             for index, name, _, to_torch_layout in pairs]  # the very same gradients on both sides
 
     optimizer = main.Adam(learning_rate=1e-3)
     optimizer.step(model)
@@ -214,9 +142,10 @@ def test_one_adam_step_matches_pytorch() -> None:
         [torch.tensor(0.0) for _ in params], foreach=False, amsgrad=False, beta1=optimizer.beta1,
         beta2=optimizer.beta2, lr=optimizer.learning_rate, weight_decay=0.0, eps=optimizer.eps, maximize=False)
 
-    for (index, name, layer, _, flattened_from), torch_param in zip(pairs, params):
-        step = to_torch_layout(layer, name, layer.params[name] - before[index, name], flattened_from)
-        torch_step = torch_param.numpy() - to_torch_layout(layer, name, before[index, name], flattened_from)
+    for (index, name, _, to_torch_layout), torch_param in zip(pairs, params):
+        layer = model.layers[index]
+        step = to_torch_layout(layer.params[name] - before[index, name])
+        torch_step = torch_param.numpy() - to_torch_layout(before[index, name])
         assert np.abs(torch_step).max() > 5e-4  # the step really moved the weights (by about lr)
         error = relative_difference(step, torch_step)
         assert error < 1e-9, f"layer {index} ({type(layer).__name__}).{name}: Adam step differs by {error:.2e}"
@@ -232,10 +161,10 @@ def test_three_sgd_momentum_steps_match_pytorch() -> None:
 
     run = forward_backward_both(np.float64, torch.float64)
     model, pairs = run["model"], run["pairs"]
-    before = {(index, name): layer.params[name].copy() for index, name, layer, _, _ in pairs}
-    params = [parameter.detach() for *_, parameter, _ in pairs]
-    grads = [torch.from_numpy(np.ascontiguousarray(to_torch_layout(layer, name, layer.grads[name], flattened_from)))
-             for _, name, layer, _, flattened_from in pairs]
+    before = {(index, name): model.layers[index].params[name].copy() for index, name, _, _ in pairs}
+    params = [parameter.detach() for _, _, parameter, _ in pairs]
+    grads = [torch.from_numpy(np.ascontiguousarray(to_torch_layout(model.layers[index].grads[name])))
+             for index, name, _, to_torch_layout in pairs]
     optimizer = main.SGD(learning_rate=0.05, momentum=0.9)
     velocities: list = [None] * len(params)
     for _ in range(3):
@@ -243,9 +172,10 @@ def test_three_sgd_momentum_steps_match_pytorch() -> None:
         torch_sgd(params, grads, velocities, foreach=False, weight_decay=0.0, momentum=optimizer.momentum,
                   lr=optimizer.learning_rate, dampening=0.0, nesterov=False, maximize=False)
 
-    for (index, name, layer, _, flattened_from), torch_param in zip(pairs, params):
-        step = to_torch_layout(layer, name, layer.params[name] - before[index, name], flattened_from)
-        torch_step = torch_param.numpy() - to_torch_layout(layer, name, before[index, name], flattened_from)
+    for (index, name, _, to_torch_layout), torch_param in zip(pairs, params):
+        layer = model.layers[index]
+        step = to_torch_layout(layer.params[name] - before[index, name])
+        torch_step = torch_param.numpy() - to_torch_layout(before[index, name])
         error = relative_difference(step, torch_step)
         assert error < 1e-9, f"layer {index} ({type(layer).__name__}).{name}: SGD steps differ by {error:.2e}"
 
@@ -284,9 +214,9 @@ def test_three_adamw_steps_with_weight_decay_match_pytorch() -> None:
     """
     learning_rate, weight_decay = 1e-2, 0.5
     model = small_model(seed=4)
-    _, pairs = torch_twin(model, torch.float64)
-    decayed = [parameter for _, name, _, parameter, _ in pairs if name == "W"]
-    not_decayed = [parameter for _, name, _, parameter, _ in pairs if name != "W"]
+    _, pairs = torch_twin(model)
+    decayed = [parameter for _, name, parameter, _ in pairs if name == "W"]
+    not_decayed = [parameter for _, name, parameter, _ in pairs if name != "W"]
     assert len(decayed) == 4 and len(not_decayed) == 4 + 2 * 3  # 2 conv + 2 dense; their biases, 3 gammas, betas
     torch_adamw = torch.optim.AdamW([{"params": decayed, "weight_decay": weight_decay},
                                      {"params": not_decayed, "weight_decay": 0.0}], lr=learning_rate)
@@ -298,15 +228,14 @@ def test_three_adamw_steps_with_weight_decay_match_pytorch() -> None:
         x, labels = batch(np.float64, seed=10 + step, input_shape=SMALL_INPUT_SHAPE)
         loss_fn.forward(model.forward(x), labels)
         model.backward(loss_fn.backward())
-        for _, name, layer, parameter, flattened_from in pairs:  # the very same gradients on both sides
-            parameter.grad = torch.from_numpy(np.ascontiguousarray(
-                to_torch_layout(layer, name, layer.grads[name], flattened_from)))
+        for index, name, parameter, to_torch_layout in pairs:  # the very same gradients on both sides
+            parameter.grad = torch.from_numpy(np.ascontiguousarray(to_torch_layout(model.layers[index].grads[name])))
         optimizer.step(model)
         torch_adamw.step()
 
-    for index, name, layer, parameter, flattened_from in pairs:
-        ours = to_torch_layout(layer, name, layer.params[name], flattened_from)
-        error = relative_difference(ours, parameter.detach().numpy())
+    for index, name, parameter, to_torch_layout in pairs:
+        layer = model.layers[index]
+        error = relative_difference(to_torch_layout(layer.params[name]), parameter.detach().numpy())
         assert error < 1e-6, f"layer {index} ({type(layer).__name__}).{name}: differs by {error:.2e} after 3 steps"
 
 
@@ -382,7 +311,7 @@ def test_batchnorm_running_statistics_in_a_trained_model_match_pytorch() -> None
     them (float64). The statistics depend on the weights, which the steps changed, so this checks BatchNorm's
     training forward, its backward through the batch statistics and the running averages together."""
     model = small_model(seed=7)
-    twin, pairs = torch_twin(model, torch.float64)
+    twin, _ = torch_twin(model)
     twin.train()
     learning_rate, momentum = 0.05, 0.9
     optimizer = main.SGD(learning_rate, momentum)
@@ -397,14 +326,14 @@ def test_batchnorm_running_statistics_in_a_trained_model_match_pytorch() -> None
         torch.nn.functional.cross_entropy(twin(to_nchw(x)), torch.from_numpy(labels)).backward()
         torch_sgd.step()
 
-    flattened_from = {index: before for index, _, _, _, before in pairs}
+    to_torch_layout = layouts(model)
     batchnorms = [index for index, layer in enumerate(model.layers) if isinstance(layer, main.BatchNorm)]
     assert [len(model.layers[index].buffers["running_mean"]) for index in batchnorms] == [4, 32, 16]
     for index in batchnorms:
         layer, module = model.layers[index], twin[index]
         assert int(module.num_batches_tracked) == 4
         for name in ("running_mean", "running_var"):
-            ours = to_torch_layout(layer, name, layer.buffers[name], flattened_from[index])
+            ours = to_torch_layout[index][name](layer.buffers[name])
             error = relative_difference(ours, getattr(module, name).numpy())
             assert error < 1e-9, f"layer {index} {name}: relative difference {error:.2e} from PyTorch"
         # The statistics moved away from their start (zeros, ones) by what the four batches said.
