@@ -48,7 +48,8 @@ def results_document(args: Any, cfg: dict, model_cfg: dict, data: Any, model: An
                   "loaded_from": args.load_model},
         "history": result.history, "epochs_completed": summary["epochs_completed"],
         "test_accuracy": summary["test_accuracy"], "test_loss": summary["test_loss"], "workers": summary["workers"],
-        "train_seconds": round(train_seconds, 3), "files": files, "problems": problems, "versions": versions(),
+        "resumed_from": summary.get("resumed_from"), "train_seconds": round(train_seconds, 3), "files": files,
+        "problems": problems, "versions": versions(),
     }
 
 
