@@ -157,8 +157,10 @@ class Checkpoints:
         if due:
             self.write(position, result)
 
-    def write(self, position: Any, result: Any) -> Path:
-        """Write the checkpoint of this moment of the run, then delete all but the last KEEP of the run's."""
+    def write(self, position: Any, result: Any) -> Path | None:
+        """Write the checkpoint of this moment of the run, then delete all but the last KEEP of the run's.
+        A checkpoint that cannot be written (a full disk) is an error in the log, not the end of the run; the
+        last one written stays the one to resume from. Returns the file written, or None."""
         start = time.monotonic()
         state = {
             "epoch": position.epoch, "batch": position.batch, "n_batches": position.n_batches,
@@ -175,7 +177,13 @@ class Checkpoints:
                                    checkpoint=state)
         arrays["checkpoint.order"] = position.order
         path = self.folder / checkpoint_name(result.batches)
-        write_atomic(path, lambda f: _save(f, arrays))
+        try:
+            write_atomic(path, lambda f: _save(f, arrays))
+        except OSError as error:
+            self.last_written = time.monotonic()
+            log.error("could not write the checkpoint %s (%s): training goes on; the last checkpoint is %s", path,
+                      error.strerror or error, self.latest or "none")
+            return None
         _sync_folder(self.folder)
         self.latest = path
         for old in sorted(self.folder.glob("checkpoint-*.npz"))[:-KEEP]:
@@ -192,9 +200,15 @@ class Checkpoints:
             if self.latest is None or self.latest.name != checkpoint_name(result.batches):
                 self.write(self.position, result)
         elif result.status == "completed":
-            write_json(self.folder / COMPLETED, {"status": "completed", "epochs_completed": len(result.history),
-                                                 "batches": result.batches,
-                                                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            try:
+                self._mark_completed(result)
+            except OSError as error:
+                log.error("could not mark the run completed in %s (%s)", self.folder, error.strerror or error)
+
+    def _mark_completed(self, result: Any) -> None:
+        write_json(self.folder / COMPLETED, {"status": "completed", "epochs_completed": len(result.history),
+                                             "batches": result.batches,
+                                             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
     # -- resuming -------------------------------------------------------------------------------------------
 

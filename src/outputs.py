@@ -33,6 +33,9 @@ def check_outputs(args: Any, cfg: dict, config_file: str | None) -> None:
     check_writable(args.output, "--output")
     check_writable(args.save_model, "--save-model")
     check_writable(plot_dir, "--plot-dir" if args.plot_dir else "output.plot_dir", folder=True)
+    if cfg["training"]["epochs"] and not isinstance(args.resume, str):  # --resume DIR: checked when it is read
+        check_writable(cfg["output"]["checkpoint_dir"],
+                       "--checkpoint-dir" if args.checkpoint_dir else "output.checkpoint_dir", folder=True)
 
 
 def results_document(args: Any, cfg: dict, model_cfg: dict, data: Any, model: Any,
