@@ -126,6 +126,7 @@ class Checkpoints:
         self.latest: Path | None = None
         self.last_written, self.last_cost = time.monotonic(), 0.0
         self.resumed_from: dict | None = None
+        self.fingerprint = data_fingerprint(data)
 
     @classmethod
     def new_run(cls, root: Path, every: int | None, **run: Any) -> Checkpoints:
@@ -148,12 +149,11 @@ class Checkpoints:
         """train()'s hook, between two steps: write a checkpoint when one is due. position and result are
         train()'s own objects, which it updates in place, so finish() sees where the run stopped."""
         self.position, self.result = position, result
-        if position.epoch_ended:
-            due = True
-        elif self.every is not None:
-            due = result.batches % self.every == 0
-        else:
-            due = time.monotonic() - self.last_written >= max(EVERY_SECONDS, self.last_cost / MAX_SHARE)
+        since = time.monotonic() - self.last_written
+        if self.every is not None:
+            due = position.epoch_ended or result.batches % self.every == 0
+        else:  # epochs so short that a checkpoint after each would cost more than MAX_SHARE skip some
+            due = since >= self.last_cost / MAX_SHARE and (position.epoch_ended or since >= EVERY_SECONDS)
         if due:
             self.write(position, result)
 
@@ -167,7 +167,7 @@ class Checkpoints:
             "total_loss": position.total_loss, "correct": position.correct, "loss": position.loss,
             "batches": result.batches, "history": result.history,
             "rngs": {name: rng.bit_generator.state for name, rng in self.rngs.items()},
-            "config": compared_config(self.cfg, self.workers), "data": data_fingerprint(self.data),
+            "config": compared_config(self.cfg, self.workers), "data": self.fingerprint,
             "workers": self.workers, "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         summary = {"epochs_completed": len(result.history), "test_accuracy": None, "test_loss": None,
@@ -225,7 +225,7 @@ class Checkpoints:
         path, loaded, order = self._latest_loadable()
         state = loaded.meta["checkpoint"]
         difference = (first_difference(state["config"], compared_config(self.cfg, self.workers), "config")
-                      or first_difference(state["data"], data_fingerprint(self.data), "data set"))
+                      or first_difference(state["data"], self.fingerprint, "data set"))
         if difference:
             raise CNNError(f"--resume: {difference} ({path}); resume with the original command line, or start a "
                            "new run without --resume")
@@ -265,8 +265,11 @@ class Checkpoints:
                     raise ModelFileError(f"{path}: a model file, not a checkpoint")
                 with np.load(path, allow_pickle=False) as archive:
                     order = archive["checkpoint.order"]
+                n_train = loaded.meta["checkpoint"]["data"]["n_train"]
+                if order.dtype.kind not in "iu" or not np.array_equal(np.sort(order), np.arange(n_train)):
+                    raise ModelFileError(f"{path}: its shuffle order is not an order of {n_train} images")
                 return path, loaded, order
-            except (ModelFileError, KeyError, ValueError, OSError, zipfile.BadZipFile, EOFError) as error:
+            except (ModelFileError, KeyError, TypeError, ValueError, OSError, zipfile.BadZipFile, EOFError) as error:
                 message = str(error).removeprefix(f"{path}: ") if isinstance(error, ModelFileError) \
                     else f"{type(error).__name__}: {error}"
                 damaged = path.with_suffix(".damaged")

@@ -15,10 +15,15 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from conftest import MAIN, run_cli, write_config
+
+import checkpoints
+import config_schema
+import main
 
 SRC = MAIN.parent
 N_BATCHES = 19  # 600 training images in batches of 32
@@ -241,3 +246,59 @@ def test_checkpoints_can_be_turned_off_and_each_run_has_its_own_folder(tmp_path:
     for run in runs:
         assert (run / "completed.json").is_file()
         assert len(list(run.glob("checkpoint-*.npz"))) == 2
+
+
+def bare_checkpoints(folder: Path, every: int | None) -> checkpoints.Checkpoints:
+    """Checkpoints of a tiny digits model, built in this process."""
+    rngs = main.make_rngs(0)
+    model_cfg = config_schema.check_model({"layers": ["flatten", {"dense": {"units": 10}}]})
+    model = main.build_model(model_cfg, (8, 8, 1), 10, rngs["init"])
+    data = SimpleNamespace(x_train=np.zeros((4, 8, 8, 1), np.float32), y_train=np.arange(4), x_test=np.zeros((2,)),
+                           class_names=[str(d) for d in range(10)], name="digits", source="sklearn", note="")
+    cfg = config_schema.validate_config({"data": {"dataset": "digits"}})
+    return checkpoints.Checkpoints(folder, every, model=model, model_cfg=model_cfg, optimizer=main.Adam(), rngs=rngs,
+                                   data=data, cfg=cfg, workers=1, build_model=main.build_model,
+                                   parameters=main.parameters)
+
+
+def test_time_based_checkpoints_come_once_a_minute_and_cost_at_most_two_percent(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [0.0]
+    monkeypatch.setattr(checkpoints.time, "monotonic", lambda: clock[0])
+    saved = bare_checkpoints(tmp_path, None)
+    written, cost = [], [0.0]
+
+    def write(position: SimpleNamespace, result: SimpleNamespace) -> None:
+        written.append(clock[0])
+        saved.last_written, saved.last_cost = clock[0], cost[0]
+
+    monkeypatch.setattr(saved, "write", write)
+    result = SimpleNamespace(batches=0)
+    # (time, epoch ended?, what the next write costs)
+    for clock[0], epoch_ended, cost[0] in ((10, False, 0.06), (59, False, 0.06), (61, False, 0.06), (62, True, 0.06),
+                                           (64, True, 0.06), (130, False, 2.0), (163, True, 2.0), (200, False, 2.0),
+                                           (229, True, 2.0), (231, False, 2.0)):
+        saved.on_step(SimpleNamespace(epoch_ended=epoch_ended, batch=1, n_batches=9), result)
+    # Mid-epoch once a minute. At 0.06 s a write, not within 3 s (0.06 / 2%) of the last, even at an epoch's end
+    # (62); at 2 s a write, not within 100 s of the last (163, 200, 229).
+    assert written == [61, 64, 130, 231]
+
+
+def test_a_checkpoint_that_cannot_be_written_is_logged_and_training_goes_on(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch,
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
+    saved = bare_checkpoints(tmp_path, 1)
+    position = SimpleNamespace(epoch=1, batch=1, n_batches=2, order=np.arange(4), total_loss=1.0, correct=1,
+                               loss=1.0, epoch_ended=False)
+    result = SimpleNamespace(batches=1, history=[])
+    first = saved.write(position, result)
+    assert first is not None and first.is_file()
+
+    def full_disk(path: Path, write: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoints, "write_atomic", full_disk)
+    result.batches = 2
+    assert saved.write(position, result) is None
+    assert saved.latest == first
+    assert "could not write the checkpoint" in caplog.text and "No space left on device" in caplog.text
