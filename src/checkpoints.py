@@ -281,13 +281,14 @@ class Checkpoints:
 
 def find_run(directory: Path) -> Path:
     """The run folder --resume DIR means: DIR itself when it is one, else the most recently written run folder
-    in it. CNNError (one line) when there is none."""
+    in it that holds a checkpoint (or completed). CNNError (one line) when there is none."""
     directory = Path(directory)
     if not directory.is_dir():
         raise CNNError(f"--resume: no checkpoint folder {directory} (is --checkpoint-dir what it was?)")
     if (directory / COMPLETED).exists() or any(directory.glob("checkpoint-*.npz")):
         return directory
-    runs = [folder for folder in directory.iterdir() if folder.is_dir() and folder.name.startswith("run-")]
+    runs = [folder for folder in directory.iterdir() if folder.is_dir() and folder.name.startswith("run-")
+            and ((folder / COMPLETED).exists() or any(folder.glob("checkpoint-*.npz")))]
     if not runs:
         raise CNNError(f"--resume: no checkpoint in {directory}: no run has written one there")
     return max(runs, key=lambda folder: (folder.stat().st_mtime_ns, folder.name))
