@@ -312,11 +312,11 @@ def interrupted_line(result: Any, checkpoints: Checkpoints | None, saved_model: 
     position = checkpoints.position if checkpoints is not None else None
     n_batches = position.n_batches if position is not None else None
     if n_batches is not None and where.get("batch") == n_batches:
-        done = f"interrupted after epoch {where.get('epoch')}"
+        done, kept = f"interrupted after epoch {where.get('epoch')}", "the test accuracy is that of the model then"
     else:
         of = f" of {n_batches}" if n_batches is not None else ""
         done = f"interrupted in epoch {where.get('epoch')} after {where.get('batch')}{of} batches"
-    kept = "the test accuracy above is the model's after those batches"
+        kept = "the test accuracy is that of the model after those batches"
     if saved_model:
         kept += f", which was saved to {saved_model}"
     if checkpoints is not None and checkpoints.latest is not None:
