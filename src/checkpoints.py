@@ -265,9 +265,7 @@ class Checkpoints:
                     raise ModelFileError(f"{path}: a model file, not a checkpoint")
                 with np.load(path, allow_pickle=False) as archive:
                     order = archive["checkpoint.order"]
-                n_train = loaded.meta["checkpoint"]["data"]["n_train"]
-                if order.dtype.kind not in "iu" or not np.array_equal(np.sort(order), np.arange(n_train)):
-                    raise ModelFileError(f"{path}: its shuffle order is not an order of {n_train} images")
+                self._check_state(path, loaded.meta["checkpoint"], order)
                 return path, loaded, order
             except (ModelFileError, KeyError, TypeError, ValueError, OSError, zipfile.BadZipFile, EOFError) as error:
                 message = str(error).removeprefix(f"{path}: ") if isinstance(error, ModelFileError) \
@@ -277,6 +275,22 @@ class Checkpoints:
                             message, damaged.name)
                 os.replace(path, damaged)
         raise CNNError(f"--resume: no readable checkpoint in {self.folder} (each was damaged: see the warnings)")
+
+
+    def _check_state(self, path: Path, state: dict, order: np.ndarray) -> None:
+        """ModelFileError (or KeyError, TypeError, ValueError) unless a checkpoint entry holds every value
+        resume() reads, of the right kinds: a file edited by hand must not end in a traceback."""
+        if not all(type(state[key]) is int and state[key] >= 0 for key in ("epoch", "batch", "n_batches", "correct",
+                                                                            "batches")):
+            raise ModelFileError(f"{path}: its position is not counts of epochs and batches")
+        if not all(isinstance(state[key], float) for key in ("total_loss", "loss")) or not isinstance(
+                state["history"], list) or not isinstance(state["config"], dict):
+            raise ModelFileError(f"{path}: its running sums, history or config are not what a checkpoint holds")
+        for name, rng in self.rngs.items():  # a generator of the same kind takes each saved state, or says why not
+            type(rng.bit_generator)().state = state["rngs"][name]
+        n_train = state["data"]["n_train"]
+        if order.dtype.kind not in "iu" or not np.array_equal(np.sort(order), np.arange(n_train)):
+            raise ModelFileError(f"{path}: its shuffle order is not an order of {n_train} images")
 
 
 def find_run(directory: Path) -> Path:

@@ -16,6 +16,7 @@ import sys
 import textwrap
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -175,16 +176,34 @@ def test_ctrl_c_keeps_todays_outputs_leaves_a_checkpoint_and_resumes_exactly(uni
     assert_same_run(uninterrupted, tmp_path)
 
 
-def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(uninterrupted: Path, tmp_path: Path) -> None:
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:5000])
+
+
+def garble_random_state(path: Path) -> None:
+    """A readable model file whose checkpoint entry holds a shuffle generator's state that is no such state."""
+    with np.load(path) as archive:
+        arrays = {key: archive[key] for key in archive.files}
+    meta = json.loads(str(arrays["meta"]))
+    meta["checkpoint"]["rngs"]["shuffle"]["state"] = "scrambled"
+    arrays["meta"] = np.array(json.dumps(meta))
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+@pytest.mark.parametrize("damage, said", [(truncate, "not a numpy-cnn model file"),
+                                          (garble_random_state, "TypeError")])
+def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(uninterrupted: Path, tmp_path: Path,
+                                                                  damage: Callable[[Path], None], said: str) -> None:
     digits_config(tmp_path)
     launch(["--config", "config.yaml", *OUTPUTS], tmp_path, KILL_AT_BATCH="31")
     run = next((tmp_path / "checkpoints").iterdir())
     latest, previous = sorted(run.glob("checkpoint-*.npz"), reverse=True)
-    latest.write_bytes(latest.read_bytes()[:5000])
+    damage(latest)
     resumed = run_ok(["--config", "config.yaml", *OUTPUTS, "--resume"], tmp_path)
-    said = resumed.stdout + resumed.stderr
-    assert f"checkpoint {latest.relative_to(tmp_path)} cannot be read (not a numpy-cnn model file" in said
-    assert f"resuming from {previous.relative_to(tmp_path)}" in said
+    output = resumed.stdout + resumed.stderr
+    assert f"checkpoint {latest.relative_to(tmp_path)} cannot be read ({said}" in output
+    assert f"resuming from {previous.relative_to(tmp_path)}" in output
     assert latest.with_suffix(".damaged").is_file()
     assert_same_run(uninterrupted, tmp_path)
 
