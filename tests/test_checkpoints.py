@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -321,3 +322,33 @@ def test_a_checkpoint_that_cannot_be_written_is_logged_and_training_goes_on(tmp_
     assert saved.write(position, result) is None
     assert saved.latest == first
     assert "could not write the checkpoint" in caplog.text and "No space left on device" in caplog.text
+
+
+@pytest.mark.parametrize("output, expected", [
+    ({}, {"checkpoint_dir": "checkpoints", "checkpoint_every": None}),
+    ({"checkpoint_dir": "none", "checkpoint_every": 50}, {"checkpoint_dir": None, "checkpoint_every": 50}),
+    ({"checkpoint_dir": None}, {"checkpoint_dir": None, "checkpoint_every": None}),
+    ({"checkpoint_dir": "~/runs"}, {"checkpoint_dir": os.path.expanduser("~/runs"), "checkpoint_every": None}),
+])
+def test_checkpoint_keys_of_the_config(output: dict, expected: dict) -> None:
+    checked = config_schema.validate_config({"output": output})["output"]
+    assert {key: checked[key] for key in expected} == expected
+
+
+@pytest.mark.parametrize("output, message", [
+    ({"checkpoint_every": 0}, "output.checkpoint_every: got 0, expected an integer >= 1 or null"),
+    ({"checkpoint_every": "often"}, "output.checkpoint_every: got 'often'"),
+    ({"checkpoint_dir": ""}, "output.checkpoint_dir: got '', expected a folder (a non-empty string), or none or null"),
+    ({"checkpoint_dir": 3}, "output.checkpoint_dir: got 3"),
+])
+def test_bad_checkpoint_keys_are_one_line(output: dict, message: str) -> None:
+    with pytest.raises(config_schema.ConfigError, match="^" + re.escape(message)):
+        config_schema.validate_config({"output": output})
+
+
+def test_a_checkpoint_folder_that_cannot_be_written_is_refused_before_training(tmp_path: Path) -> None:
+    (tmp_path / "a_file").write_text("")
+    refused = run_cli(["--dataset", "digits", "--n-train", "100", "--n-test", "50", "--checkpoint-dir", "a_file"],
+                      tmp_path)
+    assert refused.returncode == 2
+    assert refused.stderr == "error: --checkpoint-dir a_file: is a file, expected a folder\n"
