@@ -215,11 +215,8 @@ class Checkpoints:
     def resume(self, position_type: Callable[..., Any], result_type: Callable[..., Any]) -> tuple[Any, Any]:
         """Restore the run from the latest loadable checkpoint in self.folder into the model, the optimiser and
         the random generators (in place); return train()'s resume=(position, result). position_type and
-        result_type: main.Position and main.TrainResult. CNNError (one line) when the run
-        already completed, has no checkpoint, or its config or data differ from this run's."""
-        if (self.folder / COMPLETED).exists():
-            raise CNNError(f"--resume: the run in {self.folder} already completed (it has {COMPLETED}); start a "
-                           "new run without --resume")
+        result_type: main.Position and main.TrainResult. CNNError (one line) when no checkpoint can be
+        read or the config or data differ from this run's (resumable_run has checked the rest)."""
         for stale in self.folder.glob(".checkpoint-*.tmp"):  # a write that a crash cut short
             stale.unlink(missing_ok=True)
         path, loaded, order = self._latest_loadable()
@@ -254,11 +251,7 @@ class Checkpoints:
     def _latest_loadable(self) -> tuple[Path, Any, np.ndarray]:
         """The newest checkpoint that loads, with its model file and shuffle order; damaged ones newer than it
         are renamed to *.damaged with a warning, so that they leave the rotation."""
-        candidates = sorted(self.folder.glob("checkpoint-*.npz"), reverse=True)
-        if not candidates:
-            raise CNNError(f"--resume: no checkpoint in {self.folder} (the run stopped before writing one); "
-                           "start it again without --resume")
-        for path in candidates:
+        for path in sorted(self.folder.glob("checkpoint-*.npz"), reverse=True):
             try:
                 loaded = load_model(path, self.build_model)
                 if not isinstance(loaded.meta.get("checkpoint"), dict):
@@ -308,16 +301,29 @@ def find_run(directory: Path) -> Path:
     return max(runs, key=lambda folder: (folder.stat().st_mtime_ns, folder.name))
 
 
+def resumable_run(checkpoint_dir: str | None, resume: str | bool) -> Path:
+    """The folder of the run --resume [DIR] continues (resume: DIR, or True for checkpoint_dir), checked before
+    any work: CNNError (one line) when there is none, it has no checkpoint, or it already completed."""
+    folder = checkpoint_dir if resume is True else resume
+    if not folder:
+        raise CNNError("--resume: checkpoints are off (output.checkpoint_dir is null): give the folder, --resume DIR")
+    run = find_run(Path(folder))
+    if (run / COMPLETED).exists():
+        raise CNNError(f"--resume: the run in {run} already completed (it has {COMPLETED}); start a new run "
+                       "without --resume")
+    if not any(run.glob("checkpoint-*.npz")):
+        raise CNNError(f"--resume: no checkpoint in {run} (the run stopped before writing one); start it again "
+                       "without --resume")
+    return run
+
+
 def for_run(checkpoint_dir: str | None, resume: str | bool | None, every: int | None,
             **run: Any) -> Checkpoints | None:
     """The run's Checkpoints: a new run folder under checkpoint_dir, or with --resume [DIR] (resume: DIR, or True
     for checkpoint_dir) the folder of the run to continue. None when checkpoints are off and not resuming."""
     if resume is None:
         return Checkpoints.new_run(Path(checkpoint_dir), every, **run) if checkpoint_dir else None
-    folder = checkpoint_dir if resume is True else resume
-    if not folder:
-        raise CNNError("--resume: checkpoints are off (output.checkpoint_dir is null): give the folder, --resume DIR")
-    return Checkpoints(find_run(Path(folder)), every, **run)
+    return Checkpoints(resumable_run(checkpoint_dir, resume), every, **run)
 
 
 def interrupted_line(result: Any, checkpoints: Checkpoints | None, saved_model: str | None) -> str:

@@ -530,6 +530,8 @@ def check_flag_combinations(args: Any) -> None:
     if args.resume is not None and args.load_model:
         raise CNNError("--resume continues a run from its checkpoint, --load-model starts one from a model file: "
                        "give one of them")
+    if args.resume is not None and args.epochs == 0:
+        raise CNNError("--resume continues training, --epochs 0 only evaluates: give one of them")
     if args.predict and not args.load_model:
         raise CNNError("--predict needs --load-model FILE (a model saved with --save-model)")
     if (args.host is not None or args.port is not None) and not args.serve:

@@ -1406,6 +1406,8 @@ def run_training(args: argparse.Namespace, cfg: dict, origin: dict[str, str], st
     """The default command: load data, build (or load) the model, train, evaluate, write what was asked."""
     training_cfg, seed = cfg["training"], cfg["data"]["random_seed"]
     check_outputs(args, cfg, origin.get("file"))  # before any work: each file can be written, none twice
+    if args.resume is not None:  # and there is a run to resume
+        checkpoints.resumable_run(cfg["output"]["checkpoint_dir"], args.resume)
     evaluating_only = training_cfg["epochs"] == 0
     log.info("numpy-cnn: config from %s, seed %d (from %s)", origin["config"], seed, origin["seed"])
     rngs = make_rngs(seed)
