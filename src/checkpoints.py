@@ -52,7 +52,7 @@ def data_fingerprint(data: Any) -> dict:
     """What a checkpoint records of the data (main.Dataset) to tell whether a resumed run sees the same images:
     the data summary and a CRC-32 of the training images and labels."""
     crc = zlib.crc32(np.ascontiguousarray(data.y_train).tobytes(), zlib.crc32(data.x_train.tobytes()))
-    return {**{key: value for key, value in data_summary(data).items() if key != "note"}, "train_crc32": crc}
+    return {**{key: value for key, value in data_summary(data).items() if key != "note"}, "crc32_of_training_images": crc}
 
 
 def compared_config(cfg: dict, workers: int) -> dict:

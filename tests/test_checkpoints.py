@@ -223,18 +223,50 @@ def test_a_checkpoint_is_a_model_file(tmp_path: Path) -> None:
     assert "test accuracy" in evaluated.stdout + evaluated.stderr
 
 
+@pytest.fixture(scope="module")
+def killed_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder whose run (one worker) was killed at batch 12, after its checkpoint of batch 10."""
+    folder = tmp_path_factory.mktemp("killed")
+    digits_config(folder, workers=1)
+    launch(["--config", "config.yaml"], folder, KILL_AT_BATCH="12")
+    return folder
+
+
 @pytest.mark.parametrize("change, difference", [
     (["--learning-rate", "0.02"], "config.training.learning_rate is 0.02 in this run but 0.01 in the checkpoint"),
     (["--workers", "2"], "config.training.workers is 2 in this run but 1 in the checkpoint"),
     (["--seed", "7"], "config.data.random_seed is 7 in this run but 42 in the checkpoint"),
 ])
-def test_resuming_with_another_config_is_refused(tmp_path: Path, change: list[str], difference: str) -> None:
-    digits_config(tmp_path, workers=1)
-    launch(["--config", "config.yaml"], tmp_path, KILL_AT_BATCH="12")
-    refused = run_cli(["--config", "config.yaml", "--resume", *change], tmp_path)
+def test_resuming_with_another_config_is_refused(killed_run: Path, change: list[str], difference: str) -> None:
+    refused = run_cli(["--config", "config.yaml", "--resume", *change], killed_run)
     assert refused.returncode == 2
     assert refused.stderr.startswith("error: --resume: ") and difference in refused.stderr
     assert refused.stderr.count("\n") == 1
+
+
+def write_idx(folder: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    folder.mkdir(exist_ok=True)
+    (folder / "train-images-idx3-ubyte").write_bytes(
+        bytes([0, 0, 8, 3]) + np.array(images.shape, ">u4").tobytes() + images.tobytes())
+    (folder / "train-labels-idx1-ubyte").write_bytes(
+        bytes([0, 0, 8, 1]) + np.array(labels.shape, ">u4").tobytes() + labels.tobytes())
+
+
+def test_resuming_on_other_images_under_the_same_config_is_refused(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (120, 28, 28), np.uint8), rng.integers(0, 10, 120).astype(np.uint8)
+    write_idx(tmp_path / "idx", images, labels)
+    write_config(tmp_path, data={"dataset": "mnist", "path": "idx", "n_train": 90, "n_test": 30},
+                 model={"layers": ["flatten", {"dense": {"units": 10}}]}, training={"epochs": 2, "batch_size": 30},
+                 output={"checkpoint_every": 1})
+    killed = launch(["--config", "config.yaml"], tmp_path, KILL_AT_BATCH="2")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    images[:, 0, 0] ^= 1  # one pixel of every image
+    write_idx(tmp_path / "idx", images, labels)
+    refused = run_cli(["--config", "config.yaml", "--resume"], tmp_path)
+    assert refused.returncode == 2
+    assert refused.stderr.startswith("error: --resume: data set.crc32_of_training_images is "), refused.stderr
+    assert "in this run but" in refused.stderr and refused.stderr.count("\n") == 1
 
 
 def test_resume_refusals(tmp_path: Path) -> None:
