@@ -51,8 +51,9 @@ def checkpoint_name(batches: int) -> str:
 def data_fingerprint(data: Any) -> dict:
     """What a checkpoint records of the data (main.Dataset) to tell whether a resumed run sees the same images:
     the data summary and a CRC-32 of the training images and labels."""
-    crc = zlib.crc32(np.ascontiguousarray(data.y_train).tobytes(), zlib.crc32(data.x_train.tobytes()))
-    return {**{key: value for key, value in data_summary(data).items() if key != "note"}, "crc32_of_training_images": crc}
+    crc = zlib.crc32(np.ascontiguousarray(data.y_train), zlib.crc32(np.ascontiguousarray(data.x_train)))
+    summary = {key: value for key, value in data_summary(data).items() if key != "note"}
+    return {**summary, "crc32_of_training_images": crc}
 
 
 def compared_config(cfg: dict, workers: int) -> dict:
