@@ -149,6 +149,16 @@ def test_a_run_killed_and_resumed_ends_as_the_uninterrupted_run(uninterrupted: P
     assert not list(run.glob(".checkpoint-*.tmp"))
 
 
+def test_a_resumed_run_killed_again_resumes_exactly(uninterrupted: Path, tmp_path: Path) -> None:
+    digits_config(tmp_path)
+    assert launch(["--config", "config.yaml", *OUTPUTS], tmp_path, KILL_AT_BATCH="8").returncode == -signal.SIGKILL
+    again = launch(["--config", "config.yaml", *OUTPUTS, "--resume"], tmp_path, KILL_AT_BATCH="44")
+    assert again.returncode == -signal.SIGKILL, again.stderr
+    run_ok(["--config", "config.yaml", *OUTPUTS, "--resume"], tmp_path)
+    assert json.loads((tmp_path / "results.json").read_text())["resumed_from"]["epoch"] == 3  # batch 40: 2 of epoch 3
+    assert_same_run(uninterrupted, tmp_path)
+
+
 def test_three_worker_batchnorm_runs_are_deterministic_and_resume_exactly(tmp_path: Path) -> None:
     """With three worker threads BatchNorm adds the slices' sums in rank order: two runs agree, and a run
     killed mid-epoch and resumed agrees with them."""
