@@ -38,7 +38,7 @@ DEFAULT_CONFIG: dict = {
     "model": {"layers": DEFAULT_LAYERS},
     "training": {"epochs": 10, "learning_rate": 0.001, "batch_size": 32, "optimizer": "adam", "momentum": 0.9,
                  "weight_decay": 0.0, "lr_schedule": {"name": "constant"}, "workers": None},
-    "output": {"plot_dir": None},
+    "output": {"plot_dir": None, "checkpoint_dir": "checkpoints", "checkpoint_every": None},
 }
 MAX_SHOWN = 80  # characters of a value quoted in an error message
 
@@ -313,6 +313,16 @@ def _optional_path(value: Any, path: str) -> str | None:
     return None if value is None else os.path.expanduser(value)
 
 
+def _folder_or_none(value: Any, path: str) -> str | None:
+    """A folder, or null or 'none' for none at all."""
+    if isinstance(value, str) and value.strip().lower() in ("none", "null"):
+        return None
+    try:
+        return _optional_path(value, path)
+    except ConfigError:
+        raise _fail(path, value, "a folder (a non-empty string), or none or null for none") from None
+
+
 def _path(value: Any, path: str) -> str:
     """A path; ~ and ~user at its start mean the home folder, as in a shell."""
     if not isinstance(value, str) or not value.strip():
@@ -478,7 +488,8 @@ SCHEMA: dict[str, dict[str, Callable[[Any, str], Any]]] = {
                  "optimizer": _choice(OPTIMIZERS), "momentum": _number(0, 1, low_inclusive=True),
                  "weight_decay": _number(0, low_inclusive=True), "lr_schedule": _lr_schedule,
                  "workers": _integer(1, nullable=True)},
-    "output": {"plot_dir": _optional_path},
+    "output": {"plot_dir": _optional_path, "checkpoint_dir": _folder_or_none,
+               "checkpoint_every": _integer(1, nullable=True)},
 }
 
 
@@ -505,16 +516,22 @@ OVERRIDES = {"epochs": ("training", "epochs"), "batch_size": ("training", "batch
              "learning_rate": ("training", "learning_rate"), "n_train": ("data", "n_train"),
              "n_test": ("data", "n_test"), "seed": ("data", "random_seed"), "dataset": ("data", "dataset"),
              "data_path": ("data", "path"), "log_level": ("logging", "level"), "plot_dir": ("output", "plot_dir"),
+             "checkpoint_dir": ("output", "checkpoint_dir"),
              "optimizer": ("training", "optimizer"), "workers": ("training", "workers")}
 # Flags that would do nothing in the --predict or --gradcheck mode: an error rather than silently ignored.
 TRAINING_ONLY = ("epochs", "batch_size", "learning_rate", "optimizer", "workers", "n_train", "n_test", "data_path",
-                 "no_fallback", "plot_dir", "save_model", "profile")
+                 "no_fallback", "plot_dir", "save_model", "profile", "checkpoint_dir", "resume")
 IGNORED_IN_MODE = {"predict": (*TRAINING_ONLY, "seed", "dataset", "export"),  # the saved model brings its own
                    "gradcheck": (*TRAINING_ONLY, "load_model", "export")}  # it uses the model section, dataset, seed
 
 
 def check_flag_combinations(args: Any) -> None:
     """One line (CNNError) for flags that contradict each other or would do nothing in the chosen mode."""
+    if args.resume is not None and args.load_model:
+        raise CNNError("--resume continues a run from its checkpoint, --load-model starts one from a model file: "
+                       "give one of them")
+    if args.resume is not None and args.epochs == 0:
+        raise CNNError("--resume continues training, --epochs 0 only evaluates: give one of them")
     if args.predict and not args.load_model:
         raise CNNError("--predict needs --load-model FILE (a model saved with --save-model)")
     if (args.host is not None or args.port is not None) and not args.serve:

@@ -40,6 +40,7 @@ from typing import Any, Callable
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+import checkpoints
 import config_schema
 import plumbing
 from config_schema import layer_name_and_arguments
@@ -1276,6 +1277,11 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--log-level", metavar="LEVEL", help="logging.level: " + ", ".join(config_schema.LOG_LEVELS))
     group.add_argument("--plot-dir", type=path_argument, metavar="DIR",
                        help="output.plot_dir: write PNG pictures there")
+    group.add_argument("--checkpoint-dir", type=path_argument, metavar="DIR", help="output.checkpoint_dir: "
+                       "checkpoints of each run in a folder of its own there (default checkpoints; none: off)")
+    group.add_argument("--resume", type=path_argument, metavar="DIR", nargs="?", const=True,
+                       help="continue the latest run in DIR (default: the checkpoint folder) from its checkpoint, "
+                            "exactly; give the original command line")
     extra = parser.add_argument_group("models, predictions and teaching")
     extra.add_argument("--save-model", type=path_argument, metavar="FILE", help="save the trained model (.npz)")
     extra.add_argument("--load-model", type=path_argument, metavar="FILE",
@@ -1410,6 +1416,8 @@ def run_training(args: argparse.Namespace, cfg: dict, origin: dict[str, str], st
     """The default command: load data, build (or load) the model, train, evaluate, write what was asked."""
     training_cfg, seed = cfg["training"], cfg["data"]["random_seed"]
     check_outputs(args, cfg, origin.get("file"))  # before any work: each file can be written, none twice
+    if args.resume is not None:  # and there is a run to resume
+        checkpoints.resumable_run(cfg["output"]["checkpoint_dir"], args.resume)
     evaluating_only = training_cfg["epochs"] == 0
     log.info("numpy-cnn: config from %s, seed %d (from %s)", origin["config"], seed, origin["seed"])
     rngs = make_rngs(seed)
@@ -1440,13 +1448,21 @@ def run_training(args: argparse.Namespace, cfg: dict, origin: dict[str, str], st
         def augment(x: np.ndarray) -> np.ndarray:
             return shift_and_rotate(x, rngs["augment"], augment_cfg["shift"], augment_cfg["rotate"])
 
+    saved = checkpoints.for_run(None if evaluating_only else cfg["output"]["checkpoint_dir"], args.resume,
+                                cfg["output"]["checkpoint_every"], model=model, model_cfg=model_cfg, rngs=rngs,
+                                optimizer=optimizer, data=data, cfg=cfg, workers=workers, build_model=build_model,
+                                parameters=parameters)
+    resume = saved.resume(Position, TrainResult) if args.resume is not None else None
     started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     stop.graceful = True
     start = time.perf_counter()
     result = train(model, optimizer, data, epochs=training_cfg["epochs"], batch_size=training_cfg["batch_size"],
                    rng=rngs["shuffle"], workers=workers, learning_rate=learning_rate, augment=augment,
-                   should_stop=lambda: stop.signum is not None, first_epoch=first_epoch)
+                   should_stop=lambda: stop.signum is not None, first_epoch=first_epoch,
+                   on_step=saved.on_step if saved else None, resume=resume)
     train_seconds = time.perf_counter() - start
+    if saved:
+        saved.finish(result)
     stop.after = "the file being written"
 
     test_loss = test_accuracy = None
@@ -1458,8 +1474,6 @@ def run_training(args: argparse.Namespace, cfg: dict, origin: dict[str, str], st
         test_loss, test_accuracy = result.history[-1]["test_loss"], result.history[-1]["test_accuracy"]
     else:
         test_loss, test_accuracy = model.evaluate(data.x_test, data.y_test, EVAL_BATCH_SIZE)
-    if result.status == "interrupted":
-        log.warning("interrupted after %s", plumbing.plural(len(result.history), "completed epoch"))
     if test_accuracy is not None:
         real = data.source != "synthetic" or data.name == "synthetic"
         on_what = "" if real else f" on SYNTHETIC digits, not {data.name} (offline fallback: see above)"
@@ -1470,9 +1484,12 @@ def run_training(args: argparse.Namespace, cfg: dict, origin: dict[str, str], st
 
     summary = {"epochs_completed": first_epoch - 1 + len(result.history), "test_accuracy": test_accuracy,
                "test_loss": test_loss, "status": result.status, "stopped_at": result.stopped_at, "seed": seed,
-               "history": earlier.get("history", []) + result.history, "saved_at": started_at, "workers": workers}
+               "history": earlier.get("history", []) + result.history, "saved_at": started_at, "workers": workers,
+               "resumed_from": saved.resumed_from if saved else None}
     problems, failed_writes = write_outputs(args, cfg, model_cfg, data, model, optimizer, result, summary,
                                             train_seconds, stop)
+    if result.status == "interrupted":
+        log.warning("%s", checkpoints.interrupted_line(result, saved, args.save_model if not failed_writes else None))
     if result.status == "diverged":
         return EXIT_DIVERGED
     if stop.signum is not None:  # interrupted, or a signal came while the results were being written

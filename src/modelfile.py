@@ -44,17 +44,24 @@ def model_meta(model: Any, model_cfg: dict, data: Any, summary: dict) -> dict:
             "class_names": data.class_names, "dataset": data.name, "data": data_summary(data), "training": summary}
 
 
-def save_model(path: Path, model: Any, model_cfg: dict, data: Any, summary: dict, optimizer: Any = None) -> None:
-    """One .npz: every weight and buffer ('layer<i>.<name>', e.g. 'layer0.W', 'layer1.running_mean'), the
-    optimiser's state ('optimizer.<key>'), and a JSON 'meta' entry with the architecture (the model section's
-    layer list), input shape, class names, data set and training summary."""
+def model_file_arrays(model: Any, model_cfg: dict, data: Any, summary: dict, optimizer: Any = None,
+                      **more_meta: Any) -> dict[str, np.ndarray]:
+    """What a model file holds: every weight and buffer ('layer<i>.<name>', e.g. 'layer0.W',
+    'layer1.running_mean'), the optimiser's state ('optimizer.<key>'), and a JSON 'meta' entry (model_meta, plus
+    more_meta: checkpoints.py adds its own entry)."""
     arrays = {weight_key(i, name): array for i, layer in enumerate(model.layers)
               for name, array in {**layer.params, **layer.buffers}.items()}
-    meta = model_meta(model, model_cfg, data, summary)
+    meta = {**model_meta(model, model_cfg, data, summary), **more_meta}
     if optimizer is not None:
         meta["optimizer"] = {"name": optimizer.name, "t": getattr(optimizer, "t", 0)}
         arrays.update({f"optimizer.{key}": value for key, value in optimizer.state.items()})
     arrays["meta"] = np.array(json.dumps(meta))
+    return arrays
+
+
+def save_model(path: Path, model: Any, model_cfg: dict, data: Any, summary: dict, optimizer: Any = None) -> None:
+    """One .npz of model_file_arrays, written whole or not at all."""
+    arrays = model_file_arrays(model, model_cfg, data, summary, optimizer)
     write_atomic(path, lambda f: np.savez(f, **arrays))
 
 
@@ -224,7 +231,7 @@ def _load_arrays(path: Path, archive: Any, model: Any) -> dict[str, np.ndarray]:
     checked before its data is read: a small file can declare a huge array."""
     expected = {weight_key(i, name): param for i, layer in enumerate(model.layers)
                 for name, param in {**layer.params, **layer.buffers}.items()}
-    stored = {key for key in archive.files if key != "meta" and not key.startswith("optimizer.")}
+    stored = {key for key in archive.files if key != "meta" and not key.startswith(("optimizer.", "checkpoint."))}
     if stored != set(expected):
         raise ModelFileError(f"{path}: weights {shown(sorted(stored ^ set(expected))[:3])} do not fit the stored "
                              "architecture")

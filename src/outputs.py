@@ -36,6 +36,9 @@ def check_outputs(args: Any, cfg: dict, config_file: str | None) -> None:
     check_writable(args.output, "--output")
     check_writable(args.save_model, "--save-model")
     check_writable(plot_dir, "--plot-dir" if args.plot_dir else "output.plot_dir", folder=True)
+    if cfg["training"]["epochs"] and not isinstance(args.resume, str):  # --resume DIR: checked when it is read
+        check_writable(cfg["output"]["checkpoint_dir"],
+                       "--checkpoint-dir" if args.checkpoint_dir else "output.checkpoint_dir", folder=True)
 
 
 def results_document(args: Any, cfg: dict, model_cfg: dict, data: Any, model: Any,
@@ -51,7 +54,8 @@ def results_document(args: Any, cfg: dict, model_cfg: dict, data: Any, model: An
                   "loaded_from": args.load_model},
         "history": result.history, "epochs_completed": summary["epochs_completed"],
         "test_accuracy": summary["test_accuracy"], "test_loss": summary["test_loss"], "workers": summary["workers"],
-        "train_seconds": round(train_seconds, 3), "files": files, "problems": problems, "versions": versions(),
+        "resumed_from": summary.get("resumed_from"), "train_seconds": round(train_seconds, 3), "files": files,
+        "problems": problems, "versions": versions(),
     }
 
 

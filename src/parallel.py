@@ -194,22 +194,29 @@ class DataParallel:
 
 
 class SliceSums:
-    """Sums an array over the worker threads of one pass: each worker adds its own part and waits until all
-    have, then every worker reads the total. The workers' BatchNorm layers call it in the same order (the
+    """Sums an array over the worker threads of one pass: each worker hands in its own part and waits until all
+    have, then every worker reads the total. The parts are added in rank order, whichever thread arrives first,
+    so that a run gives the same floats every time. The workers' BatchNorm layers call it in the same order (the
     layers run in the same order in every replica), so one SliceSums serves every layer of a pass."""
 
     def __init__(self, parties: int) -> None:
-        self.lock = threading.Lock()
+        self.parts: list[np.ndarray | None] = [None] * parties
         self.total: np.ndarray | None = None
-        self.all_added = threading.Barrier(parties)
-        self.all_read = threading.Barrier(parties, action=self._clear)  # the action runs once all have read
+        self.all_added = threading.Barrier(parties, action=self._add_up)  # the action runs once all have added
+        self.all_read = threading.Barrier(parties, action=self._clear)  # and this one once all have read
+
+    def _add_up(self) -> None:
+        total = self.parts[0]
+        for part in self.parts[1:]:
+            total = total + part
+        self.total = total
 
     def _clear(self) -> None:
-        self.total = None
+        self.parts, self.total = [None] * len(self.parts), None
 
-    def __call__(self, part: np.ndarray) -> np.ndarray:
-        with self.lock:
-            self.total = part if self.total is None else self.total + part
+    def __call__(self, part: np.ndarray, rank: int = 0) -> np.ndarray:
+        """The sum of every worker's part; `rank` is the caller's place in the sum (0, 1, ..., parties - 1)."""
+        self.parts[rank] = part
         self.all_added.wait()
         total = self.total
         self.all_read.wait()
@@ -230,11 +237,12 @@ def synchronised(cls: type) -> type:
     statistics, which all replicas share. It keeps the class's name."""
     if cls not in _synchronised_classes:
         def batch_mean(self: Any, rows: np.ndarray) -> np.ndarray:
-            sums = self.slice_sums(np.append(np.ones(len(rows), rows.dtype) @ rows, len(rows)))  # column sums, then M
+            column_sums_and_m = np.append(np.ones(len(rows), rows.dtype) @ rows, len(rows))
+            sums = self.slice_sums(column_sums_and_m, self.rank)
             return (sums[:-1] / sums[-1]).astype(rows.dtype)
 
         def update_running_statistics(self: Any, mu: np.ndarray, var: np.ndarray, m: int) -> None:
-            m_whole = int(self.slice_sums(np.array([m]))[0])
+            m_whole = int(self.slice_sums(np.array([m]), self.rank)[0])
             if self.rank == 0:
                 cls.update_running_statistics(self, mu, var, m_whole)
 

@@ -4,6 +4,8 @@ leave BLAS as it found it, and train as well as one thread does."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -276,3 +278,22 @@ def test_cli_workers_flag_and_key(tmp_path: Path) -> None:
     bad = write_config(tmp_path / "bad", training={"workers": "many"})
     proc = run_cli(["--config", str(bad)], cwd=tmp_path)
     assert proc.returncode == 2 and "training.workers: got 'many'" in proc.stderr
+
+
+def test_slice_sums_add_in_rank_order_whatever_order_the_workers_arrive_in() -> None:
+    """Float addition is not associative: (1 + 1e8) - 1e8 is 0 in float32, (-1e8 + 1e8) + 1 is 1. The workers
+    arrive last rank first, and every one of them must still read the rank-order sum, 0."""
+    parts = [np.float32([1.0]), np.float32([1e8]), np.float32([-1e8])]
+    sums = parallel.SliceSums(3)
+    totals: list = [None] * 3
+
+    def worker(rank: int) -> None:
+        time.sleep(0.1 * (2 - rank))
+        totals[rank] = sums(parts[rank], rank)
+
+    threads = [threading.Thread(target=worker, args=(rank,)) for rank in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [float(total[0]) for total in totals] == [0.0, 0.0, 0.0]

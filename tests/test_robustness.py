@@ -222,7 +222,8 @@ def test_failed_run_keeps_the_previous_results_file(tmp_path: Path, monkeypatch:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(plumbing.json, "dump", dump_half_then_disk_full)
-    code = main.main(["--config", str(config), "--output", "results.json"])
+    # json.dump fails for every file, so no checkpoints either
+    code = main.main(["--config", str(config), "--output", "results.json", "--checkpoint-dir", "none"])
     stderr = capsys.readouterr().err
     assert code == main.EXIT_OUTPUT, stderr
     assert stderr == "ERROR: could not write the results results.json (No space left on device)\n", stderr
