@@ -25,6 +25,24 @@ from plumbing import log_to_file, versions, write_json
 log = logging.getLogger("numpy_cnn")
 
 
+ALLOWED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP")  # what Pillow may decode here: common, well-tested codecs
+
+
+def open_image(source: Any, what: str) -> Any:
+    """Pillow's Image.open(source) (a path or a binary file) limited to ALLOWED_FORMATS, lazily: only the header
+    is read. Raises DataError `what: why` with one line for anything else (another format, not an image)."""
+    from PIL import Image
+
+    try:
+        return Image.open(source, formats=ALLOWED_FORMATS)
+    except Image.UnidentifiedImageError:
+        raise DataError(f"{what}: not a PNG, JPEG, GIF, BMP or WebP image") from None
+    except Image.DecompressionBombError as error:
+        raise DataError(f"{what}: too many pixels ({_one_line(error)})") from None
+    except Exception as error:
+        raise DataError(f"{what}: cannot read it as an image ({type(error).__name__}: {_one_line(error)})") from None
+
+
 def as_fraction(grey: np.ndarray, integer: bool, sixteen_bit: bool = False) -> np.ndarray:
     """Grey values as fractions in [0, 1]: of 65535 for 16-bit values (or any above 255), of 255 for 0-255 pixels
     (integers above 1, floats above 2: floats get room for a resampling overshoot), else as they are."""

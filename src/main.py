@@ -45,6 +45,7 @@ import plumbing
 from config_schema import layer_name_and_arguments
 from datafiles import OPENML_NAMES, download_openml, load_cache, load_idx_folder, make_synthetic
 from errors import CNNError, ConfigError, DataError
+from folders import check_dataset_flag, load_folder, uses_folder
 from images import report_predictions
 from modelfile import continue_from, data_summary, load_model
 from outputs import check_outputs, write_outputs
@@ -818,6 +819,7 @@ class Dataset:
     note: str = ""  # a sentence for humans: which files, what was held out, why a fallback happened
     x_val: np.ndarray = field(default_factory=lambda: np.zeros((0, 1, 1, 1), DTYPE))
     y_val: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    skipped: list[str] = field(default_factory=list)  # "file: why" for each unreadable file of a folder
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -835,9 +837,11 @@ def make_rngs(seed: int) -> dict[str, np.random.Generator]:
     return {name: np.random.default_rng(s) for name, s in zip(names, np.random.SeedSequence(seed).spawn(len(names)))}
 
 
-def shift_and_rotate(images: np.ndarray, rng: np.random.Generator, max_shift: int, max_degrees: float) -> np.ndarray:
+def shift_and_rotate(images: np.ndarray, rng: np.random.Generator, max_shift: int, max_degrees: float,
+                     flip: bool = False) -> np.ndarray:
     """Data augmentation: each image (N, H, W, C) moved by its own random shift of up to max_shift whole pixels
-    in each direction and turned by a random angle of up to max_degrees either way, all images at once.
+    in each direction and turned by a random angle of up to max_degrees either way, all images at once; with
+    flip, half of them (at random) mirrored left to right first (right for photos, wrong for digits).
 
     Output pixel (r, c) reads the input at the point where the inverse rotation (about the image's centre) and
     shift take it, interpolated bilinearly between the four pixels around it; outside the image reads 0.
@@ -848,6 +852,8 @@ def shift_and_rotate(images: np.ndarray, rng: np.random.Generator, max_shift: in
     centre_r, centre_c = (height - 1) / 2, (width - 1) / 2
     rows, cols = np.mgrid[0:height, 0:width].astype(DTYPE)
     r, c = rows - shift_r - centre_r, cols - shift_c - centre_c  # (N, H, W), relative to the centre
+    if flip:  # a mirrored image reads column -c (about the centre) where the image itself reads c
+        c = np.where(rng.random((n, 1, 1)) < 0.5, -c, c)
     # The source point, in the coordinates of the image framed by a border of zeros (1 pixel before, 2 after, so
     # that a point outside, clipped onto the border, and its neighbours below and to the right all read 0).
     source_r = np.clip(np.cos(angle) * r - np.sin(angle) * c + centre_r + 1, 0, height + 1)
@@ -891,9 +897,13 @@ def load_data(data_cfg: dict, evaluating_only: bool = False) -> Dataset:
     data_cfg['cache_dir'], a download from OpenML (cached afterwards), and, if all fail and
     allow_synthetic_fallback is on, synthetic seven-segment digits, loudly labelled as such.
     """
-    name, n_test, n_val = data_cfg["dataset"], data_cfg["n_test"], data_cfg["n_val"]
-    n_train = data_cfg["n_train"] + n_val  # the validation images come out of the training split
+    name, n_test, n_val = data_cfg["dataset"], data_cfg["n_test"] or 1000, data_cfg["n_val"]
+    n_train = (data_cfg["n_train"] or 5000) + n_val  # the validation images come out of the training split
     rng = make_rngs(data_cfg["random_seed"])["data"]
+    if uses_folder(data_cfg):  # your own images: a folder of class folders
+        images = load_folder(data_cfg, rng)
+        return _to_dataset(images.train, images.test, images.class_names, "folder", images.source, images.note,
+                           n_val, images.skipped)
     class_names = FASHION_NAMES if name == "fashion_mnist" else DIGIT_NAMES
     if data_cfg["path"] and name in ("digits", "synthetic"):
         log.warning("data.path %s is ignored: the %s data set is built in", data_cfg["path"], name)
@@ -946,16 +956,17 @@ def load_data(data_cfg: dict, evaluating_only: bool = False) -> Dataset:
 
 
 def _to_dataset(train: tuple, test: tuple, class_names: list[str], name: str, source: str, note: str,
-                n_val: int = 0) -> Dataset:
-    """uint8 images (N, H, W) -> float32 (N, H, W, 1) in [0, 1]; labels -> int64. The last n_val of the
-    training images become the validation set."""
+                n_val: int = 0, skipped: list[str] | None = None) -> Dataset:
+    """uint8 images (N, H, W) or (N, H, W, C) -> float32 (N, H, W, C) in [0, 1]; labels -> int64. The last
+    n_val of the training images become the validation set."""
     def scale(images: np.ndarray) -> np.ndarray:
-        return (images.astype(DTYPE) / 255)[..., None]
+        scaled = images.astype(DTYPE) / 255
+        return scaled if scaled.ndim == 4 else scaled[..., None]
 
     keep = len(train[0]) - n_val
     return Dataset(scale(train[0][:keep]), train[1][:keep].astype(np.int64), scale(test[0]),
                    test[1].astype(np.int64), list(class_names), name, source, note,
-                   scale(train[0][keep:]), train[1][keep:].astype(np.int64))
+                   scale(train[0][keep:]), train[1][keep:].astype(np.int64), skipped or [])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1269,8 +1280,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--n-test", type=int, metavar="N", help="data.n_test")
     group.add_argument("--seed", type=int, metavar="N", help="data.random_seed (seeds everything)")
     group.add_argument("--dataset", metavar="NAME", help="data.dataset: " + ", ".join(config_schema.DATASETS))
-    group.add_argument("--data-path", type=path_argument, metavar="DIR",
-                       help="data.path: a folder of MNIST IDX files")
+    group.add_argument("--data-path", type=path_argument, metavar="DIR", help="data.path: a folder of MNIST IDX "
+                       "files, or of your own images in one folder per class (DIR/<class>/*.png)")
+    group.add_argument("--image-size", metavar="HxW", help="data.image_size of a folder's images: 32 or 32x24")
+    group.add_argument("--color", metavar="MODE", help="data.color of a folder's images: grey or rgb")
     group.add_argument("--no-fallback", action="store_true", help="fail instead of using synthetic data")
     group.add_argument("--log-level", metavar="LEVEL", help="logging.level: " + ", ".join(config_schema.LOG_LEVELS))
     group.add_argument("--plot-dir", type=path_argument, metavar="DIR",
@@ -1320,11 +1333,12 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, dict[str, str]]:
         origin["seed"] = "--seed"
     if args.no_fallback:
         cfg["data"]["allow_synthetic_fallback"] = False
-    if not args.load_model:
+    check_dataset_flag(args.dataset, cfg["data"]["path"])
+    if not args.load_model and not uses_folder(cfg["data"]):  # a folder's shape is known once it is read
         # Build the configured model once on the data set's image size, so that an impossible architecture
         # is reported now, not after a minute of downloading. (A loaded model brings its own architecture.)
         try:
-            model = build_model(cfg["model"], input_shape_of(cfg["data"]["dataset"]), 10, np.random.default_rng(0))
+            model = build_model(cfg["model"], input_shape_of(cfg["data"])[0], 10, np.random.default_rng(0))
             plumbing.check_fits_in_memory(model, cfg["training"]["batch_size"])
         except ConfigError as error:
             raise ConfigError(f"{origin['config']}: {error}") from None
@@ -1338,8 +1352,12 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, dict[str, str]]:
     return cfg, origin
 
 
-def input_shape_of(dataset: str) -> tuple[int, int, int]:
-    return (8, 8, 1) if dataset == "digits" else (28, 28, 1)
+def input_shape_of(data_cfg: dict) -> tuple[tuple[int, int, int], int]:
+    """The input shape and number of classes of the configured data (a folder's are those of its images)."""
+    if uses_folder(data_cfg):
+        data = load_data(data_cfg, evaluating_only=True)
+        return data.input_shape, data.num_classes
+    return (8, 8, 1) if data_cfg["dataset"] == "digits" else (28, 28, 1), 10
 
 
 def run_gradcheck(args: argparse.Namespace, cfg: dict, origin: dict[str, str]) -> int:
@@ -1349,9 +1367,9 @@ def run_gradcheck(args: argparse.Namespace, cfg: dict, origin: dict[str, str]) -
                           "logging.file": cfg["logging"]["file"]})
     plumbing.check_writable(args.output, "--output")
     rngs = make_rngs(cfg["data"]["random_seed"])
-    rng, input_shape = rngs["init"], input_shape_of(cfg["data"]["dataset"])
-    model = build_model(cfg["model"], input_shape, 10, rng, rngs["dropout"])
-    x, labels = rng.random((4, *input_shape)), rng.integers(0, 10, 4)  # BatchNorm needs a few values per feature
+    (input_shape, classes), rng = input_shape_of(cfg["data"]), rngs["init"]
+    model = build_model(cfg["model"], input_shape, classes, rng, rngs["dropout"])
+    x, labels = rng.random((4, *input_shape)), rng.integers(0, classes, 4)  # BatchNorm needs a few values per feature
     start = time.perf_counter()
     rows = gradient_check(model, x, labels, rng)
     failed = [row for row in rows if not row["ok"]]
@@ -1415,6 +1433,7 @@ def run_training(args: argparse.Namespace, cfg: dict, origin: dict[str, str], st
     schedule, augment_cfg = training_cfg["lr_schedule"], cfg["data"]["augment"]
     changes = [f"shifts of up to {augment_cfg['shift']} px"] if augment_cfg["shift"] else []
     changes += [f"rotations of up to {augment_cfg['rotate']:g} degrees"] if augment_cfg["rotate"] else []
+    changes += ["left-right flips"] if augment_cfg["flip"] else []
     if not evaluating_only:
         log.info("training: %s, batch %d, %s, learning rate %g (%s)%s%s, %s",
                  plumbing.plural(training_cfg["epochs"], "epoch"), training_cfg["batch_size"],
@@ -1428,7 +1447,8 @@ def run_training(args: argparse.Namespace, cfg: dict, origin: dict[str, str], st
     augment = None
     if changes:
         def augment(x: np.ndarray) -> np.ndarray:
-            return shift_and_rotate(x, rngs["augment"], augment_cfg["shift"], augment_cfg["rotate"])
+            return shift_and_rotate(x, rngs["augment"], augment_cfg["shift"], augment_cfg["rotate"],
+                                    augment_cfg["flip"])
 
     started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     stop.graceful = True
