@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from errors import DataError
-from images import as_fraction, open_image
+from images import decode, grey_of
 from plumbing import ProgressBar, plural, write_atomic
 
 log = logging.getLogger("numpy_cnn")
@@ -107,39 +107,6 @@ def list_images(folder: Path) -> tuple[list[str], dict[str, list[tuple[Path, int
     return names, files
 
 
-def decode(path: Path, size: tuple[int, int] | None) -> tuple[np.ndarray, tuple[int, int]]:
-    """One image file as uint8 (H, W) grey or (H, W, 3) RGB, resized to size (height, width) unless None; and
-    its own size (height, width). Transparent pixels are composited on white, palettes converted, a GIF's first
-    frame taken. Raises DataError (or Pillow's error) for a file that is not such an image."""
-    from PIL import Image
-
-    if path.suffix.lower() == ".npy":
-        array = np.load(path, allow_pickle=False)
-        if array.dtype.kind not in "biuf" or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (1, 3))):
-            raise DataError(f"holds {array.dtype} values of shape {array.shape}; expected (H, W) or (H, W, 1 or 3)")
-        if not np.isfinite(array).all() or array.size == 0:
-            raise DataError("is empty or holds NaN or infinite values")
-        fraction = as_fraction(array.astype(np.float64), integer=array.dtype.kind in "biu")
-        picture = Image.fromarray(np.squeeze((fraction * 255).round().astype(np.uint8), axis=tuple(
-            range(2, array.ndim)) if array.ndim == 3 and array.shape[2] == 1 else ()))
-    else:
-        picture = open_image(path, str(path))
-        picture.load()
-    if picture.mode in ("RGBA", "LA", "PA") or "transparency" in picture.info:
-        picture = Image.alpha_composite(Image.new("RGBA", picture.size, "white"), picture.convert("RGBA"))
-    picture = picture.convert("L" if picture.mode in ("1", "L", "I", "I;16", "F") else "RGB")
-    own = (picture.height, picture.width)
-    if size is not None and own != tuple(size):
-        picture = picture.resize((size[1], size[0]), Image.BILINEAR)
-    return np.asarray(picture), own
-
-
-def _grey(rgb: np.ndarray) -> np.ndarray:
-    """RGB uint8 (..., 3) -> grey uint8 (...), with Pillow's ITU-R 601 weights and rounding (convert('L'))."""
-    weighted = rgb[..., 0] * np.uint32(19595) + rgb[..., 1] * np.uint32(38470) + rgb[..., 2] * np.uint32(7471)
-    return ((weighted + 0x8000) >> 16).astype(np.uint8)
-
-
 def _decode_all(files: list[tuple[Path, int]], size: tuple[int, int] | None, label: str,
                 skipped: list[str]) -> tuple[list[np.ndarray], list[int], tuple[int, int] | None]:
     """Decode every file (a progress bar on a terminal), adding 'file: why' to skipped for each unreadable one.
@@ -168,7 +135,7 @@ def _stack(images: list[np.ndarray], color: str) -> np.ndarray:
     """A list of grey (H, W) and RGB (H, W, 3) uint8 images as one array of the chosen colour mode."""
     if color == "rgb":
         return np.stack([np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image for image in images])
-    return np.stack([_grey(image) if image.ndim == 3 else image for image in images])
+    return np.stack([grey_of(image) if image.ndim == 3 else image for image in images])
 
 
 def cache_key(folder: Path, files: dict[str, list[tuple[Path, int]]], size: Any, color: Any) -> str:

@@ -47,7 +47,7 @@ from datafiles import OPENML_NAMES, download_openml, load_cache, load_idx_folder
 from errors import CNNError, ConfigError, DataError
 from folders import check_dataset_flag, load_folder, uses_folder
 from images import report_predictions
-from modelfile import continue_from, data_summary, load_model
+from modelfile import continue_from, load_model, model_meta
 from outputs import check_outputs, write_outputs
 from parallel import DataParallel, default_workers, one_blas_thread
 from plumbing import ProgressBar
@@ -1494,8 +1494,7 @@ def run_training(args: argparse.Namespace, cfg: dict, origin: dict[str, str], st
     if args.serve:
         from serve import serve_trained_model
 
-        serve_trained_model(model, {"class_names": data.class_names, "dataset": data.name, "data": data_summary(data),
-                                    "training": summary}, softmax, args.host, args.port)
+        serve_trained_model(model, model_meta(model, model_cfg, data, summary), softmax, args.host, args.port)
     return EXIT_OK
 
 

@@ -520,14 +520,15 @@ def test_predict_files_gives_a_result_per_file_and_no_warning(good_model: Path, 
     paths = bad_and_good_files(tmp_path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        results = images.predict_files(model, paths, main.DIGIT_NAMES, 1.0)
+        results = images.predict_files(model, paths, main.DIGIT_NAMES, {"method": "digit", "fill": 1.0})
     assert [warning.category.__name__ for warning in caught] == []
     assert [result["file"] for result in results] == [str(path) for path in paths]
     assert {Path(result["file"]).name: result["error"] for result in results if "error" in result} == EXPECTED_ERRORS
     good = [result for result in results if "error" not in result]
     assert [Path(result["file"]).name for result in good] == ["seven.png", "bar.npy"]
     assert all(len(result["top"]) == 3 for result in good)
-    alone = images.predict_files(model, [paths[0]], main.DIGIT_NAMES, 1.0)  # as if the bad files were not there
+    # as if the bad files were not there
+    alone = images.predict_files(model, [paths[0]], main.DIGIT_NAMES, {"method": "digit", "fill": 1.0})
     assert [top["class"] for top in alone[0]["top"]] == [top["class"] for top in good[0]["top"]]
     assert [top["probability"] for top in alone[0]["top"]] == pytest.approx([top["probability"] for top in
                                                                              good[0]["top"]], rel=1e-5)
