@@ -187,6 +187,23 @@ def fit_picture(picture: Any, size: tuple[int, int] | None) -> tuple[np.ndarray,
     return np.asarray(picture), own
 
 
+def picture_from_bytes(data: bytes, size: tuple[int, int], max_pixels: int | None = None) -> np.ndarray:
+    """The bytes of a PNG, JPEG, GIF, BMP or WebP file as decode() reads a file: uint8 grey (H, W) or RGB
+    (H, W, 3), resized to size (height, width). `max_pixels` refuses a larger image before decoding it.
+    DataError with one line for anything else."""
+    from PIL import Image
+
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    picture = open_image(io.BytesIO(data), "the image")
+    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels)
+    _check_pixels(picture.width, picture.height, limit)
+    try:
+        picture.load()
+        return fit_picture(picture, size)[0]
+    except Exception as error:
+        raise DataError(f"cannot read it as an image ({type(error).__name__}: {_one_line(error)})") from None
+
+
 def grey_of(rgb: np.ndarray) -> np.ndarray:
     """RGB uint8 (..., 3) -> grey uint8 (...), with Pillow's ITU-R 601 weights and rounding (convert('L'))."""
     weighted = rgb[..., 0] * np.uint32(19595) + rgb[..., 1] * np.uint32(38470) + rgb[..., 2] * np.uint32(7471)
