@@ -135,17 +135,26 @@ def test_a_colour_model_trains_saves_reloads_and_predicts(tmp_path: Path) -> Non
 
 @pytest.mark.slow
 def test_colour_digits_train_to_95_percent(tmp_path: Path) -> None:
-    colour_folder(tmp_path / "colour", 5000)
-    model = {"layers": [{"conv2d": {"filters": 16, "kernel_size": 3, "padding": 1}}, "batchnorm", "relu",
-                        {"maxpool2d": {"pool_size": 2}}, {"conv2d": {"filters": 32, "kernel_size": 3, "padding": 1}},
-                        "batchnorm", "relu", {"maxpool2d": {"pool_size": 2}}, "flatten", {"dense": {"units": 64}},
+    """4,000 sample digits, each drawn twice in random colours, train; 1,000 other digits in colour test."""
+    images, labels = sample_digits()
+    order, rng, names = np.random.default_rng(0).permutation(len(labels)), np.random.default_rng(1), NAMES
+    train, test = order[1000:], order[:1000]
+    write_class_folders(tmp_path / "colour" / "train", np.concatenate([colour_digits(images[train], rng),
+                                                                       colour_digits(images[train], rng)]),
+                        np.concatenate([labels[train], labels[train]]), names)
+    write_class_folders(tmp_path / "colour" / "test", colour_digits(images[test], rng), labels[test], names)
+    model = {"layers": [{"conv2d": {"filters": 32, "kernel_size": 3, "padding": 1}}, "batchnorm", "relu",
+                        {"maxpool2d": {"pool_size": 2}}, {"conv2d": {"filters": 64, "kernel_size": 3, "padding": 1}},
+                        "batchnorm", "relu", {"maxpool2d": {"pool_size": 2}}, "flatten", {"dense": {"units": 128}},
                         "relu", {"dense": {"units": 10}}]}
-    write_config(tmp_path, model=model, data={"n_test": 1000},
-                 training={"epochs": 6, "learning_rate": 0.002, "batch_size": 32})
-    run = run_cli(["--data-path", str(tmp_path / "colour"), "--color", "rgb", "--output", str(tmp_path / "r.json")],
-                  tmp_path, timeout=1800)
+    write_config(tmp_path, model=model, training={"epochs": 5, "learning_rate": 0.003, "batch_size": 32,
+                                                  "lr_schedule": "one_cycle"})
+    run = run_cli(["--data-path", str(tmp_path / "colour"), "--color", "rgb", "--output", str(tmp_path / "r.json"),
+                   "--save-model", str(tmp_path / "c.npz")], tmp_path, timeout=1800)
     assert run.returncode == 0, run.stderr
-    assert json.loads((tmp_path / "r.json").read_text())["test_accuracy"] >= 0.95
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["data"]["n_train"] == 8000 and results["data"]["n_test"] == 1000
+    assert results["test_accuracy"] >= 0.95
 
 
 def write_messy_folder(root: Path) -> None:
