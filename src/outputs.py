@@ -44,7 +44,7 @@ def results_document(args: Any, cfg: dict, model_cfg: dict, data: Any, model: An
         "config": dict(cfg, model=model_cfg),
         "data": {"dataset": data.name, "source": data.source, "n_train": len(data.x_train), "n_test": len(data.x_test),
                  "input_shape": list(data.input_shape), "note": data.note, "class_names": data.class_names,
-                 "skipped_files": getattr(data, "skipped", [])},
+                 **({"skipped_files": data.skipped} if data.name == "folder" else {})},
         "model": {"summary": model.summary_rows(), "parameters": model.parameter_count(),
                   "loaded_from": args.load_model},
         "history": result.history, "epochs_completed": summary["epochs_completed"],

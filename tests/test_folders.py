@@ -346,3 +346,16 @@ def test_pictures_of_a_colour_model_are_in_colour() -> None:
     fig = plots.plot_feature_maps(model, images, labels, probabilities, NAMES)
     assert any(axes.images and axes.images[0].get_array().shape == (12, 12, 3) for axes in fig.axes)
     plt.close(fig)
+
+
+def test_the_results_file_lists_the_skipped_files(tmp_path: Path) -> None:
+    write_messy_folder(tmp_path / "messy")
+    two_classes = {"layers": [*SMALL_MODEL["layers"][:-1], {"dense": {"units": 2}}]}
+    write_config(tmp_path, model=two_classes)
+    run = run_cli(["--data-path", str(tmp_path / "messy"), "--image-size", "16", "--n-test", "4", "--epochs", "1",
+                   "--output", str(tmp_path / "r.json")], tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert (run.stdout + run.stderr).count("WARNING") == 1
+    data = json.loads((tmp_path / "r.json").read_text())["data"]
+    assert [Path(line.split(":")[0]).name for line in data["skipped_files"]] == ["broken.png", "text.png"]
+    assert data["class_names"] == ["cats", "dogs"] and data["input_shape"] == [16, 16, 3]
