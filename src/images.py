@@ -321,7 +321,7 @@ def preprocess_record(dataset: str | None, input_shape: tuple[int, ...]) -> dict
     an export apply it). 'digit': MNIST's recipe for grey digit models (a light background inverted, cropped to
     the ink, its longer side scaled to `fill` of the frame, centred on its centre of mass: images.prepare_image).
     'resize': a folder model's, the whole picture resized to `size` [height, width] (bilinear) in `color`."""
-    if dataset == "folder":
+    if dataset == "folder" or input_shape[2] != 1:
         return {"method": "resize", "size": [int(input_shape[0]), int(input_shape[1])], "filter": "bilinear",
                 "color": "rgb" if input_shape[2] == 3 else "grey"}
     return {"method": "digit", "fill": ink_fill(dataset), "color": "grey"}
@@ -330,8 +330,9 @@ def preprocess_record(dataset: str | None, input_shape: tuple[int, ...]) -> dict
 def preprocess_of(meta: dict, input_shape: tuple[int, ...]) -> dict:
     """The model file's preprocess record; for a file written before models recorded it, what it then was."""
     record = meta.get("preprocess")
-    return record if isinstance(record, dict) and record.get("method") in ("digit", "resize") \
-        else preprocess_record(meta.get("dataset"), input_shape)
+    known = isinstance(record, dict) and record.get("method") in ("digit", "resize")
+    fits = known and (record["method"] == "resize" or input_shape[2] == 1)  # the digit recipe makes grey images
+    return record if fits else preprocess_record(meta.get("dataset"), input_shape)
 
 
 def report_predictions(model: Any, meta: dict, paths: list[Path], model_path: str, output: str | None) -> bool:
