@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,9 +99,9 @@ def list_images(folder: Path) -> tuple[list[str], dict[str, list[tuple[Path, int
     for split, split_root in splits.items():
         files[split] = []
         for label, name in enumerate(names):
-            found = sorted((f for f in (split_root / name).iterdir()
-                            if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".") and f.is_file()),
-                           key=lambda f: f.name)
+            with os.scandir(split_root / name) as entries:  # is_file() from the listing: no stat per file
+                found = sorted((Path(entry.path) for entry in entries if entry.name.lower().endswith(IMAGE_SUFFIXES)
+                                and not entry.name.startswith(".") and entry.is_file()), key=lambda f: f.name)
             if not found and split == "train":
                 raise DataError(f"{split_root / name}: no image files in this class folder ({kinds})")
             files[split] += [(f, label) for f in found]
@@ -143,9 +144,8 @@ def cache_key(folder: Path, files: dict[str, list[tuple[Path, int]]], size: Any,
     digest = hashlib.sha256(json.dumps([CACHE_VERSION, str(folder.resolve()), size, color]).encode())
     for split, entries in files.items():
         for path, label in entries:
-            stat = path.stat()
-            digest.update(f"{split}\0{path.relative_to(folder)}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n"
-                          .encode())
+            stat = os.stat(path)
+            digest.update(f"{split}\0{path}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:20]
 
 

@@ -7,8 +7,8 @@ Read it top to bottom, like a chapter of a textbook:
   3. Model: Sequential, which chains the layers (forward in order, backward in reverse), and build_model, which
      makes them from the config's layer list.
   4. Optimisers: SGD with momentum, Adam, weight decay, learning-rate schedules.
-  5. Data: MNIST, Fashion-MNIST or scikit-learn's digits, with labelled synthetic digits when offline; shifts
-     and rotations that augment it.
+  5. Data: MNIST, Fashion-MNIST, scikit-learn's digits or your own images, with labelled synthetic digits when
+     offline; shifts, rotations and flips that augment it.
   6. Training: the loop of forward -> loss -> backward -> step.
   7. The gradient check, which proves every backward pass right with central differences.
   8. The configuration file and the command line.
