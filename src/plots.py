@@ -267,8 +267,9 @@ def plot_filters(model: Any) -> plt.Figure:
     of = f"{shown} of {n_filters}" if shown < n_filters else f"all {n_filters}"
     fig.suptitle(f"First-layer filters: {of}, {kernel_size}x{kernel_size} weights each{channels}",
                  fontweight="bold")
-    fig.supxlabel("grey = 0, light = positive weight, dark = negative; each filter scaled to its own "
-                  "largest |weight|", fontsize=LABEL_SIZE, color="dimgray")
+    legend = ("mid-grey = 0; more red, green or blue = a positive weight on that channel, less = a negative one"
+              if in_channels == 3 else "grey = 0, light = positive weight, dark = negative")
+    fig.supxlabel(f"{legend}; each filter scaled to its own largest |weight|", fontsize=LABEL_SIZE, color="dimgray")
     return fig
 
 
