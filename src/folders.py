@@ -87,6 +87,9 @@ def list_images(folder: Path) -> tuple[list[str], dict[str, list[tuple[Path, int
     if len(classes) == 1:
         raise DataError(f"{root}: only one class folder ({classes[0].name}); a classifier needs two or more")
     names = [d.name for d in classes]
+    odd = next((name for name in names if len(name) > 100 or not name.isprintable()), None)
+    if odd is not None:
+        raise DataError(f"{root}: class folder {odd[:40]!r}: a class name is at most 100 printable characters")
     splits = {"train": root}
     if root != folder and (folder / "test").is_dir():
         test_names = [d.name for d in _subfolders(folder / "test")]
@@ -154,7 +157,11 @@ def _read_cache(path: Path) -> dict | None:
         return None
     try:
         with np.load(path, allow_pickle=False) as archive:
-            return {key: archive[key] for key in archive.files}
+            arrays = {key: archive[key] for key in archive.files}
+        missing = {"x_train", "y_train", "x_test", "y_test", "class_names", "color", "skipped"} - set(arrays)
+        if missing:
+            raise KeyError(", ".join(sorted(missing)))
+        return arrays
     except Exception as error:  # a damaged cache is rebuilt, not fatal
         log.warning("%s: cannot read the cache (%s); decoding the images again", path, type(error).__name__)
         return None
