@@ -359,3 +359,35 @@ def test_the_results_file_lists_the_skipped_files(tmp_path: Path) -> None:
     data = json.loads((tmp_path / "r.json").read_text())["data"]
     assert [Path(line.split(":")[0]).name for line in data["skipped_files"]] == ["broken.png", "text.png"]
     assert data["class_names"] == ["cats", "dogs"] and data["input_shape"] == [16, 16, 3]
+
+
+def test_a_damaged_cache_is_rebuilt_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    write_messy_folder(tmp_path / "messy")
+    first = folders.decoded_arrays(tmp_path / "messy", [8, 8], "grey", tmp_path / "cache")
+    (cache,) = (tmp_path / "cache").iterdir()
+    cache.write_bytes(b"not a zip archive")
+    with caplog.at_level(logging.WARNING, logger="numpy_cnn"):
+        again = folders.decoded_arrays(tmp_path / "messy", [8, 8], "grey", tmp_path / "cache")
+    assert again["source"] == "folder" and np.array_equal(again["x_train"], first["x_train"])
+    assert "cannot read the cache" in caplog.text
+    assert folders.decoded_arrays(tmp_path / "messy", [8, 8], "grey", tmp_path / "cache")["source"] == "cache"
+
+
+def test_the_page_offers_the_pad_to_digit_models_and_a_file_drop_to_the_others() -> None:
+    import serve
+
+    rng = np.random.default_rng(0)
+    grey = main.build_model(main.config_schema.check_model(SMALL_MODEL), (28, 28, 1), 10, rng)
+    colour = main.build_model(main.config_schema.check_model(SMALL_MODEL), (20, 16, 3), 10, rng)
+    examples = {"images": rng.integers(0, 256, (3, 20, 16, 3), dtype=np.uint8), "labels": np.array([0, 4, 9])}
+    assert serve.page_options(grey, {"dataset": "mnist", "class_names": NAMES})["mode"] == "draw"
+    fashion = serve.page_options(grey, {"dataset": "fashion_mnist", "class_names": NAMES})
+    assert fashion["mode"] == "picture" and fashion["decode"] is None  # the digit recipe, but no pad
+    options = serve.page_options(colour, {"dataset": "folder", "class_names": NAMES, "examples": examples})
+    assert options["mode"] == "picture" and [e["class"] for e in options["examples"]] == [NAMES[0], NAMES[4], NAMES[9]]
+    predictor = serve.Predictor(colour, options["prepare"], main.softmax, NAMES, options["decode"])
+    answer = predictor.predict(options["examples"][1]["image"], "lists")
+    assert answer["input"]["shape"] == [20, 16, 3] and np.array_equal(answer["input"]["values"], examples["images"][1])
+    assert len(answer["layers"]) == len(colour.layers)
+    with pytest.raises(serve.RequestError, match="not a PNG, JPEG, GIF, BMP or WebP image"):
+        predictor.predict("data:image/png;base64,aGVsbG8=")
