@@ -241,6 +241,8 @@ def load_folder(data_cfg: dict, rng: np.random.Generator) -> FolderImages:
     folder = Path(data_cfg["path"])
     arrays = decoded_arrays(folder, data_cfg["image_size"], data_cfg["color"], Path(data_cfg["cache_dir"]))
     skipped, names = arrays["skipped"], arrays["class_names"]
+    log.info("data: classes (folder names, sorted as text): %s%s", ", ".join(names[:20]),
+             f", ... ({len(names)} in all)" if len(names) > 20 else "")
     if skipped:
         log.warning("skipped %s that could not be read: %s%s", plural(len(skipped), "file"), "; ".join(skipped[:3]),
                     "; ..." if len(skipped) > 3 else "")

@@ -65,8 +65,8 @@ def by_class(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.nda
 
 def test_a_folder_written_from_idx_arrays_loads_to_them_and_trains_to_the_same_accuracy(tmp_path: Path) -> None:
     images, labels = sample_digits()
-    held = np.random.default_rng(0).permutation(len(labels))
-    train, test = by_class(images[held[1000:]], labels[held[1000:]]), by_class(images[held[:1000]], labels[held[:1000]])
+    held = np.random.default_rng(0).permutation(len(labels))[:2000]  # 1,500 for training, 500 for testing
+    train, test = by_class(images[held[500:]], labels[held[500:]]), by_class(images[held[:500]], labels[held[:500]])
     idx, folder = tmp_path / "idx", tmp_path / "folder"
     idx.mkdir()
     for (x, y), (image_name, label_name) in zip((train, test), IDX_FILES.values()):
@@ -84,14 +84,14 @@ def test_a_folder_written_from_idx_arrays_loads_to_them_and_trains_to_the_same_a
     accuracies = {}
     for name, path in (("idx", idx), ("folder", folder)):
         run = run_cli(["--config", str(ROOT / "configs" / "lenet5.yaml"), "--data-path", str(path), "--epochs", "1",
-                       "--n-train", "2000", "--n-test", "1000", "--output", str(tmp_path / f"{name}.json")],
+                       "--n-train", "1200", "--n-test", "500", "--output", str(tmp_path / f"{name}.json")],
                       tmp_path, timeout=300)
         assert run.returncode == 0, run.stderr
         results = json.loads((tmp_path / f"{name}.json").read_text())
         accuracies[name] = results["test_accuracy"]
         assert results["data"]["dataset"] == ("folder" if name == "folder" else "mnist")
     assert results["data"]["class_names"] == NAMES
-    assert accuracies["folder"] == accuracies["idx"] > 0.8
+    assert accuracies["folder"] == accuracies["idx"] > 0.7
 
 
 def colour_folder(root: Path, n: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
