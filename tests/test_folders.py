@@ -391,3 +391,17 @@ def test_the_page_offers_the_pad_to_digit_models_and_a_file_drop_to_the_others()
     assert len(answer["layers"]) == len(colour.layers)
     with pytest.raises(serve.RequestError, match="not a PNG, JPEG, GIF, BMP or WebP image"):
         predictor.predict("data:image/png;base64,aGVsbG8=")
+
+
+def test_the_folder_rgb_recipe_trains_on_a_folder_and_serves_its_pictures(tmp_path: Path) -> None:
+    colour_folder(tmp_path / "pictures", 60)
+    write_config(tmp_path)
+    run = run_cli(["--config", str(ROOT / "configs" / "folder_rgb.yaml"), "--data-path", str(tmp_path / "pictures"),
+                   "--epochs", "1", "--save-model", str(tmp_path / "m.npz"), "--output", str(tmp_path / "r.json")],
+                  tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "left-right flips" in run.stdout
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["data"]["input_shape"] == [32, 32, 3] and results["data"]["n_test"] == 12  # a fifth, stratified
+    meta = modelfile.load_model(tmp_path / "m.npz", main.build_model).meta
+    assert meta["preprocess"]["size"] == [32, 32] and meta["examples"]["images"].shape == (12, 32, 32, 3)
