@@ -1338,7 +1338,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, dict[str, str]]:
         # Build the configured model once on the data set's image size, so that an impossible architecture
         # is reported now, not after a minute of downloading. (A loaded model brings its own architecture.)
         try:
-            model = build_model(cfg["model"], input_shape_of(cfg["data"])[0], 10, np.random.default_rng(0))
+            model = build_model(cfg["model"], input_shape_of(cfg["data"]["dataset"]), 10, np.random.default_rng(0))
             plumbing.check_fits_in_memory(model, cfg["training"]["batch_size"])
         except ConfigError as error:
             raise ConfigError(f"{origin['config']}: {error}") from None
@@ -1352,12 +1352,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, dict[str, str]]:
     return cfg, origin
 
 
-def input_shape_of(data_cfg: dict) -> tuple[tuple[int, int, int], int]:
-    """The input shape and number of classes of the configured data (a folder's are those of its images)."""
-    if uses_folder(data_cfg):
-        data = load_data(data_cfg, evaluating_only=True)
-        return data.input_shape, data.num_classes
-    return (8, 8, 1) if data_cfg["dataset"] == "digits" else (28, 28, 1), 10
+def input_shape_of(dataset: str) -> tuple[int, int, int]:
+    return (8, 8, 1) if dataset == "digits" else (28, 28, 1)
 
 
 def run_gradcheck(args: argparse.Namespace, cfg: dict, origin: dict[str, str]) -> int:
@@ -1367,7 +1363,9 @@ def run_gradcheck(args: argparse.Namespace, cfg: dict, origin: dict[str, str]) -
                           "logging.file": cfg["logging"]["file"]})
     plumbing.check_writable(args.output, "--output")
     rngs = make_rngs(cfg["data"]["random_seed"])
-    (input_shape, classes), rng = input_shape_of(cfg["data"]), rngs["init"]
+    folder = load_data(cfg["data"], evaluating_only=True) if uses_folder(cfg["data"]) else None  # its images' shape
+    rng, input_shape = rngs["init"], folder.input_shape if folder else input_shape_of(cfg["data"]["dataset"])
+    classes = folder.num_classes if folder else 10
     model = build_model(cfg["model"], input_shape, classes, rng, rngs["dropout"])
     x, labels = rng.random((4, *input_shape)), rng.integers(0, classes, 4)  # BatchNorm needs a few values per feature
     start = time.perf_counter()
