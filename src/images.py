@@ -159,19 +159,20 @@ def decode(path: Path, size: tuple[int, int] | None) -> tuple[np.ndarray, tuple[
     frame taken. Raises DataError (or Pillow's error) for a file that is not such an image."""
     from PIL import Image
 
-    if path.suffix.lower() == ".npy":
-        array = np.load(path, allow_pickle=False)
-        if array.dtype.kind not in "biuf" or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (1, 3))):
-            raise DataError(f"holds {array.dtype} values of shape {array.shape}; expected (H, W) or (H, W, 1 or 3)")
-        if not np.isfinite(array).all() or array.size == 0:
-            raise DataError("is empty or holds NaN or infinite values")
-        fraction = as_fraction(array.astype(np.float64), integer=array.dtype.kind in "biu")
-        picture = Image.fromarray(np.squeeze((fraction * 255).round().astype(np.uint8), axis=tuple(
-            range(2, array.ndim)) if array.ndim == 3 and array.shape[2] == 1 else ()))
-    else:
-        picture = open_image(path, str(path))
-        picture.load()
-    return fit_picture(picture, size)
+    if path.suffix.lower() != ".npy":
+        with open_image(path, str(path)) as picture:  # closed at once: a folder can hold 60,000 files
+            picture.load()
+            return fit_picture(picture, size)
+    array = np.load(path, mmap_mode="r", allow_pickle=False)  # its header is checked before its data is read
+    if (not isinstance(array, np.ndarray) or array.dtype.kind not in "biuf"
+            or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (1, 3)))):
+        raise DataError("expected one .npy array of numbers of shape (H, W) or (H, W, 1 or 3)")
+    _check_pixels(array.shape[1], array.shape[0], Image.MAX_IMAGE_PIXELS)
+    values = np.asarray(array, dtype=np.float64)
+    if not np.isfinite(values).all() or values.size == 0:
+        raise DataError("is empty or holds NaN or infinite values")
+    pixels = (as_fraction(values, integer=array.dtype.kind in "biu") * 255).round().astype(np.uint8)
+    return fit_picture(Image.fromarray(pixels[..., 0] if pixels.ndim == 3 and pixels.shape[2] == 1 else pixels), size)
 
 
 def fit_picture(picture: Any, size: tuple[int, int] | None) -> tuple[np.ndarray, tuple[int, int]]:
