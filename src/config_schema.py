@@ -20,7 +20,8 @@ from typing import Any, Callable
 
 from errors import CNNError, ConfigError
 
-DATASETS = ("mnist", "fashion_mnist", "digits", "synthetic")
+DATASETS = ("mnist", "fashion_mnist", "digits", "synthetic", "folder")
+COLORS = ("grey", "rgb")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 OPTIMIZERS = ("adam", "sgd")
 LR_SCHEDULES = ("constant", "step", "cosine", "one_cycle")
@@ -34,7 +35,9 @@ DEFAULT_LAYERS: list = [
 DEFAULT_CONFIG: dict = {
     "logging": {"level": "INFO", "file": "logs/app.log"},
     "data": {"dataset": "mnist", "path": None, "cache_dir": "data", "allow_synthetic_fallback": True,
-             "n_train": 5000, "n_test": 1000, "n_val": 0, "random_seed": 42, "augment": {"shift": 0, "rotate": 0}},
+             "n_train": None, "n_test": None, "n_val": 0, "random_seed": 42,
+             "augment": {"shift": 0, "rotate": 0, "flip": False}, "image_size": None, "color": None,
+             "test_fraction": None},
     "model": {"layers": DEFAULT_LAYERS},
     "training": {"epochs": 10, "learning_rate": 0.001, "batch_size": 32, "optimizer": "adam", "momentum": 0.9,
                  "weight_decay": 0.0, "lr_schedule": {"name": "constant"}, "workers": None},
@@ -452,8 +455,35 @@ def check_model(raw: Any, path: str = "model", convert_old_keys: bool = False) -
 
 
 def _augment(raw: Any, path: str) -> dict:
-    return check_mapping(path, {} if raw is None else raw, {"shift": _integer(0), "rotate": _number(0, 90, True)},
-                         DEFAULT_CONFIG["data"]["augment"])
+    return check_mapping(path, {} if raw is None else raw, {"shift": _integer(0), "rotate": _number(0, 90, True),
+                                                            "flip": _boolean}, DEFAULT_CONFIG["data"]["augment"])
+
+
+def _image_size(value: Any, path: str) -> list[int] | None:
+    """null, one side (32: square), [height, width] or the text 'HxW' (32x24: 32 rows, 24 columns)."""
+    if value is None:
+        return None
+    sides = value
+    if isinstance(value, str):
+        sides = [int(side) if side.strip().isdigit() else -1 for side in value.lower().split("x")]
+    elif isinstance(value, int) and not isinstance(value, bool):
+        sides = [value, value]
+    if (isinstance(sides, list) and len(sides) == 1) and not isinstance(value, list):
+        sides = sides * 2
+    if (not isinstance(sides, list) or len(sides) != 2
+            or not all(isinstance(side, int) and not isinstance(side, bool) and 1 <= side <= 4096 for side in sides)):
+        raise _fail(path, value, "a side in pixels (32), HxW (32x24) or [height, width], sides 1 to 4096")
+    return list(sides)
+
+
+def _color(value: Any, path: str) -> str | None:
+    if value is None:
+        return None
+    return _choice(COLORS)("grey" if value == "gray" else value, path)
+
+
+def _fraction(value: Any, path: str) -> float | None:
+    return None if value is None else _number(0, 1)(value, path)
 
 
 SCHEDULE_ARGUMENTS: dict[str, dict[str, tuple[Callable[[Any, str], Any], Any]]] = {
@@ -481,8 +511,10 @@ def _lr_schedule(raw: Any, path: str) -> dict:
 SCHEMA: dict[str, dict[str, Callable[[Any, str], Any]]] = {
     "logging": {"level": _choice(LOG_LEVELS, case_insensitive=True), "file": _optional_path},
     "data": {"dataset": _choice(DATASETS), "path": _optional_path, "cache_dir": _path,
-             "allow_synthetic_fallback": _boolean, "n_train": _integer(1), "n_test": _integer(1),
-             "n_val": _integer(0), "random_seed": _integer(0), "augment": _augment},
+             "allow_synthetic_fallback": _boolean, "n_train": _integer(1, nullable=True),
+             "n_test": _integer(1, nullable=True), "n_val": _integer(0), "random_seed": _integer(0),
+             "augment": _augment,
+             "image_size": _image_size, "color": _color, "test_fraction": _fraction},
     "model": {"layers": _layers},
     "training": {"epochs": _integer(0), "learning_rate": _number(0), "batch_size": _integer(1),
                  "optimizer": _choice(OPTIMIZERS), "momentum": _number(0, 1, low_inclusive=True),
@@ -517,12 +549,15 @@ OVERRIDES = {"epochs": ("training", "epochs"), "batch_size": ("training", "batch
              "n_test": ("data", "n_test"), "seed": ("data", "random_seed"), "dataset": ("data", "dataset"),
              "data_path": ("data", "path"), "log_level": ("logging", "level"), "plot_dir": ("output", "plot_dir"),
              "checkpoint_dir": ("output", "checkpoint_dir"),
-             "optimizer": ("training", "optimizer"), "workers": ("training", "workers")}
+             "optimizer": ("training", "optimizer"), "workers": ("training", "workers"),
+             "image_size": ("data", "image_size"), "color": ("data", "color")}
 # Flags that would do nothing in the --predict or --gradcheck mode: an error rather than silently ignored.
 TRAINING_ONLY = ("epochs", "batch_size", "learning_rate", "optimizer", "workers", "n_train", "n_test", "data_path",
-                 "no_fallback", "plot_dir", "save_model", "profile", "checkpoint_dir", "resume")
+                 "image_size", "color", "no_fallback", "plot_dir", "save_model", "profile", "checkpoint_dir", "resume")
 IGNORED_IN_MODE = {"predict": (*TRAINING_ONLY, "seed", "dataset", "export"),  # the saved model brings its own
-                   "gradcheck": (*TRAINING_ONLY, "load_model", "export")}  # it uses the model section, dataset, seed
+                   # it uses the model section and the data's shape and classes (dataset, data path, size, colour)
+                   "gradcheck": (*(flag for flag in TRAINING_ONLY if flag not in ("data_path", "image_size", "color")),
+                                 "load_model", "export")}
 
 
 def check_flag_combinations(args: Any) -> None:

@@ -139,7 +139,8 @@ def load_idx_folder(folder: Path) -> tuple[tuple[np.ndarray, np.ndarray], tuple[
         raise DataError(f"data.path (--data-path): {folder} is not a folder")
     train = load_idx_split(folder, "train")
     if train is None:
-        raise DataError(f"{folder}: no {IDX_FILES['train'][0]}[.gz] / {IDX_FILES['train'][1]}[.gz] in this folder")
+        raise DataError(f"{folder}: no {IDX_FILES['train'][0]}[.gz] / {IDX_FILES['train'][1]}[.gz] in this folder, "
+                        "and no class folders of images (<class>/*.png)")
     test = load_idx_split(folder, "test")
     if test is not None and test[0].shape[1:] != train[0].shape[1:]:
         raise DataError(f"{folder}: test images are {test[0].shape[1:]} but training images {train[0].shape[1:]}")

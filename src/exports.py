@@ -44,7 +44,9 @@ def check_exports(paths: list[str], load_model: str | None = None) -> None:
 
 def export_model(path: str, model: Any, meta: dict) -> None:
     """Write one export (the suffix says which), whole or not at all. meta: what a model file records
-    (modelfile.model_meta). OSError when the file cannot be written; ConfigError for a layer ONNX cannot express."""
+    (modelfile.model_meta; its example images stay in model files). OSError when the file cannot be written;
+    ConfigError for a layer ONNX cannot express."""
+    meta = {key: value for key, value in meta.items() if key != "examples"}
     if Path(path).suffix.lower() == ".onnx":
         from onnx_export import export_onnx
 

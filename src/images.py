@@ -25,6 +25,24 @@ from plumbing import log_to_file, versions, write_json
 log = logging.getLogger("numpy_cnn")
 
 
+ALLOWED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP")  # what Pillow may decode here: common, well-tested codecs
+
+
+def open_image(source: Any, what: str) -> Any:
+    """Pillow's Image.open(source) (a path or a binary file) limited to ALLOWED_FORMATS, lazily: only the header
+    is read. Raises DataError `what: why` with one line for anything else (another format, not an image)."""
+    from PIL import Image
+
+    try:
+        return Image.open(source, formats=ALLOWED_FORMATS)
+    except Image.UnidentifiedImageError:
+        raise DataError(f"{what}: not a PNG, JPEG, GIF, BMP or WebP image") from None
+    except Image.DecompressionBombError as error:
+        raise DataError(f"{what}: too many pixels ({_one_line(error)})") from None
+    except Exception as error:
+        raise DataError(f"{what}: cannot read it as an image ({type(error).__name__}: {_one_line(error)})") from None
+
+
 def as_fraction(grey: np.ndarray, integer: bool, sixteen_bit: bool = False) -> np.ndarray:
     """Grey values as fractions in [0, 1]: of 65535 for 16-bit values (or any above 255), of 255 for 0-255 pixels
     (integers above 1, floats above 2: floats get room for a resampling overshoot), else as they are."""
@@ -135,6 +153,64 @@ def _read_picture(file: Any, max_pixels: int | None) -> np.ndarray:
         raise DataError(f"cannot read it as an image ({type(error).__name__}: {_one_line(error)})") from None
 
 
+def decode(path: Path, size: tuple[int, int] | None) -> tuple[np.ndarray, tuple[int, int]]:
+    """One image file as uint8 (H, W) grey or (H, W, 3) RGB, resized to size (height, width) unless None; and
+    its own size (height, width). Transparent pixels are composited on white, palettes converted, a GIF's first
+    frame taken. Raises DataError (or Pillow's error) for a file that is not such an image."""
+    from PIL import Image
+
+    if path.suffix.lower() != ".npy":
+        with open_image(path, str(path)) as picture:  # closed at once: a folder can hold 60,000 files
+            picture.load()
+            return fit_picture(picture, size)
+    array = np.load(path, mmap_mode="r", allow_pickle=False)  # its header is checked before its data is read
+    if (not isinstance(array, np.ndarray) or array.dtype.kind not in "biuf"
+            or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (1, 3)))):
+        raise DataError("expected one .npy array of numbers of shape (H, W) or (H, W, 1 or 3)")
+    _check_pixels(array.shape[1], array.shape[0], Image.MAX_IMAGE_PIXELS)
+    values = np.asarray(array, dtype=np.float64)
+    if not np.isfinite(values).all() or values.size == 0:
+        raise DataError("is empty or holds NaN or infinite values")
+    pixels = (as_fraction(values, integer=array.dtype.kind in "biu") * 255).round().astype(np.uint8)
+    return fit_picture(Image.fromarray(pixels[..., 0] if pixels.ndim == 3 and pixels.shape[2] == 1 else pixels), size)
+
+
+def fit_picture(picture: Any, size: tuple[int, int] | None) -> tuple[np.ndarray, tuple[int, int]]:
+    """decode() for an open Pillow image."""
+    from PIL import Image
+
+    if picture.mode in ("RGBA", "LA", "PA") or "transparency" in picture.info:
+        picture = Image.alpha_composite(Image.new("RGBA", picture.size, "white"), picture.convert("RGBA"))
+    picture = picture.convert("L" if picture.mode in ("1", "L", "I", "I;16", "F") else "RGB")
+    own = (picture.height, picture.width)
+    if size is not None and own != tuple(size):
+        picture = picture.resize((size[1], size[0]), Image.BILINEAR)
+    return np.asarray(picture), own
+
+
+def picture_from_bytes(data: bytes, size: tuple[int, int], max_pixels: int | None = None) -> np.ndarray:
+    """The bytes of a PNG, JPEG, GIF, BMP or WebP file as decode() reads a file: uint8 grey (H, W) or RGB
+    (H, W, 3), resized to size (height, width). `max_pixels` refuses a larger image before decoding it.
+    DataError with one line for anything else."""
+    from PIL import Image
+
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    picture = open_image(io.BytesIO(data), "the image")
+    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels)
+    _check_pixels(picture.width, picture.height, limit)
+    try:
+        picture.load()
+        return fit_picture(picture, size)[0]
+    except Exception as error:
+        raise DataError(f"cannot read it as an image ({type(error).__name__}: {_one_line(error)})") from None
+
+
+def grey_of(rgb: np.ndarray) -> np.ndarray:
+    """RGB uint8 (..., 3) -> grey uint8 (...), with Pillow's ITU-R 601 weights and rounding (convert('L'))."""
+    weighted = rgb[..., 0] * np.uint32(19595) + rgb[..., 1] * np.uint32(38470) + rgb[..., 2] * np.uint32(7471)
+    return ((weighted + 0x8000) >> 16).astype(np.uint8)
+
+
 def prepare_image(image: np.ndarray, input_shape: tuple[int, int, int], fill: float = 20 / 28) -> np.ndarray:
     """Turn any grayscale image into what the model saw in training: (H, W, 1) float32 in [0, 1].
 
@@ -173,28 +249,64 @@ def prepare_image(image: np.ndarray, input_shape: tuple[int, int, int], fill: fl
     return image.astype(np.float32)[..., None]
 
 
-def predict_files(model: Any, paths: list[Path], class_names: list[str], fill: float) -> list[dict]:
+def model_input(picture: np.ndarray, channels: int) -> tuple[np.ndarray, str | None]:
+    """A decoded uint8 picture, grey (H, W) or RGB (H, W, 3), as a model input (H, W, channels) float32 in
+    [0, 1]; and a note when its colour had to change for the model (None when it did not)."""
+    in_colour = picture.ndim == 3 and not (picture == picture[..., :1]).all()
+    if channels == 1:
+        grey = grey_of(picture) if picture.ndim == 3 else picture
+        note = "it is in colour: the grey model sees it in grey" if in_colour else None
+        return (grey.astype(np.float32) / 255)[..., None], note
+    rgb = picture if picture.ndim == 3 else np.repeat(picture[..., None], 3, axis=2)
+    note = None if picture.ndim == 3 else "it is grey: the colour model sees the same grey in red, green and blue"
+    return rgb.astype(np.float32) / 255, note
+
+
+def prepare_file(path: Path, preprocess: dict, input_shape: tuple[int, int, int]) -> tuple[np.ndarray, str | None]:
+    """An image file as the model's input (H, W, C) float32 in [0, 1], prepared as the model's preprocess
+    record says (preprocess_record), and a note when its colour was converted for the model. DataError (one
+    line naming the file) for a file that is not a usable image."""
+    path = Path(path)
+    if preprocess["method"] == "digit":
+        image = prepare_image(read_image(path), input_shape, preprocess.get("fill", 20 / 28))
+        try:
+            _, note = model_input(decode(path, None)[0], 1)
+        except Exception:  # read_image read it (a 16-bit or float image that decode does not take): it is grey
+            note = None
+        return image, note
+    try:
+        return model_input(decode(path, (input_shape[0], input_shape[1]))[0], input_shape[2])
+    except DataError as error:
+        raise DataError(f"{path}: {str(error).removeprefix(f'{path}: ')}") from None
+    except Exception as error:
+        raise DataError(f"{path}: cannot read it as an image ({type(error).__name__}: {_one_line(error)})") from None
+
+
+def predict_files(model: Any, paths: list[Path], class_names: list[str], preprocess: dict) -> list[dict]:
     """One result per image file, in order: {"file", "top": the top-3 classes with probabilities} (with a
-    "warning" for an image with no ink), or {"file", "error": one line saying why it cannot be read} for a
-    file that is not a usable image, so that one bad file does not cost the predictions of the others."""
+    "warning" for a digit image with no ink, a "note" for a colour conversion), or {"file", "error": one line
+    saying why it cannot be read} for a file that is not a usable image, so that one bad file does not cost the
+    predictions of the others. preprocess: the model's record (preprocess_record)."""
     results: list[dict] = []
     prepared: list[tuple[dict, np.ndarray]] = []
     for path in paths:
         result: dict = {"file": str(path)}
         try:
-            image = prepare_image(read_image(path), model.input_shape, fill)
+            image, note = prepare_file(path, preprocess, model.input_shape)
         except DataError as error:
             message = str(error)
             result["error"] = message.removeprefix(f"{path}: ")
         else:
             prepared.append((result, image))
+            if note:
+                result["note"] = note
         results.append(result)
     if prepared:
         probabilities = model.predict_proba(np.stack([image for _, image in prepared]))
         for (result, image), probs in zip(prepared, probabilities):
             top = np.argsort(probs)[::-1][:3]
             result["top"] = [{"class": class_names[i], "probability": float(probs[i])} for i in top]
-            if image.max() < 0.05:
+            if preprocess["method"] == "digit" and image.max() < 0.05:
                 result["warning"] = "the image is blank (no ink found): the prediction means nothing"
     return results
 
@@ -205,11 +317,30 @@ def ink_fill(dataset: str | None) -> float:
     return 20 / 28 if dataset in ("mnist", "synthetic") else 1.0
 
 
+def preprocess_record(dataset: str | None, input_shape: tuple[int, ...]) -> dict:
+    """How an image file becomes the model's input, as the model file records it (and --predict, the page and
+    an export apply it). 'digit': MNIST's recipe for grey digit models (a light background inverted, cropped to
+    the ink, its longer side scaled to `fill` of the frame, centred on its centre of mass: images.prepare_image).
+    'resize': a folder model's, the whole picture resized to `size` [height, width] (bilinear) in `color`."""
+    if dataset == "folder" or input_shape[2] != 1:
+        return {"method": "resize", "size": [int(input_shape[0]), int(input_shape[1])], "filter": "bilinear",
+                "color": "rgb" if input_shape[2] == 3 else "grey"}
+    return {"method": "digit", "fill": ink_fill(dataset), "color": "grey"}
+
+
+def preprocess_of(meta: dict, input_shape: tuple[int, ...]) -> dict:
+    """The model file's preprocess record; for a file written before models recorded it, what it then was."""
+    record = meta.get("preprocess")
+    known = isinstance(record, dict) and record.get("method") in ("digit", "resize")
+    fits = known and (record["method"] == "resize" or input_shape[2] == 1)  # the digit recipe makes grey images
+    return record if fits else preprocess_record(meta.get("dataset"), input_shape)
+
+
 def report_predictions(model: Any, meta: dict, paths: list[Path], model_path: str, output: str | None) -> bool:
     """--predict's output: one line per image on stdout (its three likeliest classes), or one `error: FILE: why`
     line on stderr for a file that cannot be read; --output lists every file, its top classes or its error.
     Returns whether every file could be read."""
-    predictions = predict_files(model, paths, meta["class_names"], ink_fill(meta.get("dataset")))
+    predictions = predict_files(model, paths, meta["class_names"], preprocess_of(meta, model.input_shape))
     failed = [prediction for prediction in predictions if "error" in prediction]
     for prediction in predictions:
         if "error" in prediction:
@@ -219,6 +350,8 @@ def report_predictions(model: Any, meta: dict, paths: list[Path], model_path: st
             continue
         ranked = ", ".join(f"{t['class']} ({100 * t['probability']:.1f}%)" for t in prediction["top"])
         print(f"{prediction['file']}: {ranked}")
+        if "note" in prediction:
+            log.info("note: %s: %s", prediction["file"], prediction["note"])
         if "warning" in prediction:
             log.warning("%s: %s", prediction["file"], prediction["warning"])
         log_to_file(logging.INFO, f"prediction {prediction['file']}: {ranked}")

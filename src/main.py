@@ -7,8 +7,8 @@ Read it top to bottom, like a chapter of a textbook:
   3. Model: Sequential, which chains the layers (forward in order, backward in reverse), and build_model, which
      makes them from the config's layer list.
   4. Optimisers: SGD with momentum, Adam, weight decay, learning-rate schedules.
-  5. Data: MNIST, Fashion-MNIST or scikit-learn's digits, with labelled synthetic digits when offline; shifts
-     and rotations that augment it.
+  5. Data: MNIST, Fashion-MNIST, scikit-learn's digits or your own images, with labelled synthetic digits when
+     offline; shifts, rotations and flips that augment it.
   6. Training: the loop of forward -> loss -> backward -> step.
   7. The gradient check, which proves every backward pass right with central differences.
   8. The configuration file and the command line.
@@ -47,8 +47,9 @@ from config_schema import layer_name_and_arguments
 from datafiles import OPENML_NAMES, download_openml, load_cache, load_idx_folder, make_synthetic
 from errors import CNNError, ConfigError, DataError
 from exports import check_exports, write_exports
+from folders import check_dataset_flag, load_folder, uses_folder
 from images import report_predictions
-from modelfile import continue_from, data_summary, load_model
+from modelfile import continue_from, load_model, model_meta
 from outputs import check_outputs, write_outputs
 from parallel import DataParallel, default_workers, one_blas_thread
 from plumbing import ProgressBar
@@ -820,6 +821,7 @@ class Dataset:
     note: str = ""  # a sentence for humans: which files, what was held out, why a fallback happened
     x_val: np.ndarray = field(default_factory=lambda: np.zeros((0, 1, 1, 1), DTYPE))
     y_val: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    skipped: list[str] = field(default_factory=list)  # "file: why" for each unreadable file of a folder
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -837,9 +839,11 @@ def make_rngs(seed: int) -> dict[str, np.random.Generator]:
     return {name: np.random.default_rng(s) for name, s in zip(names, np.random.SeedSequence(seed).spawn(len(names)))}
 
 
-def shift_and_rotate(images: np.ndarray, rng: np.random.Generator, max_shift: int, max_degrees: float) -> np.ndarray:
+def shift_and_rotate(images: np.ndarray, rng: np.random.Generator, max_shift: int, max_degrees: float,
+                     flip: bool = False) -> np.ndarray:
     """Data augmentation: each image (N, H, W, C) moved by its own random shift of up to max_shift whole pixels
-    in each direction and turned by a random angle of up to max_degrees either way, all images at once.
+    in each direction and turned by a random angle of up to max_degrees either way, all images at once; with
+    flip, half of them (at random) mirrored left to right first (right for photos, wrong for digits).
 
     Output pixel (r, c) reads the input at the point where the inverse rotation (about the image's centre) and
     shift take it, interpolated bilinearly between the four pixels around it; outside the image reads 0.
@@ -850,6 +854,8 @@ def shift_and_rotate(images: np.ndarray, rng: np.random.Generator, max_shift: in
     centre_r, centre_c = (height - 1) / 2, (width - 1) / 2
     rows, cols = np.mgrid[0:height, 0:width].astype(DTYPE)
     r, c = rows - shift_r - centre_r, cols - shift_c - centre_c  # (N, H, W), relative to the centre
+    if flip:  # a mirrored image reads column -c (about the centre) where the image itself reads c
+        c = np.where(rng.random((n, 1, 1)) < 0.5, -c, c)
     # The source point, in the coordinates of the image framed by a border of zeros (1 pixel before, 2 after, so
     # that a point outside, clipped onto the border, and its neighbours below and to the right all read 0).
     source_r = np.clip(np.cos(angle) * r - np.sin(angle) * c + centre_r + 1, 0, height + 1)
@@ -893,9 +899,13 @@ def load_data(data_cfg: dict, evaluating_only: bool = False) -> Dataset:
     data_cfg['cache_dir'], a download from OpenML (cached afterwards), and, if all fail and
     allow_synthetic_fallback is on, synthetic seven-segment digits, loudly labelled as such.
     """
-    name, n_test, n_val = data_cfg["dataset"], data_cfg["n_test"], data_cfg["n_val"]
-    n_train = data_cfg["n_train"] + n_val  # the validation images come out of the training split
+    name, n_test, n_val = data_cfg["dataset"], data_cfg["n_test"] or 1000, data_cfg["n_val"]
+    n_train = (data_cfg["n_train"] or 5000) + n_val  # the validation images come out of the training split
     rng = make_rngs(data_cfg["random_seed"])["data"]
+    if uses_folder(data_cfg):  # your own images: a folder of class folders
+        images = load_folder(data_cfg, rng)
+        return _to_dataset(images.train, images.test, images.class_names, "folder", images.source, images.note,
+                           n_val, images.skipped)
     class_names = FASHION_NAMES if name == "fashion_mnist" else DIGIT_NAMES
     if data_cfg["path"] and name in ("digits", "synthetic"):
         log.warning("data.path %s is ignored: the %s data set is built in", data_cfg["path"], name)
@@ -948,16 +958,17 @@ def load_data(data_cfg: dict, evaluating_only: bool = False) -> Dataset:
 
 
 def _to_dataset(train: tuple, test: tuple, class_names: list[str], name: str, source: str, note: str,
-                n_val: int = 0) -> Dataset:
-    """uint8 images (N, H, W) -> float32 (N, H, W, 1) in [0, 1]; labels -> int64. The last n_val of the
-    training images become the validation set."""
+                n_val: int = 0, skipped: list[str] | None = None) -> Dataset:
+    """uint8 images (N, H, W) or (N, H, W, C) -> float32 (N, H, W, C) in [0, 1]; labels -> int64. The last
+    n_val of the training images become the validation set."""
     def scale(images: np.ndarray) -> np.ndarray:
-        return (images.astype(DTYPE) / 255)[..., None]
+        scaled = images.astype(DTYPE) / 255
+        return scaled if scaled.ndim == 4 else scaled[..., None]
 
     keep = len(train[0]) - n_val
     return Dataset(scale(train[0][:keep]), train[1][:keep].astype(np.int64), scale(test[0]),
                    test[1].astype(np.int64), list(class_names), name, source, note,
-                   scale(train[0][keep:]), train[1][keep:].astype(np.int64))
+                   scale(train[0][keep:]), train[1][keep:].astype(np.int64), skipped or [])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1271,8 +1282,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--n-test", type=int, metavar="N", help="data.n_test")
     group.add_argument("--seed", type=int, metavar="N", help="data.random_seed (seeds everything)")
     group.add_argument("--dataset", metavar="NAME", help="data.dataset: " + ", ".join(config_schema.DATASETS))
-    group.add_argument("--data-path", type=path_argument, metavar="DIR",
-                       help="data.path: a folder of MNIST IDX files")
+    group.add_argument("--data-path", type=path_argument, metavar="DIR", help="data.path: a folder of MNIST IDX "
+                       "files, or of your own images in one folder per class (DIR/<class>/*.png)")
+    group.add_argument("--image-size", metavar="HxW", help="data.image_size of a folder's images: 32 or 32x24")
+    group.add_argument("--color", metavar="MODE", help="data.color of a folder's images: grey or rgb")
     group.add_argument("--no-fallback", action="store_true", help="fail instead of using synthetic data")
     group.add_argument("--log-level", metavar="LEVEL", help="logging.level: " + ", ".join(config_schema.LOG_LEVELS))
     group.add_argument("--plot-dir", type=path_argument, metavar="DIR",
@@ -1329,7 +1342,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, dict[str, str]]:
         origin["seed"] = "--seed"
     if args.no_fallback:
         cfg["data"]["allow_synthetic_fallback"] = False
-    if not args.load_model:
+    check_dataset_flag(args.dataset, cfg["data"]["path"])
+    if not args.load_model and not uses_folder(cfg["data"]):  # a folder's shape is known once it is read
         # Build the configured model once on the data set's image size, so that an impossible architecture
         # is reported now, not after a minute of downloading. (A loaded model brings its own architecture.)
         try:
@@ -1365,9 +1379,11 @@ def run_gradcheck(args: argparse.Namespace, cfg: dict, origin: dict[str, str]) -
                           "logging.file": cfg["logging"]["file"]})
     plumbing.check_writable(args.output, "--output")
     rngs = make_rngs(cfg["data"]["random_seed"])
-    rng, input_shape = rngs["init"], input_shape_of(cfg["data"]["dataset"])
-    model = build_model(cfg["model"], input_shape, 10, rng, rngs["dropout"])
-    x, labels = rng.random((4, *input_shape)), rng.integers(0, 10, 4)  # BatchNorm needs a few values per feature
+    folder = load_data(cfg["data"], evaluating_only=True) if uses_folder(cfg["data"]) else None  # its images' shape
+    rng, input_shape = rngs["init"], folder.input_shape if folder else input_shape_of(cfg["data"]["dataset"])
+    classes = folder.num_classes if folder else 10
+    model = build_model(cfg["model"], input_shape, classes, rng, rngs["dropout"])
+    x, labels = rng.random((4, *input_shape)), rng.integers(0, classes, 4)  # BatchNorm needs a few values per feature
     start = time.perf_counter()
     rows = gradient_check(model, x, labels, rng)
     failed = [row for row in rows if not row["ok"]]
@@ -1433,6 +1449,7 @@ def run_training(args: argparse.Namespace, cfg: dict, origin: dict[str, str], st
     schedule, augment_cfg = training_cfg["lr_schedule"], cfg["data"]["augment"]
     changes = [f"shifts of up to {augment_cfg['shift']} px"] if augment_cfg["shift"] else []
     changes += [f"rotations of up to {augment_cfg['rotate']:g} degrees"] if augment_cfg["rotate"] else []
+    changes += ["left-right flips"] if augment_cfg["flip"] else []
     if not evaluating_only:
         log.info("training: %s, batch %d, %s, learning rate %g (%s)%s%s, %s",
                  plumbing.plural(training_cfg["epochs"], "epoch"), training_cfg["batch_size"],
@@ -1446,7 +1463,8 @@ def run_training(args: argparse.Namespace, cfg: dict, origin: dict[str, str], st
     augment = None
     if changes:
         def augment(x: np.ndarray) -> np.ndarray:
-            return shift_and_rotate(x, rngs["augment"], augment_cfg["shift"], augment_cfg["rotate"])
+            return shift_and_rotate(x, rngs["augment"], augment_cfg["shift"], augment_cfg["rotate"],
+                                    augment_cfg["flip"])
 
     saved = checkpoints.for_run(None if evaluating_only else cfg["output"]["checkpoint_dir"], args.resume,
                                 cfg["output"]["checkpoint_every"], model=model, model_cfg=model_cfg, rngs=rngs,
@@ -1501,8 +1519,7 @@ def run_training(args: argparse.Namespace, cfg: dict, origin: dict[str, str], st
     if args.serve:
         from serve import serve_trained_model
 
-        serve_trained_model(model, {"class_names": data.class_names, "dataset": data.name, "data": data_summary(data),
-                                    "training": summary}, softmax, args.host, args.port)
+        serve_trained_model(model, model_meta(model, model_cfg, data, summary), softmax, args.host, args.port)
     return EXIT_OK
 
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from config_schema import check_model, shown
 from errors import ConfigError, DataError, ModelFileError
+from images import preprocess_record
 from plumbing import plural, write_atomic
 
 log = logging.getLogger("numpy_cnn")
@@ -37,21 +38,30 @@ def data_summary(data: Any) -> dict:
             "note": data.note}
 
 
+MAX_EXAMPLES = 100  # test images a model file keeps, for the page to offer
+
+
 def model_meta(model: Any, model_cfg: dict, data: Any, summary: dict) -> dict:
-    """What a model file (and an export) records beside the weights: architecture (the model section's layer
-    list), input shape, class names, data set and training summary."""
-    return {"format": MODEL_FORMAT, "version": 2, "model": model_cfg, "input_shape": list(model.input_shape),
-            "class_names": data.class_names, "dataset": data.name, "data": data_summary(data), "training": summary}
+    """What a model file's meta entry records of a model trained on `data` (main.Dataset), with its first
+    MAX_EXAMPLES test images as 'examples' ({images: uint8 (N, H, W, C), labels}: arrays, stored beside it)."""
+    shown_images = np.round(data.x_test[:MAX_EXAMPLES] * 255).astype(np.uint8)
+    return {"format": MODEL_FORMAT, "version": 3, "model": model_cfg, "input_shape": list(model.input_shape),
+            "class_names": data.class_names, "dataset": data.name, "data": data_summary(data), "training": summary,
+            "preprocess": preprocess_record(data.name, model.input_shape),
+            "examples": {"images": shown_images, "labels": data.y_test[:MAX_EXAMPLES].astype(np.int64)}}
 
 
 def model_file_arrays(model: Any, model_cfg: dict, data: Any, summary: dict, optimizer: Any = None,
                       **more_meta: Any) -> dict[str, np.ndarray]:
     """What a model file holds: every weight and buffer ('layer<i>.<name>', e.g. 'layer0.W',
-    'layer1.running_mean'), the optimiser's state ('optimizer.<key>'), and a JSON 'meta' entry (model_meta, plus
-    more_meta: checkpoints.py adds its own entry)."""
+    'layer1.running_mean'), the optimiser's state ('optimizer.<key>'), up to MAX_EXAMPLES test images
+    ('examples.images' uint8 (N, H, W, C), 'examples.labels'), and a JSON 'meta' entry (model_meta without the
+    examples, plus more_meta: checkpoints.py adds its own entry)."""
     arrays = {weight_key(i, name): array for i, layer in enumerate(model.layers)
               for name, array in {**layer.params, **layer.buffers}.items()}
     meta = {**model_meta(model, model_cfg, data, summary), **more_meta}
+    examples = meta.pop("examples")
+    arrays.update({"examples.images": examples["images"], "examples.labels": examples["labels"]})
     if optimizer is not None:
         meta["optimizer"] = {"name": optimizer.name, "t": getattr(optimizer, "t", 0)}
         arrays.update({f"optimizer.{key}": value for key, value in optimizer.state.items()})
@@ -117,6 +127,7 @@ def load_model(path: Path, build_model: Callable[..., Any], defaults: dict | Non
             raise ModelFileError(f"{path}: the stored architecture's weights do not fit in memory") from None
         try:
             optimizer_state = _load_arrays(path, archive, model)
+            meta["examples"] = _load_examples(path, archive, input_shape, len(class_names))
         except ModelFileError:
             raise
         except Exception as error:  # a damaged member: bad CRC, truncated data, a header numpy cannot parse
@@ -196,9 +207,9 @@ def _check_meta(meta: dict) -> tuple[dict, tuple[int, int, int], list[str]]:
     shape, names = meta["input_shape"], meta["class_names"]
     if not isinstance(shape, list) or len(shape) != 3 or not all(type(side) is int for side in shape):
         raise ValueError(f"input_shape {shown(shape)} is not [height, width, channels] (3 integers)")
-    if shape[2] != 1:
+    if shape[2] not in (1, 3):
         raise ValueError(f"input_shape {shape} has {shape[2]} channels, but numpy-cnn models read grey images "
-                         "(1 channel)")
+                         "(1 channel) or colour images (3: red, green, blue)")
     if not (1 <= shape[0] <= MAX_SIDE and 1 <= shape[1] <= MAX_SIDE):
         raise ValueError(f"input_shape {shape}: an image's sides must be 1 to {MAX_SIDE} pixels")
     if (not isinstance(names, list) or not 2 <= len(names) <= MAX_CLASSES
@@ -231,7 +242,8 @@ def _load_arrays(path: Path, archive: Any, model: Any) -> dict[str, np.ndarray]:
     checked before its data is read: a small file can declare a huge array."""
     expected = {weight_key(i, name): param for i, layer in enumerate(model.layers)
                 for name, param in {**layer.params, **layer.buffers}.items()}
-    stored = {key for key in archive.files if key != "meta" and not key.startswith(("optimizer.", "checkpoint."))}
+    stored = {key for key in archive.files
+              if key != "meta" and not key.startswith(("optimizer.", "checkpoint.", "examples."))}
     if stored != set(expected):
         raise ModelFileError(f"{path}: weights {shown(sorted(stored ^ set(expected))[:3])} do not fit the stored "
                              "architecture")
@@ -257,6 +269,23 @@ def _load_arrays(path: Path, archive: Any, model: Any) -> dict[str, np.ndarray]:
             raise ModelFileError(f"{path}: {_name(key)} holds NaN or infinite values")
         optimizer_state[key.removeprefix("optimizer.")] = state
     return optimizer_state
+
+
+def _load_examples(path: Path, archive: Any, input_shape: tuple[int, int, int], classes: int) -> dict:
+    """The stored test images and labels ({images: uint8 (N, H, W, C), labels (N,)}), empty for older files."""
+    none = {"images": np.zeros((0, *input_shape), np.uint8), "labels": np.zeros(0, np.int64)}
+    if "examples.images" not in archive.files or "examples.labels" not in archive.files:
+        return none
+    shape, dtype = _header(archive, "examples.images")
+    label_shape, label_dtype = _header(archive, "examples.labels")
+    if (shape[1:] != input_shape or shape[0] > MAX_EXAMPLES or dtype != np.uint8 or label_shape != shape[:1]
+            or label_dtype.kind not in "iu"):
+        raise ModelFileError(f"{path}: examples.images {shape} ({dtype}) or examples.labels {label_shape} do not fit "
+                             f"up to {MAX_EXAMPLES} images of {input_shape} (uint8) with their labels")
+    labels = archive["examples.labels"].astype(np.int64)
+    if labels.size and not 0 <= labels.min() <= labels.max() < classes:
+        raise ModelFileError(f"{path}: examples.labels holds a label outside 0..{classes - 1}")
+    return {"images": archive["examples.images"], "labels": labels}
 
 
 def restore_optimizer(optimizer: Any, loaded: LoadedModel, params: dict[str, np.ndarray]) -> bool:

@@ -127,6 +127,14 @@ def hide_axes(axes: plt.Axes) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
+def show_image(axes: plt.Axes, image: np.ndarray) -> None:
+    """An input image (H, W, C) in [0, 1]: in colour when it has 3 channels (red, green, blue), else grey."""
+    if image.shape[2] == 3:
+        axes.imshow(np.clip(image, 0, 1), interpolation="nearest")
+    else:
+        axes.imshow(image[:, :, 0], cmap=IMAGE_CMAP, vmin=0, vmax=1)
+
+
 def class_label(class_names: list[str], index: int) -> str:
     """The name of class `index` (a digit, or Fashion-MNIST's article name)."""
     return class_names[index] if 0 <= index < len(class_names) else str(index)
@@ -228,9 +236,10 @@ def conv_layers(model: Any) -> list[int]:
 
 
 def plot_filters(model: Any) -> plt.Figure:
-    """The first convolution layer's filters W[:, :, :, f], one small image each (mean over input channels
-    when there are several). Grey is 0, dark is a negative weight, light a positive one; each filter has
-    its own scale, symmetric around 0, so its pattern shows even when its weights are small."""
+    """The first convolution layer's filters W[:, :, :, f], one small image each: grey for a grey input (the
+    mean over input channels when there are several), in colour for an RGB input (each channel's weights in
+    its own colour). Mid-grey is 0, darker a negative weight, lighter a positive one; each filter has its own
+    scale, symmetric around 0, so its pattern shows even when its weights are small."""
     indices = conv_layers(model)
     if not indices:
         return note_figure("filters", "First-layer filters", "This model has no convolutional layer,\n"
@@ -246,16 +255,21 @@ def plot_filters(model: Any) -> plt.Figure:
         hide_axes(axes)
         if f >= shown:
             continue
-        kernel = weights[:, :, :, f].mean(axis=2)
+        kernel = weights[:, :, :, f] if in_channels == 3 else weights[:, :, :, f].mean(axis=2)
         limit = float(np.abs(kernel).max()) or 1.0
-        axes.imshow(kernel, cmap="gray", vmin=-limit, vmax=limit, interpolation="nearest")
+        if in_channels == 3:  # weight w of a channel shows as that channel at 0.5 + 0.5 w / limit
+            axes.imshow(0.5 + 0.5 * kernel / limit, interpolation="nearest")
+        else:
+            axes.imshow(kernel, cmap="gray", vmin=-limit, vmax=limit, interpolation="nearest")
         axes.set_title(f"{f + 1}", fontsize=SMALL_SIZE, pad=2)
-    channels = "" if in_channels == 1 else f", mean over {in_channels} input channels"
+    channels = {1: "", 3: ", in colour (red, green, blue weights)"}.get(in_channels,
+                                                                      f", mean over {in_channels} input channels")
     of = f"{shown} of {n_filters}" if shown < n_filters else f"all {n_filters}"
     fig.suptitle(f"First-layer filters: {of}, {kernel_size}x{kernel_size} weights each{channels}",
                  fontweight="bold")
-    fig.supxlabel("grey = 0, light = positive weight, dark = negative; each filter scaled to its own "
-                  "largest |weight|", fontsize=LABEL_SIZE, color="dimgray")
+    legend = ("mid-grey = 0; more red, green or blue = a positive weight on that channel, less = a negative one"
+              if in_channels == 3 else "grey = 0, light = positive weight, dark = negative")
+    fig.supxlabel(f"{legend}; each filter scaled to its own largest |weight|", fontsize=LABEL_SIZE, color="dimgray")
     return fig
 
 
@@ -295,7 +309,7 @@ def plot_feature_maps(model: Any, images: np.ndarray, labels: np.ndarray, probab
     columns = min(MAX_CHANNELS, max(maps.shape[2] for _, maps in activations))
     outer = fig.add_gridspec(1, 2, width_ratios=[1.3, columns / max(len(activations), 2)])
     input_axes = fig.add_subplot(outer[0])
-    input_axes.imshow(images[example][:, :, 0], cmap=IMAGE_CMAP, vmin=0, vmax=1)
+    show_image(input_axes, images[example])
     input_axes.set_title(f"input: true {class_label(class_names, int(labels[example]))},\npredicted "
                          f"{class_label(class_names, int(probabilities[example].argmax()))}")
     input_axes.set_xticks([])
@@ -335,7 +349,7 @@ def plot_mistakes(images: np.ndarray, labels: np.ndarray, probabilities: np.ndar
         if position >= len(shown):
             continue
         index = shown[position]
-        axes.imshow(images[index][:, :, 0], cmap=IMAGE_CMAP, vmin=0, vmax=1)
+        show_image(axes, images[index])
         axes.set_title(mistake_title(class_names, int(labels[index]), int(predicted[index]),
                                      float(probabilities[index, predicted[index]])), fontsize=SMALL_SIZE)
     which = f"All {len(wrong)}" if len(shown) == len(wrong) else f"{len(shown)} of the {len(wrong):,}"

@@ -51,13 +51,14 @@ class ProgressBar:
         self.enabled = self.stream.isatty()
         self.total, self.label, self.last_draw = total, label, 0.0
 
-    def update(self, done: int, loss: float) -> None:
+    def update(self, done: int, loss: float | None = None) -> None:
         now = time.perf_counter()
         if not self.enabled or (now - self.last_draw < 0.1 and done < self.total):
             return
         self.last_draw = now
         filled = 30 * done // self.total
-        self.stream.write(f"\r{self.label} [{'=' * filled}{' ' * (30 - filled)}] {done}/{self.total} loss {loss:.4f}")
+        self.stream.write(f"\r{self.label} [{'=' * filled}{' ' * (30 - filled)}] {done}/{self.total}"
+                          + ("" if loss is None else f" loss {loss:.4f}"))
         self.stream.flush()
 
     def close(self) -> None:

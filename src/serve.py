@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import errno
+import io
 import ipaddress
 import json
 import logging
@@ -37,7 +38,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from errors import CNNError
-from images import image_from_bytes, ink_fill, prepare_image
+from images import image_from_bytes, model_input, picture_from_bytes, prepare_image, preprocess_of
 
 log = logging.getLogger("numpy_cnn.serve")
 
@@ -132,8 +133,9 @@ class Predictor:
     """Runs the model on drawings. Shared by every request thread: it holds nothing that a request changes."""
 
     def __init__(self, model: Any, prepare: Callable[[np.ndarray], np.ndarray],
-                 softmax: Callable[[np.ndarray], np.ndarray], class_names: list[str]) -> None:
-        self.model, self.prepare, self.softmax = model, prepare, softmax
+                 softmax: Callable[[np.ndarray], np.ndarray], class_names: list[str],
+                 decode: Callable[[bytes], np.ndarray] | None = None) -> None:
+        self.model, self.prepare, self.softmax, self.decode = model, prepare, softmax, decode
         self.class_names = [str(name) for name in class_names]
 
     def predict(self, data_url: Any, encoding: Any = "base64") -> dict:
@@ -141,8 +143,9 @@ class Predictor:
         start = time.perf_counter()
         if encoding not in ("base64", "lists"):
             raise RequestError(f'"encoding" must be "base64" (the default) or "lists", not {str(encoding)[:40]!r}')
+        data = decode_data_url(data_url)
         try:
-            drawing = image_from_bytes(decode_data_url(data_url), max_pixels=MAX_IMAGE_PIXELS)
+            drawing = self.decode(data) if self.decode else image_from_bytes(data, max_pixels=MAX_IMAGE_PIXELS)
         except CNNError as error:
             raise RequestError(f'"image": {error}') from None
         if drawing.size == 0:
@@ -151,13 +154,13 @@ class Predictor:
             prepared = np.asarray(self.prepare(drawing), dtype=np.float32)
         except CNNError as error:
             raise RequestError(f'"image": {error}') from None
-        if not prepared.size or float(prepared.max()) < BLANK_INK:
+        if self.decode is None and (not prepared.size or float(prepared.max()) < BLANK_INK):  # drawings only
             raise RequestError('"image" is blank (no ink found): draw something first')
         outputs = layer_outputs(self.model, prepared[None])
         probabilities = np.nan_to_num(self.softmax(outputs[-1][2])[0].astype(np.float64))
         best = int(probabilities.argmax())
-        grey = prepared.mean(axis=2) if prepared.ndim == 3 else prepared
-        seen = np.rint(np.clip(np.nan_to_num(grey), 0, 1) * 255).astype(np.uint8)  # the input is in [0, 1]
+        shown = prepared[..., 0] if prepared.ndim == 3 and prepared.shape[2] == 1 else prepared  # grey: (H, W)
+        seen = np.rint(np.clip(np.nan_to_num(shown), 0, 1) * 255).astype(np.uint8)  # the input is in [0, 1]
         return {
             "prediction": {"index": best, "class": self.name_of(best),
                            "probability": round(float(probabilities[best]), 6)},
@@ -173,12 +176,30 @@ class Predictor:
         return self.class_names[index] if index < len(self.class_names) else str(index)
 
 
-def model_document(model: Any, class_names: list[str], info: dict) -> dict:
-    """The answer to GET /api/model: the summary rows, the totals, the classes and where the model was trained."""
+def model_document(model: Any, class_names: list[str], info: dict, mode: str = "draw",
+                   examples: list[dict] | None = None) -> dict:
+    """The answer to GET /api/model: the summary rows, the totals, the classes, where the model was trained, the
+    page's mode ("draw": the drawing pad; "picture": a file drop and the example images) and the examples."""
     rows = model.summary_rows()
     return {"layers": rows, "parameters": int(sum(int(row["parameters"]) for row in rows)),
             "input_shape": [int(v) for v in model.input_shape], "class_names": [str(c) for c in class_names],
-            "info": info}
+            "info": info, "mode": mode, "examples": examples or []}
+
+
+def example_images(examples: dict | None, class_names: list[str]) -> list[dict]:
+    """A model file's example test images ({images: uint8 (N, H, W, C), labels}) as [{class, image: a PNG data
+    URL}] for the page to show and send back to /api/predict."""
+    from PIL import Image
+
+    if not examples:
+        return []
+    shown = []
+    for image, label in zip(examples["images"], examples["labels"]):
+        buffer = io.BytesIO()
+        Image.fromarray(image[..., 0] if image.shape[2] == 1 else image).save(buffer, format="PNG")
+        shown.append({"class": str(class_names[int(label)]),
+                      "image": "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")})
+    return shown
 
 
 # ------------------------------------------------------------------------------------------------
@@ -425,14 +446,18 @@ class DrawServer(ThreadingHTTPServer):
 
 def make_server(model: Any, *, prepare: Callable[[np.ndarray], np.ndarray],
                 softmax: Callable[[np.ndarray], np.ndarray], class_names: list[str], info: dict,
-                host: str = "127.0.0.1", port: int = 8000, timeout: float = DEFAULT_TIMEOUT) -> ThreadingHTTPServer:
+                host: str = "127.0.0.1", port: int = 8000, timeout: float = DEFAULT_TIMEOUT,
+                decode: Callable[[bytes], np.ndarray] | None = None, mode: str = "draw",
+                examples: list[dict] | None = None) -> ThreadingHTTPServer:
     """A bound, listening server for the model (not yet serving: call serve_forever(), or use serve()).
 
     model: a Sequential (layers, names, input_shape, summary_rows()); prepare: a 2-D grey image in [0, 1] ->
     the model's input (H, W, 1), as --predict prepares files; softmax: logits (N, K) -> probabilities;
     class_names: one per output; info: where the model was trained (dataset, source, test_accuracy, ...), shown
     on the page; port 0 picks a free port (see server.server_address); timeout: seconds a client may take to
-    send its request. Raises CNNError (one line) when the address cannot be bound.
+    send its request; decode: the bytes of a posted image -> what prepare takes (default: a 2-D grey drawing,
+    images.image_from_bytes; a picture model reads colour); mode and examples: see model_document. Raises
+    CNNError (one line) when the address cannot be bound.
     """
     if not 0 <= int(port) <= 65535:
         raise CNNError(f"--port {port}: a port is a number from 0 to 65535 (0 picks a free one)")
@@ -440,8 +465,8 @@ def make_server(model: Any, *, prepare: Callable[[np.ndarray], np.ndarray],
         page = PAGE_PATH.read_bytes()
     except OSError as error:
         raise CNNError(f"cannot read the page {PAGE_PATH} ({error.strerror or error})") from None
-    model_json = json.dumps(model_document(model, class_names, info), default=_jsonable).encode()
-    predictor = Predictor(model, prepare, softmax, class_names)
+    model_json = json.dumps(model_document(model, class_names, info, mode, examples), default=_jsonable).encode()
+    predictor = Predictor(model, prepare, softmax, class_names, decode)
     try:
         return DrawServer((host, int(port)), predictor, page, model_json, timeout)
     except OSError as error:
@@ -465,7 +490,8 @@ def _jsonable(value: Any) -> Any:
 
 def serve(model: Any, *, prepare: Callable[[np.ndarray], np.ndarray], softmax: Callable[[np.ndarray], np.ndarray],
           class_names: list[str], info: dict, host: str = "127.0.0.1", port: int = 8000,
-          announce: Callable[[str], Any] = print) -> None:
+          announce: Callable[[str], Any] = print, decode: Callable[[bytes], np.ndarray] | None = None,
+          mode: str = "draw", examples: list[dict] | None = None) -> None:
     """Serve the model until Ctrl-C, then close the server and return.
 
     Announces the URL (with the real port when port is 0) and, for an address other machines can reach
@@ -474,6 +500,7 @@ def serve(model: Any, *, prepare: Callable[[np.ndarray], np.ndarray], softmax: C
     exception (SIGTERM turned into one by the caller's handler) also closes the server, and propagates.
     """
     server = make_server(model, prepare=prepare, softmax=softmax, class_names=class_names, info=info, host=host,
+                         decode=decode, mode=mode, examples=examples,
                          port=port)
     everywhere = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "[::1]"}  # open it here at this address
     shown = everywhere.get(host, f"[{host}]" if ":" in host else host)
@@ -496,15 +523,33 @@ def serve(model: Any, *, prepare: Callable[[np.ndarray], np.ndarray], softmax: C
             signal.signal(signal.SIGINT, previous)
 
 
+DRAWN_DATASETS = ("mnist", "digits", "synthetic")  # digit models: the page offers the drawing pad
+
+
+def page_options(model: Any, meta: dict) -> dict:
+    """make_server's prepare, decode, mode and examples for a model with a model file's meta entry: a digit
+    model of DRAWN_DATASETS gets the drawing pad, any other a file drop and its example test images; each image
+    is prepared as the model's preprocess record says (images.preprocess_record)."""
+    shape, preprocess = model.input_shape, preprocess_of(meta, model.input_shape)
+    drawn = meta.get("dataset") in DRAWN_DATASETS and shape[2] == 1
+    options = {"mode": "draw" if drawn else "picture",
+               "examples": example_images(meta.get("examples"), meta["class_names"])}
+    if preprocess["method"] == "resize":
+        return {**options, "decode": lambda data: picture_from_bytes(data, shape[:2], MAX_IMAGE_PIXELS),
+                "prepare": lambda picture: model_input(picture, shape[2])[0]}
+    return {**options, "decode": None,
+            "prepare": lambda image: prepare_image(image, shape, preprocess.get("fill", 20 / 28))}
+
+
 def serve_trained_model(model: Any, meta: dict, softmax: Callable[[np.ndarray], np.ndarray], host: str | None,
                         port: int | None) -> None:
     """--serve: the page for a model, until Ctrl-C. meta: the model file's meta entry (or what a model file of
-    the model just trained would hold): class names, data set, where the data came from, training summary."""
+    the model just trained would hold): class names, data set, where the data came from, training summary,
+    preprocess record and example test images."""
     training, data = meta.get("training") or {}, meta.get("data") or {}
     info = {"dataset": meta.get("dataset"), "source": data.get("source"), "n_train": data.get("n_train"),
             "test_accuracy": training.get("test_accuracy"), "epochs": training.get("epochs_completed"),
             "parameters": model.parameter_count()}
-    fill = ink_fill(meta.get("dataset"))
-    serve(model, prepare=lambda image: prepare_image(image, model.input_shape, fill), softmax=softmax,
-          class_names=meta["class_names"], info=info, host=host or "127.0.0.1", port=8000 if port is None else port,
+    serve(model, softmax=softmax, class_names=meta["class_names"], info=info, host=host or "127.0.0.1",
+          port=8000 if port is None else port, **page_options(model, meta),
           announce=lambda line: print(line, file=sys.stderr if line.startswith("WARNING") else sys.stdout, flush=True))

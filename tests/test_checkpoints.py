@@ -315,7 +315,8 @@ def bare_checkpoints(folder: Path, every: int | None) -> checkpoints.Checkpoints
     rngs = main.make_rngs(0)
     model_cfg = config_schema.check_model({"layers": ["flatten", {"dense": {"units": 10}}]})
     model = main.build_model(model_cfg, (8, 8, 1), 10, rngs["init"])
-    data = SimpleNamespace(x_train=np.zeros((4, 8, 8, 1), np.float32), y_train=np.arange(4), x_test=np.zeros((2,)),
+    data = SimpleNamespace(x_train=np.zeros((4, 8, 8, 1), np.float32), y_train=np.arange(4),
+                           x_test=np.zeros((2, 8, 8, 1), np.float32), y_test=np.arange(2),
                            class_names=[str(d) for d in range(10)], name="digits", source="sklearn", note="")
     cfg = config_schema.validate_config({"data": {"dataset": "digits"}})
     return checkpoints.Checkpoints(folder, every, model=model, model_cfg=model_cfg, optimizer=main.Adam(), rngs=rngs,

@@ -262,7 +262,8 @@ def good_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model.backward(loss.backward())
     optimizer = main.Adam()
     optimizer.step(model)
-    data = SimpleNamespace(name="digits", source="sklearn", x_train=x, x_test=x, note="", class_names=main.DIGIT_NAMES)
+    data = SimpleNamespace(name="digits", source="sklearn", x_train=x, x_test=x, y_test=y, note="",
+                           class_names=main.DIGIT_NAMES)
     summary = {"epochs_completed": 1, "test_accuracy": 0.25, "test_loss": 2.25, "history": [], "status": "completed"}
     modelfile.save_model(folder / "good.npz", model, model_cfg, data, summary, optimizer)
     return folder / "good.npz"
@@ -296,9 +297,9 @@ def with_nan(array: np.ndarray, value: float = np.nan) -> np.ndarray:
 
 
 @pytest.mark.parametrize(("change", "problem"), [
-    ({"meta": {"input_shape": [8, 8, 3]}},
-     "not a valid numpy-cnn model file (meta: input_shape [8, 8, 3] has 3 channels, but numpy-cnn models read grey "
-     "images (1 channel))"),
+    ({"meta": {"input_shape": [8, 8, 2]}},
+     "not a valid numpy-cnn model file (meta: input_shape [8, 8, 2] has 2 channels, but numpy-cnn models read grey "
+     "images (1 channel) or colour images (3: red, green, blue))"),
     ({"meta": {"input_shape": [100000, 8, 1]}},
      "not a valid numpy-cnn model file (meta: input_shape [100000, 8, 1]: an image's sides must be 1 to 4096 pixels)"),
     ({"meta": {"input_shape": [8.5, 8, 1]}},
@@ -321,7 +322,7 @@ def with_nan(array: np.ndarray, value: float = np.nan) -> np.ndarray:
     ({"layer1.running_var": "inf"}, "layer1.running_var holds NaN or infinite values"),
     ({"optimizer.0.W.m": "nan"}, "optimizer.0.W.m holds NaN or infinite values"),
     ({"optimizer.0.W.v": "huge"}, "optimizer.0.W.v has shape (1000000,), larger than any weight of the model"),
-], ids=["3-channels", "absurd-side", "fractional-side", "class-names-numbers", "5000-classes", "class-name-newline",
+], ids=["2-channels", "absurd-side", "fractional-side", "class-names-numbers", "5000-classes", "class-name-newline",
         "nan-accuracy", "infinite-loss", "nan-weight", "inf-bias", "inf-batchnorm-buffer", "nan-adam-state",
         "oversized-adam-state"])
 def test_a_model_file_that_lies_is_one_line(good_model: Path, tmp_path: Path, change: dict, problem: str) -> None:
@@ -351,10 +352,10 @@ def test_predict_with_a_nan_model_is_one_line(good_model: Path, tmp_path: Path, 
     assert code == 2 and captured.out == ""
 
 
-def test_a_colour_model_without_conv_layers_is_refused_before_predicting(
+def test_a_colour_model_without_conv_layers_predicts_a_grey_file_with_a_note(
         good_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    """A dense-only model whose stored weights really fit an 8x8x3 input is refused as a model file (models read
-    grey images) before --predict feeds it one, instead of failing on the broadcast."""
+    """A dense-only model whose stored weights really fit an 8x8x3 input (once "unexpected ValueError: operands
+    could not be broadcast"): a grey file is given to it as equal red, green and blue, with a note."""
     layers = ["flatten", {"dense": {"units": 10}}]
     arrays = {"layer1.W": np.zeros((192, 10), np.float32), "layer1.b": np.zeros(10, np.float32)}
     meta = json.loads(str(arrays_of(good_model)["meta"]))
@@ -365,10 +366,9 @@ def test_a_colour_model_without_conv_layers_is_refused_before_predicting(
     write_config(tmp_path)
     monkeypatch.chdir(tmp_path)
     code = main.main(["--load-model", "colour.npz", "--predict", "digit.npy"])
-    assert one_line(capsys.readouterr().err) == (
-        "error: colour.npz: not a valid numpy-cnn model file (meta: input_shape [8, 8, 3] has 3 channels, but "
-        "numpy-cnn models read grey images (1 channel))")
-    assert code == 2
+    captured = capsys.readouterr()
+    assert code == 0 and captured.out.startswith("digit.npy: ")
+    assert "the colour model sees the same grey in red, green and blue" in captured.out + captured.err
 
 
 def test_an_array_header_that_lies_is_refused_before_reading_its_data(good_model: Path, tmp_path: Path) -> None:
@@ -514,14 +514,15 @@ def test_predict_files_gives_a_result_per_file_and_no_warning(good_model: Path, 
     paths = bad_and_good_files(tmp_path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        results = images.predict_files(model, paths, main.DIGIT_NAMES, 1.0)
+        results = images.predict_files(model, paths, main.DIGIT_NAMES, {"method": "digit", "fill": 1.0})
     assert [warning.category.__name__ for warning in caught] == []
     assert [result["file"] for result in results] == [str(path) for path in paths]
     assert {Path(result["file"]).name: result["error"] for result in results if "error" in result} == EXPECTED_ERRORS
     good = [result for result in results if "error" not in result]
     assert [Path(result["file"]).name for result in good] == ["seven.png", "bar.npy"]
     assert all(len(result["top"]) == 3 for result in good)
-    alone = images.predict_files(model, [paths[0]], main.DIGIT_NAMES, 1.0)  # as if the bad files were not there
+    # as if the bad files were not there
+    alone = images.predict_files(model, [paths[0]], main.DIGIT_NAMES, {"method": "digit", "fill": 1.0})
     assert [top["class"] for top in alone[0]["top"]] == [top["class"] for top in good[0]["top"]]
     assert [top["probability"] for top in alone[0]["top"]] == pytest.approx([top["probability"] for top in
                                                                              good[0]["top"]], rel=1e-5)

@@ -70,5 +70,6 @@ def test_blank_image_gets_a_warning(tmp_path: Path) -> None:
     model = main.build_model(config_schema.validate_config({})["model"], (28, 28, 1), 10, np.random.default_rng(0))
     drawn_seven().save(tmp_path / "seven.png")
     Image.new("L", (50, 50), 255).save(tmp_path / "blank.png")
-    results = images.predict_files(model, [tmp_path / "seven.png", tmp_path / "blank.png"], main.DIGIT_NAMES, 20 / 28)
+    results = images.predict_files(model, [tmp_path / "seven.png", tmp_path / "blank.png"], main.DIGIT_NAMES,
+                                  {"method": "digit", "fill": 20 / 28})
     assert "warning" not in results[0] and "blank" in results[1]["warning"]
