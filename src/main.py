@@ -1361,7 +1361,7 @@ def run_gradcheck(args: argparse.Namespace, cfg: dict, origin: dict[str, str]) -
     verdict = f"{len(rows) - len(failed)}/{len(rows)} tensors ok (tolerance 1e-6) in {time.perf_counter() - start:.1f}s"
     if args.output:
         plumbing.write_json(args.output, {"status": "failed" if failed else "passed", "rows": rows, "config": cfg,
-                                 "plumbing.versions": plumbing.versions()})
+                                 "versions": plumbing.versions()})
     if failed:
         log.error("gradient check FAILED: %s; broken: %s", verdict,
                   ", ".join(f"{row['layer']}.{row['tensor']}" for row in failed))
@@ -1454,7 +1454,7 @@ def run_training(args: argparse.Namespace, cfg: dict, origin: dict[str, str], st
         real = data.source != "synthetic" or data.name == "synthetic"
         on_what = "" if real else f" on SYNTHETIC digits, not {data.name} (offline fallback: see above)"
         took = "evaluation only, no training" if evaluating_only else f"training took {train_seconds:.1f}s"
-        plumbing.result_line(f"test accuracy {100 * test_accuracy:.2f}%{on_what}, test loss {test_loss:.4f}, {took}")
+        outcome = f"test accuracy {100 * test_accuracy:.2f}%{on_what}, test loss {test_loss:.4f}, {took}"
     if timings is not None and result.batches:
         log.info("%s", profile_table(timings, model.names, result.batches, workers))
 
@@ -1463,6 +1463,8 @@ def run_training(args: argparse.Namespace, cfg: dict, origin: dict[str, str], st
                "history": earlier.get("history", []) + result.history, "saved_at": started_at, "workers": workers}
     problems, failed_writes = write_outputs(args, cfg, model_cfg, data, model, optimizer, result, summary,
                                             train_seconds, stop)
+    if test_accuracy is not None:  # files first, then the line that says what the run achieved
+        plumbing.result_line(outcome)
     if result.status == "diverged":
         return EXIT_DIVERGED
     if stop.signum is not None:  # interrupted, or a signal came while the results were being written
@@ -1481,7 +1483,13 @@ def run_training(args: argparse.Namespace, cfg: dict, origin: dict[str, str], st
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code (0 done, 1 unexpected, 2 bad input, 3 diverged, 4 an output
-    could not be written, 130 / 143 interrupted, 141 the reader of the output went away)."""
+    could not be written, 130 / 143 interrupted, 141 the reader of the output went away). A stdout that cannot be
+    written stops nothing: every file is written first (plumbing.GuardedStdout)."""
+    with plumbing.GuardedStdout() as stdout:
+        return stdout.exit_code(run_command(argv), EXIT_BROKEN_PIPE, EXIT_OUTPUT)
+
+
+def run_command(argv: list[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
         config_schema.check_flag_combinations(args)
@@ -1504,7 +1512,7 @@ def main(argv: list[str] | None = None) -> int:
     except CNNError as error:
         plumbing.log_to_file(logging.ERROR, str(error))
         print(f"error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        return error.exit_code
     except BrokenPipeError:  # `python src/main.py ... | head`: the reader has all it wanted
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit

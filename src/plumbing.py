@@ -7,12 +7,15 @@ A leaf module: it never imports main.
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
 import json
 import logging
 import math
 import os
 import platform
 import signal
+import stat
 import sys
 import tempfile
 import time
@@ -21,15 +24,32 @@ from typing import Any, Callable
 
 import numpy as np
 
-from errors import CNNError, ConfigError
+from errors import CNNError, ConfigError, OutputError
 
 log = logging.getLogger("numpy_cnn")
 
 
 def write_atomic(path: Path, write: Callable[[Any], None], binary: bool = True) -> None:
     """Write to a temporary file beside `path`, then rename it into place: a crash or Ctrl-C midway
-    leaves the old file (or none) rather than half a file."""
-    path = Path(path)
+    leaves the old file (or none) rather than half a file.
+
+    A symlink is followed: its target is replaced and the link kept. An existing character device or FIFO
+    (/dev/null, /dev/stdout, a named pipe) is written through, never replaced; any other special file (a socket,
+    a block device) is refused with an OSError. A write that fails (/dev/full: no space left) raises OSError."""
+    path = Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)
+    kind = special_file_kind(path)
+    if kind in ("character device", "FIFO"):
+        with open_special(path, kind) as f:  # closing it flushes it: a write error is raised here
+            if binary:
+                write(f)
+            else:
+                text = io.TextIOWrapper(f, encoding="utf-8")
+                write(text)
+                text.flush()
+                text.detach()  # else the wrapper, once dropped, would close f and swallow the error
+        return
+    if kind is not None:
+        raise OSError(errno.EINVAL, f"is a {kind}, not a file")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -40,6 +60,97 @@ def write_atomic(path: Path, write: Callable[[Any], None], binary: bool = True) 
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def special_file_kind(path: Path) -> str | None:
+    """What an existing non-regular file is ("character device", "FIFO", "socket", "block device"), else None
+    (a regular file, a folder, or nothing there)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    kinds = {stat.S_ISCHR: "character device", stat.S_ISFIFO: "FIFO", stat.S_ISSOCK: "socket",
+             stat.S_ISBLK: "block device"}
+    return next((kind for test, kind in kinds.items() if test(mode)), None)
+
+
+def open_special(path: Path, kind: str) -> Any:
+    """A character device or FIFO opened for writing. A FIFO is opened without waiting: with no program reading
+    it, opening it would wait forever, so that is an OSError instead."""
+    flags = os.O_WRONLY | (os.O_NONBLOCK if kind == "FIFO" else 0)
+    try:
+        descriptor = os.open(path, flags)
+    except OSError as error:
+        if error.errno == errno.ENXIO:
+            raise OSError(errno.ENXIO, "a FIFO that no program is reading") from None
+        raise
+    if kind == "FIFO":
+        os.set_blocking(descriptor, True)
+    return os.fdopen(descriptor, "wb")
+
+
+class GuardedStdout(io.TextIOBase):
+    """Standard output that a failing console cannot take down with the run: the first error writing it (a full
+    disk, `> /dev/full`; a reader that went away, `| head`) is kept, and what follows is dropped, so that training
+    goes on and every file is still written. Used as a context manager that puts itself in place of sys.stdout;
+    exit_code() then says how the program ends."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stream: Any = None
+        self.error: OSError | None = None
+
+    def __enter__(self) -> GuardedStdout:
+        self.stream, sys.stdout = sys.stdout, self
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self.flush()
+        sys.stdout = self.stream
+
+    def write(self, text: str) -> int:
+        if self.error is None:
+            try:
+                self.stream.write(text)
+            except OSError as error:
+                self.failed(error)
+        return len(text)
+
+    def flush(self) -> None:
+        if self.error is None:
+            try:
+                self.stream.flush()
+            except OSError as error:
+                self.failed(error)
+
+    def failed(self, error: OSError) -> None:
+        """Keep the error; point the real stdout at /dev/null, so that nothing is left to fail at exit."""
+        self.error = error
+        with contextlib.suppress(OSError, ValueError, AttributeError, io.UnsupportedOperation):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+
+    def isatty(self) -> bool:
+        return self.error is None and self.stream.isatty()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self.stream, "encoding", "utf-8")
+
+    def exit_code(self, code: int, broken_pipe: int, output_failed: int) -> int:
+        """The program's exit code once every file is written: `code` if stdout never failed; `broken_pipe` if
+        its reader went away; else one line on stderr and `output_failed` (unless `code` already says a failure)."""
+        if self.error is None:
+            return code
+        if isinstance(self.error, BrokenPipeError):
+            return broken_pipe
+        with contextlib.suppress(OSError):
+            print(f"error: cannot write to standard output ({self.error.strerror or self.error}); every file asked "
+                  "for was written", file=sys.stderr, flush=True)
+        return code or output_failed
 
 
 class ProgressBar:
@@ -164,6 +275,13 @@ def check_writable(path: str | None, what: str, folder: bool = False) -> None:
     if not path:
         return
     target = Path(path)
+    kind = None if folder else special_file_kind(target)
+    if kind in ("character device", "FIFO"):  # written through, not replaced (write_atomic)
+        return
+    if kind is not None:
+        raise CNNError(f"{what} {target}: is a {kind}, not a file; give a file name")
+    if target.is_symlink():  # write_atomic replaces the link's target
+        target = Path(os.path.realpath(target))
     if not folder and target.is_dir():
         raise CNNError(f"{what} {target}: is a folder, expected a file name")
     if folder and target.exists() and not target.is_dir():
@@ -236,10 +354,14 @@ def versions() -> dict:
     return {"python": platform.python_version(), "numpy": np.__version__, "platform": platform.platform()}
 
 
-def write_json(path: str | Path, payload: dict) -> None:
-    write_atomic(Path(path), lambda f: json.dump(payload, f, indent=2, default=str), binary=False)
-
-
+def write_json(path: str | Path, payload: dict, what: str = "--output") -> None:
+    """`payload` as indented JSON, through write_atomic; OutputError (one line, exit code 4, the OSError as its
+    cause) when the file cannot be written."""
+    text = json.dumps(payload, indent=2, default=str)
+    try:
+        write_atomic(Path(path), lambda f: f.write(text), binary=False)
+    except OSError as error:
+        raise OutputError(f"{what} {path}: cannot write it ({error.strerror or error})") from error
 
 
 def check_distinct_files(files: dict[str, str | None]) -> None:
