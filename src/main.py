@@ -43,7 +43,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 import config_schema
 import plumbing
 from config_schema import layer_name_and_arguments
-from datafiles import OPENML_NAMES, download_openml, load_cache, load_idx_folder, make_synthetic
+from datafiles import OPENML_NAMES, check_dataset_name, download_openml, load_cache, load_idx_folder, make_synthetic
 from errors import CNNError, ConfigError, DataError
 from images import report_predictions
 from modelfile import continue_from, data_summary, load_model
@@ -868,7 +868,8 @@ def shift_and_rotate(images: np.ndarray, rng: np.random.Generator, max_shift: in
 def _draw(split: tuple[np.ndarray, np.ndarray], n: int, rng: np.random.Generator, what: str) -> tuple:
     images, labels = split
     if n > len(images):
-        raise DataError(f"{what} = {n:,} but only {len(images):,} images are available")
+        raise DataError(f"{what} = {n:,} but only {len(images):,} images are available: add "
+                        f"--{what.removeprefix('data.').replace('_', '-')} {len(images)}")
     chosen = rng.choice(len(images), n, replace=False)
     return images[chosen], labels[chosen]
 
@@ -877,8 +878,10 @@ def _hold_out(images: np.ndarray, labels: np.ndarray, n_train: int, n_test: int,
               what: str) -> tuple[tuple, tuple]:
     """Disjoint random train and test draws from one pool that has no official test split."""
     if n_train + n_test > len(images):
-        raise DataError(f"{what}: n_train + n_test = {n_train + n_test:,} but only {len(images):,} images "
-                        "are available (they are split between training and test)")
+        test = min(n_test, len(images) // 5)
+        raise DataError(f"{what}: n_train + n_test = {n_train + n_test:,} but only {len(images):,} images are "
+                        f"available (they are split between training and test): add --n-train {len(images) - test} "
+                        f"--n-test {test}")
     order = rng.permutation(len(images))
     test, train = order[:n_test], order[n_test:n_test + n_train]
     return (images[train], labels[train]), (images[test], labels[test])
@@ -912,6 +915,7 @@ def load_data(data_cfg: dict, evaluating_only: bool = False) -> Dataset:
     if data_cfg["path"]:
         folder = Path(data_cfg["path"])
         train, test = load_idx_folder(folder)
+        check_dataset_name(name, folder, train[0])
         if test is None:
             train, test = _hold_out(*train, n_train, n_test, rng, f"data ({folder})")
             note = (f"IDX files in {folder}; it has no t10k files, so {n_test:,} training images were held out "
@@ -1320,12 +1324,13 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, dict[str, str]]:
         origin["seed"] = "--seed"
     if args.no_fallback:
         cfg["data"]["allow_synthetic_fallback"] = False
+    config_schema.check_together(cfg, origin)
     if not args.load_model:
         # Build the configured model once on the data set's image size, so that an impossible architecture
         # is reported now, not after a minute of downloading. (A loaded model brings its own architecture.)
         try:
             model = build_model(cfg["model"], input_shape_of(cfg["data"]["dataset"]), 10, np.random.default_rng(0))
-            plumbing.check_fits_in_memory(model, cfg["training"]["batch_size"])
+            plumbing.check_fits_in_memory(model, min(cfg["training"]["batch_size"], cfg["data"]["n_train"]))
         except ConfigError as error:
             raise ConfigError(f"{origin['config']}: {error}") from None
         except (MemoryError, ValueError) as error:  # numpy cannot allocate the weights
@@ -1423,6 +1428,7 @@ def run_training(args: argparse.Namespace, cfg: dict, origin: dict[str, str], st
                  f", {' and '.join(changes)}" if changes else "", plumbing.plural(workers, "worker thread"))
     timings = instrument(model, optimizer) if args.profile else None
     steps_per_epoch = math.ceil(len(data.x_train) / training_cfg["batch_size"])
+    config_schema.warn_short_schedule(schedule, steps_per_epoch * training_cfg["epochs"])
     learning_rate = learning_rate_schedule(schedule, training_cfg["learning_rate"], steps_per_epoch,
                                            steps_per_epoch * training_cfg["epochs"])
     augment = None
@@ -1442,8 +1448,8 @@ def run_training(args: argparse.Namespace, cfg: dict, origin: dict[str, str], st
     test_loss = test_accuracy = None
     if result.status == "diverged":
         where = result.stopped_at
-        log.error("training diverged at epoch %d, batch %d (%s): try a lower learning rate than %g",
-                  where["epoch"], where["batch"], where["reason"], training_cfg["learning_rate"])
+        log.error("training diverged at epoch %d, batch %d (%s): %s", where["epoch"], where["batch"], where["reason"],
+                  config_schema.divergence_advice(training_cfg))
     elif result.history and result.status == "completed" and "test_loss" in result.history[-1]:
         test_loss, test_accuracy = result.history[-1]["test_loss"], result.history[-1]["test_accuracy"]
     else:

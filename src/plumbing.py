@@ -396,7 +396,8 @@ def machine_memory() -> int | None:
 def check_fits_in_memory(model: Any, batch_size: int) -> None:
     """CNNError when training the model at this batch size would need more memory than the machine has: its
     weights (16 bytes each: weight, gradient, Adam's two moments) and one batch's activations (each layer's
-    output, kept for backward, and its gradient; a conv layer's im2col columns and their gradient too)."""
+    output, kept for backward, and its gradient; a conv layer's zero-padded input, its im2col columns and their
+    gradients too)."""
     memory = machine_memory()
     if memory is None or model.input_shape is None:
         return
@@ -405,7 +406,9 @@ def check_fits_in_memory(model: Any, batch_size: int) -> None:
     for layer in model.layers:
         out = layer.output_shape(shape)
         values += 2 * math.prod(out)
-        if hasattr(layer, "kernel_size"):  # im2col: every output pixel's k x k x C window
+        if hasattr(layer, "kernel_size"):  # the zero-padded input, and im2col: every output pixel's k x k x C window
+            padding = getattr(layer, "padding", 0)
+            values += 2 * (shape[0] + 2 * padding) * (shape[1] + 2 * padding) * shape[2]
             values += 2 * math.prod(out[:2]) * layer.kernel_size ** 2 * shape[2]
         shape = out
     needed = 16 * weights + 4 * batch_size * values

@@ -143,8 +143,8 @@ class Predictor:
             raise RequestError(f'"encoding" must be "base64" (the default) or "lists", not {str(encoding)[:40]!r}')
         try:
             drawing = image_from_bytes(decode_data_url(data_url), max_pixels=MAX_IMAGE_PIXELS)
-        except CNNError as error:
-            raise RequestError(f'"image": {error}') from None
+        except CNNError as error:  # its line starts with "image"
+            raise RequestError(str(error)) from None
         if drawing.size == 0:
             raise RequestError('"image" has no pixels')
         try:

@@ -3,8 +3,11 @@ each asserting what the program says now and its exit code. Numbered as the audi
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
+import re
 import socket
 import stat
 import subprocess
@@ -16,8 +19,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import MAIN, run_cli, write_config
+from PIL import Image, features
 
+import images
 import main
+import modelfile
+import serve
+from errors import DataError
 
 DIGITS = ["--dataset", "digits", "--n-train", "200", "--n-test", "60", "--epochs", "1"]
 SMALL_NET = {"layers": [{"conv2d": {"filters": 4, "padding": 1}}, "relu", {"maxpool2d": {"pool_size": 2}}, "flatten",
@@ -196,3 +204,242 @@ def test_12_gradcheck_output_has_its_documented_keys(tmp_path: Path) -> None:
     document = json.loads((tmp_path / "g.json").read_text())
     assert set(document) == {"status", "rows", "config", "versions"}
     assert set(document["versions"]) >= {"python", "numpy"}
+
+
+# ---- 5. image formats: an allow-list ------------------------------------------------------------------
+
+
+def encoded(image: Image.Image, format: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("format", ["PNG", "JPEG", "GIF", "BMP", "WEBP"])
+def test_5_every_allowed_format_opens(format: str) -> None:
+    if format == "WEBP" and not features.check("webp"):
+        pytest.skip("this Pillow has no WebP support")
+    picture = Image.fromarray((np.eye(16) * 255).astype(np.uint8)).convert("RGB")
+    with images.open_image(encoded(picture, format), '"image"') as opened:
+        assert opened.format == format and opened.size == (16, 16)
+
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 28 28\nnewpath 0 0 moveto 28 28 lineto stroke\nshowpage\n"
+
+
+@pytest.mark.parametrize("name, data, kind", [
+    ("digit.eps", EPS, "is a PostScript (EPS) file"),
+    ("digit.tif", encoded(Image.fromarray(np.eye(8, dtype=np.float32)), "TIFF"), "is a TIFF file"),
+    ("digit.ico", encoded(Image.fromarray((np.eye(16) * 255).astype(np.uint8)), "ICO"), "cannot read it as an image"),
+])
+def test_5_other_formats_are_refused_before_pillow_decodes_them(tmp_path: Path, model_file: Path, name: str,
+                                                               data: bytes, kind: str) -> None:
+    from PIL import EpsImagePlugin
+
+    with pytest.raises(DataError, match=f"^x: {re.escape(kind)}; the formats read are PNG, JPEG, GIF, BMP or WebP"):
+        images.open_image(data, "x")
+    (tmp_path / name).write_bytes(data)
+    calls: list = []
+    original = EpsImagePlugin.Ghostscript
+    EpsImagePlugin.Ghostscript = lambda *args, **kwargs: calls.append(args)  # type: ignore[assignment]
+    try:
+        with pytest.raises(DataError, match=f"^{re.escape(str(tmp_path / name))}: {re.escape(kind)}"):
+            images.read_image(tmp_path / name)
+    finally:
+        EpsImagePlugin.Ghostscript = original
+    assert not calls
+    proc = run_cli(["--load-model", str(model_file), "--predict", name], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert_one_error_line(proc.stderr, f"{name}: {kind}")
+
+
+def test_5_the_server_refuses_an_eps_drawing(model_file: Path) -> None:
+    loaded = modelfile.load_model(model_file, main.build_model)
+    predictor = serve.Predictor(loaded.model, lambda image: images.prepare_image(image, loaded.model.input_shape),
+                                main.softmax, loaded.meta["class_names"])
+    url = "data:image/png;base64," + base64.b64encode(EPS).decode()
+    with pytest.raises(serve.RequestError, match=r'^"image": is a PostScript \(EPS\) file'):
+        predictor.predict(url)
+
+
+# ---- 8. bad input that ended as "unexpected" ----------------------------------------------------------
+
+
+HUGE_PADDING = {"layers": [{"conv2d": {"filters": 4, "padding": 100000, "stride": 50000}}, "relu", "flatten",
+                           {"dense": {"units": 10}}]}
+
+
+@pytest.mark.parametrize("mode", [[], ["--gradcheck"]])
+def test_8_a_huge_padding_is_refused_for_its_padded_input(tmp_path: Path, mode: list[str]) -> None:
+    proc = run_cli(["--config", str(small_config(tmp_path, model=HUGE_PADDING)), *mode], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert_one_error_line(proc.stderr, "GiB", "but this machine has")
+
+
+def test_8_a_model_file_with_a_huge_padding_is_refused_by_predict(tmp_path: Path, model_file: Path) -> None:
+    meta = json.loads(str(np.load(model_file)["meta"]))
+    meta["model"]["layers"][0] = {"conv2d": {"filters": 4, "kernel_size": 3, "stride": 50000, "padding": 100000}}
+    rewrite_model(model_file, tmp_path / "pad.npz", meta=meta)
+    np.save(tmp_path / "digit.npy", np.eye(8))
+    proc = run_cli(["--load-model", "pad.npz", "--predict", "digit.npy"], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert_one_error_line(proc.stderr, "pad.npz: the stored architecture cannot run here", "GiB")
+
+
+def test_8_an_absurd_shift_is_refused(tmp_path: Path) -> None:
+    config = small_config(tmp_path, data={"augment": {"shift": 10**23}})
+    proc = run_cli(["--config", str(config)], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert_one_error_line(proc.stderr, "data.augment.shift: got 100000000000000000000000, expected less than the 8 "
+                                       "pixels of a digits image's side")
+
+
+def test_8_an_optimiser_step_count_of_400_digits_is_refused(tmp_path: Path, model_file: Path) -> None:
+    meta = json.loads(str(np.load(model_file)["meta"]))
+    meta["optimizer"]["t"] = 10**400
+    rewrite_model(model_file, tmp_path / "t.npz", meta=meta)
+    proc = run_cli(["--config", str(small_config(tmp_path)), "--load-model", "t.npz"], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert_one_error_line(proc.stderr, "t.npz: not a valid numpy-cnn model file", "a step count from 0 to")
+
+
+def rewrite_model(source: Path, target: Path, meta: dict | None = None, **arrays: np.ndarray) -> None:
+    with np.load(source) as archive:
+        contents = {key: archive[key] for key in archive.files}
+    if meta is not None:
+        contents["meta"] = np.array(json.dumps(meta))
+    contents.update(arrays)
+    np.savez(target, **contents)
+
+
+# ---- 9. wrong answers accepted -------------------------------------------------------------------------
+
+
+def test_9_a_float_image_with_a_nan_is_refused_in_every_float_input(tmp_path: Path, model_file: Path) -> None:
+    grey = np.full((28, 28), 0.5, dtype=np.float32)
+    grey[3, 3] = np.nan
+    np.save(tmp_path / "nan.npy", grey)
+    Image.fromarray(grey).save(tmp_path / "nan.tif")
+    proc = run_cli(["--load-model", str(model_file), "--predict", "nan.npy", "nan.tif", "--output", "p.json"],
+                   cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [
+        "error: nan.npy: it holds NaN or infinite values",
+        "error: nan.tif: is a TIFF file; the formats read are PNG, JPEG, GIF, BMP or WebP (and .npy arrays)"]
+    json.loads((tmp_path / "p.json").read_text(), parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
+
+
+
+def test_9_the_float_image_path_refuses_a_nan_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Should an allowed format ever decode to float ("F") greys, a NaN in them is still refused."""
+    grey = np.full((28, 28), 0.5, dtype=np.float32)
+    grey[3, 3] = np.nan
+    monkeypatch.setattr(images, "open_image", lambda *args, **kwargs: Image.fromarray(grey))
+    with pytest.raises(DataError, match=r"^x: it holds NaN or infinite values$"):
+        images._read_picture(None, None, "x")
+
+
+def test_9_a_model_file_with_a_negative_variance_is_refused(tmp_path: Path) -> None:
+    config = small_config(tmp_path, model={"layers": [{"conv2d": {"filters": 4, "padding": 1}}, "batchnorm", "relu",
+                                                      "flatten", {"dense": {"units": 10}}]})
+    assert run_cli(["--config", str(config), "--save-model", "bn.npz"], cwd=tmp_path).returncode == 0
+    variance = np.load(tmp_path / "bn.npz")["layer1.running_var"].copy()
+    variance[0] = -1.0
+    rewrite_model(tmp_path / "bn.npz", tmp_path / "bad.npz", **{"layer1.running_var": variance})
+    np.save(tmp_path / "digit.npy", np.eye(8))
+    for args in (["--predict", "digit.npy"], ["--config", str(config), "--save-model", "again.npz"]):
+        proc = run_cli(["--load-model", "bad.npz", *args], cwd=tmp_path)
+        assert proc.returncode == 2
+        assert_one_error_line(proc.stderr, "bad.npz: layer1.running_var holds negative values, but a variance is >= 0")
+    assert not (tmp_path / "again.npz").exists()
+
+
+# ---- 10. misleading messages ----------------------------------------------------------------------------
+
+
+def test_10_a_batch_larger_than_the_data_is_sized_by_the_data(tmp_path: Path) -> None:
+    proc = run_cli(["--config", str(small_config(tmp_path)), "--batch-size", str(10**9), "--output", "r.json"],
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["epochs_completed"] == 1
+
+
+def test_10_divergence_advice_names_the_key_that_caused_it(tmp_path: Path) -> None:
+    config = small_config(tmp_path, training={"epochs": 2, "optimizer": "sgd", "learning_rate": 0.01,
+                                              "weight_decay": 1000})
+    proc = run_cli(["--config", str(config)], cwd=tmp_path)
+    assert proc.returncode == 3
+    assert "try a smaller training.weight_decay than 1000" in proc.stderr and "learning rate" not in proc.stderr
+    config = small_config(tmp_path, training={"lr_schedule": {"name": "one_cycle", "div_factor": 1e-6},
+                                              "learning_rate": 0.01})
+    proc = run_cli(["--config", str(config)], cwd=tmp_path)
+    assert proc.returncode == 3
+    assert "training.lr_schedule.div_factor 1e-06 is below 1" in proc.stderr
+
+
+@pytest.mark.parametrize("sections, message", [
+    ({"training": {"lr_schedule": {"name": "cosine", "min_lr": 0.1}}},
+     "training.lr_schedule.min_lr: got 0.1, expected at most training.learning_rate (0.001)"),
+    ({"data": {"augment": {"shift": 8}}}, "data.augment.shift: got 8, expected less than the 8 pixels"),
+])
+def test_10_values_that_cannot_work_together_are_refused(tmp_path: Path, sections: dict, message: str) -> None:
+    proc = run_cli(["--config", str(small_config(tmp_path, **sections))], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert_one_error_line(proc.stderr, message)
+
+
+def test_10_a_one_cycle_schedule_of_one_step_warns(tmp_path: Path) -> None:
+    config = small_config(tmp_path, training={"lr_schedule": "one_cycle", "batch_size": 256})
+    proc = run_cli(["--config", str(config)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "WARNING: training.lr_schedule one_cycle over 1 step never reaches training.learning_rate" in proc.stderr
+
+
+def test_10_serve_with_load_model_refuses_output(tmp_path: Path, model_file: Path) -> None:
+    proc = run_cli(["--serve", "--load-model", str(model_file), "--output", "x.json"], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert_one_error_line(proc.stderr, "--output has no effect with --load-model and --serve")
+
+
+def test_10_the_start_line_names_where_the_seed_came_from(tmp_path: Path) -> None:
+    proc = run_cli(["--config", str(small_config(tmp_path)), "--epochs", "0"], cwd=tmp_path)
+    assert "seed 42 (from built-in default)" in proc.stdout.splitlines()[0]
+    proc = run_cli(["--config", str(small_config(tmp_path, data={"random_seed": 7})), "--epochs", "0"], cwd=tmp_path)
+    assert f"seed 7 (from {tmp_path / 'config.yaml'})" in proc.stdout.splitlines()[0]
+
+
+def write_idx_folder(folder: Path, images_: np.ndarray, labels: np.ndarray) -> Path:
+    """train-images / train-labels IDX files (gzip), as MNIST and Fashion-MNIST ship them."""
+    import gzip
+
+    folder.mkdir()
+    header = np.array([2051, len(images_), 28, 28], dtype=">u4").tobytes()
+    (folder / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(header + images_.astype(np.uint8).tobytes()))
+    header = np.array([2049, len(labels)], dtype=">u4").tobytes()
+    (folder / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(header + labels.astype(np.uint8).tobytes()))
+    return folder
+
+
+def test_10_a_folder_of_garments_trained_as_mnist_is_named(tmp_path: Path) -> None:
+    """Fashion-MNIST's garments fill much of the frame (mean brightness 0.29 against MNIST's 0.13)."""
+    rng = np.random.default_rng(0)
+    garments = np.zeros((300, 28, 28))
+    garments[:, 4:24, 6:22] = rng.integers(100, 200, (300, 20, 16))
+    folder = write_idx_folder(tmp_path / "fashion", garments, rng.integers(0, 10, 300))
+    args = ["--config", str(small_config(tmp_path, data={"dataset": "mnist"})), "--data-path", str(folder),
+            "--n-train", "200", "--n-test", "50", "--epochs", "0"]
+    proc = run_cli(args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "these images look like fashion_mnist, not mnist" in proc.stderr
+    assert "add --dataset fashion_mnist" in proc.stderr
+    proc = run_cli([*args, "--dataset", "fashion_mnist"], cwd=tmp_path)
+    assert proc.returncode == 0 and "look like" not in proc.stderr, proc.stderr
+
+
+def test_10_asking_for_more_images_than_a_folder_holds_ends_with_the_fix(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    folder = write_idx_folder(tmp_path / "small", rng.integers(0, 60, (500, 28, 28)), rng.integers(0, 10, 500))
+    proc = run_cli(["--config", str(small_config(tmp_path, data={"dataset": "mnist"})), "--data-path", str(folder),
+                    "--n-train", "1000", "--n-test", "200"], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert_one_error_line(proc.stderr, "n_train + n_test = 1,200 but only 500 images", "add --n-train 400 --n-test 100")
