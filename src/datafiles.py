@@ -256,10 +256,10 @@ def check_dataset_name(name: str, folder: Path, images: np.ndarray) -> None:
     Fashion-MNIST use the same file names, but a garment covers far more of its frame than a digit (mean
     brightness 0.29 against 0.13), so --data-path at Fashion-MNIST with the default dataset would train on
     clothes labelled as digits."""
-    if name not in MEAN_BRIGHTNESS or not len(images):
+    if name not in MEAN_BRIGHTNESS or len(images) < 100:  # too few images to judge
         return
     brightness = float(images[:1000].mean()) / 255
     other = min(MEAN_BRIGHTNESS, key=lambda candidate: abs(MEAN_BRIGHTNESS[candidate] - brightness))
-    if other != name:
+    if other != name and abs(brightness - MEAN_BRIGHTNESS[other]) < 0.05:  # other data sets are neither
         log.warning("%s: these images look like %s, not %s (mean brightness %.2f; %s's is %.2f): add --dataset %s "
                     "if they are", folder, other, name, brightness, other, MEAN_BRIGHTNESS[other], other)

@@ -1482,6 +1482,7 @@ def run_training(args: argparse.Namespace, cfg: dict, origin: dict[str, str], st
     if args.serve:
         from serve import serve_trained_model
 
+        stop.graceful = False  # nothing is left to finish: a signal stops the server at once, as with --load-model
         serve_trained_model(model, {"class_names": data.class_names, "dataset": data.name, "data": data_summary(data),
                                     "training": summary}, softmax, args.host, args.port)
     return EXIT_OK

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -443,3 +444,188 @@ def test_10_asking_for_more_images_than_a_folder_holds_ends_with_the_fix(tmp_pat
                     "--n-train", "1000", "--n-test", "200"], cwd=tmp_path)
     assert proc.returncode == 2
     assert_one_error_line(proc.stderr, "n_train + n_test = 1,200 but only 500 images", "add --n-train 400 --n-test 100")
+
+
+# ---- 3, 4, 6, 7. the server under hostile clients ------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for_server(port: int, process: subprocess.Popen, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[1]
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.2)
+    pytest.fail("the server did not start")
+
+
+def post_png(port: int, png: bytes, timeout: float = 60) -> int:
+    import http.client
+
+    body = json.dumps({"image": "data:image/png;base64," + base64.b64encode(png).decode()}).encode()
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        connection.request("POST", "/api/predict", body, {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        response.read()
+        return response.status
+    finally:
+        connection.close()
+
+
+def big_png(side: int) -> bytes:
+    """An RGBA PNG of side x side pixels that compresses well (under the 2 MB body limit), with ink in it."""
+    rows, cols = np.indices((side, side))
+    rgba = np.zeros((side, side, 4), dtype=np.uint8)
+    rgba[..., 3] = 255
+    rgba[side // 4:3 * side // 4, side // 2 - side // 16:side // 2 + side // 16, :3] = 255
+    rgba[..., 0] |= ((rows + cols) % 7 == 0).astype(np.uint8)
+    return encoded(Image.fromarray(rgba, "RGBA"), "PNG")
+
+
+def test_3_thirty_concurrent_big_uploads_keep_the_server_under_200_mb(tmp_path: Path, model_file: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    port = free_port()
+    process = subprocess.Popen([sys.executable, str(MAIN), "--load-model", str(model_file), "--serve", "--port",
+                                str(port)], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for_server(port, process)
+        assert post_png(port, big_png(2048)) == 400  # refused from its header, before decoding
+        upload = big_png(1024)
+        assert len(upload) < 2 * 1024 * 1024
+        with ThreadPoolExecutor(30) as pool:
+            statuses = list(pool.map(lambda _: post_png(port, upload), range(30)))
+        status = Path(f"/proc/{process.pid}/status").read_text()
+        peak_kb = int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1))
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)
+    assert set(statuses) <= {200, 503} and statuses.count(200) >= 2, statuses
+    print(f"peak RSS of the server under 30 concurrent 1024x1024 RGBA uploads: {peak_kb / 1024:.0f} MB; "
+          f"answers: {statuses.count(200)} x 200, {statuses.count(503)} x 503")
+    assert peak_kb < 200 * 1024
+
+
+def test_3_the_page_sends_its_drawing_at_the_pad_size() -> None:
+    """The page never sends more than MAX_IMAGE_PIXELS: it posts its 280x280 drawing pad, whatever the screen."""
+    page = (Path(__file__).resolve().parents[1] / "src" / "web" / "index.html").read_text()
+    assert '<canvas id="pad" width="280" height="280"' in page and 'pad.toDataURL("image/png")' in page
+    assert 280 * 280 <= serve.MAX_IMAGE_PIXELS == 1024 * 1024
+
+
+@pytest.fixture
+def small_server(model_file: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[serve.DrawServer]:
+    """The server in this process, with a 2-second deadline per request and at most 20 connections."""
+    monkeypatch.setattr(serve, "MAX_CONNECTIONS", 20)
+    loaded = modelfile.load_model(model_file, main.build_model)
+    server = serve.make_server(loaded.model, prepare=lambda image: images.prepare_image(image, (8, 8, 1)),
+                               softmax=main.softmax, class_names=loaded.meta["class_names"], info={}, port=0,
+                               timeout=2.0)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+def get_model(port: int, timeout: float = 10) -> int:
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        connection.request("GET", "/api/model")
+        response = connection.getresponse()
+        response.read()
+        return response.status
+    finally:
+        connection.close()
+
+
+def test_4_a_client_that_trickles_its_request_is_cut_off_at_the_deadline(small_server: serve.DrawServer) -> None:
+    """A byte every 0.3 s never trips a per-read timeout; the total deadline (2 s here) closes it all the same."""
+    client = socket.create_connection(("127.0.0.1", small_server.port), timeout=10)
+    start, closed_after = time.monotonic(), None
+    try:
+        for byte in b"GET /api/model HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 40:
+            try:
+                client.send(bytes([byte]))
+            except OSError:
+                closed_after = time.monotonic() - start
+                break
+            client.settimeout(0.3)
+            try:
+                if client.recv(1024) == b"":
+                    closed_after = time.monotonic() - start
+                    break
+            except socket.timeout:
+                pass
+    finally:
+        client.close()
+    assert closed_after is not None and closed_after < 5, "the trickling connection was kept open"
+
+
+def test_4_beyond_the_connection_cap_a_client_gets_503_and_a_normal_request_is_answered_soon(
+        small_server: serve.DrawServer) -> None:
+    idle = [socket.create_connection(("127.0.0.1", small_server.port), timeout=10) for _ in range(20)]
+    try:
+        time.sleep(0.3)
+        over = socket.create_connection(("127.0.0.1", small_server.port), timeout=10)
+        answer = over.recv(4096)
+        over.close()
+        assert answer.startswith(b"HTTP/1.1 503 ") and b"too many open connections" in answer
+        start = time.monotonic()
+        status = None
+        while status != 200 and time.monotonic() - start < 10:  # the idle ones are cut off at their deadline
+            try:
+                status = get_model(small_server.port)
+            except OSError:
+                time.sleep(0.2)
+        assert status == 200 and time.monotonic() - start < 6
+    finally:
+        for connection in idle:
+            connection.close()
+
+
+def test_7_a_client_that_announces_a_body_and_sends_none_is_closed_not_answered_500(
+        small_server: serve.DrawServer) -> None:
+    client = socket.create_connection(("127.0.0.1", small_server.port), timeout=10)
+    try:
+        client.sendall(b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: 1000\r\n\r\n{" % small_server.port)
+        answer = b""
+        while True:
+            chunk = client.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+    finally:
+        client.close()
+    assert b" 500 " not in answer, answer
+
+
+def test_6_sigterm_stops_a_server_that_trained_first_with_143(tmp_path: Path) -> None:
+    port = free_port()
+    process = subprocess.Popen([sys.executable, str(MAIN), "--config", str(small_config(tmp_path)), "--serve",
+                                "--port", str(port)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    try:
+        wait_for_server(port, process)
+        assert get_model(port) == 200
+        process.send_signal(15)
+        _, stderr = process.communicate(timeout=20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 143, stderr
+    assert "stopping after" not in stderr and "interrupted (SIGTERM)" in stderr
