@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import io
 import json
 import logging
@@ -151,6 +152,18 @@ class GuardedStdout(io.TextIOBase):
             print(f"error: cannot write to standard output ({self.error.strerror or self.error}); every file asked "
                   "for was written", file=sys.stderr, flush=True)
         return code or output_failed
+
+
+def guarding_stdout(broken_pipe: int, output_failed: int) -> Callable[[Callable[..., int]], Callable[..., int]]:
+    """A decorator for a command's main function: it runs with GuardedStdout in place of sys.stdout, and its exit
+    code becomes `broken_pipe` or `output_failed` when stdout failed (GuardedStdout.exit_code)."""
+    def decorate(run: Callable[..., int]) -> Callable[..., int]:
+        @functools.wraps(run)
+        def guarded(*args: Any, **kwargs: Any) -> int:
+            with GuardedStdout() as stdout:
+                return stdout.exit_code(run(*args, **kwargs), broken_pipe, output_failed)
+        return guarded
+    return decorate
 
 
 class ProgressBar:

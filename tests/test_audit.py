@@ -629,3 +629,31 @@ def test_6_sigterm_stops_a_server_that_trained_first_with_143(tmp_path: Path) ->
             process.communicate()
     assert process.returncode == 143, stderr
     assert "stopping after" not in stderr and "interrupted (SIGTERM)" in stderr
+
+
+# ---- 11. the gradient check of a deep ReLU network ----------------------------------------------------------
+
+DEEP_RELU = {"layers": [item for _ in range(24) for item in ({"conv2d": {"filters": 4, "padding": 1}}, "relu")]
+             + ["flatten", {"dense": {"units": 10}}]}
+
+
+def test_11_a_correct_deep_relu_network_passes_with_its_kinks_judged_apart(tmp_path: Path) -> None:
+    """With seed 3 some coordinates' +-eps moves a deep ReLU across 0: their central difference measured no
+    slope (a whole-model error of 1e-3 before); they are now counted as kinks, and the others must agree."""
+    config = small_config(tmp_path, model=DEEP_RELU, data={"random_seed": 3})
+    proc = run_cli(["--config", str(config), "--gradcheck", "--output", "g.json"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    whole = json.loads((tmp_path / "g.json").read_text())["rows"][-1]
+    assert whole["layer"] == "whole model" and whole["ok"] and whole["max_rel_error"] < 1e-6
+    assert whole["kinks"] >= 1 and whole["coords"] + whole["kinks"] == 20
+
+
+def test_11_a_broken_backward_in_a_deep_relu_network_still_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(main.ReLU, "backward", lambda self, grad_out: grad_out * self.positive * 0.999)
+    config = small_config(tmp_path, model=DEEP_RELU, data={"random_seed": 3})
+    assert main.main(["--config", str(config), "--gradcheck", "--output", "g.json"]) == main.EXIT_UNEXPECTED
+    whole = json.loads((tmp_path / "g.json").read_text())["rows"][-1]
+    assert whole["layer"] == "whole model" and not whole["ok"] and whole["coords"] >= 10
+    assert "gradient check FAILED" in capsys.readouterr().err
