@@ -488,7 +488,7 @@ def big_png(side: int) -> bytes:
     rgba[..., 3] = 255
     rgba[side // 4:3 * side // 4, side // 2 - side // 16:side // 2 + side // 16, :3] = 255
     rgba[..., 0] |= ((rows + cols) % 7 == 0).astype(np.uint8)
-    return encoded(Image.fromarray(rgba, "RGBA"), "PNG")
+    return encoded(Image.fromarray(rgba), "PNG")
 
 
 def test_3_thirty_concurrent_big_uploads_keep_the_server_under_200_mb(tmp_path: Path, model_file: Path) -> None:

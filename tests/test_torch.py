@@ -25,7 +25,8 @@ from conftest import to_float64
 import config_schema
 import main
 
-torch = pytest.importorskip("torch")
+torch = pytest.importorskip("torch", reason="PyTorch is not installed (requirements-test.txt); the program never "
+                                                   "needs it, only these comparisons do")
 
 pytestmark = pytest.mark.torch
 
