@@ -428,7 +428,7 @@ def check_fits_in_memory(model: Any, batch_size: int) -> None:
     if needed > memory:
         raise CNNError(f"model: training needs about {needed / 2**30:,.1f} GiB ({weights:,} weights, and the "
                        f"activations of a batch of {batch_size}), but this machine has {memory / 2**30:.1f} GiB of "
-                       "memory available: use fewer filters or units, or a smaller training.batch_size")
+                       "memory available: use fewer filters or units, less padding, or a smaller training.batch_size")
 
 
 MAX_ENV_FILE_BYTES = 1_000_000  # a .env holds a few variables
