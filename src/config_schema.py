@@ -573,7 +573,7 @@ def divergence_advice(training: dict) -> str:
                 "above training.learning_rate: use 1e4 (the default)")
     if decay * learning_rate >= 0.1 or decay >= 1:
         return f"try a smaller training.weight_decay than {decay:g} (0.0001 to 0.01 is usual)"
-    return f"try a lower training.learning_rate than {learning_rate:g}"
+    return f"try a lower learning rate (training.learning_rate) than {learning_rate:g}"
 
 
 def warn_short_schedule(schedule: dict, total_steps: int) -> None:

@@ -370,9 +370,8 @@ def versions() -> dict:
 def write_json(path: str | Path, payload: dict, what: str = "--output") -> None:
     """`payload` as indented JSON, through write_atomic; OutputError (one line, exit code 4, the OSError as its
     cause) when the file cannot be written."""
-    text = json.dumps(payload, indent=2, default=str)
     try:
-        write_atomic(Path(path), lambda f: f.write(text), binary=False)
+        write_atomic(Path(path), lambda f: json.dump(payload, f, indent=2, default=str), binary=False)
     except OSError as error:
         raise OutputError(f"{what} {path}: cannot write it ({error.strerror or error})") from error
 
