@@ -576,11 +576,17 @@ def divergence_advice(training: dict) -> str:
     return f"try a lower learning rate (training.learning_rate) than {learning_rate:g}"
 
 
-def warn_short_schedule(schedule: dict, total_steps: int) -> None:
-    """A warning on the log when a one_cycle schedule has too few steps to reach its peak (one step runs at the
-    learning rate divided by div_factor * final_div_factor: 4e-9 for 0.001 with the defaults)."""
+def warn_odd_training(training: dict, n_train: int) -> None:
+    """Warnings on the log for a run that would not do what its numbers suggest: a batch_size above the number of
+    training images (each batch is then all of them), and a one_cycle schedule with too few steps to reach its
+    peak (a single step runs at learning_rate / (div_factor * final_div_factor): 4e-9 for 0.001 by default)."""
+    log = logging.getLogger("numpy_cnn")
+    batch_size, schedule = training["batch_size"], training["lr_schedule"]
+    if training["epochs"] and batch_size > n_train:
+        log.warning("training.batch_size %d is more than the %d training images: each batch is all %d of them",
+                    batch_size, n_train, n_train)
+    total_steps = math.ceil(n_train / batch_size) * training["epochs"]
     if schedule["name"] == "one_cycle" and total_steps > 0 and schedule["pct_start"] * total_steps < 1:
-        logging.getLogger("numpy_cnn").warning(
-            "training.lr_schedule one_cycle over %d step%s never reaches training.learning_rate: it ends at the "
-            "learning rate / (div_factor * final_div_factor) at once; train for more steps (more epochs or a "
-            "smaller batch) or use another schedule", total_steps, "" if total_steps == 1 else "s")
+        log.warning("training.lr_schedule one_cycle over %d step%s never reaches training.learning_rate: it ends at "
+                    "the learning rate / (div_factor * final_div_factor) at once; train for more steps (more epochs "
+                    "or a smaller batch) or use another schedule", total_steps, "" if total_steps == 1 else "s")

@@ -1436,7 +1436,7 @@ def run_training(args: argparse.Namespace, cfg: dict, origin: dict[str, str], st
                  f", {' and '.join(changes)}" if changes else "", plumbing.plural(workers, "worker thread"))
     timings = instrument(model, optimizer) if args.profile else None
     steps_per_epoch = math.ceil(len(data.x_train) / training_cfg["batch_size"])
-    config_schema.warn_short_schedule(schedule, steps_per_epoch * training_cfg["epochs"])
+    config_schema.warn_odd_training(training_cfg, len(data.x_train))
     learning_rate = learning_rate_schedule(schedule, training_cfg["learning_rate"], steps_per_epoch,
                                            steps_per_epoch * training_cfg["epochs"])
     augment = None
