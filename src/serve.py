@@ -221,9 +221,9 @@ class DeadlineReader(io.RawIOBase):
     a client that sends one byte every few seconds (slowloris) times out as one that sends nothing, instead of
     holding its thread and connection for as long as it keeps trickling."""
 
-    def __init__(self, connection: socket.socket, deadline: Callable[[], float]) -> None:
+    def __init__(self, connection: socket.socket, deadline: Callable[[], float], write_timeout: float) -> None:
         super().__init__()
-        self.connection, self.deadline = connection, deadline
+        self.connection, self.deadline, self.write_timeout = connection, deadline, write_timeout
 
     def readable(self) -> bool:
         return True
@@ -233,7 +233,10 @@ class DeadlineReader(io.RawIOBase):
         if left <= 0:
             raise socket.timeout("the request took longer than the server allows")
         self.connection.settimeout(left)
-        return self.connection.recv_into(buffer)
+        try:
+            return self.connection.recv_into(buffer)
+        finally:
+            self.connection.settimeout(self.write_timeout)  # the answer gets the usual timeout per write
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -251,7 +254,7 @@ class Handler(BaseHTTPRequestHandler):
         self.timeout = self.server.client_timeout  # a slow client gets a timeout, then its connection closed
         super().setup()
         self.deadline = time.monotonic() + self.server.client_timeout
-        self.rfile = io.BufferedReader(DeadlineReader(self.connection, lambda: self.deadline))
+        self.rfile = io.BufferedReader(DeadlineReader(self.connection, lambda: self.deadline, self.timeout))
 
     def handle_one_request(self) -> None:
         try:
@@ -381,8 +384,6 @@ class Handler(BaseHTTPRequestHandler):
                 remaining -= len(chunk)
         except (socket.timeout, TimeoutError):
             return  # a client that announced a large body and stopped sending: answer now
-        finally:
-            self.connection.settimeout(self.timeout)  # for writing the answer
 
     # --- answering ----------------------------------------------------------------------------
 
