@@ -11,6 +11,7 @@ from __future__ import annotations
 import builtins
 import difflib
 import functools
+import logging
 import math
 import os
 import reprlib
@@ -575,7 +576,7 @@ def check_flag_combinations(args: Any) -> None:
         raise CNNError(f"--serve and --{'predict' if args.predict else 'gradcheck'} are separate commands: run one")
     if (args.serve or args.export) and args.load_model:  # nothing trains: the saved model is served or exported
         mode = "--serve, which serve" if args.serve else "--export, which export"
-        for flag in (*TRAINING_ONLY, "seed", "dataset", *(() if args.serve else ("output",))):
+        for flag in (*TRAINING_ONLY, "seed", "dataset", "output"):
             value = getattr(args, flag)
             if value is not None and value is not False:
                 raise CNNError(f"--{flag.replace('_', '-')} has no effect with --load-model and {mode} the saved "
@@ -588,3 +589,57 @@ def check_flag_combinations(args: Any) -> None:
                     option = "--" + flag.replace("_", "-")
                     raise CNNError(f"{option} has no effect with --{mode}, which "
                                    + ("only classifies images" if mode == "predict" else "trains nothing"))
+
+
+IMAGE_SIDE = {"digits": 8}  # pixels of a data set's images when not 28 (MNIST, Fashion-MNIST, synthetic)
+
+
+def check_together(cfg: dict, origin: dict[str, str]) -> None:
+    """ConfigError (one line) for values each allowed alone but not together, once flags have overridden the
+    file: an augment.shift that moves every image out of its frame, a cosine min_lr above the learning rate.
+    Also corrects origin["seed"] (main's start line) when the config file it names sets no data.random_seed."""
+    data, training = cfg["data"], cfg["training"]
+    side = IMAGE_SIDE.get(data["dataset"], 28)
+    if data["augment"]["shift"] >= side:
+        raise ConfigError(f"data.augment.shift: got {shown(data['augment']['shift'])}, expected less than the "
+                          f"{side} pixels of a {data['dataset']} image's side: a shift that large moves the whole "
+                          "image out of its frame (2 or 3 is usual)")
+    schedule, learning_rate = training["lr_schedule"], training["learning_rate"]
+    if schedule.get("min_lr", 0) > learning_rate:
+        raise ConfigError(f"training.lr_schedule.min_lr: got {schedule['min_lr']:g}, expected at most "
+                          f"training.learning_rate ({learning_rate:g}): the cosine schedule falls from the learning "
+                          "rate to min_lr")
+    if origin.get("file") and origin["seed"] == origin["file"]:
+        raw = read_yaml_file(origin["file"])
+        if "random_seed" not in ((raw.get("data") or {}) if isinstance(raw, dict) else {}):
+            origin["seed"] = "built-in default"
+
+
+def divergence_advice(training: dict) -> str:
+    """What to change after a run diverged: the key that most likely made the steps too large, by name."""
+    schedule, learning_rate, decay = training["lr_schedule"], training["learning_rate"], training["weight_decay"]
+    if schedule["name"] == "one_cycle" and schedule["div_factor"] < 1:
+        return (f"training.lr_schedule.div_factor {schedule['div_factor']:g} is below 1, so the schedule starts "
+                f"above training.learning_rate, at {learning_rate / schedule['div_factor']:g}: use 25 (the default)")
+    if schedule["name"] == "one_cycle" and schedule["div_factor"] * schedule["final_div_factor"] < 1:
+        return (f"training.lr_schedule.final_div_factor {schedule['final_div_factor']:g} makes the schedule end "
+                "above training.learning_rate: use 1e4 (the default)")
+    if decay * learning_rate >= 0.1 or decay >= 1:
+        return f"try a smaller training.weight_decay than {decay:g} (0.0001 to 0.01 is usual)"
+    return f"try a lower learning rate (training.learning_rate) than {learning_rate:g}"
+
+
+def warn_odd_training(training: dict, n_train: int) -> None:
+    """Warnings on the log for a run that would not do what its numbers suggest: a batch_size above the number of
+    training images (each batch is then all of them), and a one_cycle schedule with too few steps to reach its
+    peak (a single step runs at learning_rate / (div_factor * final_div_factor): 4e-9 for 0.001 by default)."""
+    log = logging.getLogger("numpy_cnn")
+    batch_size, schedule = training["batch_size"], training["lr_schedule"]
+    if training["epochs"] and batch_size > n_train:
+        log.warning("training.batch_size %d is more than the %d training images: each batch is all %d of them",
+                    batch_size, n_train, n_train)
+    total_steps = math.ceil(n_train / batch_size) * training["epochs"]
+    if schedule["name"] == "one_cycle" and total_steps > 0 and schedule["pct_start"] * total_steps < 1:
+        log.warning("training.lr_schedule one_cycle over %d step%s never reaches training.learning_rate: it ends at "
+                    "the learning rate / (div_factor * final_div_factor) at once; train for more steps (more epochs "
+                    "or a smaller batch) or use another schedule", total_steps, "" if total_steps == 1 else "s")

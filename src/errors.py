@@ -7,6 +7,8 @@ A leaf module, so that main.py and every sibling module can raise them without i
 class CNNError(Exception):
     """A problem the user can fix (bad config, bad data, bad file): one line, exit code 2."""
 
+    exit_code = 2
+
 
 class ConfigError(CNNError):
     """A config file, a flag or a model's architecture that cannot be used."""
@@ -18,3 +20,9 @@ class DataError(CNNError):
 
 class ModelFileError(CNNError):
     """A model file that is not a valid numpy-cnn model."""
+
+
+class OutputError(CNNError):
+    """An output file that could not be written (a full disk, a FIFO nobody reads): one line, exit code 4."""
+
+    exit_code = 4

@@ -1,6 +1,7 @@
 """Reading image files and preparing them as the model's input, for `--predict` and the draw-a-digit page.
 
-read_image() reads a PNG, JPEG, ... (through Pillow) or a .npy array as grey values in [0, 1], and
+open_image() opens an image file of an allowed format (PNG, JPEG, GIF, BMP, WebP) without decoding it;
+read_image() reads such a file (through Pillow) or a .npy array as grey values in [0, 1], and
 image_from_bytes() does the same for the bytes of an image file (a drawing sent to the server);
 prepare_image() turns any such image into what the network saw in training (MNIST's recipe: light ink on
 black, cropped to the ink, scaled into 20x20 of 28x28, centred on its centre of mass); predict_files() runs a
@@ -25,24 +26,6 @@ from plumbing import log_to_file, versions, write_json
 log = logging.getLogger("numpy_cnn")
 
 
-ALLOWED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP")  # what Pillow may decode here: common, well-tested codecs
-
-
-def open_image(source: Any, what: str) -> Any:
-    """Pillow's Image.open(source) (a path or a binary file) limited to ALLOWED_FORMATS, lazily: only the header
-    is read. Raises DataError `what: why` with one line for anything else (another format, not an image)."""
-    from PIL import Image
-
-    try:
-        return Image.open(source, formats=ALLOWED_FORMATS)
-    except Image.UnidentifiedImageError:
-        raise DataError(f"{what}: not a PNG, JPEG, GIF, BMP or WebP image") from None
-    except Image.DecompressionBombError as error:
-        raise DataError(f"{what}: too many pixels ({_one_line(error)})") from None
-    except Exception as error:
-        raise DataError(f"{what}: cannot read it as an image ({type(error).__name__}: {_one_line(error)})") from None
-
-
 def as_fraction(grey: np.ndarray, integer: bool, sixteen_bit: bool = False) -> np.ndarray:
     """Grey values as fractions in [0, 1]: of 65535 for 16-bit values (or any above 255), of 255 for 0-255 pixels
     (integers above 1, floats above 2: floats get room for a resampling overshoot), else as they are."""
@@ -62,11 +45,14 @@ def read_image(path: Path) -> np.ndarray:
         raise DataError(f"{path}: {'not a regular file' if path.exists() else 'no such image file'}")
     try:
         if path.suffix.lower() == ".npy":
-            return _read_npy(path)
+            try:
+                return _read_npy(path)
+            except DataError as error:
+                raise DataError(f"{path}: {error}") from None
         with open(path, "rb") as f:
-            return _read_picture(f, None)
-    except DataError as error:  # from image_from_bytes: the same line, naming the file
-        raise DataError(f"{path}: {error}") from None
+            return _read_picture(f, None, str(path))
+    except DataError:
+        raise
     except Exception as error:
         raise DataError(f"{path}: cannot read it as an image ({type(error).__name__}: {_one_line(error)})") from None
 
@@ -109,48 +95,94 @@ def _check_pixels(width: int, height: int, max_pixels: int | None) -> None:
                         "huge image)")
 
 
-def image_from_bytes(data: bytes, max_pixels: int | None = None) -> np.ndarray:
-    """The bytes of an image file (PNG, JPEG, ... anything Pillow reads) as a 2-D float array in [0, 1].
+def image_from_bytes(data: bytes, max_pixels: int | None = None, what: str = '"image"') -> np.ndarray:
+    """The bytes of an image file (PNG, JPEG, GIF, BMP or WebP: see open_image) as a 2-D float array in [0, 1].
 
     Ink on a transparent background is shown on white, as a screen shows it; a photo's orientation tag is
     applied. `max_pixels` refuses, before decoding, an image with more pixels than that (a small compressed
     file can hold a huge image); Pillow's own limit (PIL.Image.MAX_IMAGE_PIXELS) applies in any case. Raises
-    DataError with one line for anything that is not such an image.
+    DataError with one line, starting with `what`, for anything that is not such an image.
     """
-    return _read_picture(io.BytesIO(data), max_pixels)
+    return _read_picture(io.BytesIO(data), max_pixels, what)
 
 
-def _read_picture(file: Any, max_pixels: int | None) -> np.ndarray:
-    """image_from_bytes for an open binary file (of bytes or on disk, so that a large file is not read whole)."""
-    from PIL import Image, ImageOps
+IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP")  # what Pillow may decode; .npy arrays are read by suffix
+FORMAT_NAMES = "PNG, JPEG, GIF, BMP or WebP"
+OTHER_FORMATS = {b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"%!PS": "PostScript (EPS)", b"\xc5\xd0\xd3\xc6": "EPS",
+                 b"%PDF": "PDF"}  # named in the message when a file is one of these
+
+
+def open_image(source: str | Path | bytes | Any, what: str, max_pixels: int | None = None) -> Any:
+    """An image file (a path, its bytes, or an open binary file) opened by Pillow as a PIL.Image.Image, not yet
+    decoded: only the formats of IMAGE_FORMATS are tried (never EPS, which Pillow hands to Ghostscript, nor
+    the dozens of others it knows), and an image of more than `max_pixels` pixels (at most Pillow's own limit,
+    PIL.Image.MAX_IMAGE_PIXELS) is refused before its pixels are decoded. Raises DataError with one line that
+    starts with `what` (a file name, or '"image"' for a drawing) for anything else. Use it as a context manager."""
+    from PIL import Image
 
     # Pillow warns (DecompressionBombWarning) about an image between its limit and twice it, and refuses one
     # beyond: the check below turns both into one DataError line, so the warning itself must not reach the user.
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels)
+    file = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
     try:
-        with Image.open(file) as picture:
-            _check_pixels(picture.width, picture.height, limit)
+        picture = Image.open(file, formats=IMAGE_FORMATS)
+    except Image.DecompressionBombError as error:  # beyond twice Pillow's limit: refused while opening
+        size = re.search(r"\((\d+) pixels\)", str(error))
+        pixels = f"{int(size.group(1)):,} pixels" if size else "the image"
+        raise DataError(f"{what}: {pixels} is more than the {limit:,} allowed (a small file can hold a huge "
+                        "image)") from None
+    except Image.UnidentifiedImageError:
+        kind = _sniff(source)
+        raise DataError(f"{what}: {f'is a {kind} file' if kind else 'cannot read it as an image'}; the formats "
+                        f"read are {FORMAT_NAMES} (and .npy arrays)") from None
+    except OSError as error:
+        raise DataError(f"{what}: cannot read it ({error.strerror or _one_line(error)})") from None
+    if limit is not None and picture.width * picture.height > limit:
+        picture.close()
+        raise DataError(f"{what}: {picture.width}x{picture.height} pixels is more than the {limit:,} allowed (a "
+                        "small file can hold a huge image)")
+    return picture
+
+
+def _sniff(source: Any) -> str | None:
+    """The name of a well-known format that is not read (TIFF, EPS, PDF) from a file's first bytes, else None."""
+    try:
+        if isinstance(source, (bytes, bytearray)):
+            head = bytes(source[:4])
+        elif isinstance(source, (str, Path)):
+            with open(source, "rb") as f:
+                head = f.read(4)
+        else:
+            source.seek(0)
+            head = source.read(4)
+    except (OSError, AttributeError, ValueError):
+        return None
+    return OTHER_FORMATS.get(head)
+
+
+def _read_picture(file: Any, max_pixels: int | None, what: str = "the image") -> np.ndarray:
+    """image_from_bytes for an open binary file (of bytes or on disk, so that a large file is not read whole)."""
+    from PIL import Image, ImageOps
+
+    with open_image(file, what, max_pixels) as picture:
+        try:
             # A phone photo is stored sideways with a tag saying how to turn it.
             upright = ImageOps.exif_transpose(picture)
             if upright.mode in ("RGBA", "LA", "PA") or "transparency" in upright.info:
                 # Ink on a transparent background, as drawing apps save it: show it on white, as a screen does.
                 upright = Image.alpha_composite(Image.new("RGBA", upright.size, "white"), upright.convert("RGBA"))
             if upright.mode.startswith("I") or upright.mode == "F":  # 16/32-bit or float greys: convert("L") clips
-                return as_fraction(np.asarray(upright, dtype=np.float64), integer=upright.mode != "F",
-                                   sixteen_bit=upright.mode.startswith("I;16"))
+                grey = np.asarray(upright, dtype=np.float64)
+                if not np.isfinite(grey).all():
+                    raise DataError(f"{what}: it holds NaN or infinite values")
+                return as_fraction(grey, integer=upright.mode != "F", sixteen_bit=upright.mode.startswith("I;16"))
             return np.asarray(upright.convert("L"), dtype=np.float64) / 255
-    except DataError:
-        raise
-    except Image.DecompressionBombError as error:  # beyond twice Pillow's limit: refused while opening
-        size = re.search(r"\((\d+) pixels\)", str(error))
-        pixels = f"{int(size.group(1)):,} pixels" if size else "the image"
-        raise DataError(f"{pixels} is more than the {limit:,} allowed (a small file can hold a huge image)") from None
-    except Image.UnidentifiedImageError:  # its own message would name an anonymous in-memory file
-        raise DataError("cannot read it as an image (UnidentifiedImageError: not an image format Pillow knows)") \
-            from None
-    except Exception as error:
-        raise DataError(f"cannot read it as an image ({type(error).__name__}: {_one_line(error)})") from None
+        except DataError:
+            raise
+        except Exception as error:
+            raise DataError(f"{what}: cannot read it as an image ({type(error).__name__}: {_one_line(error)})") \
+                from None
 
 
 def decode(path: Path, size: tuple[int, int] | None) -> tuple[np.ndarray, tuple[int, int]]:
@@ -192,17 +224,12 @@ def picture_from_bytes(data: bytes, size: tuple[int, int], max_pixels: int | Non
     """The bytes of a PNG, JPEG, GIF, BMP or WebP file as decode() reads a file: uint8 grey (H, W) or RGB
     (H, W, 3), resized to size (height, width). `max_pixels` refuses a larger image before decoding it.
     DataError with one line for anything else."""
-    from PIL import Image
-
-    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-    picture = open_image(io.BytesIO(data), "the image")
-    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels)
-    _check_pixels(picture.width, picture.height, limit)
+    picture = open_image(data, '"image"', max_pixels)
     try:
         picture.load()
         return fit_picture(picture, size)[0]
     except Exception as error:
-        raise DataError(f"cannot read it as an image ({type(error).__name__}: {_one_line(error)})") from None
+        raise DataError(f'"image": cannot read it as an image ({type(error).__name__}: {_one_line(error)})') from None
 
 
 def grey_of(rgb: np.ndarray) -> np.ndarray:
@@ -235,7 +262,7 @@ def prepare_image(image: np.ndarray, input_shape: tuple[int, int, int], fill: fl
             image = image[top:bottom, left:right]
         scale = fill * min(height / image.shape[0], width / image.shape[1])
         size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
-        resized = np.asarray(Image.fromarray(image.astype(np.float32), mode="F").resize(size, Image.BILINEAR))
+        resized = np.asarray(Image.fromarray(image.astype(np.float32)).resize(size, Image.BILINEAR))
         resized = np.clip(resized, 0, 1)
         framed = np.zeros((height, width), dtype=np.float32)
         mass = resized.sum()

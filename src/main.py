@@ -44,7 +44,7 @@ import checkpoints
 import config_schema
 import plumbing
 from config_schema import layer_name_and_arguments
-from datafiles import OPENML_NAMES, download_openml, load_cache, load_idx_folder, make_synthetic
+from datafiles import OPENML_NAMES, check_dataset_name, download_openml, load_cache, load_idx_folder, make_synthetic
 from errors import CNNError, ConfigError, DataError
 from exports import check_exports, write_exports
 from folders import check_dataset_flag, load_folder, uses_folder
@@ -876,7 +876,8 @@ def shift_and_rotate(images: np.ndarray, rng: np.random.Generator, max_shift: in
 def _draw(split: tuple[np.ndarray, np.ndarray], n: int, rng: np.random.Generator, what: str) -> tuple:
     images, labels = split
     if n > len(images):
-        raise DataError(f"{what} = {n:,} but only {len(images):,} images are available")
+        raise DataError(f"{what} = {n:,} but only {len(images):,} images are available: add "
+                        f"--{what.removeprefix('data.').replace('_', '-')} {len(images)}")
     chosen = rng.choice(len(images), n, replace=False)
     return images[chosen], labels[chosen]
 
@@ -885,8 +886,10 @@ def _hold_out(images: np.ndarray, labels: np.ndarray, n_train: int, n_test: int,
               what: str) -> tuple[tuple, tuple]:
     """Disjoint random train and test draws from one pool that has no official test split."""
     if n_train + n_test > len(images):
-        raise DataError(f"{what}: n_train + n_test = {n_train + n_test:,} but only {len(images):,} images "
-                        "are available (they are split between training and test)")
+        test = min(n_test, len(images) // 5)
+        raise DataError(f"{what}: n_train + n_test = {n_train + n_test:,} but only {len(images):,} images are "
+                        f"available (they are split between training and test): add --n-train {len(images) - test} "
+                        f"--n-test {test}")
     order = rng.permutation(len(images))
     test, train = order[:n_test], order[n_test:n_test + n_train]
     return (images[train], labels[train]), (images[test], labels[test])
@@ -924,6 +927,7 @@ def load_data(data_cfg: dict, evaluating_only: bool = False) -> Dataset:
     if data_cfg["path"]:
         folder = Path(data_cfg["path"])
         train, test = load_idx_folder(folder)
+        check_dataset_name(name, folder, train[0])
         if test is None:
             train, test = _hold_out(*train, n_train, n_test, rng, f"data ({folder})")
             note = (f"IDX files in {folder}; it has no t10k files, so {n_test:,} training images were held out "
@@ -1128,20 +1132,22 @@ def relative_error(analytic: np.ndarray, numeric: np.ndarray) -> float:
     return float(np.max(np.abs(analytic - numeric))) / max(scale, 1e-12)
 
 
-def numeric_gradient(objective: Callable[[], float], array: np.ndarray, coords: np.ndarray,
-                     eps: float = 1e-6) -> np.ndarray:
+def numeric_gradient(objective: Callable[[], float], array: np.ndarray, coords: np.ndarray, eps: float = 1e-6,
+                     kinks: Callable[[], bytes] | None = None) -> np.ndarray:
     """Central differences (f(a + eps) - f(a - eps)) / 2eps at the given flat coordinates of `array`,
-    which objective() must read (it is changed in place and restored)."""
+    which objective() must read (it is changed in place and restored). kinks(), if given, says on which side of
+    every kink (ReLU at 0, a pooling tie) the last objective() was: where a + eps and a - eps differ, the
+    difference straddles a kink and measures no slope, so that coordinate's gradient is NaN (judged apart)."""
     flat = array.reshape(-1)  # a view: array must be contiguous
     grads = np.empty(len(coords))
     for i, coord in enumerate(coords):
         original = flat[coord]
         flat[coord] = original + eps
-        plus = objective()
+        plus, side = objective(), kinks and kinks()
         flat[coord] = original - eps
         minus = objective()
         flat[coord] = original
-        grads[i] = (plus - minus) / (2 * eps)
+        grads[i] = (plus - minus) / (2 * eps) if not kinks or kinks() == side else np.nan
     return grads
 
 
@@ -1153,7 +1159,8 @@ def gradient_check(model: Sequential, x: np.ndarray, labels: np.ndarray, rng: np
     L.backward(G) with respect to a, and L.grads with respect to its weights; both are compared with
     central differences on n_coords random coordinates per tensor, at the real input plus uniform noise of
     +-0.01 (so that no ReLU zero or pooling tie sits exactly on a kink). A last check runs the whole model
-    and loss end to end. Returns one row per tensor: layer, tensor, shape, coordinates, error, ok.
+    and loss end to end, leaving out (as "kinks") coordinates whose +-eps moved a deep ReLU or max across its
+    kink. Returns one row per tensor: layer, tensor, shape, coordinates judged, kinks, error, ok.
     Everything runs in training mode, the mode whose gradients training uses: BatchNorm normalises with the
     batch's own statistics (and its gradient flows through them), and each Dropout layer keeps one fixed mask,
     so that every evaluation of the objective computes the same function. The model's weights are converted
@@ -1166,11 +1173,14 @@ def gradient_check(model: Sequential, x: np.ndarray, labels: np.ndarray, rng: np
     names = model.names
     rows: list[dict] = []
 
-    def check(layer_name: str, tensor: str, array: np.ndarray, analytic: np.ndarray, objective: Callable) -> None:
+    def check(layer_name: str, tensor: str, array: np.ndarray, analytic: np.ndarray, objective: Callable,
+              kinks: Callable[[], bytes] | None = None) -> None:
         coords = rng.choice(array.size, min(n_coords, array.size), replace=False)
-        error = relative_error(analytic.reshape(-1)[coords], numeric_gradient(objective, array, coords))
-        rows.append({"layer": layer_name, "tensor": tensor, "shape": list(array.shape), "coords": len(coords),
-                     "max_rel_error": error, "ok": error < tolerance})
+        numeric = numeric_gradient(objective, array, coords, kinks=kinks)
+        judged = ~np.isnan(numeric)  # coordinates whose difference straddled a kink are left out, and counted
+        error = relative_error(analytic.reshape(-1)[coords][judged], numeric[judged]) if judged.any() else np.inf
+        rows.append({"layer": layer_name, "tensor": tensor, "shape": list(array.shape), "coords": int(judged.sum()),
+                     "kinks": int((~judged).sum()), "max_rel_error": error, "ok": error < tolerance})
 
     activation = np.ascontiguousarray(x, dtype=np.float64)
     for name, layer in zip(names, model.layers):
@@ -1206,7 +1216,9 @@ def gradient_check(model: Sequential, x: np.ndarray, labels: np.ndarray, rng: np
         model.backward(loss_fn.backward())
         tensor = next(iter(first.params))
         check("whole model", f"{names[model.layers.index(first)]}.{tensor}", first.params[tensor],
-              first.grads[tensor].copy(), model_loss)
+              first.grads[tensor].copy(), model_loss, lambda: b"".join(  # which side of each ReLU and max it is on
+                  getattr(layer, kept).tobytes() for layer in model.layers for kept in ("positive", "winner")
+                  if hasattr(layer, kept)))
     for layer in model.layers:
         if isinstance(layer, Dropout):
             layer.fixed_mask = None
@@ -1343,12 +1355,13 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, dict[str, str]]:
     if args.no_fallback:
         cfg["data"]["allow_synthetic_fallback"] = False
     check_dataset_flag(args.dataset, cfg["data"]["path"])
+    config_schema.check_together(cfg, origin)
     if not args.load_model and not uses_folder(cfg["data"]):  # a folder's shape is known once it is read
         # Build the configured model once on the data set's image size, so that an impossible architecture
         # is reported now, not after a minute of downloading. (A loaded model brings its own architecture.)
         try:
             model = build_model(cfg["model"], input_shape_of(cfg["data"]["dataset"]), 10, np.random.default_rng(0))
-            plumbing.check_fits_in_memory(model, cfg["training"]["batch_size"])
+            plumbing.check_fits_in_memory(model, min(cfg["training"]["batch_size"], cfg["data"]["n_train"]))
         except ConfigError as error:
             raise ConfigError(f"{origin['config']}: {error}") from None
         except (MemoryError, ValueError) as error:  # numpy cannot allocate the weights
@@ -1393,7 +1406,7 @@ def run_gradcheck(args: argparse.Namespace, cfg: dict, origin: dict[str, str]) -
     verdict = f"{len(rows) - len(failed)}/{len(rows)} tensors ok (tolerance 1e-6) in {time.perf_counter() - start:.1f}s"
     if args.output:
         plumbing.write_json(args.output, {"status": "failed" if failed else "passed", "rows": rows, "config": cfg,
-                                 "plumbing.versions": plumbing.versions()})
+                                 "versions": plumbing.versions()})
     if failed:
         log.error("gradient check FAILED: %s; broken: %s", verdict,
                   ", ".join(f"{row['layer']}.{row['tensor']}" for row in failed))
@@ -1458,6 +1471,7 @@ def run_training(args: argparse.Namespace, cfg: dict, origin: dict[str, str], st
                  f", {' and '.join(changes)}" if changes else "", plumbing.plural(workers, "worker thread"))
     timings = instrument(model, optimizer) if args.profile else None
     steps_per_epoch = math.ceil(len(data.x_train) / training_cfg["batch_size"])
+    config_schema.warn_odd_training(training_cfg, len(data.x_train))
     learning_rate = learning_rate_schedule(schedule, training_cfg["learning_rate"], steps_per_epoch,
                                            steps_per_epoch * training_cfg["epochs"])
     augment = None
@@ -1486,8 +1500,8 @@ def run_training(args: argparse.Namespace, cfg: dict, origin: dict[str, str], st
     test_loss = test_accuracy = None
     if result.status == "diverged":
         where = result.stopped_at
-        log.error("training diverged at epoch %d, batch %d (%s): try a lower learning rate than %g",
-                  where["epoch"], where["batch"], where["reason"], training_cfg["learning_rate"])
+        log.error("training diverged at epoch %d, batch %d (%s): %s", where["epoch"], where["batch"], where["reason"],
+                  config_schema.divergence_advice(training_cfg))
     elif result.history and result.status == "completed" and "test_loss" in result.history[-1]:
         test_loss, test_accuracy = result.history[-1]["test_loss"], result.history[-1]["test_accuracy"]
     else:
@@ -1496,7 +1510,7 @@ def run_training(args: argparse.Namespace, cfg: dict, origin: dict[str, str], st
         real = data.source != "synthetic" or data.name == "synthetic"
         on_what = "" if real else f" on SYNTHETIC digits, not {data.name} (offline fallback: see above)"
         took = "evaluation only, no training" if evaluating_only else f"training took {train_seconds:.1f}s"
-        plumbing.result_line(f"test accuracy {100 * test_accuracy:.2f}%{on_what}, test loss {test_loss:.4f}, {took}")
+        outcome = f"test accuracy {100 * test_accuracy:.2f}%{on_what}, test loss {test_loss:.4f}, {took}"
     if timings is not None and result.batches:
         log.info("%s", profile_table(timings, model.names, result.batches, workers))
 
@@ -1508,6 +1522,8 @@ def run_training(args: argparse.Namespace, cfg: dict, origin: dict[str, str], st
                                             train_seconds, stop)
     if result.status == "interrupted":
         log.warning("%s", checkpoints.interrupted_line(result, saved, args.save_model if not failed_writes else None))
+    if test_accuracy is not None:  # files first, then the line that says what the run achieved
+        plumbing.result_line(outcome)
     if result.status == "diverged":
         return EXIT_DIVERGED
     if stop.signum is not None:  # interrupted, or a signal came while the results were being written
@@ -1519,13 +1535,16 @@ def run_training(args: argparse.Namespace, cfg: dict, origin: dict[str, str], st
     if args.serve:
         from serve import serve_trained_model
 
+        stop.graceful = False  # nothing is left to finish: a signal stops the server at once, as with --load-model
         serve_trained_model(model, model_meta(model, model_cfg, data, summary), softmax, args.host, args.port)
     return EXIT_OK
 
 
+@plumbing.guarding_stdout(EXIT_BROKEN_PIPE, EXIT_OUTPUT)
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code (0 done, 1 unexpected, 2 bad input, 3 diverged, 4 an output
-    could not be written, 130 / 143 interrupted, 141 the reader of the output went away)."""
+    could not be written, 130 / 143 interrupted, 141 the reader of the output went away). A stdout that cannot be
+    written stops nothing: every file is written first (plumbing.GuardedStdout)."""
     try:
         args = build_parser().parse_args(argv)
         config_schema.check_flag_combinations(args)
@@ -1552,7 +1571,7 @@ def main(argv: list[str] | None = None) -> int:
     except CNNError as error:
         plumbing.log_to_file(logging.ERROR, str(error))
         print(f"error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        return error.exit_code
     except BrokenPipeError:  # `python src/main.py ... | head`: the reader has all it wanted
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit

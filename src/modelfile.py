@@ -18,9 +18,9 @@ from typing import Any, Callable
 import numpy as np
 
 from config_schema import check_model, shown
-from errors import ConfigError, DataError, ModelFileError
+from errors import CNNError, ConfigError, DataError, ModelFileError
 from images import preprocess_record
-from plumbing import plural, write_atomic
+from plumbing import check_fits_in_memory, plural, write_atomic
 
 log = logging.getLogger("numpy_cnn")
 
@@ -84,6 +84,7 @@ class LoadedModel:
 
 MAX_SIDE = 4096  # pixels of an input image's side
 MAX_CLASSES = 1000
+MAX_OPTIMIZER_STEPS = 10**15  # Adam's step count: more steps than any run takes, and a float still holds it
 MAX_META_CHARACTERS = 16_000_000  # the JSON 'meta' entry: a training history of thousands of epochs fits
 
 
@@ -125,6 +126,10 @@ def load_model(path: Path, build_model: Callable[..., Any], defaults: dict | Non
             raise ModelFileError(f"{path}: the stored architecture cannot be built ({error})") from None
         except (MemoryError, ValueError):  # numpy cannot allocate the weights
             raise ModelFileError(f"{path}: the stored architecture's weights do not fit in memory") from None
+        try:
+            check_fits_in_memory(model, 1)
+        except CNNError as error:
+            raise ModelFileError(f"{path}: the stored architecture cannot run here ({error})") from None
         try:
             optimizer_state = _load_arrays(path, archive, model)
             meta["examples"] = _load_examples(path, archive, input_shape, len(class_names))
@@ -229,8 +234,10 @@ def _check_meta(meta: dict) -> tuple[dict, tuple[int, int, int], list[str]]:
             raise ValueError(f"training.{key} is {shown(value)}, not a finite number"
                              + (" from 0 to 1" if high == 1 else " >= 0"))
     if optimizer is not None and (not isinstance(optimizer, dict) or not isinstance(optimizer.get("name"), str)
-                                  or type(optimizer.get("t", 0)) is not int or optimizer.get("t", 0) < 0):
-        raise ValueError(f"its optimizer entry {shown(optimizer)} is not a mapping with a name and a step count")
+                                  or type(optimizer.get("t", 0)) is not int
+                                  or not 0 <= optimizer.get("t", 0) <= MAX_OPTIMIZER_STEPS):
+        raise ValueError(f"its optimizer entry {shown(optimizer)} is not a mapping with a name and a step count "
+                         f"from 0 to {MAX_OPTIMIZER_STEPS:,}")
     if not isinstance(meta.get("data") or {}, dict) or not isinstance(meta.get("dataset") or "", str):
         raise ValueError(f"its data entry {shown(meta.get('data'))} or dataset {shown(meta.get('dataset'))} is not "
                          "what save_model writes")
@@ -255,6 +262,8 @@ def _load_arrays(path: Path, archive: Any, model: Any) -> dict[str, np.ndarray]:
         weights = archive[key]
         if not np.isfinite(weights).all():
             raise ModelFileError(f"{path}: {key} holds NaN or infinite values")
+        if key.endswith(".running_var") and (weights < 0).any():
+            raise ModelFileError(f"{path}: {key} holds negative values, but a variance is >= 0")
         param[...] = weights
     largest = max((param.size for param in expected.values()), default=0)
     optimizer_state = {}

@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
+from errors import OutputError
 from exports import check_exports, export_model
 from modelfile import model_meta, save_model
 from plumbing import StopRequest, check_distinct_files, check_writable, log_to_file, versions, write_json
@@ -74,10 +75,12 @@ def write_outputs(args: Any, cfg: dict, model_cfg: dict, data: Any, model: Any, 
         try:
             action()
             return True
-        except OSError as error:
+        except (OSError, OutputError) as error:
             failed_writes = True
-            problems.append(f"{what} {path}: {error.strerror or error}")
-            log.error("could not write %s %s (%s)", what, path, error.strerror or error)
+            cause = error.__cause__ if isinstance(error, OutputError) else error
+            reason = getattr(cause, "strerror", None) or cause
+            problems.append(f"{what} {path}: {reason}")
+            log.error("could not write %s %s (%s)", what, path, reason)
             return False
 
     if args.save_model and result.status == "diverged":

@@ -7,12 +7,16 @@ A leaf module: it never imports main.
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
+import io
 import json
 import logging
 import math
 import os
 import platform
 import signal
+import stat
 import sys
 import tempfile
 import time
@@ -21,15 +25,32 @@ from typing import Any, Callable
 
 import numpy as np
 
-from errors import CNNError, ConfigError
+from errors import CNNError, ConfigError, OutputError
 
 log = logging.getLogger("numpy_cnn")
 
 
 def write_atomic(path: Path, write: Callable[[Any], None], binary: bool = True) -> None:
     """Write to a temporary file beside `path`, then rename it into place: a crash or Ctrl-C midway
-    leaves the old file (or none) rather than half a file."""
-    path = Path(path)
+    leaves the old file (or none) rather than half a file.
+
+    A symlink is followed: its target is replaced and the link kept. An existing character device or FIFO
+    (/dev/null, /dev/stdout, a named pipe) is written through, never replaced; any other special file (a socket,
+    a block device) is refused with an OSError. A write that fails (/dev/full: no space left) raises OSError."""
+    path = Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)
+    kind = special_file_kind(path)
+    if kind in ("character device", "FIFO"):
+        with open_special(path, kind) as f:  # closing it flushes it: a write error is raised here
+            if binary:
+                write(f)
+            else:
+                text = io.TextIOWrapper(f, encoding="utf-8")
+                write(text)
+                text.flush()
+                text.detach()  # else the wrapper, once dropped, would close f and swallow the error
+        return
+    if kind is not None:
+        raise OSError(errno.EINVAL, f"is a {kind}, not a file")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -40,6 +61,109 @@ def write_atomic(path: Path, write: Callable[[Any], None], binary: bool = True) 
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def special_file_kind(path: Path) -> str | None:
+    """What an existing non-regular file is ("character device", "FIFO", "socket", "block device"), else None
+    (a regular file, a folder, or nothing there)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    kinds = {stat.S_ISCHR: "character device", stat.S_ISFIFO: "FIFO", stat.S_ISSOCK: "socket",
+             stat.S_ISBLK: "block device"}
+    return next((kind for test, kind in kinds.items() if test(mode)), None)
+
+
+def open_special(path: Path, kind: str) -> Any:
+    """A character device or FIFO opened for writing. A FIFO is opened without waiting: with no program reading
+    it, opening it would wait forever, so that is an OSError instead."""
+    flags = os.O_WRONLY | (os.O_NONBLOCK if kind == "FIFO" else 0)
+    try:
+        descriptor = os.open(path, flags)
+    except OSError as error:
+        if error.errno == errno.ENXIO:
+            raise OSError(errno.ENXIO, "a FIFO that no program is reading") from None
+        raise
+    if kind == "FIFO":
+        os.set_blocking(descriptor, True)
+    return os.fdopen(descriptor, "wb")
+
+
+class GuardedStdout(io.TextIOBase):
+    """Standard output that a failing console cannot take down with the run: the first error writing it (a full
+    disk, `> /dev/full`; a reader that went away, `| head`) is kept, and what follows is dropped, so that training
+    goes on and every file is still written. Used as a context manager that puts itself in place of sys.stdout;
+    exit_code() then says how the program ends."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stream: Any = None
+        self.error: OSError | None = None
+
+    def __enter__(self) -> GuardedStdout:
+        self.stream, sys.stdout = sys.stdout, self
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self.flush()
+        sys.stdout = self.stream
+
+    def write(self, text: str) -> int:
+        if self.error is None:
+            try:
+                self.stream.write(text)
+            except OSError as error:
+                self.failed(error)
+        return len(text)
+
+    def flush(self) -> None:
+        if self.error is None:
+            try:
+                self.stream.flush()
+            except OSError as error:
+                self.failed(error)
+
+    def failed(self, error: OSError) -> None:
+        """Keep the error; point the real stdout at /dev/null, so that nothing is left to fail at exit."""
+        self.error = error
+        with contextlib.suppress(OSError, ValueError, AttributeError, io.UnsupportedOperation):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+
+    def isatty(self) -> bool:
+        return self.error is None and self.stream.isatty()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self.stream, "encoding", "utf-8")
+
+    def exit_code(self, code: int, broken_pipe: int, output_failed: int) -> int:
+        """The program's exit code once every file is written: `code` if stdout never failed; `broken_pipe` if
+        its reader went away; else one line on stderr and `output_failed` (unless `code` already says a failure)."""
+        if self.error is None:
+            return code
+        if isinstance(self.error, BrokenPipeError):
+            return broken_pipe
+        with contextlib.suppress(OSError):
+            print(f"error: cannot write to standard output ({self.error.strerror or self.error}); every file asked "
+                  "for was written", file=sys.stderr, flush=True)
+        return code or output_failed
+
+
+def guarding_stdout(broken_pipe: int, output_failed: int) -> Callable[[Callable[..., int]], Callable[..., int]]:
+    """A decorator for a command's main function: it runs with GuardedStdout in place of sys.stdout, and its exit
+    code becomes `broken_pipe` or `output_failed` when stdout failed (GuardedStdout.exit_code)."""
+    def decorate(run: Callable[..., int]) -> Callable[..., int]:
+        @functools.wraps(run)
+        def guarded(*args: Any, **kwargs: Any) -> int:
+            with GuardedStdout() as stdout:
+                return stdout.exit_code(run(*args, **kwargs), broken_pipe, output_failed)
+        return guarded
+    return decorate
 
 
 class ProgressBar:
@@ -165,6 +289,13 @@ def check_writable(path: str | None, what: str, folder: bool = False) -> None:
     if not path:
         return
     target = Path(path)
+    kind = None if folder else special_file_kind(target)
+    if kind in ("character device", "FIFO"):  # written through, not replaced (write_atomic)
+        return
+    if kind is not None:
+        raise CNNError(f"{what} {target}: is a {kind}, not a file; give a file name")
+    if target.is_symlink():  # write_atomic replaces the link's target
+        target = Path(os.path.realpath(target))
     if not folder and target.is_dir():
         raise CNNError(f"{what} {target}: is a folder, expected a file name")
     if folder and target.exists() and not target.is_dir():
@@ -237,10 +368,13 @@ def versions() -> dict:
     return {"python": platform.python_version(), "numpy": np.__version__, "platform": platform.platform()}
 
 
-def write_json(path: str | Path, payload: dict) -> None:
-    write_atomic(Path(path), lambda f: json.dump(payload, f, indent=2, default=str), binary=False)
-
-
+def write_json(path: str | Path, payload: dict, what: str = "--output") -> None:
+    """`payload` as indented JSON, through write_atomic; OutputError (one line, exit code 4, the OSError as its
+    cause) when the file cannot be written."""
+    try:
+        write_atomic(Path(path), lambda f: json.dump(payload, f, indent=2, default=str), binary=False)
+    except OSError as error:
+        raise OutputError(f"{what} {path}: cannot write it ({error.strerror or error})") from error
 
 
 def check_distinct_files(files: dict[str, str | None]) -> None:
@@ -275,7 +409,8 @@ def machine_memory() -> int | None:
 def check_fits_in_memory(model: Any, batch_size: int) -> None:
     """CNNError when training the model at this batch size would need more memory than the machine has: its
     weights (16 bytes each: weight, gradient, Adam's two moments) and one batch's activations (each layer's
-    output, kept for backward, and its gradient; a conv layer's im2col columns and their gradient too)."""
+    output, kept for backward, and its gradient; a conv layer's zero-padded input, its im2col columns and their
+    gradients too)."""
     memory = machine_memory()
     if memory is None or model.input_shape is None:
         return
@@ -284,14 +419,16 @@ def check_fits_in_memory(model: Any, batch_size: int) -> None:
     for layer in model.layers:
         out = layer.output_shape(shape)
         values += 2 * math.prod(out)
-        if hasattr(layer, "kernel_size"):  # im2col: every output pixel's k x k x C window
+        if hasattr(layer, "kernel_size"):  # the zero-padded input, and im2col: every output pixel's k x k x C window
+            padding = getattr(layer, "padding", 0)
+            values += 2 * (shape[0] + 2 * padding) * (shape[1] + 2 * padding) * shape[2]
             values += 2 * math.prod(out[:2]) * layer.kernel_size ** 2 * shape[2]
         shape = out
     needed = 16 * weights + 4 * batch_size * values
     if needed > memory:
         raise CNNError(f"model: training needs about {needed / 2**30:,.1f} GiB ({weights:,} weights, and the "
                        f"activations of a batch of {batch_size}), but this machine has {memory / 2**30:.1f} GiB of "
-                       "memory available: use fewer filters or units, or a smaller training.batch_size")
+                       "memory available: use fewer filters or units, less padding, or a smaller training.batch_size")
 
 
 MAX_ENV_FILE_BYTES = 1_000_000  # a .env holds a few variables

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import errno
 import io
 import ipaddress
@@ -28,7 +29,8 @@ import socketserver
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -45,8 +47,12 @@ log = logging.getLogger("numpy_cnn.serve")
 PAGE_PATH = Path(__file__).resolve().parent / "web" / "index.html"
 MAX_BODY_BYTES = 2 * 1024 * 1024  # a drawing is a few kilobytes; a photo of a digit fits too
 MAX_DRAIN_BYTES = 16 * 1024 * 1024  # an oversized body up to this is read and dropped, so the client gets its 413
-MAX_IMAGE_PIXELS = 2048 * 2048  # checked before decoding: a small PNG can hold a huge image
-DEFAULT_TIMEOUT = 10.0  # seconds a client may take to send its request
+MAX_IMAGE_PIXELS = 1024 * 1024  # checked before decoding: a small PNG can hold a huge image (the page sends 280x280)
+MAX_BODIES_IN_FLIGHT = 8  # request bodies held at once (up to MAX_BODY_BYTES each, and their decoded copies)
+MAX_DECODES_IN_FLIGHT = 2  # drawings decoded and run through the model at once (tens of MB each at the most)
+SLOT_WAIT = 2.0  # seconds a request waits for one of those slots before it is answered 503
+MAX_CONNECTIONS = 64  # open connections; beyond that a new one is answered 503 and closed at once
+DEFAULT_TIMEOUT = 10.0  # seconds a client may take to send a whole request (line, headers and body)
 BLANK_INK = 0.05  # a prepared image whose brightest pixel is below this has no ink
 
 PAGE_HEADERS = {
@@ -55,6 +61,9 @@ PAGE_HEADERS = {
                                "img-src data:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'",
     "X-Frame-Options": "DENY",
 }
+BUSY_BODY = b'{"error":"the server has too many open connections: try again in a moment"}'
+BUSY_ANSWER = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
+               b"Content-Length: " + str(len(BUSY_BODY)).encode() + b"\r\n\r\n" + BUSY_BODY)
 COMMON_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
 
 
@@ -146,8 +155,8 @@ class Predictor:
         data = decode_data_url(data_url)
         try:
             drawing = self.decode(data) if self.decode else image_from_bytes(data, max_pixels=MAX_IMAGE_PIXELS)
-        except CNNError as error:
-            raise RequestError(f'"image": {error}') from None
+        except CNNError as error:  # its line starts with "image"
+            raise RequestError(str(error)) from None
         if drawing.size == 0:
             raise RequestError('"image" has no pixels')
         try:
@@ -227,6 +236,29 @@ def split_host(value: str) -> tuple[str, str]:
     return host, port
 
 
+class DeadlineReader(io.RawIOBase):
+    """A connection's incoming bytes, each read given only the time left until `deadline()` (time.monotonic):
+    a client that sends one byte every few seconds (slowloris) times out as one that sends nothing, instead of
+    holding its thread and connection for as long as it keeps trickling."""
+
+    def __init__(self, connection: socket.socket, deadline: Callable[[], float], write_timeout: float) -> None:
+        super().__init__()
+        self.connection, self.deadline, self.write_timeout = connection, deadline, write_timeout
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        left = self.deadline() - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("the request took longer than the server allows")
+        self.connection.settimeout(left)
+        try:
+            return self.connection.recv_into(buffer)
+        finally:
+            self.connection.settimeout(self.write_timeout)  # the answer gets the usual timeout per write
+
+
 class Handler(BaseHTTPRequestHandler):
     """One request: checks the Host, routes by exact path, answers with the page or JSON."""
 
@@ -236,9 +268,20 @@ class Handler(BaseHTTPRequestHandler):
     error_content_type = "application/json"
 
     def setup(self) -> None:
-        """Give the connection the server's socket timeout before http.server wraps it in files."""
-        self.timeout = self.server.client_timeout  # a slow client gets TimeoutError, then its connection closed
+        """Give the connection the server's socket timeout before http.server wraps it in files, and read it
+        through a DeadlineReader: each request (its line, headers and body) must arrive within client_timeout
+        of the connection's opening or of the previous answer."""
+        self.timeout = self.server.client_timeout  # a slow client gets a timeout, then its connection closed
         super().setup()
+        self.deadline = time.monotonic() + self.server.client_timeout
+        self.rfile = io.BufferedReader(DeadlineReader(self.connection, lambda: self.deadline, self.timeout))
+
+    def handle_one_request(self) -> None:
+        try:
+            super().handle_one_request()
+        except socket.timeout:  # before Python 3.10 not a TimeoutError, which http.server catches
+            self.close_connection = True
+        self.deadline = time.monotonic() + self.server.client_timeout  # the next request's time starts now
 
     # --- routing: http.server calls do_<METHOD>; every method goes through route() ----------------
 
@@ -277,8 +320,11 @@ class Handler(BaseHTTPRequestHandler):
             if method != allowed:
                 raise RequestError(f"{path} takes {allowed}, not {method}", HTTPStatus.METHOD_NOT_ALLOWED)
             if path == "/api/predict":
-                document = self.read_json()
-                answer = self.server.predictor.predict(document["image"], document.get("encoding", "base64"))
+                with self.server.slot(self.server.bodies, "requests"):
+                    document = self.read_json()
+                    with self.server.slot(self.server.decodes, "drawings"):
+                        answer = self.server.decoder.submit(self.server.predictor.predict, document["image"],
+                                                            document.get("encoding", "base64")).result()
                 self.send_json(HTTPStatus.OK, answer)
             elif path == "/api/model":
                 self.send_bytes(HTTPStatus.OK, self.server.model_json, "application/json")
@@ -287,7 +333,7 @@ class Handler(BaseHTTPRequestHandler):
         except RequestError as error:
             self.send_json(error.status, {"error": str(error)},
                            {"Allow": allowed} if error.status == HTTPStatus.METHOD_NOT_ALLOWED else None)
-        except (TimeoutError, ConnectionError):
+        except (socket.timeout, TimeoutError, ConnectionError):
             raise  # the client is gone or too slow: nothing to answer (handle_one_request closes the connection)
         except Exception as error:  # a bug: one line for the client and the console, the traceback at debug level
             log.error("serve: %s %s failed (%s: %s)", method, self.path[:200], type(error).__name__, error)
@@ -349,17 +395,15 @@ class Handler(BaseHTTPRequestHandler):
         """Read and drop an oversized body (up to MAX_DRAIN_BYTES, while it keeps coming), so that a client that
         is still sending receives the 413 rather than a reset connection."""
         remaining = min(length, MAX_DRAIN_BYTES)
-        self.connection.settimeout(min(self.timeout, 1.0))
+        self.deadline = min(self.deadline, time.monotonic() + 1.0)
         try:
             while remaining > 0:
                 chunk = self.rfile.read1(min(remaining, 65536))
                 if not chunk:
                     return
                 remaining -= len(chunk)
-        except TimeoutError:
+        except (socket.timeout, TimeoutError):
             return  # a client that announced a large body and stopped sending: answer now
-        finally:
-            self.connection.settimeout(self.timeout)
 
     # --- answering ----------------------------------------------------------------------------
 
@@ -410,6 +454,12 @@ class DrawServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], predictor: Predictor, page: bytes, model_json: bytes,
                  client_timeout: float) -> None:
         self.predictor, self.page, self.model_json, self.client_timeout = predictor, page, model_json, client_timeout
+        self.bodies = threading.BoundedSemaphore(MAX_BODIES_IN_FLIGHT)
+        self.decodes = threading.BoundedSemaphore(MAX_DECODES_IN_FLIGHT)
+        # The drawings are decoded and run on this many threads only (not on each connection's thread): the memory
+        # a decode frees is then reused by the next one instead of staying with the allocator of every thread.
+        self.decoder = ThreadPoolExecutor(MAX_DECODES_IN_FLIGHT, thread_name_prefix="decode")
+        self.connections, self.connections_lock = 0, threading.Lock()
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, Handler)
@@ -438,6 +488,42 @@ class DrawServer(ThreadingHTTPServer):
         except ValueError:
             return False
         return address.is_loopback or not is_loopback(self.bound_host)
+
+    @contextlib.contextmanager
+    def slot(self, semaphore: threading.BoundedSemaphore, what: str) -> Iterator[None]:
+        """Hold one of a bounded number of places (bodies read, drawings decoded); RequestError 503 when none
+        frees up within SLOT_WAIT seconds, so that memory stays bounded whatever clients send."""
+        if not semaphore.acquire(timeout=SLOT_WAIT):
+            raise RequestError(f"the server is busy with other {what}: try again in a moment",
+                               HTTPStatus.SERVICE_UNAVAILABLE)
+        try:
+            yield
+        finally:
+            semaphore.release()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """A thread per connection, up to MAX_CONNECTIONS open at once; beyond that, 503 and closed at once."""
+        with self.connections_lock:
+            full = self.connections >= MAX_CONNECTIONS
+            self.connections += 0 if full else 1
+        if full:
+            with contextlib.suppress(OSError):
+                request.setblocking(False)
+                request.send(BUSY_ANSWER)
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self.connections_lock:
+                self.connections -= 1
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.decoder.shutdown(wait=False)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A connection that failed (a client that hung up or timed out): a debug line, no traceback on stderr."""

@@ -405,7 +405,7 @@ def test_cli_offline_fallback_is_labelled_in_log_and_results(tmp_path: Path, mon
     assert results["data"]["source"] == "synthetic" and "URLError" in results["data"]["note"]
     captured = capsys.readouterr()
     assert "SYNTHETIC DATA" in captured.err and "SYNTHETIC DATA" not in captured.out  # a diagnostic: on stderr
-    last = captured.out.strip().splitlines()[-2]  # the result line, then "results written to r.json"
+    last = captured.out.strip().splitlines()[-1]  # "results written to r.json", then the result line
     assert last.startswith("test accuracy") and "on SYNTHETIC digits, not mnist" in last
     assert "SYNTHETIC DATA" in (tmp_path / "logs" / "app.log").read_text()
     assert main.main(["--config", str(config), "--no-fallback", "--output", "r2.json"]) == 2

@@ -621,7 +621,7 @@ def test_image_from_bytes_matches_read_image(tmp_path: Path) -> None:
     rgba = np.zeros((20, 30, 4), np.uint8)
     rgba[5:15, 10:20] = (0, 0, 0, 255)  # black ink on transparent
     path = tmp_path / "ink.png"
-    Image.fromarray(rgba, "RGBA").save(path)
+    Image.fromarray(rgba).save(path)
     from_bytes = images.image_from_bytes(path.read_bytes())
     np.testing.assert_array_equal(from_bytes, images.read_image(path))
     assert from_bytes.shape == (20, 30) and from_bytes[0, 0] == 1.0 and from_bytes[10, 15] == 0.0

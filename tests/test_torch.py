@@ -21,7 +21,8 @@ import config_schema
 import main
 from torch_twin import layouts, torch_twin
 
-torch = pytest.importorskip("torch")
+torch = pytest.importorskip("torch", reason="PyTorch is not installed (requirements-test.txt); the program never "
+                                                   "needs it, only these comparisons do")
 
 pytestmark = pytest.mark.torch
 

@@ -15,7 +15,8 @@ from helpers import to_float64
 
 from main import AvgPool2D, BatchNorm, Tanh
 
-torch = pytest.importorskip("torch")
+torch = pytest.importorskip("torch", reason="PyTorch is not installed (requirements-test.txt); the program never "
+                                                   "needs it, only these comparisons do")
 from test_torch import one_thread  # noqa: E402, F401 (autouse: both libraries on one thread, as test_torch.py)
 
 pytestmark = pytest.mark.torch
