@@ -1361,7 +1361,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, dict[str, str]]:
         # is reported now, not after a minute of downloading. (A loaded model brings its own architecture.)
         try:
             model = build_model(cfg["model"], input_shape_of(cfg["data"]["dataset"]), 10, np.random.default_rng(0))
-            plumbing.check_fits_in_memory(model, min(cfg["training"]["batch_size"], cfg["data"]["n_train"]))
+            plumbing.check_fits_in_memory(model, min(cfg["training"]["batch_size"], cfg["data"]["n_train"] or 5000))
         except ConfigError as error:
             raise ConfigError(f"{origin['config']}: {error}") from None
         except (MemoryError, ValueError) as error:  # numpy cannot allocate the weights

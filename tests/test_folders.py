@@ -343,7 +343,7 @@ def test_the_results_file_lists_the_skipped_files(tmp_path: Path) -> None:
     two_classes = {"layers": [*SMALL_MODEL["layers"][:-1], {"dense": {"units": 2}}]}
     write_config(tmp_path, model=two_classes)
     run = run_cli(["--data-path", str(tmp_path / "messy"), "--image-size", "16", "--n-test", "4", "--epochs", "1",
-                   "--output", str(tmp_path / "r.json")], tmp_path)
+                   "--batch-size", "4", "--output", str(tmp_path / "r.json")], tmp_path)
     assert run.returncode == 0, run.stderr
     assert (run.stdout + run.stderr).count("WARNING") == 1
     data = json.loads((tmp_path / "r.json").read_text())["data"]
@@ -379,7 +379,7 @@ def test_the_page_offers_the_pad_to_digit_models_and_a_file_drop_to_the_others()
     answer = predictor.predict(options["examples"][1]["image"], "lists")
     assert answer["input"]["shape"] == [20, 16, 3] and np.array_equal(answer["input"]["values"], examples["images"][1])
     assert len(answer["layers"]) == len(colour.layers)
-    with pytest.raises(serve.RequestError, match="not a PNG, JPEG, GIF, BMP or WebP image"):
+    with pytest.raises(serve.RequestError, match="the formats read are PNG, JPEG, GIF, BMP or WebP"):
         predictor.predict("data:image/png;base64,aGVsbG8=")
 
 
