@@ -1430,12 +1430,19 @@ def run_training(args: argparse.Namespace, cfg: dict, origin: dict[str, str], st
         def augment(x: np.ndarray) -> np.ndarray:
             return shift_and_rotate(x, rngs["augment"], augment_cfg["shift"], augment_cfg["rotate"])
 
+    live = None
+    if args.serve and not evaluating_only:  # the page opens now and follows training (src/live.py)
+        from live import watch_training
+
+        live = watch_training(model, data, cfg, optimizer, stop, softmax, host=args.host, port=args.port,
+                              first_epoch=first_epoch)
     started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     stop.graceful = True
     start = time.perf_counter()
     result = train(model, optimizer, data, epochs=training_cfg["epochs"], batch_size=training_cfg["batch_size"],
                    rng=rngs["shuffle"], workers=workers, learning_rate=learning_rate, augment=augment,
-                   should_stop=lambda: stop.signum is not None, first_epoch=first_epoch)
+                   should_stop=lambda: stop.signum is not None, first_epoch=first_epoch,
+                   on_step=plumbing.in_order([live.on_step] if live else []))
     train_seconds = time.perf_counter() - start
     stop.after = "the file being written"
 
@@ -1463,6 +1470,10 @@ def run_training(args: argparse.Namespace, cfg: dict, origin: dict[str, str], st
                "history": earlier.get("history", []) + result.history, "saved_at": started_at, "workers": workers}
     problems, failed_writes = write_outputs(args, cfg, model_cfg, data, model, optimizer, result, summary,
                                             train_seconds, stop)
+    meta = {"class_names": data.class_names, "dataset": data.name, "data": data_summary(data), "training": summary}
+    if live is not None:  # the done event; the page goes on serving the trained model only after a complete run
+        live.finish(model, meta, keep_serving=stop.signum is None and result.status == "completed" and not
+                    (failed_writes or problems))
     if result.status == "diverged":
         return EXIT_DIVERGED
     if stop.signum is not None:  # interrupted, or a signal came while the results were being written
@@ -1471,11 +1482,12 @@ def run_training(args: argparse.Namespace, cfg: dict, origin: dict[str, str], st
         return EXIT_OUTPUT
     if problems:
         return EXIT_UNEXPECTED
-    if args.serve:
+    if live is not None:
+        live.serve_until_interrupted()
+    elif args.serve:
         from serve import serve_trained_model
 
-        serve_trained_model(model, {"class_names": data.class_names, "dataset": data.name, "data": data_summary(data),
-                                    "training": summary}, softmax, args.host, args.port)
+        serve_trained_model(model, meta, softmax, args.host, args.port)
     return EXIT_OK
 
 

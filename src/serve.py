@@ -54,6 +54,9 @@ PAGE_HEADERS = {
                                "img-src data:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'",
     "X-Frame-Options": "DENY",
 }
+# The routes of a run being watched (--serve while training), answered by live.LiveRun.answer (see live.py).
+LIVE_ROUTES = {"/api/events": "GET", "/api/run": "GET", "/api/control": "POST", "/api/confusion": "GET",
+               "/api/probe": "GET"}
 COMMON_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
 
 
@@ -153,6 +156,11 @@ class Predictor:
             raise RequestError(f'"image": {error}') from None
         if not prepared.size or float(prepared.max()) < BLANK_INK:
             raise RequestError('"image" is blank (no ink found): draw something first')
+        return self.answer(prepared, encoding, start)
+
+    def answer(self, prepared: np.ndarray, encoding: str = "base64", start: float | None = None) -> dict:
+        """The answer for one prepared image (H, W, C) in [0, 1]: prediction, probabilities, input, layers."""
+        start = time.perf_counter() if start is None else start
         outputs = layer_outputs(self.model, prepared[None])
         probabilities = np.nan_to_num(self.softmax(outputs[-1][2])[0].astype(np.float64))
         best = int(probabilities.argmax())
@@ -249,13 +257,19 @@ class Handler(BaseHTTPRequestHandler):
         try:
             self.check_origin()
             path = urlsplit(self.path).path
-            allowed = {"/": "GET", "/index.html": "GET", "/api/model": "GET", "/api/predict": "POST"}.get(path)
+            allowed = {"/": "GET", "/index.html": "GET", "/api/model": "GET", "/api/predict": "POST",
+                       **LIVE_ROUTES}.get(path)
             if allowed is None:
                 raise RequestError(f"not found: {path[:200]} (this server answers /, /api/model and /api/predict)",
                                    HTTPStatus.NOT_FOUND)
             if method != allowed:
                 raise RequestError(f"{path} takes {allowed}, not {method}", HTTPStatus.METHOD_NOT_ALLOWED)
-            if path == "/api/predict":
+            if path in LIVE_ROUTES:
+                if self.server.live is None:
+                    raise RequestError(f"{path}: no training run is being watched (this page serves a saved model)",
+                                       HTTPStatus.NOT_FOUND)
+                self.server.live.answer(self, path)
+            elif path == "/api/predict":
                 document = self.read_json()
                 answer = self.server.predictor.predict(document["image"], document.get("encoding", "base64"))
                 self.send_json(HTTPStatus.OK, answer)
@@ -383,6 +397,7 @@ class Handler(BaseHTTPRequestHandler):
 class DrawServer(ThreadingHTTPServer):
     """A ThreadingHTTPServer holding the predictor, the page and the addresses it answers to."""
 
+    live: Any = None  # while a run trains: the live.LiveRun that answers LIVE_ROUTES
     daemon_threads = True  # a request still running does not keep the program alive after Ctrl-C
     request_queue_size = 128  # connections waiting to be accepted (socketserver's 5 refuses a burst of requests)
 
