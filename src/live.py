@@ -343,6 +343,7 @@ class LiveRun:
         with self.lock:
             return {"live": True, "state": self.state(), "last_event_id": self.last_id, "config": self.config,
                     "class_names": self.class_names, "scored_on": self.scored_on, "history": self.history,
+                    "input_shape": list(self.x_probes.shape[1:]),
                     "curve": self.curve, "progress": self.progress, "epoch": self.epoch_digest,
                     "probes": [{"index": i, "label": label, "image": image} for i, label, image
                                in zip(self.probe_indices, self.probe_labels, self.probe_images)],
