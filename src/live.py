@@ -55,6 +55,11 @@ EVAL_BATCH = 500
 MAX_CONTROL_BYTES = 1024
 
 
+def announce_line(line: str) -> None:
+    """A line for the console, at once (the tests and scripts that start --serve read it from a pipe)."""
+    print(line, flush=True)
+
+
 def twin_of(model: Any) -> Any:
     """A copy of the model that shares no weight with it: each layer copied shallowly (its code and settings)
     with copies of its params and buffers. Taken between two steps, it is the model of that moment, and
@@ -305,7 +310,7 @@ class LiveRun:
                             "epochs": training.get("epochs_completed"), "parameters": model.parameter_count()}
         return document
 
-    def serve_until_interrupted(self, announce: Callable[[str], Any] = lambda line: print(line, flush=True)) -> None:
+    def serve_until_interrupted(self, announce: Callable[[str], Any] = announce_line) -> None:
         """After training: keep serving the trained model (draw and inspect) until Ctrl-C, then close."""
         announce(f"training done: still serving the page at {self.url} (Ctrl-C stops)")
         previous = signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -487,7 +492,7 @@ def _jsonable(value: Any) -> Any:
 
 def watch_training(model: Any, data: Any, cfg: dict, optimizer: Any, stop: Any,
                    softmax: Callable[[np.ndarray], np.ndarray], *, host: str | None, port: int | None,
-                   first_epoch: int = 1, announce: Callable[[str], Any] = lambda line: print(line, flush=True)
+                   first_epoch: int = 1, announce: Callable[[str], Any] = announce_line
                    ) -> LiveRun:
     """--serve while training: bind the page's server, start serving it on a thread, announce its address, and
     return the LiveRun whose on_step the trainer calls. stop: main's plumbing.StopRequest (the page's Stop asks
