@@ -62,12 +62,16 @@ def announce_line(line: str) -> None:
 
 def twin_of(model: Any) -> Any:
     """A copy of the model that shares no weight with it: each layer copied shallowly (its code and settings)
-    with copies of its params and buffers. Taken between two steps, it is the model of that moment, and
-    forward(x, training=False) on it never touches the model being trained."""
+    with copies of its params and buffers, and without what training keeps on it (gradients, the caches of the
+    last batch). Taken between two steps, it is the model of that moment, and forward(x, training=False) on it
+    never touches the model being trained."""
     twin = copy.copy(model)
     twin.layers = []
     for layer in model.layers:
         copied = copy.copy(layer)
+        for name in [name for name, value in vars(copied).items() if isinstance(value, np.ndarray)]:
+            delattr(copied, name)
+        copied.grads = {}
         copied.params = {name: array.copy() for name, array in layer.params.items()}
         copied.buffers = {name: array.copy() for name, array in layer.buffers.items()}
         twin.layers.append(copied)

@@ -1286,7 +1286,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--gradcheck", action="store_true", help="check every gradient of the configured model")
     page = parser.add_argument_group("draw a digit (a local web page)")
     page.add_argument("--serve", action="store_true", help="serve a page to draw digits into the model and watch "
-                      "every layer: the --load-model model, or the one trained first (Ctrl-C stops it)")
+                      "every layer: the --load-model model, or else the training run as it learns, then the model "
+                      "it trained (Ctrl-C stops it)")
     page.add_argument("--host", metavar="ADDRESS", help="with --serve: the address to listen on (default "
                       "127.0.0.1, this machine only; 0.0.0.0 lets other machines in)")
     page.add_argument("--port", type=int, metavar="N", help="with --serve: the port (default 8000; 0: a free one)")

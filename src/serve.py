@@ -1,11 +1,13 @@
 """The draw-a-digit page: a local web server that runs a trained model on drawings (`--serve`).
 
-make_server() binds a ThreadingHTTPServer that answers four things and nothing else:
+make_server() binds a ThreadingHTTPServer that answers these and nothing else:
 
     GET  /              the page, src/web/index.html (read once, at start-up)
     GET  /api/model     the model's summary (layers, output shapes, parameters) and where it was trained
     POST /api/predict   {"image": "data:image/png;base64,..."} -> the preprocessed image, the class
                         probabilities and every layer's activations (see docs/API.md for the format)
+    LIVE_ROUTES         while a run trains (--serve without --load-model): its events, snapshot and controls,
+                        answered by live.py; 404 otherwise
     anything else       404 (405 for a known path with the wrong method), always as a JSON {"error": ...}
 
 serve() runs it until Ctrl-C. The model is evaluated with forward(x, training=False), which keeps nothing on

@@ -243,3 +243,47 @@ def test_event_streams_are_capped(tmp_path: Path) -> None:
         assert status == 200 and probe["label"] == 0 and len(probe["layers"]) == 5
         process.send_signal(signal.SIGINT)
         assert process.wait(60) == 130
+
+
+def test_a_twin_is_the_model_of_its_moment_and_shares_no_weight() -> None:
+    import main
+    from live import twin_of
+
+    rng = np.random.default_rng(0)
+    model = main.Sequential([main.Conv2D(1, 4, 3, 1, 1, rng=rng), main.BatchNorm(4), main.ReLU(), main.Flatten(),
+                             main.Dense(256, 10, rng=rng)], (8, 8, 1))
+    x, labels = rng.random((16, 8, 8, 1), dtype=np.float32), rng.integers(0, 10, 16)
+    optimizer, loss = main.Adam(0.01), main.SoftmaxCrossEntropy()
+    twin = twin_of(model)
+    expected = model.forward(x, training=False)
+    for _ in range(3):  # training goes on: weights and BatchNorm's statistics change in place
+        loss.forward(model.forward(x), labels)
+        model.backward(loss.backward())
+        optimizer.step(model)
+    assert np.array_equal(twin.forward(x, training=False), expected)
+    assert not np.array_equal(model.forward(x, training=False), expected)
+    for original, copied in zip(model.layers, twin.layers):
+        for name in {**original.params, **original.buffers}:
+            mine = original.params.get(name, original.buffers.get(name))
+            theirs = copied.params.get(name, copied.buffers.get(name))
+            assert not np.shares_memory(mine, theirs), name
+
+
+def test_the_live_routes_answer_404_when_no_run_is_trained() -> None:
+    import main
+    import serve
+
+    model = main.Sequential([main.Flatten(), main.Dense(64, 10, rng=np.random.default_rng(0))], (8, 8, 1))
+    server = serve.make_server(model, prepare=lambda image: image[..., None], softmax=main.softmax,
+                               class_names=[str(k) for k in range(10)], info={}, port=0)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.port}/"
+        for path in ("api/events", "api/run", "api/confusion?true=1&predicted=2", "api/probe?index=0"):
+            status, answer = get(url + path)
+            assert status == 404 and "no training run is being watched" in answer["error"], path
+        assert post(url + "api/control", {"action": "pause"})[0] == 404
+    finally:
+        server.shutdown()
+        server.server_close()
