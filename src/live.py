@@ -155,9 +155,12 @@ class LiveRun:
         self.curve: list[list] = []  # [step, smoothed loss, epoch accuracy so far, learning rate] per progress
         self.history: list[dict] = []
         self.progress: dict = {}
+        # the last epoch's end: its twin, and its scoring once a page has asked for it (see scored)
+        self.epoch_twin: Any = None
         self.epoch_digest: dict = {}
         self.cells: dict[tuple[int, int], np.ndarray] = {}
         self.scored_probabilities: np.ndarray | None = None
+        self.scoring = threading.Lock()
         self.done: dict | None = None
         self.digester = threading.Thread(target=self.digest_forever, name="live-digester", daemon=True)
         self.digester.start()
@@ -235,19 +238,35 @@ class LiveRun:
         }
         payload = dict(progress)
         if snapshot.epoch_ended:
-            payload.update(self.score(twin, snapshot))
+            payload.update({"row": snapshot.history[-1] if snapshot.history else None, "scored_on": self.scored_on})
         with self.lock:
             self.progress = progress
             if snapshot.loss is not None:
                 self.curve.append([snapshot.step, progress["loss"], progress["epoch_accuracy"],
                                    progress["learning_rate"]])
             if snapshot.epoch_ended:
-                self.history = snapshot.history
+                self.history, self.epoch_twin, self.epoch_digest = snapshot.history, twin, {}
         self.publish("epoch" if snapshot.epoch_ended else "progress", payload)
 
-    def score(self, twin: Any, snapshot: Snapshot) -> dict:
-        """The epoch's confusion matrix on the scored set (the twin is the model that train() scored), the
-        accuracy of each class and the most confident mistakes."""
+    def scored(self) -> dict:
+        """The last epoch's confusion matrix on the scored set, the accuracy of each class and the most confident
+        mistakes ({} before the first epoch's end). Computed when a page first asks for it, once per epoch, on the
+        asking thread at low priority: a pass over the scored set, which nobody pays for while no page looks."""
+        with self.scoring:
+            with self.lock:
+                twin, digest = self.epoch_twin, self.epoch_digest
+                epoch = self.history[-1]["epoch"] if self.history else None
+            if twin is None or digest:
+                return digest
+            with_low_priority()
+            digest = self.score(twin, epoch)
+            with self.lock:
+                if self.epoch_twin is twin:
+                    self.epoch_digest = digest
+            return digest
+
+    def score(self, twin: Any, epoch: int | None) -> dict:
+        """The scoring behind scored(), by the twin taken at an epoch's end (the model that train() scored)."""
         probabilities = np.concatenate([self.softmax(twin.forward(self.x_scored[i:i + EVAL_BATCH], training=False))
                                         for i in range(0, len(self.x_scored), EVAL_BATCH)])
         predicted, truth, k = probabilities.argmax(axis=1), self.y_scored, probabilities.shape[1]
@@ -263,13 +282,11 @@ class LiveRun:
         with self.lock:
             self.cells, self.scored_probabilities = cells, probabilities
         digest = {
-            "row": snapshot.history[-1] if snapshot.history else None, "scored_on": self.scored_on,
-            "confusion": confusion.tolist(), "per_class_accuracy": [round(float(a), 6) for a in per_class],
+            "epoch": epoch, "scored_on": self.scored_on, "confusion": confusion.tolist(),
+            "per_class_accuracy": [round(float(a), 6) for a in per_class],
             "mistakes": [{"index": int(i), "true": int(truth[i]), "top3": top3(probabilities[i]),
                           "image": grey_bytes(self.x_scored[i])} for i in wrong],
         }
-        with self.lock:
-            self.epoch_digest = digest
         return digest
 
     def publish(self, kind: str, payload: dict) -> None:
@@ -342,6 +359,8 @@ class LiveRun:
             handler.send_json(HTTPStatus.OK, self.run_document())
         elif path == "/api/control":
             handler.send_json(HTTPStatus.OK, self.control(read_action(handler)))
+        elif path == "/api/confusion" and not query:
+            handler.send_json(HTTPStatus.OK, self.matrix())
         elif path == "/api/confusion":
             handler.send_json(HTTPStatus.OK, self.cell(integer(query, "true"), integer(query, "predicted")))
         else:
@@ -349,11 +368,12 @@ class LiveRun:
 
     def run_document(self) -> dict:
         """GET /api/run: everything the page needs to catch up, as of the event `last_event_id`."""
+        digest = self.scored()
         with self.lock:
             return {"live": True, "state": self.state(), "last_event_id": self.last_id, "config": self.config,
                     "class_names": self.class_names, "scored_on": self.scored_on, "history": self.history,
                     "input_shape": list(self.x_probes.shape[1:]),
-                    "curve": self.curve, "progress": self.progress, "epoch": self.epoch_digest,
+                    "curve": self.curve, "progress": self.progress, "epoch": digest,
                     "probes": [{"index": i, "label": label, "image": image} for i, label, image
                                in zip(self.probe_indices, self.probe_labels, self.probe_images)],
                     "done": self.done}
@@ -379,16 +399,22 @@ class LiveRun:
         self.publish("progress", {**progress, "paused": self.paused, "stopping": action == "stop"})
         return {"state": "stopping" if action == "stop" else self.state()}
 
+    def matrix(self) -> dict:
+        """GET /api/confusion: the last epoch's scoring (see scored)."""
+        digest = self.scored()
+        if not digest:
+            raise RequestError("no epoch has ended yet: the confusion matrix comes at the end of the first",
+                               HTTPStatus.NOT_FOUND)
+        return digest
+
     def cell(self, true: int, predicted: int) -> dict:
         """GET /api/confusion?true=T&predicted=P: the scored images of that cell at the last epoch's end."""
         k = len(self.class_names)
         if not (0 <= true < k and 0 <= predicted < k):
             raise RequestError(f"true and predicted are class indices from 0 to {k - 1}")
+        self.matrix()
         with self.lock:
             indices, probabilities = self.cells.get((true, predicted)), self.scored_probabilities
-        if probabilities is None:
-            raise RequestError("no epoch has ended yet: the confusion matrix comes at the end of the first",
-                               HTTPStatus.NOT_FOUND)
         indices = np.zeros(0, dtype=np.int64) if indices is None else indices
         shape = list(self.x_scored.shape[1:3])
         return {"true": true, "predicted": predicted, "count": len(indices), "shape": shape,

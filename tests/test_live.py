@@ -119,6 +119,8 @@ def test_the_stream_follows_the_run_and_matches_the_results_file(tmp_path: Path)
             time.sleep(0.1)
         assert any(line.startswith("test accuracy") for line in process.lines)
         status, run = get(url + "api/run")
+        matrix_status, matrix = get(url + "api/confusion")
+        cell_status, cell = get(url + "api/confusion?true=3&predicted=3")
         process.send_signal(signal.SIGINT)  # Ctrl-C while only serving: exit 0, as without training
         assert process.wait(30) == 0, process.stderr.read()
     results = json.loads((tmp_path / "results.json").read_text())
@@ -135,14 +137,20 @@ def test_the_stream_follows_the_run_and_matches_the_results_file(tmp_path: Path)
 
     epochs = [event for _, kind, event in data if kind == "epoch"]
     assert [event["row"] for event in epochs] == results["history"]  # the same floats, to the last digit
-    for event in epochs:  # the confusion matrix is the scoring of the epoch's row
-        confusion = np.array(event["confusion"])
-        assert confusion.sum() == 300 and np.trace(confusion) / 300 == event["row"]["test_accuracy"]
-        assert len(event["mistakes"]) == min(12, 300 - np.trace(confusion))
-        for mistake in event["mistakes"]:
-            assert mistake["top3"][0][0] != mistake["true"]
+    for event in epochs:
         filters = event["filters"]
         assert filters["shape"] == [8, 3, 3, 1] and len(filters["values"]) == 4 * -(-72 // 3)
+        assert len(event["probes"]) == 8 and all(len(top3) == 3 for top3 in event["probes"])
+    # the confusion matrix is the scoring of the last epoch's row
+    assert matrix_status == 200 and matrix["epoch"] == 30 and run["epoch"] == matrix
+    confusion = np.array(matrix["confusion"])
+    assert confusion.sum() == 300 and np.trace(confusion) / 300 == results["history"][-1]["test_accuracy"]
+    assert np.allclose(matrix["per_class_accuracy"], confusion.diagonal() / confusion.sum(axis=1), atol=1e-6)
+    assert len(matrix["mistakes"]) == min(12, 300 - np.trace(confusion))
+    for mistake in matrix["mistakes"]:
+        assert mistake["top3"][0][0] != mistake["true"]
+    assert cell_status == 200 and cell["count"] == confusion[3, 3] == len(cell["images"])
+    assert all(image["top3"][0][0] == 3 for image in cell["images"])
     done = data[-1][2]
     assert done["status"] == "completed" and done["test_accuracy"] == round(results["test_accuracy"], 9)
     assert status == 200 and run["state"] == "done" and run["history"] == results["history"]
