@@ -74,6 +74,7 @@ def test_the_page_follows_pauses_answers_and_stops_a_run(browser: object, tmp_pa
         assert browser.find_element(By.ID, "live-state").text == "training"
 
         wait.until(lambda d: live(d, "epoch") is not None)  # the confusion matrix and the mistakes are shown
+        browser.execute_script("document.getElementById('pad').scrollIntoView({block: 'center'})")
         answered = draw(browser, SEVEN)
         assert answered in [str(k) for k in range(10)] and live(browser, "done") is None  # answered mid-run
         assert browser.execute_script("return document.querySelectorAll('#live-confusion td.cell').length") == 100
@@ -82,6 +83,7 @@ def test_the_page_follows_pauses_answers_and_stops_a_run(browser: object, tmp_pa
         errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
         assert errors == [], errors
 
+        browser.execute_script("window.scrollTo(0, 0)")
         height = browser.execute_script("return Math.ceil(document.documentElement.scrollHeight)")
         shot = browser.execute_cdp_cmd("Page.captureScreenshot", {
             "format": "png", "captureBeyondViewport": True,
