@@ -7,11 +7,11 @@ Three kinds of thread share one LiveRun, and only the first ever touches the mod
                    it hands over a Snapshot: the numbers of the moment and a twin of the model (twin_of: the
                    same layers holding copies of their weights). That is all it does: no socket, no JSON.
     the digester   (one thread, at low priority) turns each snapshot into an event: the first convolution's
-                   filters, the probe images' answers, and at an epoch's end the confusion matrix and the
-                   mistakes on the scored set; it also hands the twin to the page's predictor, so that a
-                   drawing is answered by the weights of the latest snapshot.
+                   filters and the probe images' answers; it also hands the twin to the page's predictor, so
+                   that a drawing is answered by the weights of the latest snapshot.
     the server's   (serve.py, one per request) read the events and the latest digest under a lock, and write
-    request threads  to their own socket: a client that stalls or vanishes holds only its own thread.
+    request threads  to their own socket: a client that stalls or vanishes holds only its own thread. The
+                   confusion matrix of an epoch is scored by the first request that asks for it (scored).
 
 The events (Server-Sent Events on GET /api/events, formats in docs/API.md): `progress` at most every
 SNAPSHOT_SECONDS, `epoch` at each epoch's end, `done` once at the end; a `: ping` comment every PING_SECONDS.
