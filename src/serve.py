@@ -266,7 +266,9 @@ class Handler(BaseHTTPRequestHandler):
                                    HTTPStatus.NOT_FOUND)
             if method != allowed:
                 raise RequestError(f"{path} takes {allowed}, not {method}", HTTPStatus.METHOD_NOT_ALLOWED)
-            if path in LIVE_ROUTES:
+            if path == "/api/run" and self.server.live is None:
+                self.send_json(HTTPStatus.OK, {"live": False})  # how the page learns that nothing trains
+            elif path in LIVE_ROUTES:
                 if self.server.live is None:
                     raise RequestError(f"{path}: no training run is being watched (this page serves a saved model)",
                                        HTTPStatus.NOT_FOUND)

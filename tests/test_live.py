@@ -277,7 +277,7 @@ def test_a_twin_is_the_model_of_its_moment_and_shares_no_weight() -> None:
             assert not np.shares_memory(mine, theirs), name
 
 
-def test_the_live_routes_answer_404_when_no_run_is_trained() -> None:
+def test_without_a_run_being_trained_api_run_says_so_and_the_rest_is_404() -> None:
     import main
     import serve
 
@@ -288,7 +288,8 @@ def test_the_live_routes_answer_404_when_no_run_is_trained() -> None:
     thread.start()
     try:
         url = f"http://127.0.0.1:{server.port}/"
-        for path in ("api/events", "api/run", "api/confusion?true=1&predicted=2", "api/probe?index=0"):
+        assert get(url + "api/run") == (200, {"live": False})
+        for path in ("api/events", "api/confusion", "api/confusion?true=1&predicted=2", "api/probe?index=0"):
             status, answer = get(url + path)
             assert status == 404 and "no training run is being watched" in answer["error"], path
         assert post(url + "api/control", {"action": "pause"})[0] == 404
