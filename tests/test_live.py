@@ -110,7 +110,7 @@ def without_timings(value: object) -> object:
 
 
 def test_the_stream_follows_the_run_and_matches_the_results_file(tmp_path: Path) -> None:
-    config = write_config(tmp_path, 30)
+    config = write_config(tmp_path, 16)
     with launched(["--config", str(config), "--output", "results.json"], tmp_path) as (process, url):
         received = list(events(url, last_event_id=0))
         deadline = time.monotonic() + 30
@@ -129,7 +129,7 @@ def test_the_stream_follows_the_run_and_matches_the_results_file(tmp_path: Path)
     assert [kind for _, kind, _ in data][-1] == "done"
     assert [event["id"] for _, _, event in data] == list(range(1, len(data) + 1))  # in order, none lost
     steps = [event["step"] for _, kind, event in data if kind != "done"]
-    assert steps == sorted(steps) and steps[-1] == 30 * 63
+    assert steps == sorted(steps) and steps[-1] == 16 * 63
     arrivals = [at for at, _, _ in received]
     assert max(np.diff(arrivals)) < 2.0  # an event (or a ping) at least every 2 s
     progress_arrivals = [at for at, kind, _ in data if kind in ("progress", "epoch")]
@@ -142,7 +142,7 @@ def test_the_stream_follows_the_run_and_matches_the_results_file(tmp_path: Path)
         assert filters["shape"] == [8, 3, 3, 1] and len(filters["values"]) == 4 * -(-72 // 3)
         assert len(event["probes"]) == 8 and all(len(top3) == 3 for top3 in event["probes"])
     # the confusion matrix is the scoring of the last epoch's row
-    assert matrix_status == 200 and matrix["epoch"] == 30 and run["epoch"] == matrix
+    assert matrix_status == 200 and matrix["epoch"] == 16 and run["epoch"] == matrix
     confusion = np.array(matrix["confusion"])
     assert confusion.sum() == 300 and np.trace(confusion) / 300 == results["history"][-1]["test_accuracy"]
     assert np.allclose(matrix["per_class_accuracy"], confusion.diagonal() / confusion.sum(axis=1), atol=1e-6)
@@ -160,7 +160,7 @@ def test_the_stream_follows_the_run_and_matches_the_results_file(tmp_path: Path)
 def test_bit_identical_with_and_without_the_page_watched(tmp_path: Path) -> None:
     """Same seed, same workers: the same weights and results, with 20 clients watching, one that hangs up after
     three events and one that connects and never reads (its socket buffer fills)."""
-    config = write_config(tmp_path, 12)
+    config = write_config(tmp_path, 6)
     outputs = ["--config", str(config), "--output", "results.json", "--save-model", "model.npz"]
     (tmp_path / "plain").mkdir()
     (tmp_path / "watched").mkdir()
