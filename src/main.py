@@ -1485,7 +1485,8 @@ def run_training(args: argparse.Namespace, cfg: dict, origin: dict[str, str], st
         return EXIT_UNEXPECTED
     if live is not None:
         live.serve_until_interrupted()
-    elif args.serve:
+        return EXIT_OK if stop.signum is None else EXIT_BY_SIGNAL[stop.signum]  # Ctrl-C: 0; SIGTERM: 143
+    if args.serve:
         from serve import serve_trained_model
 
         serve_trained_model(model, meta, softmax, args.host, args.port)

@@ -296,3 +296,14 @@ def test_without_a_run_being_trained_api_run_says_so_and_the_rest_is_404() -> No
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_sigterm_while_serving_the_trained_model_exits_143(tmp_path: Path) -> None:
+    config = write_config(tmp_path, 2)
+    with launched(["--config", str(config)], tmp_path) as (process, url):
+        assert list(events(url, last_event_id=0))[-1][1] == "done"
+        deadline = time.monotonic() + 30
+        while not any(line.startswith("training done") for line in process.lines) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 143, process.stderr.read()
