@@ -204,8 +204,14 @@ def test_pause_resume_and_stop_from_the_page(tmp_path: Path) -> None:
         first = next(event for _, kind, event in stream if kind == "progress")
         assert post(url + "api/control", {"action": "pause"}) == (200, {"state": "paused"})
         paused = next(event for _, kind, event in stream if kind == "progress" and event.get("paused"))
+        quiet_since, settled = time.monotonic(), time.monotonic() + 10
+        for at, kind, event in stream:  # an update already on its way when the pause came may still arrive
+            if kind != "ping":
+                paused, quiet_since = event, at
+            if at - quiet_since > 1 or at > settled:
+                break
         held_from, later = time.monotonic(), []
-        for at, kind, event in stream:  # pings only while paused: no progress for 2 s
+        for at, kind, event in stream:  # then pings only: no progress for 2 s
             if kind != "ping":
                 later.append(event)
             if at - held_from > 2.2:

@@ -65,8 +65,13 @@ def test_the_page_follows_pauses_answers_and_stops_a_run(browser: object, tmp_pa
 
         browser.find_element(By.ID, "live-pause").click()
         wait.until(lambda d: d.find_element(By.ID, "live-state").text == "paused")
-        time.sleep(0.6)  # an update already on its way when the pause came
-        step, text = live(browser, "progress.step"), browser.find_element(By.ID, "live-progress").text
+        step, quiet_since, deadline = live(browser, "progress.step"), time.monotonic(), time.monotonic() + 10
+        # an update already on its way when the pause came may still arrive: wait for 1 s without one
+        while time.monotonic() - quiet_since < 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            if live(browser, "progress.step") != step:
+                step, quiet_since = live(browser, "progress.step"), time.monotonic()
+        text = browser.find_element(By.ID, "live-progress").text
         time.sleep(2)
         assert live(browser, "progress.step") == step and browser.find_element(By.ID, "live-progress").text == text
         browser.find_element(By.ID, "live-resume").click()
