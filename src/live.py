@@ -169,7 +169,7 @@ class LiveRun:
 
     def on_step(self, position: Any, result: Any) -> None:
         """train()'s on_step: smooth the loss, hand over a snapshot when it is time, wait while paused."""
-        if not position.epoch_ended and math.isfinite(position.loss):
+        if math.isfinite(position.loss):  # each batch's loss once: train() calls after the last one at the epoch's end
             self.smoothed = LOSS_SMOOTHING * self.smoothed + (1 - LOSS_SMOOTHING) * position.loss
             self.smoothed_steps += 1
         now = time.perf_counter()
@@ -183,6 +183,7 @@ class LiveRun:
             self.paused_seconds += time.perf_counter() - paused_at
 
     def hand_over(self, position: Any, result: Any, now: float) -> None:
+        """Queue a Snapshot for the digester; a progress snapshot replaces one still waiting."""
         seen = min(position.batch * self.batch_size, self.n_train)
         loss = self.smoothed / (1 - LOSS_SMOOTHING ** self.smoothed_steps) if self.smoothed_steps else None
         snapshot = Snapshot(
@@ -222,6 +223,7 @@ class LiveRun:
                 self.lock.notify_all()
 
     def digest(self, snapshot: Snapshot) -> None:
+        """One snapshot into one event (`progress`, or `epoch` at an epoch's end), and its twin to the predictor."""
         twin = snapshot.twin
         self.server.predictor.model = twin  # drawings are answered by these weights from now on
         probes = self.softmax(twin.forward(self.x_probes, training=False))
