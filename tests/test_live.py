@@ -67,6 +67,14 @@ def launched(arguments: list[str], cwd: Path) -> Iterator[tuple[subprocess.Popen
         process.wait(30)
 
 
+def wait_for_line(process: subprocess.Popen, start: str, seconds: float = 30) -> None:
+    """Wait until the program has printed a line that starts with `start`."""
+    deadline = time.monotonic() + seconds
+    while not any(line.startswith(start) for line in process.lines):
+        assert time.monotonic() < deadline, f"no line {start!r} in {process.lines}"
+        time.sleep(0.1)
+
+
 def events(url: str, last_event_id: int | None = None, timeout: float = 10) -> Iterator[tuple[float, str, dict]]:
     """(arrival time, event type, data) of each event on GET /api/events (pings as type "ping", data {})."""
     headers = {} if last_event_id is None else {"Last-Event-ID": str(last_event_id)}
@@ -113,10 +121,7 @@ def test_the_stream_follows_the_run_and_matches_the_results_file(tmp_path: Path)
     config = write_config(tmp_path, 16)
     with launched(["--config", str(config), "--output", "results.json"], tmp_path) as (process, url):
         received = list(events(url, last_event_id=0))
-        deadline = time.monotonic() + 30
-        serving = "training done: still serving the page"
-        while not any(line.startswith(serving) for line in process.lines) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_for_line(process, "training done: still serving the page")
         assert any(line.startswith("test accuracy") for line in process.lines)
         status, run = get(url + "api/run")
         matrix_status, matrix = get(url + "api/confusion")
@@ -185,7 +190,8 @@ def test_bit_identical_with_and_without_the_page_watched(tmp_path: Path) -> None
         for thread in watchers:
             thread.join(120)
         assert finished == ["done"] * 20
-        process.send_signal(signal.SIGINT)
+        wait_for_line(process, "training done: still serving the page")
+        process.send_signal(signal.SIGINT)  # Ctrl-C once only serving: exit 0
         assert process.wait(30) == 0, process.stderr.read()
         stalled.close()
     a, b = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("plain", "watched"))
@@ -308,8 +314,6 @@ def test_sigterm_while_serving_the_trained_model_exits_143(tmp_path: Path) -> No
     config = write_config(tmp_path, 2)
     with launched(["--config", str(config)], tmp_path) as (process, url):
         assert list(events(url, last_event_id=0))[-1][1] == "done"
-        deadline = time.monotonic() + 30
-        while not any(line.startswith("training done") for line in process.lines) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_for_line(process, "training done: still serving the page")
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 143, process.stderr.read()
