@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import live
+
 ROOT = Path(__file__).resolve().parents[1]
 MAIN = ROOT / "src" / "main.py"
 TIMING_KEYS = {"seconds", "images_per_second", "train_seconds", "saved_at", "started_at", "versions"}
@@ -259,6 +261,10 @@ def test_event_streams_are_capped(tmp_path: Path) -> None:
         assert refused.value.code == 503
         for stream in opened:
             stream.close()
+        time.sleep(2 * live.PING_SECONDS + 0.5)  # a stream's thread notices its client is gone at its next ping
+        seen = next(event for _, kind, event in events(url) if kind != "ping")
+        resumed = next(event for _, kind, event in events(url, last_event_id=seen["id"] - 1) if kind != "ping")
+        assert resumed["id"] == seen["id"]  # a reconnecting page gets what it missed, from Last-Event-ID on
         status, probe = get(url + "api/probe?index=0")
         assert status == 200 and probe["label"] == 0 and len(probe["layers"]) == 5
         process.send_signal(signal.SIGINT)
