@@ -335,9 +335,9 @@ class LiveRun:
 
     def serve_until_interrupted(self, announce: Callable[[str], Any] = announce_line) -> None:
         """After training: keep serving the trained model (draw and inspect) until Ctrl-C, then close."""
-        announce(f"training done: still serving the page at {self.url} (Ctrl-C stops)")
-        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # before saying Ctrl-C stops it
         try:
+            announce(f"training done: still serving the page at {self.url} (Ctrl-C stops)")
             while self.thread.is_alive() and not self.stopping():  # SIGTERM: main's handler asks for a stop
                 self.thread.join(0.25)
         except KeyboardInterrupt:
