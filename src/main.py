@@ -1320,7 +1320,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--gradcheck", action="store_true", help="check every gradient of the configured model")
     page = parser.add_argument_group("draw a digit (a local web page)")
     page.add_argument("--serve", action="store_true", help="serve a page to draw digits into the model and watch "
-                      "every layer: the --load-model model, or the one trained first (Ctrl-C stops it)")
+                      "every layer: the --load-model model, or else the training run as it learns, then the model "
+                      "it trained (Ctrl-C stops it)")
     page.add_argument("--host", metavar="ADDRESS", help="with --serve: the address to listen on (default "
                       "127.0.0.1, this machine only; 0.0.0.0 lets other machines in)")
     page.add_argument("--port", type=int, metavar="N", help="with --serve: the port (default 8000; 0: a free one)")
@@ -1485,13 +1486,19 @@ def run_training(args: argparse.Namespace, cfg: dict, origin: dict[str, str], st
                                 optimizer=optimizer, data=data, cfg=cfg, workers=workers, build_model=build_model,
                                 parameters=parameters)
     resume = saved.resume(Position, TrainResult) if args.resume is not None else None
+    live = None
+    if args.serve and not evaluating_only:  # the page opens now and follows training (src/live.py)
+        from live import watch_training
+
+        live = watch_training(model, data, cfg, optimizer, stop, softmax, host=args.host, port=args.port,
+                              first_epoch=first_epoch)
     started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     stop.graceful = True
     start = time.perf_counter()
     result = train(model, optimizer, data, epochs=training_cfg["epochs"], batch_size=training_cfg["batch_size"],
                    rng=rngs["shuffle"], workers=workers, learning_rate=learning_rate, augment=augment,
                    should_stop=lambda: stop.signum is not None, first_epoch=first_epoch,
-                   on_step=saved.on_step if saved else None, resume=resume)
+                   on_step=plumbing.in_order([watcher.on_step for watcher in (saved, live) if watcher]), resume=resume)
     train_seconds = time.perf_counter() - start
     if saved:
         saved.finish(result)
@@ -1524,6 +1531,10 @@ def run_training(args: argparse.Namespace, cfg: dict, origin: dict[str, str], st
         log.warning("%s", checkpoints.interrupted_line(result, saved, args.save_model if not failed_writes else None))
     if test_accuracy is not None:  # files first, then the line that says what the run achieved
         plumbing.result_line(outcome)
+    meta = model_meta(model, model_cfg, data, summary)
+    if live is not None:  # the done event; the page goes on serving the trained model only after a complete run
+        live.finish(model, meta, keep_serving=stop.signum is None and result.status == "completed" and not
+                    (failed_writes or problems))
     if result.status == "diverged":
         return EXIT_DIVERGED
     if stop.signum is not None:  # interrupted, or a signal came while the results were being written
@@ -1532,11 +1543,14 @@ def run_training(args: argparse.Namespace, cfg: dict, origin: dict[str, str], st
         return EXIT_OUTPUT
     if problems:
         return EXIT_UNEXPECTED
+    if live is not None:
+        live.serve_until_interrupted()
+        return EXIT_OK if stop.signum is None else EXIT_BY_SIGNAL[stop.signum]  # Ctrl-C: 0; SIGTERM: 143
     if args.serve:
         from serve import serve_trained_model
 
         stop.graceful = False  # nothing is left to finish: a signal stops the server at once, as with --load-model
-        serve_trained_model(model, model_meta(model, model_cfg, data, summary), softmax, args.host, args.port)
+        serve_trained_model(model, meta, softmax, args.host, args.port)
     return EXIT_OK
 
 

@@ -355,6 +355,12 @@ class StopRequest:
         log.warning("%s received: stopping after %s and keeping what was done (again to stop at once)",
                     signal.Signals(signum).name, self.after)
 
+    def ask(self, why: str) -> None:
+        """Stop after this batch, as a first Ctrl-C does (from another thread too); nothing when already asked."""
+        if self.signum is None:
+            self.signum = signal.SIGINT
+            log.warning("%s: stopping after %s and keeping what was done", why, self.after)
+
     def __enter__(self) -> StopRequest:
         self.previous = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
@@ -362,6 +368,17 @@ class StopRequest:
     def __exit__(self, *exc: object) -> None:
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+
+
+def in_order(callbacks: list[Callable[..., Any]]) -> Callable[..., None] | None:
+    """One callback that calls each of `callbacks` in turn with the same arguments; None when there are none."""
+    if not callbacks:
+        return None
+
+    def each(*arguments: Any) -> None:
+        for callback in callbacks:
+            callback(*arguments)
+    return each
 
 
 def versions() -> dict:

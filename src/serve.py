@@ -1,11 +1,13 @@
 """The draw-a-digit page: a local web server that runs a trained model on drawings (`--serve`).
 
-make_server() binds a ThreadingHTTPServer that answers four things and nothing else:
+make_server() binds a ThreadingHTTPServer that answers these and nothing else:
 
     GET  /              the page, src/web/index.html (read once, at start-up)
     GET  /api/model     the model's summary (layers, output shapes, parameters) and where it was trained
     POST /api/predict   {"image": "data:image/png;base64,..."} -> the preprocessed image, the class
                         probabilities and every layer's activations (see docs/API.md for the format)
+    LIVE_ROUTES         while a run trains (--serve without --load-model): its events, snapshot and controls,
+                        answered by live.py; 404 otherwise
     anything else       404 (405 for a known path with the wrong method), always as a JSON {"error": ...}
 
 serve() runs it until Ctrl-C. The model is evaluated with forward(x, training=False), which keeps nothing on
@@ -64,6 +66,9 @@ PAGE_HEADERS = {
 BUSY_BODY = b'{"error":"the server has too many open connections: try again in a moment"}'
 BUSY_ANSWER = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
                b"Content-Length: " + str(len(BUSY_BODY)).encode() + b"\r\n\r\n" + BUSY_BODY)
+# The routes of a run being watched (--serve while training), answered by live.LiveRun.answer (see live.py).
+LIVE_ROUTES = {"/api/events": "GET", "/api/run": "GET", "/api/control": "POST", "/api/confusion": "GET",
+               "/api/probe": "GET"}
 COMMON_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
 
 
@@ -165,6 +170,11 @@ class Predictor:
             raise RequestError(f'"image": {error}') from None
         if self.decode is None and (not prepared.size or float(prepared.max()) < BLANK_INK):  # drawings only
             raise RequestError('"image" is blank (no ink found): draw something first')
+        return self.answer(prepared, encoding, start)
+
+    def answer(self, prepared: np.ndarray, encoding: str = "base64", start: float | None = None) -> dict:
+        """The answer for one prepared image (H, W, C) in [0, 1]: prediction, probabilities, input, layers."""
+        start = time.perf_counter() if start is None else start
         outputs = layer_outputs(self.model, prepared[None])
         probabilities = np.nan_to_num(self.softmax(outputs[-1][2])[0].astype(np.float64))
         best = int(probabilities.argmax())
@@ -313,13 +323,21 @@ class Handler(BaseHTTPRequestHandler):
         try:
             self.check_origin()
             path = urlsplit(self.path).path
-            allowed = {"/": "GET", "/index.html": "GET", "/api/model": "GET", "/api/predict": "POST"}.get(path)
+            allowed = {"/": "GET", "/index.html": "GET", "/api/model": "GET", "/api/predict": "POST",
+                       **LIVE_ROUTES}.get(path)
             if allowed is None:
                 raise RequestError(f"not found: {path[:200]} (this server answers /, /api/model and /api/predict)",
                                    HTTPStatus.NOT_FOUND)
             if method != allowed:
                 raise RequestError(f"{path} takes {allowed}, not {method}", HTTPStatus.METHOD_NOT_ALLOWED)
-            if path == "/api/predict":
+            if path == "/api/run" and self.server.live is None:
+                self.send_json(HTTPStatus.OK, {"live": False})  # how the page learns that nothing trains
+            elif path in LIVE_ROUTES:
+                if self.server.live is None:
+                    raise RequestError(f"{path}: no training run is being watched (this page serves a saved model)",
+                                       HTTPStatus.NOT_FOUND)
+                self.server.live.answer(self, path)
+            elif path == "/api/predict":
                 with self.server.slot(self.server.bodies, "requests"):
                     document = self.read_json()
                     with self.server.slot(self.server.decodes, "drawings"):
@@ -448,6 +466,7 @@ class Handler(BaseHTTPRequestHandler):
 class DrawServer(ThreadingHTTPServer):
     """A ThreadingHTTPServer holding the predictor, the page and the addresses it answers to."""
 
+    live: Any = None  # while a run trains: the live.LiveRun that answers LIVE_ROUTES
     daemon_threads = True  # a request still running does not keep the program alive after Ctrl-C
     request_queue_size = 128  # connections waiting to be accepted (socketserver's 5 refuses a burst of requests)
 

@@ -701,12 +701,15 @@ def stop_with_ctrl_c(process: subprocess.Popen) -> tuple[int, str]:
 
 
 def test_serve_trains_first_then_serves_the_trained_model_and_stops_on_ctrl_c(tmp_path: Path) -> None:
-    """Without --load-model: trains as configured, saves, then serves that model (which says it was trained on
-    synthetic digits); Ctrl-C ends it with exit code 0. Then the saved model is served with --load-model."""
+    """Without --load-model: serves the page while it trains as configured (live.py), saves, then serves the
+    trained model (which says it was trained on synthetic digits); Ctrl-C ends it with exit code 0. Then the
+    saved model is served with --load-model."""
     process, url = start_cli_server(["--dataset", "synthetic", "--n-train", "300", "--n-test", "60", "--epochs",
                                      "1", "--save-model", "m.npz", "--serve", "--port", "0"], tmp_path)
+    assert any(line.startswith("training done: still serving the page") for line in process.stdout)
     info = get_json(url)["info"]
     assert info["dataset"] == "synthetic" and info["source"] == "synthetic" and info["n_train"] == 300
+    assert info["epochs"] == 1 and 0 <= info["test_accuracy"] <= 1
     code, stderr = stop_with_ctrl_c(process)
     assert code == 0, stderr
     assert "Traceback" not in stderr
