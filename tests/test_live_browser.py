@@ -15,7 +15,7 @@ import shutil
 import time
 from pathlib import Path
 
-from helpers import MNIST_5K
+from helpers import find_data
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 from test_browser import SEVEN, WAIT_SECONDS, browser, draw  # noqa: F401 (browser is a fixture)
@@ -24,7 +24,8 @@ from test_live import launched
 ROOT = Path(__file__).resolve().parents[1]
 SHOTS = ROOT / "docs" / "images" if os.environ.get("UPDATE_SCREENSHOTS") else ROOT / "logs"
 SCREENSHOT = SHOTS / "watch_it_learn.png"
-MNIST = (MNIST_5K / "train-images-idx3-ubyte.gz").is_file()
+MNIST_5K, _ = find_data("NUMPY_CNN_MNIST")
+MNIST = MNIST_5K is not None
 CONFIG = f"""
 logging: {{level: INFO, file: null}}
 data: {{dataset: {"mnist" if MNIST else "digits"}, path: {str(MNIST_5K) if MNIST else "null"},
