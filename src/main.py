@@ -1543,13 +1543,12 @@ def run_training(args: argparse.Namespace, cfg: dict, origin: dict[str, str], st
         return EXIT_OUTPUT
     if problems:
         return EXIT_UNEXPECTED
+    stop.graceful = False  # nothing is left to finish: a signal stops the server at once, as with --load-model
     if live is not None:
-        live.serve_until_interrupted()
-        return EXIT_OK if stop.signum is None else EXIT_BY_SIGNAL[stop.signum]  # Ctrl-C: 0; SIGTERM: 143
-    if args.serve:
+        live.serve_until_interrupted()  # Ctrl-C: exit 0
+    elif args.serve:
         from serve import serve_trained_model
 
-        stop.graceful = False  # nothing is left to finish: a signal stops the server at once, as with --load-model
         serve_trained_model(model, meta, softmax, args.host, args.port)
     return EXIT_OK
 

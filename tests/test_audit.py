@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -538,6 +539,12 @@ def small_server(model_file: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     thread.join(5)
 
 
+def run_state(port: int) -> str:
+    """The live run's state from GET /api/run: training, paused or done."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/run", timeout=10) as response:
+        return json.loads(response.read())["state"]
+
+
 def get_model(port: int, timeout: float = 10) -> int:
     import http.client
 
@@ -620,6 +627,10 @@ def test_6_sigterm_stops_a_server_that_trained_first_with_143(tmp_path: Path) ->
                                text=True)
     try:
         wait_for_server(port, process)
+        deadline = time.monotonic() + 120
+        while run_state(port) != "done":  # the page follows training: wait until it only serves
+            assert time.monotonic() < deadline, "training did not end"
+            time.sleep(0.2)
         assert get_model(port) == 200
         process.send_signal(15)
         _, stderr = process.communicate(timeout=20)
