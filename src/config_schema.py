@@ -594,6 +594,39 @@ def check_flag_combinations(args: Any) -> None:
 IMAGE_SIDE = {"digits": 8}  # pixels of a data set's images when not 28 (MNIST, Fashion-MNIST, synthetic)
 
 
+def apply_overrides(cfg: dict, origin: dict[str, str], args: Any, seed_text: str) -> None:
+    """Put the environment's RANDOM_SEED (seed_text, '' when unset) and then the command line's flags (OVERRIDES)
+    over the config, each value checked by its SCHEMA entry; origin["seed"] says which one set the seed."""
+    if seed_text and args.seed is None:
+        try:
+            cfg["data"]["random_seed"] = SCHEMA["data"]["random_seed"](int(seed_text), "RANDOM_SEED")
+        except ValueError:
+            raise ConfigError(f"RANDOM_SEED (environment): got {seed_text!r}, expected an integer >= 0") from None
+        origin["seed"] = "RANDOM_SEED"
+    for flag, (section, key) in OVERRIDES.items():
+        value = getattr(args, flag)
+        if value is not None:
+            cfg[section][key] = SCHEMA[section][key](value, f"--{flag.replace('_', '-')}")
+    if args.seed is not None:
+        origin["seed"] = "--seed"
+    if args.no_fallback:
+        cfg["data"]["allow_synthetic_fallback"] = False
+
+
+def describe_training(training: dict, augment: dict, workers: int) -> str:
+    """The log's `training:` line: epochs, batch, optimiser, learning rate and schedule, decay, augmentation and
+    worker threads."""
+    changes = [f"shifts of up to {augment['shift']} px"] if augment["shift"] else []
+    changes += [f"rotations of up to {augment['rotate']:g} degrees"] if augment["rotate"] else []
+    changes += ["left-right flips"] if augment["flip"] else []
+    epochs, threads = training["epochs"], workers
+    return (f"{epochs} epoch{'s' if epochs != 1 else ''}, batch {training['batch_size']}, {training['optimizer']}, "
+            f"learning rate {training['learning_rate']:g} ({training['lr_schedule']['name']})"
+            + (f", weight decay {training['weight_decay']:g}" if training["weight_decay"] else "")
+            + (f", {' and '.join(changes)}" if changes else "")
+            + f", {threads} worker thread{'s' if threads != 1 else ''}")
+
+
 def check_together(cfg: dict, origin: dict[str, str]) -> None:
     """ConfigError (one line) for values each allowed alone but not together, once flags have overridden the
     file: an augment.shift that moves every image out of its frame, a cosine min_lr above the learning rate.
@@ -609,6 +642,10 @@ def check_together(cfg: dict, origin: dict[str, str]) -> None:
         raise ConfigError(f"training.lr_schedule.min_lr: got {schedule['min_lr']:g}, expected at most "
                           f"training.learning_rate ({learning_rate:g}): the cosine schedule falls from the learning "
                           "rate to min_lr")
+    workers, batch_size = training["workers"], training["batch_size"]
+    if workers is not None and workers > batch_size:
+        raise ConfigError(f"training.workers: got {workers}, expected at most training.batch_size ({batch_size}): "
+                          "each worker takes a slice of every batch")
     if origin.get("file") and origin["seed"] == origin["file"]:
         raw = read_yaml_file(origin["file"])
         if "random_seed" not in ((raw.get("data") or {}) if isinstance(raw, dict) else {}):

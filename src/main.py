@@ -1340,21 +1340,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, dict[str, str]]:
                                                    "file": "config.yaml"}
     else:
         cfg, origin = config_schema.validate_config({}), {"config": "built-in defaults", "seed": "built-in default"}
-    seed_text = os.environ.get("RANDOM_SEED", "").strip()
-    if seed_text and args.seed is None:
-        try:
-            cfg["data"]["random_seed"] = config_schema.SCHEMA["data"]["random_seed"](int(seed_text), "RANDOM_SEED")
-        except ValueError:
-            raise ConfigError(f"RANDOM_SEED (environment): got {seed_text!r}, expected an integer >= 0") from None
-        origin["seed"] = "RANDOM_SEED"
-    for flag, (section, key) in config_schema.OVERRIDES.items():
-        value = getattr(args, flag)
-        if value is not None:
-            cfg[section][key] = config_schema.SCHEMA[section][key](value, f"--{flag.replace('_', '-')}")
-    if args.seed is not None:
-        origin["seed"] = "--seed"
-    if args.no_fallback:
-        cfg["data"]["allow_synthetic_fallback"] = False
+    config_schema.apply_overrides(cfg, origin, args, os.environ.get("RANDOM_SEED", "").strip())
     check_dataset_flag(args.dataset, cfg["data"]["path"])
     config_schema.check_together(cfg, origin)
     if not args.load_model and not uses_folder(cfg["data"]):  # a folder's shape is known once it is read
@@ -1368,10 +1354,6 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, dict[str, str]]:
         except (MemoryError, ValueError) as error:  # numpy cannot allocate the weights
             raise ConfigError(f"{origin['config']}: model: the weights do not fit in memory ({error}); use fewer "
                               "filters or units in model.layers") from None
-    workers, batch_size = cfg["training"]["workers"], cfg["training"]["batch_size"]
-    if workers is not None and workers > batch_size:
-        raise ConfigError(f"training.workers: got {workers}, expected at most training.batch_size ({batch_size}): "
-                          "each worker takes a slice of every batch")
     return cfg, origin
 
 
@@ -1452,31 +1434,23 @@ def run_training(args: argparse.Namespace, cfg: dict, origin: dict[str, str], st
     log.info("numpy-cnn: config from %s, seed %d (from %s)", origin["config"], seed, origin["seed"])
     rngs = make_rngs(seed)
     data = load_data(cfg["data"], evaluating_only)
-    held_out = f", {len(data.x_val):,} validation" if len(data.x_val) else ""
     log.info("data: %s (source: %s), %s training%s and %s test images of %s, %d classes; %s", data.name,
-             data.source, f"{len(data.x_train):,}", held_out, f"{len(data.x_test):,}", data.input_shape,
-             data.num_classes, data.note)
+             data.source, f"{len(data.x_train):,}", f", {len(data.x_val):,} validation" if len(data.x_val) else "",
+             f"{len(data.x_test):,}", data.input_shape, data.num_classes, data.note)
     model, model_cfg, optimizer, earlier = model_for_run(args, cfg, data, rngs)
     first_epoch = int(earlier.get("epochs_completed", 0)) + 1
     log.info("model:\n%s", model.summary())
     workers = training_cfg["workers"] or default_workers(model, training_cfg["batch_size"])
     schedule, augment_cfg = training_cfg["lr_schedule"], cfg["data"]["augment"]
-    changes = [f"shifts of up to {augment_cfg['shift']} px"] if augment_cfg["shift"] else []
-    changes += [f"rotations of up to {augment_cfg['rotate']:g} degrees"] if augment_cfg["rotate"] else []
-    changes += ["left-right flips"] if augment_cfg["flip"] else []
     if not evaluating_only:
-        log.info("training: %s, batch %d, %s, learning rate %g (%s)%s%s, %s",
-                 plumbing.plural(training_cfg["epochs"], "epoch"), training_cfg["batch_size"],
-                 training_cfg["optimizer"], training_cfg["learning_rate"], schedule["name"],
-                 f", weight decay {training_cfg['weight_decay']:g}" if training_cfg["weight_decay"] else "",
-                 f", {' and '.join(changes)}" if changes else "", plumbing.plural(workers, "worker thread"))
+        log.info("training: %s", config_schema.describe_training(training_cfg, augment_cfg, workers))
     timings = instrument(model, optimizer) if args.profile else None
     steps_per_epoch = math.ceil(len(data.x_train) / training_cfg["batch_size"])
     config_schema.warn_odd_training(training_cfg, len(data.x_train))
     learning_rate = learning_rate_schedule(schedule, training_cfg["learning_rate"], steps_per_epoch,
                                            steps_per_epoch * training_cfg["epochs"])
     augment = None
-    if changes:
+    if augment_cfg["shift"] or augment_cfg["rotate"] or augment_cfg["flip"]:
         def augment(x: np.ndarray) -> np.ndarray:
             return shift_and_rotate(x, rngs["augment"], augment_cfg["shift"], augment_cfg["rotate"],
                                     augment_cfg["flip"])
