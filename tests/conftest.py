@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -40,3 +42,14 @@ def fashion_mnist(request: pytest.FixtureRequest) -> Path:
     """A folder of Fashion-MNIST's IDX files with its 10,000 test images: $NUMPY_CNN_FASHION, else where Debian's
     dataset-fashion-mnist puts them."""
     return data_set(request, "NUMPY_CNN_FASHION")
+
+
+@pytest.fixture(autouse=True)
+def fresh_logger() -> Iterator[None]:
+    """main.main sets up the program's logger (its own handlers, no propagation): undo that after each test, so
+    that a test's caplog sees what the code under test logs whatever ran before it."""
+    yield
+    logger = logging.getLogger("numpy_cnn")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    logger.propagate, logger.level = True, logging.NOTSET
