@@ -8,6 +8,7 @@ Run from the project root:
     python bench/why_fast.py --quick      # a smoke run: few rounds, numbers only roughly right
     python bench/why_fast.py --threads 1  # one BLAS thread: steadier on a busy machine
     python bench/why_fast.py --only 8     # one comparison, by its number or a word of its title
+    python bench/why_fast.py --only 8 --config configs/mnist_best.yaml   # the speed tricks on a recipe's model
 
 The comparisons (project's way first, the alternative second):
 
@@ -32,7 +33,9 @@ The comparisons (project's way first, the alternative second):
    e. MaxPool2D.backward: += against writing in place (np.multiply(..., out=)) when windows do not overlap.
    Kept in the core, so here the project's side is the trick and the alternative the plain form:
    a. column sums (bias gradients, BatchNorm's statistics) as np.ones(M) @ rows against rows.sum(axis=0);
-   f. Adam in place through one scratch array against the textbook form, a temporary array per operation.
+   f. Adam in place through one scratch array against the textbook form, a temporary array per operation;
+   g. arrays kept across training batches (Layer.kept_array: Conv2D's padded input, im2col columns, dcols and
+      col2im output, MaxPool2D's dx) against a new array for each, every batch.
 9. BLAS threads with one worker: training holds BLAS to one thread per worker thread (parallel.one_blas_thread
    for one worker, parallel.DataParallel for more); the alternative lets BLAS use 2 threads per worker. Training
    epochs of three configurations (8x8 digits with 1 worker; the default model on 28x28 with its default workers;
@@ -52,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import gc
 import math
@@ -103,6 +107,7 @@ class Settings:
     trick_rounds: int  # alternating pairs of epochs per speed trick (8)
     blas_images: int = 1000  # training images of each epoch of the BLAS thread comparison (9)
     blas_rounds: int = 5  # alternating pairs of epochs per configuration and load there
+    trick_model: dict | None = None  # the model of the speed tricks' epochs (8): None, the default; else --config's
 
 
 FULL = Settings(rounds=30, min_seconds=0.12, loop_images=2, loop_crop=None, epoch_images=2000, epoch_rounds=3,
@@ -508,7 +513,8 @@ def scatter_index(grad_cols_shape: tuple[int, ...], padded_shape: tuple[int, ...
     return ((sample * padded_h + row) * padded_w + col) * channels + channel
 
 
-def col2im_add_at(grad_cols: np.ndarray, padded_shape: tuple[int, ...], stride: int) -> np.ndarray:
+def col2im_add_at(grad_cols: np.ndarray, padded_shape: tuple[int, ...], stride: int,
+                  out: np.ndarray | None = None) -> np.ndarray:
     """main.col2im done with np.add.at: one unbuffered scatter-add of every entry to where it came from.
 
     The entries go in (k, k, N, Ho, Wo, C) order, which is how Conv2D.backward lays them out in memory, and
@@ -536,7 +542,8 @@ def conv2_grad_cols(rng: np.random.Generator) -> tuple[np.ndarray, tuple[int, ..
     conv = main.Conv2D(CONV2_INPUT[3], 64, 3, 1, 1, rng=rng)
     recorded = []
 
-    def record(grad_cols: np.ndarray, padded_shape: tuple[int, ...], stride: int) -> np.ndarray:
+    def record(grad_cols: np.ndarray, padded_shape: tuple[int, ...], stride: int,
+               out: np.ndarray | None = None) -> np.ndarray:
         recorded.append((grad_cols, tuple(padded_shape), stride))
         return np.zeros(padded_shape, dtype=grad_cols.dtype)
 
@@ -558,14 +565,15 @@ def synthetic_dataset(n_train: int, n_test: int, rng: np.random.Generator) -> ma
                         "synthetic", "bench/why_fast.py")
 
 
-def epoch_model(data: main.Dataset) -> main.Sequential:
-    """The default model for data's image size, with the weights of seed 42."""
-    return main.build_model(config_schema.DEFAULT_CONFIG["model"], data.input_shape, 10, np.random.default_rng(SEED))
+def epoch_model(data: main.Dataset, model_cfg: dict | None = None) -> main.Sequential:
+    """The default model (or model_cfg's) for data's image size, with the weights (and Dropout masks) of seed 42."""
+    return main.build_model(model_cfg or config_schema.DEFAULT_CONFIG["model"], data.input_shape, 10,
+                            np.random.default_rng(SEED), np.random.default_rng(SEED + 1))
 
 
-def epoch(data: main.Dataset, workers: int | None = None) -> dict:
+def epoch(data: main.Dataset, workers: int | None = None, model_cfg: dict | None = None) -> dict:
     """One epoch of main.train from the seed-42 weights; its history row ("seconds" excludes evaluation)."""
-    model = epoch_model(data)
+    model = epoch_model(data, model_cfg)
     if workers is None:
         workers = parallel.default_workers(model, BATCH)
     return main.train(model, main.Adam(1e-3), data, epochs=1, batch_size=BATCH,
@@ -746,7 +754,7 @@ def compare_workers(settings: Settings, rng: np.random.Generator) -> list[Result
 # 8. speed tricks: each against the core's plain form, over whole training epochs
 # ------------------------------------------------------------------------------------------------
 # src/main.py writes each backward pass as its formula reads, and keeps a speed trick only where it is worth a
-# real share of an epoch. The tricks below were taken out of the core (a-e) or kept (f). Each one is an
+# real share of an epoch. The tricks below were taken out of the core (b-e) or kept (a, f, g). Each one is an
 # alternative implementation of one method or function of main, patched in for the alternative side's epochs and
 # restored afterwards. The copies of a core method (a, b, e) differ from it only in the trick's lines (marked):
 # when the core method changes, change them too (the equivalence check notices only a change of the numbers).
@@ -774,18 +782,20 @@ def conv_backward_dx_per_kernel_offset(self: main.Conv2D, grad_out: np.ndarray) 
     weights_by_offset = self.params["W"].reshape(k * k, channels, filters).transpose(0, 2, 1)  # (k*k, F, C)
     grad_cols = np.matmul(grad_rows, weights_by_offset)  # the trick: (k*k, N*Ho*Wo, C)
     grad_cols = grad_cols.reshape(k, k, n, out_h, out_w, channels).transpose(2, 3, 4, 0, 1, 5)
-    grad_padded = main.col2im(grad_cols, self.padded_shape, self.stride)
+    grad_padded = main.col2im(grad_cols, self.padded_shape, self.stride,
+                              out=self.kept_array("grad_padded", self.padded_shape, grad_cols.dtype))
     height, width = self.padded_shape[1] - 2 * p, self.padded_shape[2] - 2 * p
     return grad_padded[:, p:p + height, p:p + width, :]
 
 
-def im2col_one_channel_by_offsets(x_padded: np.ndarray, kernel_size: int, stride: int) -> np.ndarray:
+def im2col_one_channel_by_offsets(x_padded: np.ndarray, kernel_size: int, stride: int,
+                                  out: np.ndarray | None = None) -> np.ndarray:
     """main.im2col with trick c: with one channel (grey images into the first layer), one copy per kernel offset,
     each moving rows of Wo numbers, instead of the transposing copy, which moves one number at a time there."""
     if x_padded.shape[3] > 1:
-        return CORE_IM2COL(x_padded, kernel_size, stride)
+        return CORE_IM2COL(x_padded, kernel_size, stride, out)
     windows = sliding_window_view(x_padded, (kernel_size, kernel_size), axis=(1, 2))[:, ::stride, ::stride]
-    cols = np.empty((*windows.shape[:3], kernel_size, kernel_size, 1), dtype=x_padded.dtype)
+    cols = np.empty((*windows.shape[:3], kernel_size, kernel_size, 1), dtype=x_padded.dtype) if out is None else out
     for di in range(kernel_size):
         for dj in range(kernel_size):
             cols[:, :, :, di, dj, :] = windows[:, :, :, :, di, dj]
@@ -805,7 +815,8 @@ def maxpool_backward_in_place(self: main.MaxPool2D, grad_out: np.ndarray) -> np.
     """MaxPool2D.backward with trick e: when the windows do not overlap, each offset's gradient is written
     straight into its slice of grad_in (np.multiply(..., out=)), with no temporary and no addition."""
     out_h, out_w = grad_out.shape[1:3]
-    grad_in = np.zeros(self.x_shape, dtype=grad_out.dtype)
+    grad_in = self.kept_array("grad_in", self.x_shape, grad_out.dtype)
+    grad_in[...] = 0
     overlapping = self.stride < self.pool_size
     for offset, row_slice, col_slice in self._offsets(out_h, out_w):
         if overlapping:
@@ -826,6 +837,13 @@ def adam_step_textbook(self: main.Adam, model: main.Sequential) -> None:
         m_hat = m / (1 - b1 ** self.t)
         v_hat = v / (1 - b2 ** self.t)
         param -= self.learning_rate * m_hat / (np.sqrt(v_hat) + self.eps)  # in place: worker replicas share it
+
+
+def fresh_array(self: main.Layer, name: str, shape: tuple[int, ...], dtype: Any, keep: bool = True) -> np.ndarray:
+    """Layer.kept_array in its plain form: a new array for every batch, as the layers allocated them before trick
+    g (zeros for the padded input, whose border must be zero; uninitialised for the arrays that are written
+    whole or zeroed by the layer itself)."""
+    return np.zeros(shape, dtype) if name == "x_padded" else np.empty(shape, dtype)
 
 
 @dataclass(frozen=True)
@@ -861,6 +879,9 @@ SPEED_TRICKS = [
                maxpool_backward_in_place),
     SpeedTrick("f. Adam: in place vs textbook temporaries", "in place through a scratch array (main.Adam)",
                "textbook: m = b1*m + (1-b1)*g, ...", main.Adam, "step", adam_step_textbook, in_core=True),
+    SpeedTrick("g. kept buffers: arrays kept across batches vs new per batch",
+               "Conv2D's padded input, columns, dcols, dx_padded and MaxPool2D's dx kept (Layer.kept_array)",
+               "a new array for each, every batch", main.Layer, "kept_array", fresh_array, in_core=True),
 ]
 
 
@@ -903,7 +924,7 @@ def adam_steps(steps: int, seed: int) -> tuple[main.Adam, list[np.ndarray], list
 
 def check_speed_trick(trick: SpeedTrick, x: np.ndarray, labels: np.ndarray) -> None:
     """Both sides of the trick compute the same numbers (float32 rounding apart), and the alternative side's
-    code really runs. For a-e: the default model's loss and every gradient on one batch. For f: three Adam steps
+    code really runs. For a-e and g: the default model's loss and every gradient on one batch. For f: three Adam steps
     from the same gradients give the same m, v and weight updates."""
     calls = 0
 
@@ -938,29 +959,32 @@ def check_speed_trick(trick: SpeedTrick, x: np.ndarray, labels: np.ndarray) -> N
 
 
 def compare_speed_tricks(settings: Settings, rng: np.random.Generator) -> list[Result]:
-    """For each trick, whole epochs of the default model (main.train, default workers), the two sides
-    alternating and swapping their order every round, so that a drifting machine speed favours neither."""
+    """For each trick, whole epochs of the default model or settings.trick_model (main.train, Adam 1e-3, default
+    workers), the two sides alternating and swapping their order every round, so that a drifting machine speed
+    favours neither."""
     x, labels = synthetic_batch(BATCH, rng)
     for trick in SPEED_TRICKS:  # every check before any timing
         check_speed_trick(trick, x, labels)
     data = synthetic_dataset(settings.epoch_images, 100, rng)
     warm_up = synthetic_dataset(10 * BATCH, 100, rng)
-    workers = parallel.default_workers(epoch_model(data), BATCH)  # what epoch() and training use
-    print(f"  epochs of {settings.epoch_images:,} synthetic images, batch {BATCH}, {workers} worker thread"
+    model_cfg = settings.trick_model
+    workers = parallel.default_workers(epoch_model(data, model_cfg), BATCH)  # what epoch() and training use
+    print(f"  {'the default model' if model_cfg is None else 'the model of --config'}: "
+          f"epochs of {settings.epoch_images:,} synthetic images, batch {BATCH}, {workers} worker thread"
           f"{'s' if workers > 1 else ''} (parallel.default_workers); {settings.trick_rounds} pairs per trick")
-    epoch(warm_up)
+    epoch(warm_up, model_cfg=model_cfg)
     results = []
     for trick in SPEED_TRICKS:
         print(f"  {trick.label}", flush=True)
         with alternative_side(trick):
-            epoch(warm_up)
+            epoch(warm_up, model_cfg=model_cfg)
         project_epochs, alternative_epochs = [], []
         for round_number in range(settings.trick_rounds):
             sides = [(project_epochs, contextlib.nullcontext()), (alternative_epochs, alternative_side(trick))]
             for epochs, side in sides[::-1] if round_number % 2 else sides:
                 gc.collect()
                 with side:
-                    epochs.append(epoch(data))
+                    epochs.append(epoch(data, model_cfg=model_cfg))
         for project_row, alternative_row in zip(project_epochs, alternative_epochs):  # the same training
             check_close(f"speed trick {trick.label}: training loss of an epoch",
                         np.array(alternative_row["train_loss"]), np.array(project_row["train_loss"]), 1e-3)
@@ -1229,6 +1253,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--only", metavar="NAME",
                         help="run only the comparison with this number, or whose title contains NAME "
                              "(e.g. 8 or 'speed tricks')")
+    parser.add_argument("--config", metavar="FILE", help="the speed tricks (8) train this config's model (for "
+                        "28x28 images) instead of the default one; its other settings are not used")
     return parser
 
 
@@ -1236,6 +1262,15 @@ def main_cli(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else FULL
+    if args.config:
+        from benchmark import load_recipe
+
+        from errors import CNNError
+
+        try:
+            settings = dataclasses.replace(settings, trick_model=load_recipe(args.config)["model"])
+        except CNNError as error:
+            parser.error(str(error))
     comparisons = selected_comparisons(args.only)
     if not comparisons:
         parser.error(f"--only {args.only}: no comparison has that number or a title containing it")

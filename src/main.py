@@ -75,6 +75,7 @@ class Layer:
         self.params: dict[str, np.ndarray] = {}
         self.grads: dict[str, np.ndarray] = {}
         self.buffers: dict[str, np.ndarray] = {}  # state that is saved but not trained (BatchNorm's statistics)
+        self.workspace: dict[str, np.ndarray] = {}  # arrays kept from one training batch to the next (kept_array)
 
     def forward(self, x: np.ndarray, training: bool = True) -> np.ndarray:
         """y for input x; when training, also keep what backward will need."""
@@ -87,6 +88,16 @@ class Layer:
     def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
         """The shape of y for an input of this shape, both without the batch axis."""
         return input_shape
+
+    def kept_array(self, name: str, shape: tuple[int, ...], dtype: Any, keep: bool = True) -> np.ndarray:
+        """np.zeros(shape, dtype), but with keep (training) made once: later calls with this name, shape and dtype
+        get that array back as it was left, not megabytes allocated per batch (bench/why_fast.py: "kept buffers")."""
+        if not keep:
+            return np.zeros(shape, dtype)
+        array = self.workspace.get(name)
+        if array is None or array.shape != shape or array.dtype != dtype:
+            array = self.workspace[name] = np.zeros(shape, dtype)
+        return array
 
 
 def he_normal(shape: tuple[int, ...], fan_in: int, rng: np.random.Generator) -> np.ndarray:
@@ -102,28 +113,33 @@ def column_sums(rows: np.ndarray) -> np.ndarray:
     return np.ones(len(rows), dtype=rows.dtype) @ rows
 
 
-def im2col(x_padded: np.ndarray, kernel_size: int, stride: int) -> np.ndarray:
+def im2col(x_padded: np.ndarray, kernel_size: int, stride: int, out: np.ndarray | None = None) -> np.ndarray:
     """Every k x k x C window of the (already padded) input, one window per row.
 
-    x_padded: (N, Hp, Wp, C) -> cols: (N, Ho, Wo, k, k, C), contiguous, so that
+    x_padded: (N, Hp, Wp, C) -> cols: (N, Ho, Wo, k, k, C), contiguous (written into `out` if given), so that
     `cols.reshape(N * Ho * Wo, k * k * C) @ W.reshape(k * k * C, F)` is the whole convolution.
     """
     # sliding_window_view builds a view of all windows without copying; [::stride] keeps the strided ones.
     windows = sliding_window_view(x_padded, (kernel_size, kernel_size), axis=(1, 2))[:, ::stride, ::stride]
     # (N, Ho, Wo, C, k, k) -> (N, Ho, Wo, k, k, C): the copy happens here, once.
-    return np.ascontiguousarray(windows.transpose(0, 1, 2, 4, 5, 3))
+    if out is None:
+        return np.ascontiguousarray(windows.transpose(0, 1, 2, 4, 5, 3))
+    np.copyto(out, windows.transpose(0, 1, 2, 4, 5, 3))
+    return out
 
 
-def col2im(grad_cols: np.ndarray, padded_shape: tuple[int, ...], stride: int) -> np.ndarray:
+def col2im(grad_cols: np.ndarray, padded_shape: tuple[int, ...], stride: int,
+           out: np.ndarray | None = None) -> np.ndarray:
     """The adjoint of im2col: add every window's gradient back where the window came from.
 
-    grad_cols: (N, Ho, Wo, k, k, C) -> grad_x_padded: padded_shape (N, Hp, Wp, C).
+    grad_cols: (N, Ho, Wo, k, k, C) -> grad_x_padded: padded_shape (N, Hp, Wp, C) (into `out`, if given).
     Windows overlap when stride < k, so contributions must be summed, not assigned. One sliced `+=`
     per kernel offset (k * k of them) is vectorised over all samples and pixels (np.add.at, which adds one
     element at a time, is far slower: bench/why_fast.py, "col2im").
     """
     _, out_h, out_w, kernel_size, _, _ = grad_cols.shape
-    grad_x = np.zeros(padded_shape, dtype=grad_cols.dtype)
+    grad_x = np.empty(padded_shape, dtype=grad_cols.dtype) if out is None else out
+    grad_x[...] = 0  # the windows' gradients are added up from here
     for di in range(kernel_size):
         for dj in range(kernel_size):
             # The input pixels that offset (di, dj) of every window read: rows di, di + s, ..., likewise columns.
@@ -171,13 +187,15 @@ class Conv2D(Layer):
     def forward(self, x: np.ndarray, training: bool = True) -> np.ndarray:
         n, height, width, channels = x.shape
         k, p = self.kernel_size, self.padding
+        out_h, out_w, _ = self.output_shape(x.shape[1:])
+        # Training keeps the padded input and the columns from batch to batch (pad(x)'s zero border is never written).
         if p > 0:
-            x_padded = np.zeros((n, height + 2 * p, width + 2 * p, channels), dtype=x.dtype)
+            x_padded = self.kept_array("x_padded", (n, height + 2 * p, width + 2 * p, channels), x.dtype, training)
             x_padded[:, p:p + height, p:p + width, :] = x
         else:
             x_padded = x
-        cols = im2col(x_padded, k, self.stride)  # (N, Ho, Wo, k, k, C)
-        _, out_h, out_w = cols.shape[:3]
+        cols_shape = (n, out_h, out_w, k, k, channels)
+        cols = im2col(x_padded, k, self.stride, self.kept_array("cols", cols_shape, x.dtype, training))
         weights = self.params["W"].reshape(k * k * channels, -1)  # (k*k*C, F)
         y = cols.reshape(n * out_h * out_w, -1) @ weights  # (N*Ho*Wo, F)
         y += self.params["b"]
@@ -194,8 +212,9 @@ class Conv2D(Layer):
         self.grads["b"][...] = column_sums(grad_rows)
         if not self.need_input_grad:
             return None
-        grad_cols = (grad_rows @ weights.T).reshape(self.cols.shape)  # (N, Ho, Wo, k, k, C)
-        grad_padded = col2im(grad_cols, self.padded_shape, self.stride)
+        grad_cols = np.matmul(grad_rows, weights.T, out=self.kept_array("grad_cols", cols.shape, cols.dtype))
+        grad_padded = col2im(grad_cols.reshape(self.cols.shape), self.padded_shape, self.stride,
+                             out=self.kept_array("grad_padded", self.padded_shape, cols.dtype))
         height, width = self.padded_shape[1] - 2 * p, self.padded_shape[2] - 2 * p
         # The padding zeros are constants, not inputs: their gradients are dropped.
         return grad_padded[:, p:p + height, p:p + width, :]
@@ -258,7 +277,8 @@ class MaxPool2D(Pooling):
 
     def backward(self, grad_out: np.ndarray) -> np.ndarray:
         out_h, out_w = grad_out.shape[1:3]
-        grad_in = np.zeros(self.x_shape, dtype=grad_out.dtype)
+        grad_in = self.kept_array("grad_in", self.x_shape, grad_out.dtype)
+        grad_in[...] = 0
         for offset, row_slice, col_slice in self._offsets(out_h, out_w):
             # += rather than =: with stride < pool, two windows can share an input pixel, and both gradients count.
             grad_in[:, row_slice, col_slice, :] += grad_out * self.winner[offset]

@@ -675,7 +675,8 @@ def test_gradient_check_passes_on_correct_model(name: str) -> None:
     assert failed(rows) == [], main.gradient_check_table(rows)
 
 
-def col2im_assigning(grad_cols: np.ndarray, padded_shape: tuple[int, ...], stride: int) -> np.ndarray:
+def col2im_assigning(grad_cols: np.ndarray, padded_shape: tuple[int, ...], stride: int,
+                     out: np.ndarray | None = None) -> np.ndarray:
     """BROKEN col2im: assigns instead of adding, so overlapping windows overwrite each other."""
     _, out_h, out_w, kernel_size, _, _ = grad_cols.shape
     grad_x = np.zeros(padded_shape, dtype=grad_cols.dtype)

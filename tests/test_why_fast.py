@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import importlib.util
 import math
 import os
@@ -48,6 +49,7 @@ EXPECTED_ROWS = (
     "d. ReLU",
     "e. max pool backward",
     "f. Adam",
+    "g. kept buffers",
     "BLAS 1 vs 2 threads: 8x8 digits, 1 worker, idle",
     "BLAS 1 vs 2 threads: 8x8 digits, 1 worker, busy",
     "BLAS 1 vs 2 threads: default model 28x28, default workers (",
@@ -55,7 +57,7 @@ EXPECTED_ROWS = (
     "BLAS 1 vs 2 threads: default model 28x28, --workers 1, idle",
     "BLAS 1 vs 2 threads: default model 28x28, --workers 1, busy",
 )
-SPEED_TRICK_LETTERS = "abcdef"
+SPEED_TRICK_LETTERS = "abcdefg"
 BLAS_ROWS = 6  # comparison 9: three configurations, each idle and beside a busy process
 
 
@@ -160,7 +162,7 @@ def test_a_wrong_alternative_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_every_speed_trick_computes_what_the_core_computes() -> None:
-    """Each speed trick of comparison 8 (a-f) gives the core's loss and gradients on one batch (f: the core's
+    """Each speed trick of comparison 8 (a-g) gives the core's loss and gradients on one batch (f: the core's
     Adam state and weight updates), and the check sees the trick's code run."""
     assert "".join(trick.letter for trick in why_fast.SPEED_TRICKS) == SPEED_TRICK_LETTERS
     core = [getattr(trick.owner, trick.attribute) for trick in why_fast.SPEED_TRICKS]
@@ -191,9 +193,10 @@ def dx_with_untransposed_weights(self: main.Conv2D, grad_out: np.ndarray) -> np.
         self.params["W"] = weights
 
 
-def im2col_offsets_swapped(x_padded: np.ndarray, kernel_size: int, stride: int) -> np.ndarray:
+def im2col_offsets_swapped(x_padded: np.ndarray, kernel_size: int, stride: int,
+                           out: np.ndarray | None = None) -> np.ndarray:
     """Trick c with the two kernel offsets swapped: every window transposed."""
-    return np.ascontiguousarray(why_fast.im2col_one_channel_by_offsets(x_padded, kernel_size, stride)
+    return np.ascontiguousarray(why_fast.im2col_one_channel_by_offsets(x_padded, kernel_size, stride, out)
                                 .transpose(0, 1, 2, 4, 3, 5))
 
 
@@ -220,6 +223,11 @@ def adam_without_bias_correction(self: main.Adam, model: main.Sequential) -> Non
         param -= self.learning_rate * m / (np.sqrt(v) + self.eps)
 
 
+def arrays_of_ones(self: main.Layer, name: str, shape: tuple[int, ...], dtype: type, keep: bool = True) -> np.ndarray:
+    """Trick g's plain form handing out arrays of ones: the padded input's border is not zero."""
+    return np.ones(shape, dtype)
+
+
 @pytest.mark.parametrize(("letter", "wrong"), [
     ("a", column_means),
     ("b", dx_with_untransposed_weights),
@@ -227,6 +235,7 @@ def adam_without_bias_correction(self: main.Adam, model: main.Sequential) -> Non
     ("d", relu_forward_leaky),
     ("e", maxpool_backward_to_first_offset),
     ("f", adam_without_bias_correction),
+    ("g", arrays_of_ones),
 ])
 def test_a_wrong_speed_trick_is_caught(letter: str, wrong: Callable) -> None:
     """The speed tricks' checks can fail: each trick with a deliberate mistake raises MismatchError."""
@@ -325,3 +334,19 @@ def test_only_selects_comparisons_by_number_or_title() -> None:
     with pytest.raises(SystemExit) as exit_info:
         why_fast.main_cli(["--only", "no such comparison"])
     assert exit_info.value.code == 2
+
+
+def test_config_gives_the_speed_tricks_its_model_and_a_bad_one_is_refused(tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture) -> None:
+    """--config: comparison 8's epochs train the config's model (here mnist_best's, with BatchNorm and Dropout);
+    a config for other images is one line on stderr and exit code 2, before any measuring."""
+    recipe = importlib.import_module("benchmark").load_recipe(str(ROOT / "configs" / "mnist_best.yaml"))
+    data = why_fast.synthetic_dataset(4, 2, np.random.default_rng(0))
+    kinds = [type(layer).__name__ for layer in why_fast.epoch_model(data, recipe["model"]).layers]
+    assert kinds.count("BatchNorm") == 2 and kinds.count("Dropout") == 2
+    assert "BatchNorm" not in [type(layer).__name__ for layer in why_fast.epoch_model(data).layers]
+    config = tmp_path / "digits.yaml"
+    config.write_text("data: {dataset: digits}\n")
+    with pytest.raises(SystemExit) as exit_info:
+        why_fast.main_cli(["--only", "8", "--config", str(config)])
+    assert exit_info.value.code == 2 and "28x28" in capsys.readouterr().err
