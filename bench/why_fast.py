@@ -23,16 +23,18 @@ The comparisons (project's way first, the alternative second):
    whose BLAS uses every CPU: training epochs of the default model. This one uses every CPU the process may
    use, whatever --threads says: it is about how to use them. Then the other side of the trade: on 8x8 digits,
    whose slices are small, the one thread parallel.default_workers chooses against as many workers as CPUs.
-8. Speed tricks, each against the core's plain form, over whole training epochs of the default model (2,000
-   synthetic images, batch 32, the default worker threads), reported as the share of an epoch the trick saves.
-   Taken out of src/main.py, so here the project's side is the plain core and the alternative the trick:
+8. Speed tricks, each against the core's plain form, over whole training epochs of the default model, or of
+   --config's (2,000 synthetic images, batch 32, the default worker threads), reported as the share of an epoch
+   the trick saves. Taken out of src/main.py, so here the project's side is the plain core and the alternative
+   the trick:
+   a. column sums (bias gradients, BatchNorm's means, dgamma and dbeta): rows.sum(axis=0) against
+      np.ones(M) @ rows;
    b. Conv2D's dx: one (N*Ho*Wo, k*k*C) product against one batched product per kernel offset, laid out so that
       col2im's slices are contiguous;
    c. im2col with one channel: the transposing copy against one copy per kernel offset;
    d. ReLU: np.maximum(x, 0) against x * (x > 0);
    e. MaxPool2D.backward: += against writing in place (np.multiply(..., out=)) when windows do not overlap.
    Kept in the core, so here the project's side is the trick and the alternative the plain form:
-   a. column sums (bias gradients, BatchNorm's statistics) as np.ones(M) @ rows against rows.sum(axis=0);
    f. Adam in place through one scratch array against the textbook form, a temporary array per operation;
    g. arrays kept across training batches (Layer.kept_array: Conv2D's padded input, im2col columns, dcols and
       col2im output, MaxPool2D's dx) against a new array for each, every batch.
@@ -754,7 +756,7 @@ def compare_workers(settings: Settings, rng: np.random.Generator) -> list[Result
 # 8. speed tricks: each against the core's plain form, over whole training epochs
 # ------------------------------------------------------------------------------------------------
 # src/main.py writes each backward pass as its formula reads, and keeps a speed trick only where it is worth a
-# real share of an epoch. The tricks below were taken out of the core (b-e) or kept (a, f, g). Each one is an
+# real share of an epoch. The tricks below were taken out of the core (a-e) or kept (f, g). Each one is an
 # alternative implementation of one method or function of main, patched in for the alternative side's epochs and
 # restored afterwards. The copies of a core method (a, b, e) differ from it only in the trick's lines (marked):
 # when the core method changes, change them too (the equivalence check notices only a change of the numbers).
@@ -762,9 +764,53 @@ def compare_workers(settings: Settings, rng: np.random.Generator) -> list[Result
 CORE_IM2COL = main.im2col  # the core's im2col, which trick c calls for inputs with more than one channel
 
 
-def column_sums_by_reduction(rows: np.ndarray) -> np.ndarray:
-    """main.column_sums in its plain form: NumPy's reduction over the rows, instead of ones(M) @ rows."""
-    return rows.sum(axis=0)
+def column_sums(rows: np.ndarray) -> np.ndarray:
+    """Trick a: rows.sum(axis=0), (M, C) -> (C,), as the product ones(M) @ rows, which BLAS computes, instead of
+    NumPy's reduction."""
+    return np.ones(len(rows), dtype=rows.dtype) @ rows
+
+
+def conv_backward_bias_by_ones(self: main.Conv2D, grad_out: np.ndarray) -> np.ndarray | None:
+    """Conv2D.backward with trick a: db = ones @ grad_rows."""
+    filters, p = grad_out.shape[3], self.padding
+    grad_rows = grad_out.reshape(-1, filters)  # (N*Ho*Wo, F)
+    cols = self.cols.reshape(grad_rows.shape[0], -1)  # (N*Ho*Wo, k*k*C)
+    weights = self.params["W"].reshape(cols.shape[1], filters)  # (k*k*C, F)
+    self.grads["W"][...] = (cols.T @ grad_rows).reshape(self.params["W"].shape)
+    self.grads["b"][...] = column_sums(grad_rows)  # the trick
+    if not self.need_input_grad:
+        return None
+    grad_cols = np.matmul(grad_rows, weights.T, out=self.kept_array("grad_cols", cols.shape, cols.dtype))
+    grad_padded = main.col2im(grad_cols.reshape(self.cols.shape), self.padded_shape, self.stride,
+                              out=self.kept_array("grad_padded", self.padded_shape, cols.dtype))
+    height, width = self.padded_shape[1] - 2 * p, self.padded_shape[2] - 2 * p
+    return grad_padded[:, p:p + height, p:p + width, :]
+
+
+def dense_backward_bias_by_ones(self: main.Dense, grad_out: np.ndarray) -> np.ndarray | None:
+    """Dense.backward with trick a: db = ones @ grad_out."""
+    self.grads["W"][...] = self.x.T @ grad_out
+    self.grads["b"][...] = column_sums(grad_out)  # the trick
+    if not self.need_input_grad:
+        return None
+    return grad_out @ self.params["W"].T
+
+
+def batch_mean_by_ones(self: main.BatchNorm, rows: np.ndarray) -> np.ndarray:
+    """BatchNorm.batch_mean with trick a: ones @ rows / M."""
+    return column_sums(rows) / len(rows)
+
+
+def batchnorm_backward_sums_by_ones(self: main.BatchNorm, grad_out: np.ndarray) -> np.ndarray | None:
+    """BatchNorm.backward with trick a: dgamma and dbeta as ones @ rows."""
+    grad_rows = grad_out.reshape(self.xhat.shape)  # (M, C)
+    self.grads["gamma"][...] = column_sums(grad_rows * self.xhat)  # the trick
+    self.grads["beta"][...] = column_sums(grad_rows)  # the trick
+    if not self.need_input_grad:
+        return None
+    grad_in = self.params["gamma"] * self.inv_std * (
+        grad_rows - self.batch_mean(grad_rows) - self.xhat * self.batch_mean(grad_rows * self.xhat))
+    return grad_in.reshape(grad_out.shape)
 
 
 def conv_backward_dx_per_kernel_offset(self: main.Conv2D, grad_out: np.ndarray) -> np.ndarray | None:
@@ -775,7 +821,7 @@ def conv_backward_dx_per_kernel_offset(self: main.Conv2D, grad_out: np.ndarray) 
     grad_rows = grad_out.reshape(-1, filters)  # (N*Ho*Wo, F)
     cols = self.cols.reshape(grad_rows.shape[0], -1)  # (N*Ho*Wo, k*k*C)
     self.grads["W"][...] = (cols.T @ grad_rows).reshape(self.params["W"].shape)
-    self.grads["b"][...] = main.column_sums(grad_rows)
+    self.grads["b"][...] = grad_rows.sum(axis=0)
     if not self.need_input_grad:
         return None
     n, out_h, out_w, k, _, channels = self.cols.shape
@@ -857,7 +903,8 @@ class SpeedTrick:
     owner: Any
     attribute: str
     replacement: Callable
-    in_core: bool = False  # True: the project's side is the trick and the alternative the plain form (f)
+    in_core: bool = False  # True: the project's side is the trick and the alternative the plain form (f, g)
+    more: tuple[tuple[Any, str, Callable], ...] = ()  # further (owner, attribute, replacement) patched alike
 
     @property
     def letter(self) -> str:
@@ -865,8 +912,11 @@ class SpeedTrick:
 
 
 SPEED_TRICKS = [
-    SpeedTrick("a. column sums: ones @ rows vs rows.sum(axis=0)", "np.ones(M) @ rows (main.column_sums)",
-               "rows.sum(axis=0)", main, "column_sums", column_sums_by_reduction, in_core=True),
+    SpeedTrick("a. column sums: rows.sum(axis=0) vs ones @ rows", "rows.sum(axis=0)",
+               "np.ones(M) @ rows (bias gradients, BatchNorm's means and dgamma, dbeta)", main.Conv2D, "backward",
+               conv_backward_bias_by_ones, more=((main.Dense, "backward", dense_backward_bias_by_ones),
+                                                 (main.BatchNorm, "batch_mean", batch_mean_by_ones),
+                                                 (main.BatchNorm, "backward", batchnorm_backward_sums_by_ones))),
     SpeedTrick("b. conv dx: one product vs one per kernel offset", "grad_rows @ W.reshape(k*k*C, F).T",
                "np.matmul per kernel offset, contiguous for col2im", main.Conv2D, "backward",
                conv_backward_dx_per_kernel_offset),
@@ -896,9 +946,15 @@ def replaced(owner: Any, attribute: str, replacement: Any) -> Iterator[None]:
         setattr(owner, attribute, original)
 
 
-def alternative_side(trick: SpeedTrick) -> contextlib.AbstractContextManager[None]:
-    """The block in which main runs the alternative side of the trick."""
-    return replaced(trick.owner, trick.attribute, trick.replacement)
+@contextlib.contextmanager
+def alternative_side(trick: SpeedTrick, replacement: Callable | None = None) -> Iterator[None]:
+    """The block in which main runs the alternative side of the trick (with `replacement` for the trick's first
+    patch, if given)."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(replaced(trick.owner, trick.attribute, replacement or trick.replacement))
+        for owner, attribute, more in trick.more:
+            stack.enter_context(replaced(owner, attribute, more))
+        yield
 
 
 def gradients_of_one_batch(x: np.ndarray, labels: np.ndarray) -> tuple[float, list[np.ndarray]]:
@@ -947,7 +1003,7 @@ def check_speed_trick(trick: SpeedTrick, x: np.ndarray, labels: np.ndarray) -> N
                             w1.astype(np.float64) - w0, 1e-3)
     else:
         loss, grads = gradients_of_one_batch(x, labels)
-        with replaced(trick.owner, trick.attribute, counted):
+        with alternative_side(trick, counted):
             other_loss, other_grads = gradients_of_one_batch(x, labels)
         if calls:
             check_close(f"{what}: loss", np.array(other_loss), np.array(loss), 1e-5)

@@ -106,13 +106,6 @@ def he_normal(shape: tuple[int, ...], fan_in: int, rng: np.random.Generator) -> 
     return (rng.standard_normal(shape) * math.sqrt(2.0 / fan_in)).astype(DTYPE)
 
 
-def column_sums(rows: np.ndarray) -> np.ndarray:
-    """rows.sum(axis=0): (M, C) -> (C,), the sum of each column, as the product ones(M) @ rows. A bias gradient
-    and BatchNorm's statistics are such sums over a batch's pixels; BLAS computes them several times faster than
-    NumPy's reduction, which adds one row after the other (bench/why_fast.py: "column sums")."""
-    return np.ones(len(rows), dtype=rows.dtype) @ rows
-
-
 def im2col(x_padded: np.ndarray, kernel_size: int, stride: int, out: np.ndarray | None = None) -> np.ndarray:
     """Every k x k x C window of the (already padded) input, one window per row.
 
@@ -209,7 +202,7 @@ class Conv2D(Layer):
         cols = self.cols.reshape(grad_rows.shape[0], -1)  # (N*Ho*Wo, k*k*C)
         weights = self.params["W"].reshape(cols.shape[1], filters)  # (k*k*C, F)
         self.grads["W"][...] = (cols.T @ grad_rows).reshape(self.params["W"].shape)
-        self.grads["b"][...] = column_sums(grad_rows)
+        self.grads["b"][...] = grad_rows.sum(axis=0)
         if not self.need_input_grad:
             return None
         grad_cols = np.matmul(grad_rows, weights.T, out=self.kept_array("grad_cols", cols.shape, cols.dtype))
@@ -376,7 +369,7 @@ class Dense(Layer):
 
     def backward(self, grad_out: np.ndarray) -> np.ndarray | None:
         self.grads["W"][...] = self.x.T @ grad_out
-        self.grads["b"][...] = column_sums(grad_out)
+        self.grads["b"][...] = grad_out.sum(axis=0)
         if not self.need_input_grad:
             return None
         return grad_out @ self.params["W"].T
@@ -412,7 +405,7 @@ class BatchNorm(Layer):
     def batch_mean(self, rows: np.ndarray) -> np.ndarray:
         """The mean of each column over the batch, (M, C) -> (C,). (On worker threads, parallel.py gives each
         replica a version that averages over every worker's slice: the whole batch's mean.)"""
-        return column_sums(rows) / len(rows)
+        return rows.sum(axis=0) / len(rows)
 
     def forward(self, x: np.ndarray, training: bool = True) -> np.ndarray:
         gamma, beta = self.params["gamma"], self.params["beta"]
@@ -439,8 +432,8 @@ class BatchNorm(Layer):
 
     def backward(self, grad_out: np.ndarray) -> np.ndarray | None:
         grad_rows = grad_out.reshape(self.xhat.shape)  # (M, C)
-        self.grads["gamma"][...] = column_sums(grad_rows * self.xhat)
-        self.grads["beta"][...] = column_sums(grad_rows)
+        self.grads["gamma"][...] = (grad_rows * self.xhat).sum(axis=0)
+        self.grads["beta"][...] = grad_rows.sum(axis=0)
         if not self.need_input_grad:
             return None
         grad_in = self.params["gamma"] * self.inv_std * (

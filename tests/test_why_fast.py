@@ -177,9 +177,11 @@ def speed_trick(letter: str) -> why_fast.SpeedTrick:
     return next(trick for trick in why_fast.SPEED_TRICKS if trick.letter == letter)
 
 
-def column_means(rows: np.ndarray) -> np.ndarray:
-    """Trick a's plain form with a classic slip: the columns averaged instead of summed."""
-    return rows.mean(axis=0)
+def bias_as_column_means(self: main.Conv2D, grad_out: np.ndarray) -> np.ndarray | None:
+    """Trick a with a classic slip: the bias gradient averaged over the rows instead of summed."""
+    grad_in = why_fast.conv_backward_bias_by_ones(self, grad_out)
+    self.grads["b"] /= grad_out.size // grad_out.shape[-1]
+    return grad_in
 
 
 def dx_with_untransposed_weights(self: main.Conv2D, grad_out: np.ndarray) -> np.ndarray | None:
@@ -229,7 +231,7 @@ def arrays_of_ones(self: main.Layer, name: str, shape: tuple[int, ...], dtype: t
 
 
 @pytest.mark.parametrize(("letter", "wrong"), [
-    ("a", column_means),
+    ("a", bias_as_column_means),
     ("b", dx_with_untransposed_weights),
     ("c", im2col_offsets_swapped),
     ("d", relu_forward_leaky),
@@ -247,7 +249,7 @@ def test_a_wrong_speed_trick_is_caught(letter: str, wrong: Callable) -> None:
 def test_a_speed_trick_whose_code_never_runs_is_caught() -> None:
     """A patch the core never calls would time the core against itself: the check refuses it."""
     images, labels = why_fast.synthetic_batch(8, np.random.default_rng(0))
-    unused = SimpleNamespace(column_sums=None)  # the core never looks here
+    unused = SimpleNamespace(backward=None)  # the core never looks here
     with pytest.raises(why_fast.MismatchError, match="never ran"):
         why_fast.check_speed_trick(dataclasses.replace(speed_trick("a"), owner=unused), images, labels)
 
