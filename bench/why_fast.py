@@ -33,9 +33,10 @@ The comparisons (project's way first, the alternative second):
       col2im's slices are contiguous;
    c. im2col with one channel: the transposing copy against one copy per kernel offset;
    d. ReLU: np.maximum(x, 0) against x * (x > 0);
-   e. MaxPool2D.backward: += against writing in place (np.multiply(..., out=)) when windows do not overlap.
+   e. MaxPool2D.backward: += against writing in place (np.multiply(..., out=)) when windows do not overlap;
+   f. Adam: the textbook form, a temporary array per operation, against m, v and the weights updated in place
+      through one scratch array.
    Kept in the core, so here the project's side is the trick and the alternative the plain form:
-   f. Adam in place through one scratch array against the textbook form, a temporary array per operation;
    g. arrays kept across training batches (Layer.kept_array: Conv2D's padded input, im2col columns, dcols and
       col2im output, MaxPool2D's dx) against a new array for each, every batch.
 9. BLAS threads with one worker: training holds BLAS to one thread per worker thread (parallel.one_blas_thread
@@ -756,7 +757,7 @@ def compare_workers(settings: Settings, rng: np.random.Generator) -> list[Result
 # 8. speed tricks: each against the core's plain form, over whole training epochs
 # ------------------------------------------------------------------------------------------------
 # src/main.py writes each backward pass as its formula reads, and keeps a speed trick only where it is worth a
-# real share of an epoch. The tricks below were taken out of the core (a-e) or kept (f, g). Each one is an
+# real share of an epoch. The tricks below were taken out of the core (a-f) or kept (g). Each one is an
 # alternative implementation of one method or function of main, patched in for the alternative side's epochs and
 # restored afterwards. The copies of a core method (a, b, e) differ from it only in the trick's lines (marked):
 # when the core method changes, change them too (the equivalence check notices only a change of the numbers).
@@ -872,17 +873,28 @@ def maxpool_backward_in_place(self: main.MaxPool2D, grad_out: np.ndarray) -> np.
     return grad_in
 
 
-def adam_step_textbook(self: main.Adam, model: main.Sequential) -> None:
-    """Adam.step as its docstring's formula is written, one temporary array per operation: the plain form of
-    trick f, which the core keeps (it updates m, v and the weights in place through one scratch array)."""
+def adam_step_in_place(self: main.Adam, model: main.Sequential) -> None:
+    """Adam.step with trick f: m, v and the weights updated in place through one scratch array per weight,
+    instead of the docstring's formula with a temporary array per operation."""
+    self.decay_weights(model)
     self.t += 1
     b1, b2 = self.beta1, self.beta2
+    step_size = self.learning_rate / (1 - b1 ** self.t)  # lr / (1 - b1^t) turns m into m_hat
+    correction2_sqrt = math.sqrt(1 - b2 ** self.t)  # sqrt(v_hat) = sqrt(v) / sqrt(1 - b2^t)
+    scratches = self.__dict__.setdefault("scratch", {})
     for key, param, grad in main.parameters(model):
-        m = self.state[f"{key}.m"] = b1 * self.slot(f"{key}.m", param) + (1 - b1) * grad
-        v = self.state[f"{key}.v"] = b2 * self.slot(f"{key}.v", param) + (1 - b2) * grad ** 2
-        m_hat = m / (1 - b1 ** self.t)
-        v_hat = v / (1 - b2 ** self.t)
-        param -= self.learning_rate * m_hat / (np.sqrt(v_hat) + self.eps)  # in place: worker replicas share it
+        m, v = self.slot(f"{key}.m", param), self.slot(f"{key}.v", param)
+        scratch = scratches.get(key)
+        if scratch is None or scratch.shape != param.shape or scratch.dtype != param.dtype:
+            scratch = scratches[key] = np.empty_like(param)
+        m *= b1
+        m += np.multiply(grad, 1 - b1, out=scratch)  # m = b1*m + (1-b1)*g
+        v *= b2
+        v += np.multiply(np.square(grad, out=scratch), 1 - b2, out=scratch)  # v = b2*v + (1-b2)*g^2
+        denominator = np.sqrt(v, out=scratch)
+        denominator /= correction2_sqrt
+        denominator += self.eps  # sqrt(v_hat) + eps
+        param -= np.multiply(np.divide(m, denominator, out=scratch), step_size, out=scratch)
 
 
 def fresh_array(self: main.Layer, name: str, shape: tuple[int, ...], dtype: Any, keep: bool = True) -> np.ndarray:
@@ -903,7 +915,7 @@ class SpeedTrick:
     owner: Any
     attribute: str
     replacement: Callable
-    in_core: bool = False  # True: the project's side is the trick and the alternative the plain form (f, g)
+    in_core: bool = False  # True: the project's side is the trick and the alternative the plain form (g)
     more: tuple[tuple[Any, str, Callable], ...] = ()  # further (owner, attribute, replacement) patched alike
 
     @property
@@ -927,8 +939,8 @@ SPEED_TRICKS = [
     SpeedTrick("e. max pool backward: += vs in-place np.multiply", "grad_in[slice] += grad_out * winner",
                "np.multiply(grad_out, winner, out=grad_in[slice])", main.MaxPool2D, "backward",
                maxpool_backward_in_place),
-    SpeedTrick("f. Adam: in place vs textbook temporaries", "in place through a scratch array (main.Adam)",
-               "textbook: m = b1*m + (1-b1)*g, ...", main.Adam, "step", adam_step_textbook, in_core=True),
+    SpeedTrick("f. Adam: textbook temporaries vs in place", "textbook: m = b1*m + (1-b1)*g, ... (main.Adam)",
+               "in place through a scratch array", main.Adam, "step", adam_step_in_place),
     SpeedTrick("g. kept buffers: arrays kept across batches vs new per batch",
                "Conv2D's padded input, columns, dcols, dx_padded and MaxPool2D's dx kept (Layer.kept_array)",
                "a new array for each, every batch", main.Layer, "kept_array", fresh_array, in_core=True),
