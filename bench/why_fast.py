@@ -8,6 +8,7 @@ Run from the project root:
     python bench/why_fast.py --quick      # a smoke run: few rounds, numbers only roughly right
     python bench/why_fast.py --threads 1  # one BLAS thread: steadier on a busy machine
     python bench/why_fast.py --only 8     # one comparison, by its number or a word of its title
+    python bench/why_fast.py --only 8 --config configs/mnist_best.yaml   # the speed tricks on a recipe's model
 
 The comparisons (project's way first, the alternative second):
 
@@ -22,17 +23,22 @@ The comparisons (project's way first, the alternative second):
    whose BLAS uses every CPU: training epochs of the default model. This one uses every CPU the process may
    use, whatever --threads says: it is about how to use them. Then the other side of the trade: on 8x8 digits,
    whose slices are small, the one thread parallel.default_workers chooses against as many workers as CPUs.
-8. Speed tricks, each against the core's plain form, over whole training epochs of the default model (2,000
-   synthetic images, batch 32, the default worker threads), reported as the share of an epoch the trick saves.
-   Taken out of src/main.py, so here the project's side is the plain core and the alternative the trick:
+8. Speed tricks, each against the core's plain form, over whole training epochs of the default model, or of
+   --config's (2,000 synthetic images, batch 32, the default worker threads), reported as the share of an epoch
+   the trick saves. Taken out of src/main.py, so here the project's side is the plain core and the alternative
+   the trick:
+   a. column sums (bias gradients, BatchNorm's means, dgamma and dbeta): rows.sum(axis=0) against
+      np.ones(M) @ rows;
    b. Conv2D's dx: one (N*Ho*Wo, k*k*C) product against one batched product per kernel offset, laid out so that
       col2im's slices are contiguous;
    c. im2col with one channel: the transposing copy against one copy per kernel offset;
    d. ReLU: np.maximum(x, 0) against x * (x > 0);
-   e. MaxPool2D.backward: += against writing in place (np.multiply(..., out=)) when windows do not overlap.
+   e. MaxPool2D.backward: += against writing in place (np.multiply(..., out=)) when windows do not overlap;
+   f. Adam: the textbook form, a temporary array per operation, against m, v and the weights updated in place
+      through one scratch array.
    Kept in the core, so here the project's side is the trick and the alternative the plain form:
-   a. column sums (bias gradients, BatchNorm's statistics) as np.ones(M) @ rows against rows.sum(axis=0);
-   f. Adam in place through one scratch array against the textbook form, a temporary array per operation.
+   g. arrays kept across training batches (Layer.kept_array: Conv2D's padded input, im2col columns, dcols and
+      col2im output, MaxPool2D's dx) against a new array for each, every batch.
 9. BLAS threads with one worker: training holds BLAS to one thread per worker thread (parallel.one_blas_thread
    for one worker, parallel.DataParallel for more); the alternative lets BLAS use 2 threads per worker. Training
    epochs of three configurations (8x8 digits with 1 worker; the default model on 28x28 with its default workers;
@@ -52,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import gc
 import math
@@ -103,6 +110,7 @@ class Settings:
     trick_rounds: int  # alternating pairs of epochs per speed trick (8)
     blas_images: int = 1000  # training images of each epoch of the BLAS thread comparison (9)
     blas_rounds: int = 5  # alternating pairs of epochs per configuration and load there
+    trick_model: dict | None = None  # the model of the speed tricks' epochs (8): None, the default; else --config's
 
 
 FULL = Settings(rounds=30, min_seconds=0.12, loop_images=2, loop_crop=None, epoch_images=2000, epoch_rounds=3,
@@ -508,7 +516,8 @@ def scatter_index(grad_cols_shape: tuple[int, ...], padded_shape: tuple[int, ...
     return ((sample * padded_h + row) * padded_w + col) * channels + channel
 
 
-def col2im_add_at(grad_cols: np.ndarray, padded_shape: tuple[int, ...], stride: int) -> np.ndarray:
+def col2im_add_at(grad_cols: np.ndarray, padded_shape: tuple[int, ...], stride: int,
+                  out: np.ndarray | None = None) -> np.ndarray:
     """main.col2im done with np.add.at: one unbuffered scatter-add of every entry to where it came from.
 
     The entries go in (k, k, N, Ho, Wo, C) order, which is how Conv2D.backward lays them out in memory, and
@@ -536,7 +545,8 @@ def conv2_grad_cols(rng: np.random.Generator) -> tuple[np.ndarray, tuple[int, ..
     conv = main.Conv2D(CONV2_INPUT[3], 64, 3, 1, 1, rng=rng)
     recorded = []
 
-    def record(grad_cols: np.ndarray, padded_shape: tuple[int, ...], stride: int) -> np.ndarray:
+    def record(grad_cols: np.ndarray, padded_shape: tuple[int, ...], stride: int,
+               out: np.ndarray | None = None) -> np.ndarray:
         recorded.append((grad_cols, tuple(padded_shape), stride))
         return np.zeros(padded_shape, dtype=grad_cols.dtype)
 
@@ -558,14 +568,15 @@ def synthetic_dataset(n_train: int, n_test: int, rng: np.random.Generator) -> ma
                         "synthetic", "bench/why_fast.py")
 
 
-def epoch_model(data: main.Dataset) -> main.Sequential:
-    """The default model for data's image size, with the weights of seed 42."""
-    return main.build_model(config_schema.DEFAULT_CONFIG["model"], data.input_shape, 10, np.random.default_rng(SEED))
+def epoch_model(data: main.Dataset, model_cfg: dict | None = None) -> main.Sequential:
+    """The default model (or model_cfg's) for data's image size, with the weights (and Dropout masks) of seed 42."""
+    return main.build_model(model_cfg or config_schema.DEFAULT_CONFIG["model"], data.input_shape, 10,
+                            np.random.default_rng(SEED), np.random.default_rng(SEED + 1))
 
 
-def epoch(data: main.Dataset, workers: int | None = None) -> dict:
+def epoch(data: main.Dataset, workers: int | None = None, model_cfg: dict | None = None) -> dict:
     """One epoch of main.train from the seed-42 weights; its history row ("seconds" excludes evaluation)."""
-    model = epoch_model(data)
+    model = epoch_model(data, model_cfg)
     if workers is None:
         workers = parallel.default_workers(model, BATCH)
     return main.train(model, main.Adam(1e-3), data, epochs=1, batch_size=BATCH,
@@ -746,7 +757,7 @@ def compare_workers(settings: Settings, rng: np.random.Generator) -> list[Result
 # 8. speed tricks: each against the core's plain form, over whole training epochs
 # ------------------------------------------------------------------------------------------------
 # src/main.py writes each backward pass as its formula reads, and keeps a speed trick only where it is worth a
-# real share of an epoch. The tricks below were taken out of the core (a-e) or kept (f). Each one is an
+# real share of an epoch. The tricks below were taken out of the core (a-f) or kept (g). Each one is an
 # alternative implementation of one method or function of main, patched in for the alternative side's epochs and
 # restored afterwards. The copies of a core method (a, b, e) differ from it only in the trick's lines (marked):
 # when the core method changes, change them too (the equivalence check notices only a change of the numbers).
@@ -754,9 +765,53 @@ def compare_workers(settings: Settings, rng: np.random.Generator) -> list[Result
 CORE_IM2COL = main.im2col  # the core's im2col, which trick c calls for inputs with more than one channel
 
 
-def column_sums_by_reduction(rows: np.ndarray) -> np.ndarray:
-    """main.column_sums in its plain form: NumPy's reduction over the rows, instead of ones(M) @ rows."""
-    return rows.sum(axis=0)
+def column_sums(rows: np.ndarray) -> np.ndarray:
+    """Trick a: rows.sum(axis=0), (M, C) -> (C,), as the product ones(M) @ rows, which BLAS computes, instead of
+    NumPy's reduction."""
+    return np.ones(len(rows), dtype=rows.dtype) @ rows
+
+
+def conv_backward_bias_by_ones(self: main.Conv2D, grad_out: np.ndarray) -> np.ndarray | None:
+    """Conv2D.backward with trick a: db = ones @ grad_rows."""
+    filters, p = grad_out.shape[3], self.padding
+    grad_rows = grad_out.reshape(-1, filters)  # (N*Ho*Wo, F)
+    cols = self.cols.reshape(grad_rows.shape[0], -1)  # (N*Ho*Wo, k*k*C)
+    weights = self.params["W"].reshape(cols.shape[1], filters)  # (k*k*C, F)
+    self.grads["W"][...] = (cols.T @ grad_rows).reshape(self.params["W"].shape)
+    self.grads["b"][...] = column_sums(grad_rows)  # the trick
+    if not self.need_input_grad:
+        return None
+    grad_cols = np.matmul(grad_rows, weights.T, out=self.kept_array("grad_cols", cols.shape, cols.dtype))
+    grad_padded = main.col2im(grad_cols.reshape(self.cols.shape), self.padded_shape, self.stride,
+                              out=self.kept_array("grad_padded", self.padded_shape, cols.dtype))
+    height, width = self.padded_shape[1] - 2 * p, self.padded_shape[2] - 2 * p
+    return grad_padded[:, p:p + height, p:p + width, :]
+
+
+def dense_backward_bias_by_ones(self: main.Dense, grad_out: np.ndarray) -> np.ndarray | None:
+    """Dense.backward with trick a: db = ones @ grad_out."""
+    self.grads["W"][...] = self.x.T @ grad_out
+    self.grads["b"][...] = column_sums(grad_out)  # the trick
+    if not self.need_input_grad:
+        return None
+    return grad_out @ self.params["W"].T
+
+
+def batch_mean_by_ones(self: main.BatchNorm, rows: np.ndarray) -> np.ndarray:
+    """BatchNorm.batch_mean with trick a: ones @ rows / M."""
+    return column_sums(rows) / len(rows)
+
+
+def batchnorm_backward_sums_by_ones(self: main.BatchNorm, grad_out: np.ndarray) -> np.ndarray | None:
+    """BatchNorm.backward with trick a: dgamma and dbeta as ones @ rows."""
+    grad_rows = grad_out.reshape(self.xhat.shape)  # (M, C)
+    self.grads["gamma"][...] = column_sums(grad_rows * self.xhat)  # the trick
+    self.grads["beta"][...] = column_sums(grad_rows)  # the trick
+    if not self.need_input_grad:
+        return None
+    grad_in = self.params["gamma"] * self.inv_std * (
+        grad_rows - self.batch_mean(grad_rows) - self.xhat * self.batch_mean(grad_rows * self.xhat))
+    return grad_in.reshape(grad_out.shape)
 
 
 def conv_backward_dx_per_kernel_offset(self: main.Conv2D, grad_out: np.ndarray) -> np.ndarray | None:
@@ -767,25 +822,27 @@ def conv_backward_dx_per_kernel_offset(self: main.Conv2D, grad_out: np.ndarray) 
     grad_rows = grad_out.reshape(-1, filters)  # (N*Ho*Wo, F)
     cols = self.cols.reshape(grad_rows.shape[0], -1)  # (N*Ho*Wo, k*k*C)
     self.grads["W"][...] = (cols.T @ grad_rows).reshape(self.params["W"].shape)
-    self.grads["b"][...] = main.column_sums(grad_rows)
+    self.grads["b"][...] = grad_rows.sum(axis=0)
     if not self.need_input_grad:
         return None
     n, out_h, out_w, k, _, channels = self.cols.shape
     weights_by_offset = self.params["W"].reshape(k * k, channels, filters).transpose(0, 2, 1)  # (k*k, F, C)
     grad_cols = np.matmul(grad_rows, weights_by_offset)  # the trick: (k*k, N*Ho*Wo, C)
     grad_cols = grad_cols.reshape(k, k, n, out_h, out_w, channels).transpose(2, 3, 4, 0, 1, 5)
-    grad_padded = main.col2im(grad_cols, self.padded_shape, self.stride)
+    grad_padded = main.col2im(grad_cols, self.padded_shape, self.stride,
+                              out=self.kept_array("grad_padded", self.padded_shape, grad_cols.dtype))
     height, width = self.padded_shape[1] - 2 * p, self.padded_shape[2] - 2 * p
     return grad_padded[:, p:p + height, p:p + width, :]
 
 
-def im2col_one_channel_by_offsets(x_padded: np.ndarray, kernel_size: int, stride: int) -> np.ndarray:
+def im2col_one_channel_by_offsets(x_padded: np.ndarray, kernel_size: int, stride: int,
+                                  out: np.ndarray | None = None) -> np.ndarray:
     """main.im2col with trick c: with one channel (grey images into the first layer), one copy per kernel offset,
     each moving rows of Wo numbers, instead of the transposing copy, which moves one number at a time there."""
     if x_padded.shape[3] > 1:
-        return CORE_IM2COL(x_padded, kernel_size, stride)
+        return CORE_IM2COL(x_padded, kernel_size, stride, out)
     windows = sliding_window_view(x_padded, (kernel_size, kernel_size), axis=(1, 2))[:, ::stride, ::stride]
-    cols = np.empty((*windows.shape[:3], kernel_size, kernel_size, 1), dtype=x_padded.dtype)
+    cols = np.empty((*windows.shape[:3], kernel_size, kernel_size, 1), dtype=x_padded.dtype) if out is None else out
     for di in range(kernel_size):
         for dj in range(kernel_size):
             cols[:, :, :, di, dj, :] = windows[:, :, :, :, di, dj]
@@ -805,7 +862,8 @@ def maxpool_backward_in_place(self: main.MaxPool2D, grad_out: np.ndarray) -> np.
     """MaxPool2D.backward with trick e: when the windows do not overlap, each offset's gradient is written
     straight into its slice of grad_in (np.multiply(..., out=)), with no temporary and no addition."""
     out_h, out_w = grad_out.shape[1:3]
-    grad_in = np.zeros(self.x_shape, dtype=grad_out.dtype)
+    grad_in = self.kept_array("grad_in", self.x_shape, grad_out.dtype)
+    grad_in[...] = 0
     overlapping = self.stride < self.pool_size
     for offset, row_slice, col_slice in self._offsets(out_h, out_w):
         if overlapping:
@@ -815,17 +873,35 @@ def maxpool_backward_in_place(self: main.MaxPool2D, grad_out: np.ndarray) -> np.
     return grad_in
 
 
-def adam_step_textbook(self: main.Adam, model: main.Sequential) -> None:
-    """Adam.step as its docstring's formula is written, one temporary array per operation: the plain form of
-    trick f, which the core keeps (it updates m, v and the weights in place through one scratch array)."""
+def adam_step_in_place(self: main.Adam, model: main.Sequential) -> None:
+    """Adam.step with trick f: m, v and the weights updated in place through one scratch array per weight,
+    instead of the docstring's formula with a temporary array per operation."""
+    self.decay_weights(model)
     self.t += 1
     b1, b2 = self.beta1, self.beta2
+    step_size = self.learning_rate / (1 - b1 ** self.t)  # lr / (1 - b1^t) turns m into m_hat
+    correction2_sqrt = math.sqrt(1 - b2 ** self.t)  # sqrt(v_hat) = sqrt(v) / sqrt(1 - b2^t)
+    scratches = self.__dict__.setdefault("scratch", {})
     for key, param, grad in main.parameters(model):
-        m = self.state[f"{key}.m"] = b1 * self.slot(f"{key}.m", param) + (1 - b1) * grad
-        v = self.state[f"{key}.v"] = b2 * self.slot(f"{key}.v", param) + (1 - b2) * grad ** 2
-        m_hat = m / (1 - b1 ** self.t)
-        v_hat = v / (1 - b2 ** self.t)
-        param -= self.learning_rate * m_hat / (np.sqrt(v_hat) + self.eps)  # in place: worker replicas share it
+        m, v = self.slot(f"{key}.m", param), self.slot(f"{key}.v", param)
+        scratch = scratches.get(key)
+        if scratch is None or scratch.shape != param.shape or scratch.dtype != param.dtype:
+            scratch = scratches[key] = np.empty_like(param)
+        m *= b1
+        m += np.multiply(grad, 1 - b1, out=scratch)  # m = b1*m + (1-b1)*g
+        v *= b2
+        v += np.multiply(np.square(grad, out=scratch), 1 - b2, out=scratch)  # v = b2*v + (1-b2)*g^2
+        denominator = np.sqrt(v, out=scratch)
+        denominator /= correction2_sqrt
+        denominator += self.eps  # sqrt(v_hat) + eps
+        param -= np.multiply(np.divide(m, denominator, out=scratch), step_size, out=scratch)
+
+
+def fresh_array(self: main.Layer, name: str, shape: tuple[int, ...], dtype: Any, keep: bool = True) -> np.ndarray:
+    """Layer.kept_array in its plain form: a new array for every batch, as the layers allocated them before trick
+    g (zeros for the padded input, whose border must be zero; uninitialised for the arrays that are written
+    whole or zeroed by the layer itself)."""
+    return np.zeros(shape, dtype) if name == "x_padded" else np.empty(shape, dtype)
 
 
 @dataclass(frozen=True)
@@ -839,7 +915,8 @@ class SpeedTrick:
     owner: Any
     attribute: str
     replacement: Callable
-    in_core: bool = False  # True: the project's side is the trick and the alternative the plain form (f)
+    in_core: bool = False  # True: the project's side is the trick and the alternative the plain form (g)
+    more: tuple[tuple[Any, str, Callable], ...] = ()  # further (owner, attribute, replacement) patched alike
 
     @property
     def letter(self) -> str:
@@ -847,8 +924,11 @@ class SpeedTrick:
 
 
 SPEED_TRICKS = [
-    SpeedTrick("a. column sums: ones @ rows vs rows.sum(axis=0)", "np.ones(M) @ rows (main.column_sums)",
-               "rows.sum(axis=0)", main, "column_sums", column_sums_by_reduction, in_core=True),
+    SpeedTrick("a. column sums: rows.sum(axis=0) vs ones @ rows", "rows.sum(axis=0)",
+               "np.ones(M) @ rows (bias gradients, BatchNorm's means and dgamma, dbeta)", main.Conv2D, "backward",
+               conv_backward_bias_by_ones, more=((main.Dense, "backward", dense_backward_bias_by_ones),
+                                                 (main.BatchNorm, "batch_mean", batch_mean_by_ones),
+                                                 (main.BatchNorm, "backward", batchnorm_backward_sums_by_ones))),
     SpeedTrick("b. conv dx: one product vs one per kernel offset", "grad_rows @ W.reshape(k*k*C, F).T",
                "np.matmul per kernel offset, contiguous for col2im", main.Conv2D, "backward",
                conv_backward_dx_per_kernel_offset),
@@ -859,8 +939,11 @@ SPEED_TRICKS = [
     SpeedTrick("e. max pool backward: += vs in-place np.multiply", "grad_in[slice] += grad_out * winner",
                "np.multiply(grad_out, winner, out=grad_in[slice])", main.MaxPool2D, "backward",
                maxpool_backward_in_place),
-    SpeedTrick("f. Adam: in place vs textbook temporaries", "in place through a scratch array (main.Adam)",
-               "textbook: m = b1*m + (1-b1)*g, ...", main.Adam, "step", adam_step_textbook, in_core=True),
+    SpeedTrick("f. Adam: textbook temporaries vs in place", "textbook: m = b1*m + (1-b1)*g, ... (main.Adam)",
+               "in place through a scratch array", main.Adam, "step", adam_step_in_place),
+    SpeedTrick("g. kept buffers: arrays kept across batches vs new per batch",
+               "Conv2D's padded input, columns, dcols, dx_padded and MaxPool2D's dx kept (Layer.kept_array)",
+               "a new array for each, every batch", main.Layer, "kept_array", fresh_array, in_core=True),
 ]
 
 
@@ -875,9 +958,15 @@ def replaced(owner: Any, attribute: str, replacement: Any) -> Iterator[None]:
         setattr(owner, attribute, original)
 
 
-def alternative_side(trick: SpeedTrick) -> contextlib.AbstractContextManager[None]:
-    """The block in which main runs the alternative side of the trick."""
-    return replaced(trick.owner, trick.attribute, trick.replacement)
+@contextlib.contextmanager
+def alternative_side(trick: SpeedTrick, replacement: Callable | None = None) -> Iterator[None]:
+    """The block in which main runs the alternative side of the trick (with `replacement` for the trick's first
+    patch, if given)."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(replaced(trick.owner, trick.attribute, replacement or trick.replacement))
+        for owner, attribute, more in trick.more:
+            stack.enter_context(replaced(owner, attribute, more))
+        yield
 
 
 def gradients_of_one_batch(x: np.ndarray, labels: np.ndarray) -> tuple[float, list[np.ndarray]]:
@@ -903,7 +992,7 @@ def adam_steps(steps: int, seed: int) -> tuple[main.Adam, list[np.ndarray], list
 
 def check_speed_trick(trick: SpeedTrick, x: np.ndarray, labels: np.ndarray) -> None:
     """Both sides of the trick compute the same numbers (float32 rounding apart), and the alternative side's
-    code really runs. For a-e: the default model's loss and every gradient on one batch. For f: three Adam steps
+    code really runs. For a-e and g: the default model's loss and every gradient on one batch. For f: three Adam steps
     from the same gradients give the same m, v and weight updates."""
     calls = 0
 
@@ -926,7 +1015,7 @@ def check_speed_trick(trick: SpeedTrick, x: np.ndarray, labels: np.ndarray) -> N
                             w1.astype(np.float64) - w0, 1e-3)
     else:
         loss, grads = gradients_of_one_batch(x, labels)
-        with replaced(trick.owner, trick.attribute, counted):
+        with alternative_side(trick, counted):
             other_loss, other_grads = gradients_of_one_batch(x, labels)
         if calls:
             check_close(f"{what}: loss", np.array(other_loss), np.array(loss), 1e-5)
@@ -938,29 +1027,32 @@ def check_speed_trick(trick: SpeedTrick, x: np.ndarray, labels: np.ndarray) -> N
 
 
 def compare_speed_tricks(settings: Settings, rng: np.random.Generator) -> list[Result]:
-    """For each trick, whole epochs of the default model (main.train, default workers), the two sides
-    alternating and swapping their order every round, so that a drifting machine speed favours neither."""
+    """For each trick, whole epochs of the default model or settings.trick_model (main.train, Adam 1e-3, default
+    workers), the two sides alternating and swapping their order every round, so that a drifting machine speed
+    favours neither."""
     x, labels = synthetic_batch(BATCH, rng)
     for trick in SPEED_TRICKS:  # every check before any timing
         check_speed_trick(trick, x, labels)
     data = synthetic_dataset(settings.epoch_images, 100, rng)
     warm_up = synthetic_dataset(10 * BATCH, 100, rng)
-    workers = parallel.default_workers(epoch_model(data), BATCH)  # what epoch() and training use
-    print(f"  epochs of {settings.epoch_images:,} synthetic images, batch {BATCH}, {workers} worker thread"
+    model_cfg = settings.trick_model
+    workers = parallel.default_workers(epoch_model(data, model_cfg), BATCH)  # what epoch() and training use
+    print(f"  {'the default model' if model_cfg is None else 'the model of --config'}: "
+          f"epochs of {settings.epoch_images:,} synthetic images, batch {BATCH}, {workers} worker thread"
           f"{'s' if workers > 1 else ''} (parallel.default_workers); {settings.trick_rounds} pairs per trick")
-    epoch(warm_up)
+    epoch(warm_up, model_cfg=model_cfg)
     results = []
     for trick in SPEED_TRICKS:
         print(f"  {trick.label}", flush=True)
         with alternative_side(trick):
-            epoch(warm_up)
+            epoch(warm_up, model_cfg=model_cfg)
         project_epochs, alternative_epochs = [], []
         for round_number in range(settings.trick_rounds):
             sides = [(project_epochs, contextlib.nullcontext()), (alternative_epochs, alternative_side(trick))]
             for epochs, side in sides[::-1] if round_number % 2 else sides:
                 gc.collect()
                 with side:
-                    epochs.append(epoch(data))
+                    epochs.append(epoch(data, model_cfg=model_cfg))
         for project_row, alternative_row in zip(project_epochs, alternative_epochs):  # the same training
             check_close(f"speed trick {trick.label}: training loss of an epoch",
                         np.array(alternative_row["train_loss"]), np.array(project_row["train_loss"]), 1e-3)
@@ -1229,6 +1321,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--only", metavar="NAME",
                         help="run only the comparison with this number, or whose title contains NAME "
                              "(e.g. 8 or 'speed tricks')")
+    parser.add_argument("--config", metavar="FILE", help="the speed tricks (8) train this config's model (for "
+                        "28x28 images) instead of the default one; its other settings are not used")
     return parser
 
 
@@ -1236,6 +1330,15 @@ def main_cli(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else FULL
+    if args.config:
+        from benchmark import load_recipe
+
+        from errors import CNNError
+
+        try:
+            settings = dataclasses.replace(settings, trick_model=load_recipe(args.config)["model"])
+        except CNNError as error:
+            parser.error(str(error))
     comparisons = selected_comparisons(args.only)
     if not comparisons:
         parser.error(f"--only {args.only}: no comparison has that number or a title containing it")

@@ -78,6 +78,7 @@ class Layer:
         self.params: dict[str, np.ndarray] = {}
         self.grads: dict[str, np.ndarray] = {}
         self.buffers: dict[str, np.ndarray] = {}  # state that is saved but not trained (BatchNorm's statistics)
+        self.workspace: dict[str, np.ndarray] = {}  # arrays kept from one training batch to the next (kept_array)
 
     def forward(self, x: np.ndarray, training: bool = True) -> np.ndarray:
         """y for input x; when training, also keep what backward will need."""
@@ -91,6 +92,16 @@ class Layer:
         """The shape of y for an input of this shape, both without the batch axis."""
         return input_shape
 
+    def kept_array(self, name: str, shape: tuple[int, ...], dtype: Any, keep: bool = True) -> np.ndarray:
+        """np.zeros(shape, dtype), but with keep (training) made once: later calls with this name, shape and dtype
+        get that array back as it was left, not megabytes allocated per batch (bench/why_fast.py: "kept buffers")."""
+        if not keep:
+            return np.zeros(shape, dtype)
+        array = self.workspace.get(name)
+        if array is None or array.shape != shape or array.dtype != dtype:
+            array = self.workspace[name] = np.zeros(shape, dtype)
+        return array
+
 
 def he_normal(shape: tuple[int, ...], fan_in: int, rng: np.random.Generator) -> np.ndarray:
     """He initialisation: mean 0, variance 2 / fan_in (standard deviation sqrt(2 / fan_in)), which keeps the
@@ -98,35 +109,33 @@ def he_normal(shape: tuple[int, ...], fan_in: int, rng: np.random.Generator) -> 
     return (rng.standard_normal(shape) * math.sqrt(2.0 / fan_in)).astype(DTYPE)
 
 
-def column_sums(rows: np.ndarray) -> np.ndarray:
-    """rows.sum(axis=0): (M, C) -> (C,), the sum of each column, as the product ones(M) @ rows. A bias gradient
-    and BatchNorm's statistics are such sums over a batch's pixels; BLAS computes them several times faster than
-    NumPy's reduction, which adds one row after the other (bench/why_fast.py: "column sums")."""
-    return np.ones(len(rows), dtype=rows.dtype) @ rows
-
-
-def im2col(x_padded: np.ndarray, kernel_size: int, stride: int) -> np.ndarray:
+def im2col(x_padded: np.ndarray, kernel_size: int, stride: int, out: np.ndarray | None = None) -> np.ndarray:
     """Every k x k x C window of the (already padded) input, one window per row.
 
-    x_padded: (N, Hp, Wp, C) -> cols: (N, Ho, Wo, k, k, C), contiguous, so that
+    x_padded: (N, Hp, Wp, C) -> cols: (N, Ho, Wo, k, k, C), contiguous (written into `out` if given), so that
     `cols.reshape(N * Ho * Wo, k * k * C) @ W.reshape(k * k * C, F)` is the whole convolution.
     """
     # sliding_window_view builds a view of all windows without copying; [::stride] keeps the strided ones.
     windows = sliding_window_view(x_padded, (kernel_size, kernel_size), axis=(1, 2))[:, ::stride, ::stride]
     # (N, Ho, Wo, C, k, k) -> (N, Ho, Wo, k, k, C): the copy happens here, once.
-    return np.ascontiguousarray(windows.transpose(0, 1, 2, 4, 5, 3))
+    if out is None:
+        return np.ascontiguousarray(windows.transpose(0, 1, 2, 4, 5, 3))
+    np.copyto(out, windows.transpose(0, 1, 2, 4, 5, 3))
+    return out
 
 
-def col2im(grad_cols: np.ndarray, padded_shape: tuple[int, ...], stride: int) -> np.ndarray:
+def col2im(grad_cols: np.ndarray, padded_shape: tuple[int, ...], stride: int,
+           out: np.ndarray | None = None) -> np.ndarray:
     """The adjoint of im2col: add every window's gradient back where the window came from.
 
-    grad_cols: (N, Ho, Wo, k, k, C) -> grad_x_padded: padded_shape (N, Hp, Wp, C).
+    grad_cols: (N, Ho, Wo, k, k, C) -> grad_x_padded: padded_shape (N, Hp, Wp, C) (into `out`, if given).
     Windows overlap when stride < k, so contributions must be summed, not assigned. One sliced `+=`
     per kernel offset (k * k of them) is vectorised over all samples and pixels (np.add.at, which adds one
     element at a time, is far slower: bench/why_fast.py, "col2im").
     """
     _, out_h, out_w, kernel_size, _, _ = grad_cols.shape
-    grad_x = np.zeros(padded_shape, dtype=grad_cols.dtype)
+    grad_x = np.empty(padded_shape, dtype=grad_cols.dtype) if out is None else out
+    grad_x[...] = 0  # the windows' gradients are added up from here
     for di in range(kernel_size):
         for dj in range(kernel_size):
             # The input pixels that offset (di, dj) of every window read: rows di, di + s, ..., likewise columns.
@@ -174,13 +183,15 @@ class Conv2D(Layer):
     def forward(self, x: np.ndarray, training: bool = True) -> np.ndarray:
         n, height, width, channels = x.shape
         k, p = self.kernel_size, self.padding
+        out_h, out_w, _ = self.output_shape(x.shape[1:])
+        # Training keeps the padded input and the columns from batch to batch (pad(x)'s zero border is never written).
         if p > 0:
-            x_padded = np.zeros((n, height + 2 * p, width + 2 * p, channels), dtype=x.dtype)
+            x_padded = self.kept_array("x_padded", (n, height + 2 * p, width + 2 * p, channels), x.dtype, training)
             x_padded[:, p:p + height, p:p + width, :] = x
         else:
             x_padded = x
-        cols = im2col(x_padded, k, self.stride)  # (N, Ho, Wo, k, k, C)
-        _, out_h, out_w = cols.shape[:3]
+        cols_shape = (n, out_h, out_w, k, k, channels)
+        cols = im2col(x_padded, k, self.stride, self.kept_array("cols", cols_shape, x.dtype, training))
         weights = self.params["W"].reshape(k * k * channels, -1)  # (k*k*C, F)
         y = cols.reshape(n * out_h * out_w, -1) @ weights  # (N*Ho*Wo, F)
         y += self.params["b"]
@@ -194,11 +205,12 @@ class Conv2D(Layer):
         cols = self.cols.reshape(grad_rows.shape[0], -1)  # (N*Ho*Wo, k*k*C)
         weights = self.params["W"].reshape(cols.shape[1], filters)  # (k*k*C, F)
         self.grads["W"][...] = (cols.T @ grad_rows).reshape(self.params["W"].shape)
-        self.grads["b"][...] = column_sums(grad_rows)
+        self.grads["b"][...] = grad_rows.sum(axis=0)
         if not self.need_input_grad:
             return None
-        grad_cols = (grad_rows @ weights.T).reshape(self.cols.shape)  # (N, Ho, Wo, k, k, C)
-        grad_padded = col2im(grad_cols, self.padded_shape, self.stride)
+        grad_cols = np.matmul(grad_rows, weights.T, out=self.kept_array("grad_cols", cols.shape, cols.dtype))
+        grad_padded = col2im(grad_cols.reshape(self.cols.shape), self.padded_shape, self.stride,
+                             out=self.kept_array("grad_padded", self.padded_shape, cols.dtype))
         height, width = self.padded_shape[1] - 2 * p, self.padded_shape[2] - 2 * p
         # The padding zeros are constants, not inputs: their gradients are dropped.
         return grad_padded[:, p:p + height, p:p + width, :]
@@ -261,7 +273,8 @@ class MaxPool2D(Pooling):
 
     def backward(self, grad_out: np.ndarray) -> np.ndarray:
         out_h, out_w = grad_out.shape[1:3]
-        grad_in = np.zeros(self.x_shape, dtype=grad_out.dtype)
+        grad_in = self.kept_array("grad_in", self.x_shape, grad_out.dtype)
+        grad_in[...] = 0
         for offset, row_slice, col_slice in self._offsets(out_h, out_w):
             # += rather than =: with stride < pool, two windows can share an input pixel, and both gradients count.
             grad_in[:, row_slice, col_slice, :] += grad_out * self.winner[offset]
@@ -359,7 +372,7 @@ class Dense(Layer):
 
     def backward(self, grad_out: np.ndarray) -> np.ndarray | None:
         self.grads["W"][...] = self.x.T @ grad_out
-        self.grads["b"][...] = column_sums(grad_out)
+        self.grads["b"][...] = grad_out.sum(axis=0)
         if not self.need_input_grad:
             return None
         return grad_out @ self.params["W"].T
@@ -395,7 +408,7 @@ class BatchNorm(Layer):
     def batch_mean(self, rows: np.ndarray) -> np.ndarray:
         """The mean of each column over the batch, (M, C) -> (C,). (On worker threads, parallel.py gives each
         replica a version that averages over every worker's slice: the whole batch's mean.)"""
-        return column_sums(rows) / len(rows)
+        return rows.sum(axis=0) / len(rows)
 
     def forward(self, x: np.ndarray, training: bool = True) -> np.ndarray:
         gamma, beta = self.params["gamma"], self.params["beta"]
@@ -422,8 +435,8 @@ class BatchNorm(Layer):
 
     def backward(self, grad_out: np.ndarray) -> np.ndarray | None:
         grad_rows = grad_out.reshape(self.xhat.shape)  # (M, C)
-        self.grads["gamma"][...] = column_sums(grad_rows * self.xhat)
-        self.grads["beta"][...] = column_sums(grad_rows)
+        self.grads["gamma"][...] = (grad_rows * self.xhat).sum(axis=0)
+        self.grads["beta"][...] = grad_rows.sum(axis=0)
         if not self.need_input_grad:
             return None
         grad_in = self.params["gamma"] * self.inv_std * (
@@ -732,29 +745,17 @@ class Adam(Optimizer):
         super().__init__(learning_rate, weight_decay)
         self.beta1, self.beta2, self.eps = beta1, beta2, eps
         self.t = 0
-        self.scratch: dict[str, np.ndarray] = {}
 
     def step(self, model: Sequential) -> None:
         self.decay_weights(model)
         self.t += 1
         b1, b2 = self.beta1, self.beta2
-        step_size = self.learning_rate / (1 - b1 ** self.t)  # lr / (1 - b1^t) turns m into m_hat
-        correction2_sqrt = math.sqrt(1 - b2 ** self.t)  # sqrt(v_hat) = sqrt(v) / sqrt(1 - b2^t)
         for key, param, grad in parameters(model):
-            m, v = self.slot(f"{key}.m", param), self.slot(f"{key}.v", param)
-            # The docstring's formula, in place through one scratch array per weight: with a fresh temporary for
-            # each of its operations, the step costs a measurable share of an epoch (bench/why_fast.py: "Adam").
-            scratch = self.scratch.get(key)
-            if scratch is None or scratch.shape != param.shape or scratch.dtype != param.dtype:
-                scratch = self.scratch[key] = np.empty_like(param)
-            m *= b1
-            m += np.multiply(grad, 1 - b1, out=scratch)  # m = b1*m + (1-b1)*g
-            v *= b2
-            v += np.multiply(np.square(grad, out=scratch), 1 - b2, out=scratch)  # v = b2*v + (1-b2)*g^2
-            denominator = np.sqrt(v, out=scratch)
-            denominator /= correction2_sqrt
-            denominator += self.eps  # sqrt(v_hat) + eps
-            param -= np.multiply(np.divide(m, denominator, out=scratch), step_size, out=scratch)
+            m = self.state[f"{key}.m"] = b1 * self.slot(f"{key}.m", param) + (1 - b1) * grad
+            v = self.state[f"{key}.v"] = b2 * self.slot(f"{key}.v", param) + (1 - b2) * grad ** 2
+            m_hat = m / (1 - b1 ** self.t)
+            v_hat = v / (1 - b2 ** self.t)
+            param -= self.learning_rate * m_hat / (np.sqrt(v_hat) + self.eps)  # in place: worker replicas share it
 
 
 def make_optimizer(training_cfg: dict) -> Optimizer:

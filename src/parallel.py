@@ -63,13 +63,13 @@ def one_blas_thread(model: Any) -> Iterator[Any]:
 
 def replicate(model: Any) -> Any:
     """A twin of the model that shares its weights (the very same arrays) but has its own gradients and its
-    own saved activations, so that it can run another slice of the batch at the same time. This relies on
-    every layer's forward and backward making new arrays rather than reusing a buffer kept on the layer: such
-    a buffer would be shared by the twins, and their threads would overwrite it."""
+    own saved activations and its own kept buffers (Layer.workspace), so that it can run another slice of the batch
+    at the same time: a buffer shared by the twins would be overwritten by their threads."""
     layers = []
     for layer in model.layers:
         twin = copy.copy(layer)  # shallow: twin.params is the very dict of the very arrays of layer.params
         twin.grads = {name: np.zeros_like(grad) for name, grad in layer.grads.items()}
+        twin.workspace = {}
         layers.append(twin)
     return type(model)(layers, model.input_shape)
 

@@ -48,7 +48,8 @@ def test_gradcheck_passes_on_other_architectures(tmp_path: Path, monkeypatch: py
 def test_gradcheck_fails_when_col2im_assigns_instead_of_adding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                               capsys: pytest.CaptureFixture) -> None:
     """The classic col2im bug: overlapping windows overwrite each other's gradient instead of adding up."""
-    def col2im_that_assigns(grad_cols: np.ndarray, padded_shape: tuple, stride: int) -> np.ndarray:
+    def col2im_that_assigns(grad_cols: np.ndarray, padded_shape: tuple, stride: int,
+                            out: np.ndarray | None = None) -> np.ndarray:
         _, out_h, out_w, k, _, _ = grad_cols.shape
         grad_x = np.zeros(padded_shape, dtype=grad_cols.dtype)
         for di in range(k):

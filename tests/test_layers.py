@@ -694,7 +694,8 @@ def test_gradient_check_passes_on_correct_model(name: str) -> None:
     assert failed(rows) == [], main.gradient_check_table(rows)
 
 
-def col2im_assigning(grad_cols: np.ndarray, padded_shape: tuple[int, ...], stride: int) -> np.ndarray:
+def col2im_assigning(grad_cols: np.ndarray, padded_shape: tuple[int, ...], stride: int,
+                     out: np.ndarray | None = None) -> np.ndarray:
     """BROKEN col2im: assigns instead of adding, so overlapping windows overwrite each other."""
     _, out_h, out_w, kernel_size, _, _ = grad_cols.shape
     grad_x = np.zeros(padded_shape, dtype=grad_cols.dtype)
@@ -783,3 +784,29 @@ def test_im2col_gives_every_strided_window_in_k_k_c_order(kernel: int, stride: i
         expected = x[:, rows[:, None, :, None], columns[None, :, None, :], :]  # (N, Ho, Wo, k, k, C)
         cols = main.im2col(x, kernel, stride)
         assert cols.shape == expected.shape and cols.flags.c_contiguous and np.array_equal(cols, expected)
+
+
+def test_conv_and_maxpool_keep_their_arrays_between_batches_and_compute_as_with_new_ones() -> None:
+    """Layer.kept_array: a training pass reuses the arrays of the last one (same shape) and makes new ones when
+    the batch size changes; every result equals that of fresh layers; evaluation keeps nothing."""
+    rng = np.random.default_rng(3)
+    conv, pool = main.Conv2D(3, 4, 3, padding=1, rng=np.random.default_rng(0)), main.MaxPool2D(2)
+    conv.need_input_grad = True
+    kept_by_step = []
+    for n in [5, 5, 2, 5]:
+        x = rng.standard_normal((n, 6, 6, 3))
+        grad = rng.standard_normal((n, 3, 3, 4))
+        y = pool.forward(conv.forward(x))
+        dx = conv.backward(pool.backward(grad))
+        fresh_conv, fresh_pool = main.Conv2D(3, 4, 3, padding=1, rng=np.random.default_rng(0)), main.MaxPool2D(2)
+        fresh_conv.need_input_grad = True
+        np.testing.assert_array_equal(y, fresh_pool.forward(fresh_conv.forward(x)))
+        np.testing.assert_array_equal(dx, fresh_conv.backward(fresh_pool.backward(grad)))
+        np.testing.assert_array_equal(conv.grads["W"], fresh_conv.grads["W"])
+        kept_by_step.append({name: id(array) for name, array in conv.workspace.items()})
+    assert kept_by_step[0] == kept_by_step[1] and kept_by_step[2] != kept_by_step[1]  # the same, then new ones
+    assert set(conv.workspace) == {"x_padded", "cols", "grad_cols", "grad_padded"}
+    assert set(pool.workspace) == {"grad_in"}
+    evaluating = main.Conv2D(3, 4, 3, padding=1, rng=np.random.default_rng(0))
+    evaluating.forward(rng.standard_normal((2, 6, 6, 3)), training=False)
+    assert evaluating.workspace == {}

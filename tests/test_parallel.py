@@ -92,6 +92,34 @@ def test_replicas_share_weights_and_keep_their_own_gradients() -> None:
     np.testing.assert_array_equal(twin.layers[0].params["W"], model.layers[0].params["W"])
 
 
+def test_replicas_keep_their_own_buffers_across_batches() -> None:
+    """Each worker's replica has its own kept arrays (Layer.kept_array), made even if the model had some before
+    it was replicated, and keeps them from one batch to the next: two threads never write one buffer."""
+    model = main.build_model(model_section({"conv2d": {"filters": 4, "padding": 1}}, "relu", "maxpool2d",
+                                           {"conv2d": {"filters": 8, "padding": 1}}, "relu", "maxpool2d",
+                                           *classifier_head(16)),
+                             (12, 12, 1), 10, np.random.default_rng(0))
+    rng = np.random.default_rng(1)
+    x, labels = rng.random((8, 12, 12, 1)).astype(np.float32), rng.integers(0, 10, 8)
+    loss = main.SoftmaxCrossEntropy()
+    loss.forward(model.forward(x), labels)
+    model.backward(loss.backward())  # the model's own layers now keep arrays
+    with parallel.DataParallel(model, 2) as net:
+        kept = []
+        for _ in range(2):
+            loss.forward(net.forward(x), labels)
+            net.backward(loss.backward())
+            kept.append([{name: id(array) for name, array in layer.workspace.items()}
+                         for replica in net.replicas for layer in replica.layers])
+        conv_buffers = [array for replica in net.replicas for layer in replica.layers
+                        for array in layer.workspace.values()]
+    assert kept[0] == kept[1] and any(kept[0])  # the same arrays in the second batch
+    model_buffers = [array for layer in model.layers for array in layer.workspace.values()]
+    every_buffer = conv_buffers + model_buffers
+    assert len({id(array) for array in every_buffer}) == len(every_buffer)  # nothing shared
+    assert not any(np.shares_memory(a, b) for i, a in enumerate(every_buffer) for b in every_buffer[i + 1:])
+
+
 @pytest.mark.parametrize("n", [0, 1, 33, 100])
 def test_parallel_evaluation_equals_one_thread(n: int) -> None:
     rng = np.random.default_rng(n)

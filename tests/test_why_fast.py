@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import importlib.util
 import math
 import os
@@ -48,6 +49,7 @@ EXPECTED_ROWS = (
     "d. ReLU",
     "e. max pool backward",
     "f. Adam",
+    "g. kept buffers",
     "BLAS 1 vs 2 threads: 8x8 digits, 1 worker, idle",
     "BLAS 1 vs 2 threads: 8x8 digits, 1 worker, busy",
     "BLAS 1 vs 2 threads: default model 28x28, default workers (",
@@ -55,7 +57,7 @@ EXPECTED_ROWS = (
     "BLAS 1 vs 2 threads: default model 28x28, --workers 1, idle",
     "BLAS 1 vs 2 threads: default model 28x28, --workers 1, busy",
 )
-SPEED_TRICK_LETTERS = "abcdef"
+SPEED_TRICK_LETTERS = "abcdefg"
 BLAS_ROWS = 6  # comparison 9: three configurations, each idle and beside a busy process
 
 
@@ -108,7 +110,7 @@ def test_quick_run_exits_0_and_prints_a_row_for_every_design_choice(tmp_path: Pa
     for row in tricks:
         cells = re.split(r"\s{2,}", row.strip())
         assert len(cells) == 4, f"expected trick, in the core, share saved, range in {row!r}"
-        assert cells[1] == ("yes" if row.startswith(("a.", "f.")) else "no")
+        assert cells[1] == ("yes" if row.startswith("g.") else "no")
         assert math.isfinite(float(cells[2].rstrip("%")))
     assert len(re.findall(r"^  trick (saves|costs) ", done.stdout, re.MULTILINE)) == len(SPEED_TRICK_LETTERS)
     blas = table_rows(done.stdout.rsplit("BLAS threads with one worker:", 1)[1])  # the last table
@@ -160,7 +162,7 @@ def test_a_wrong_alternative_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_every_speed_trick_computes_what_the_core_computes() -> None:
-    """Each speed trick of comparison 8 (a-f) gives the core's loss and gradients on one batch (f: the core's
+    """Each speed trick of comparison 8 (a-g) gives the core's loss and gradients on one batch (f: the core's
     Adam state and weight updates), and the check sees the trick's code run."""
     assert "".join(trick.letter for trick in why_fast.SPEED_TRICKS) == SPEED_TRICK_LETTERS
     core = [getattr(trick.owner, trick.attribute) for trick in why_fast.SPEED_TRICKS]
@@ -175,9 +177,11 @@ def speed_trick(letter: str) -> why_fast.SpeedTrick:
     return next(trick for trick in why_fast.SPEED_TRICKS if trick.letter == letter)
 
 
-def column_means(rows: np.ndarray) -> np.ndarray:
-    """Trick a's plain form with a classic slip: the columns averaged instead of summed."""
-    return rows.mean(axis=0)
+def bias_as_column_means(self: main.Conv2D, grad_out: np.ndarray) -> np.ndarray | None:
+    """Trick a with a classic slip: the bias gradient averaged over the rows instead of summed."""
+    grad_in = why_fast.conv_backward_bias_by_ones(self, grad_out)
+    self.grads["b"] /= grad_out.size // grad_out.shape[-1]
+    return grad_in
 
 
 def dx_with_untransposed_weights(self: main.Conv2D, grad_out: np.ndarray) -> np.ndarray | None:
@@ -191,9 +195,10 @@ def dx_with_untransposed_weights(self: main.Conv2D, grad_out: np.ndarray) -> np.
         self.params["W"] = weights
 
 
-def im2col_offsets_swapped(x_padded: np.ndarray, kernel_size: int, stride: int) -> np.ndarray:
+def im2col_offsets_swapped(x_padded: np.ndarray, kernel_size: int, stride: int,
+                           out: np.ndarray | None = None) -> np.ndarray:
     """Trick c with the two kernel offsets swapped: every window transposed."""
-    return np.ascontiguousarray(why_fast.im2col_one_channel_by_offsets(x_padded, kernel_size, stride)
+    return np.ascontiguousarray(why_fast.im2col_one_channel_by_offsets(x_padded, kernel_size, stride, out)
                                 .transpose(0, 1, 2, 4, 3, 5))
 
 
@@ -220,13 +225,19 @@ def adam_without_bias_correction(self: main.Adam, model: main.Sequential) -> Non
         param -= self.learning_rate * m / (np.sqrt(v) + self.eps)
 
 
+def arrays_of_ones(self: main.Layer, name: str, shape: tuple[int, ...], dtype: type, keep: bool = True) -> np.ndarray:
+    """Trick g's plain form handing out arrays of ones: the padded input's border is not zero."""
+    return np.ones(shape, dtype)
+
+
 @pytest.mark.parametrize(("letter", "wrong"), [
-    ("a", column_means),
+    ("a", bias_as_column_means),
     ("b", dx_with_untransposed_weights),
     ("c", im2col_offsets_swapped),
     ("d", relu_forward_leaky),
     ("e", maxpool_backward_to_first_offset),
     ("f", adam_without_bias_correction),
+    ("g", arrays_of_ones),
 ])
 def test_a_wrong_speed_trick_is_caught(letter: str, wrong: Callable) -> None:
     """The speed tricks' checks can fail: each trick with a deliberate mistake raises MismatchError."""
@@ -238,7 +249,7 @@ def test_a_wrong_speed_trick_is_caught(letter: str, wrong: Callable) -> None:
 def test_a_speed_trick_whose_code_never_runs_is_caught() -> None:
     """A patch the core never calls would time the core against itself: the check refuses it."""
     images, labels = why_fast.synthetic_batch(8, np.random.default_rng(0))
-    unused = SimpleNamespace(column_sums=None)  # the core never looks here
+    unused = SimpleNamespace(backward=None)  # the core never looks here
     with pytest.raises(why_fast.MismatchError, match="never ran"):
         why_fast.check_speed_trick(dataclasses.replace(speed_trick("a"), owner=unused), images, labels)
 
@@ -325,3 +336,19 @@ def test_only_selects_comparisons_by_number_or_title() -> None:
     with pytest.raises(SystemExit) as exit_info:
         why_fast.main_cli(["--only", "no such comparison"])
     assert exit_info.value.code == 2
+
+
+def test_config_gives_the_speed_tricks_its_model_and_a_bad_one_is_refused(tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture) -> None:
+    """--config: comparison 8's epochs train the config's model (here mnist_best's, with BatchNorm and Dropout);
+    a config for other images is one line on stderr and exit code 2, before any measuring."""
+    recipe = importlib.import_module("benchmark").load_recipe(str(ROOT / "configs" / "mnist_best.yaml"))
+    data = why_fast.synthetic_dataset(4, 2, np.random.default_rng(0))
+    kinds = [type(layer).__name__ for layer in why_fast.epoch_model(data, recipe["model"]).layers]
+    assert kinds.count("BatchNorm") == 2 and kinds.count("Dropout") == 2
+    assert "BatchNorm" not in [type(layer).__name__ for layer in why_fast.epoch_model(data).layers]
+    config = tmp_path / "digits.yaml"
+    config.write_text("data: {dataset: digits}\n")
+    with pytest.raises(SystemExit) as exit_info:
+        why_fast.main_cli(["--only", "8", "--config", str(config)])
+    assert exit_info.value.code == 2 and "28x28" in capsys.readouterr().err
