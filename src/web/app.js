@@ -177,7 +177,8 @@
   function showInfo(model) {
     const info = model.info || {};
     const dataset = String(info.dataset || "");
-    const pretty = { mnist: "MNIST", fashion_mnist: "Fashion-MNIST", digits: "scikit-learn's 8×8 digits", synthetic: "synthetic digits", folder: "your own images" }[dataset.toLowerCase()] || dataset || "?";
+    const pretty = { mnist: "MNIST", fashion_mnist: "Fashion-MNIST", digits: "scikit-learn's 8×8 digits",
+      synthetic: "synthetic digits", folder: "your own images" }[dataset.toLowerCase()] || dataset || "?";
     const synthetic = String(info.source).toLowerCase() === "synthetic" || dataset.toLowerCase() === "synthetic";
     const accuracy = typeof info.test_accuracy === "number" ? (100 * info.test_accuracy).toFixed(1) + "%" : null;
     const trained = $("trained");
@@ -587,7 +588,10 @@
   const style = getComputedStyle(document.documentElement), cssVar = (name) => style.getPropertyValue(name).trim();
   const COLOURS = { loss: cssVar("--accent2"), scoredLoss: cssVar("--accent"), accuracy: cssVar("--ok"),
                     scoredAccuracy: cssVar("--pink"), lr: cssVar("--slate"), plot: cssVar("--plot"),
-                    line: cssVar("--line"), muted: cssVar("--muted"), bg: cssVar("--bg") };
+                    line: cssVar("--line"), muted: cssVar("--muted"), bg: cssVar("--bg"),
+                    ok: cssVar("--ok"), bad: cssVar("--bad") };
+  const withAlpha = (hex, alpha) =>  // "#rrggbb" -> "rgba(r,g,b,alpha)"
+    `rgba(${[1, 3, 5].map((i) => parseInt(hex.slice(i, i + 2), 16)).join(",")},${alpha})`;
   const bytesOf = (text) => { const raw = atob(text), out = new Uint8Array(raw.length);
     for (let i = 0; i < raw.length; i++) out[i] = raw.charCodeAt(i); return out; };
   const el = (tag, cls, text) => { const e = document.createElement(tag); if (cls) e.className = cls;
@@ -852,8 +856,8 @@
       row.forEach((count, j) => {
         const td = tr.insertCell(), share = count / total;
         td.className = "cell"; td.textContent = count || "";
-        td.style.background = count === 0 ? "transparent" : i === j ? `rgba(74,222,128,${0.25 + 0.75 * share})`
-          : `rgba(248,113,113,${0.3 + 0.7 * Math.min(1, 4 * share)})`;
+        td.style.background = count === 0 ? "transparent" : i === j ? withAlpha(COLOURS.ok, 0.25 + 0.75 * share)
+          : withAlpha(COLOURS.bad, 0.3 + 0.7 * Math.min(1, 4 * share));
         td.title = `${count} ${name(i)} predicted as ${name(j)}: click to see them`;
         td.addEventListener("click", () => showCell(i, j));
       });
