@@ -27,9 +27,9 @@ What is measured:
 - Training, the project: main.train itself, set up as `python src/main.py` sets it up (main.run_training): the
   model of main.build_model with the seed's random streams (main.make_rngs: initial weights, Dropout masks,
   shuffling, augmentation), main.make_optimizer's optimiser, training.workers or else the worker threads
-  parallel.default_workers picks (T at most, fewer when the slices of a batch would be too small to pay, one for
-  a model with BatchNorm), main.learning_rate_schedule over the config's epochs (or the benchmark's, when more),
-  and data.augment as main.shift_and_rotate. So the number is exactly what users see in the log ("seconds" of
+  parallel.default_workers picks (T at most, fewer when the slices of a batch would be too small to pay; BatchNorm
+  models too train on all of them), main.learning_rate_schedule over the config's epochs (or the benchmark's, when
+  more), and data.augment as main.shift_and_rotate. So the number is exactly what users see in the log ("seconds" of
   an epoch, to the millisecond; the timed epochs have no test set, so that the CPU time, like the seconds, is of
   training alone).
 - Training, PyTorch: the same network (torch_twin: Conv2d, BatchNorm2d / BatchNorm1d, ReLU, Tanh, MaxPool2d,
@@ -40,7 +40,7 @@ What is measured:
   every batch (OneCycleLR, CosineAnnealingLR, StepLR); and the same augmentation done with PyTorch's own ops on
   each NCHW batch (TORCH_AUGMENTATION below).
 - Augmentation: the seconds each side spends augmenting the batches of its timed epochs, as a share of the epoch
-  time (issue 13 asks for less than 10% on the project's side).
+  time (the target is less than 10% on the project's side).
 - Inference: images per second of a forward pass plus softmax at batch 1000 (Sequential.predict_proba), on (at most)
   the first 5,000 images, median of 3 passes.
 - Peak memory (RSS) of each worker process; training and inference run in separate processes, so the training figure
@@ -878,7 +878,7 @@ def build_report(args: argparse.Namespace, recipe: dict, environment: dict, runs
 
 
 def check_targets(report: dict) -> list[dict]:
-    """The issues' targets, each PASS, MISS or n/a (without PyTorch; without augmentation; and, for a config
+    """The benchmark's targets, each PASS, MISS or n/a (without PyTorch; without augmentation; and, for a config
     file, the targets set for the default model alone)."""
     project, has_torch = report["project"], "torch" in report
     default_model = report["config"]["config_file"] is None
@@ -956,7 +956,7 @@ def print_results(report: dict) -> None:
           f"{project['epoch_seconds']['median']:.2f} s / {report['lower_bound_seconds_at_start']:.2f} s = "
           f"{report['lower_bound_ratio_at_start']:.2f})")
 
-    print(f"\nTargets (from the issue)\n{'target':<62}{'value':>18}  result\n" + "-" * 88)
+    print(f"\nTargets\n{'target':<62}{'value':>18}  result\n" + "-" * 88)
     for row in report["targets"]:
         print(f"{row['target']:<62}{row['value']:>18}  {row['result']}")
     if project["data_mib"] > 0.5 * TARGETS["training_rss_mib"]:

@@ -1067,7 +1067,7 @@ def compare_speed_tricks(settings: Settings, rng: np.random.Generator) -> list[R
 # 9. BLAS threads with one worker: the project's one BLAS thread per worker against two, idle and busy
 # ------------------------------------------------------------------------------------------------
 # With one training worker, a second BLAS thread gains little on these small matrices, and when the other core is
-# busy the two BLAS threads wait for each other, spinning: epochs many times slower (issue 14, item 18). Training
+# busy the two BLAS threads wait for each other, spinning: epochs many times slower. Training
 # therefore holds BLAS to one thread per worker. Here each configuration trains with that setting and with two
 # BLAS threads per worker, alternating, once on the machine as it is and once beside a process that keeps a core
 # busy; the project's setting must stay within MAX_SLOWDOWN of the faster of the two.

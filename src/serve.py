@@ -2,7 +2,7 @@
 
 make_server() binds a ThreadingHTTPServer that answers these and nothing else:
 
-    GET  /              the page, src/web/index.html (read once, at start-up)
+    GET  /              the page, src/web/index.html, and GET /app.js its script (both read once, at start-up)
     GET  /api/model     the model's summary (layers, output shapes, parameters) and where it was trained
     POST /api/predict   {"image": "data:image/png;base64,..."} -> the preprocessed image, the class
                         probabilities and every layer's activations (see docs/API.md for the format)
@@ -47,6 +47,7 @@ from images import image_from_bytes, model_input, picture_from_bytes, prepare_im
 log = logging.getLogger("numpy_cnn.serve")
 
 PAGE_PATH = Path(__file__).resolve().parent / "web" / "index.html"
+SCRIPT_PATH = PAGE_PATH.with_name("app.js")
 MAX_BODY_BYTES = 2 * 1024 * 1024  # a drawing is a few kilobytes; a photo of a digit fits too
 MAX_DRAIN_BYTES = 16 * 1024 * 1024  # an oversized body up to this is read and dropped, so the client gets its 413
 MAX_IMAGE_PIXELS = 1024 * 1024  # checked before decoding: a small PNG can hold a huge image (the page sends 280x280)
@@ -58,8 +59,8 @@ DEFAULT_TIMEOUT = 10.0  # seconds a client may take to send a whole request (lin
 BLANK_INK = 0.05  # a prepared image whose brightest pixel is below this has no ink
 
 PAGE_HEADERS = {
-    # One self-contained page: its inline script and styles, requests to this server only, no framing.
-    "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    # The page runs only its own script (app.js, from this server) and styles, asks this server only, is not framed.
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'unsafe-inline'; "
                                "img-src data:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'",
     "X-Frame-Options": "DENY",
 }
@@ -323,7 +324,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             self.check_origin()
             path = urlsplit(self.path).path
-            allowed = {"/": "GET", "/index.html": "GET", "/api/model": "GET", "/api/predict": "POST",
+            allowed = {**dict.fromkeys(self.server.files, "GET"), "/api/model": "GET", "/api/predict": "POST",
                        **LIVE_ROUTES}.get(path)
             if allowed is None:
                 raise RequestError(f"not found: {path[:200]} (this server answers /, /api/model and /api/predict)",
@@ -347,7 +348,7 @@ class Handler(BaseHTTPRequestHandler):
             elif path == "/api/model":
                 self.send_bytes(HTTPStatus.OK, self.server.model_json, "application/json")
             else:
-                self.send_bytes(HTTPStatus.OK, self.server.page, "text/html; charset=utf-8", PAGE_HEADERS)
+                self.send_bytes(HTTPStatus.OK, *self.server.files[path], PAGE_HEADERS)
         except RequestError as error:
             self.send_json(error.status, {"error": str(error)},
                            {"Allow": allowed} if error.status == HTTPStatus.METHOD_NOT_ALLOWED else None)
@@ -464,15 +465,18 @@ class Handler(BaseHTTPRequestHandler):
 
 
 class DrawServer(ThreadingHTTPServer):
-    """A ThreadingHTTPServer holding the predictor, the page and the addresses it answers to."""
+    """A ThreadingHTTPServer holding the predictor, the page and the addresses it answers to.
+
+    files: path -> (body, content type) of what GET serves as is: the page at / and /index.html, its script at
+    /app.js."""
 
     live: Any = None  # while a run trains: the live.LiveRun that answers LIVE_ROUTES
     daemon_threads = True  # a request still running does not keep the program alive after Ctrl-C
     request_queue_size = 128  # connections waiting to be accepted (socketserver's 5 refuses a burst of requests)
 
-    def __init__(self, address: tuple[str, int], predictor: Predictor, page: bytes, model_json: bytes,
-                 client_timeout: float) -> None:
-        self.predictor, self.page, self.model_json, self.client_timeout = predictor, page, model_json, client_timeout
+    def __init__(self, address: tuple[str, int], predictor: Predictor, files: dict[str, tuple[bytes, str]],
+                 model_json: bytes, client_timeout: float) -> None:
+        self.predictor, self.files, self.model_json, self.client_timeout = predictor, files, model_json, client_timeout
         self.bodies = threading.BoundedSemaphore(MAX_BODIES_IN_FLIGHT)
         self.decodes = threading.BoundedSemaphore(MAX_DECODES_IN_FLIGHT)
         # The drawings are decoded and run on this many threads only (not on each connection's thread): the memory
@@ -567,13 +571,15 @@ def make_server(model: Any, *, prepare: Callable[[np.ndarray], np.ndarray],
     if not 0 <= int(port) <= 65535:
         raise CNNError(f"--port {port}: a port is a number from 0 to 65535 (0 picks a free one)")
     try:
-        page = PAGE_PATH.read_bytes()
+        page, script = PAGE_PATH.read_bytes(), SCRIPT_PATH.read_bytes()
     except OSError as error:
-        raise CNNError(f"cannot read the page {PAGE_PATH} ({error.strerror or error})") from None
+        raise CNNError(f"cannot read the page {error.filename} ({error.strerror or error})") from None
+    files = {"/": (page, "text/html; charset=utf-8"), "/index.html": (page, "text/html; charset=utf-8"),
+             "/app.js": (script, "text/javascript; charset=utf-8")}
     model_json = json.dumps(model_document(model, class_names, info, mode, examples), default=_jsonable).encode()
     predictor = Predictor(model, prepare, softmax, class_names, decode)
     try:
-        return DrawServer((host, int(port)), predictor, page, model_json, timeout)
+        return DrawServer((host, int(port)), predictor, files, model_json, timeout)
     except OSError as error:
         if error.errno == errno.EADDRINUSE:
             raise CNNError(f"cannot serve on {host}:{port}: the port is already in use (another --port, or "

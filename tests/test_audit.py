@@ -518,8 +518,9 @@ def test_3_thirty_concurrent_big_uploads_keep_the_server_under_200_mb(tmp_path: 
 
 def test_3_the_page_sends_its_drawing_at_the_pad_size() -> None:
     """The page never sends more than MAX_IMAGE_PIXELS: it posts its 280x280 drawing pad, whatever the screen."""
-    page = (Path(__file__).resolve().parents[1] / "src" / "web" / "index.html").read_text()
-    assert '<canvas id="pad" width="280" height="280"' in page and 'pad.toDataURL("image/png")' in page
+    web = Path(__file__).resolve().parents[1] / "src" / "web"
+    page, script = (web / "index.html").read_text(), (web / "app.js").read_text()
+    assert '<canvas id="pad" width="280" height="280"' in page and 'pad.toDataURL("image/png")' in script
     assert 280 * 280 <= serve.MAX_IMAGE_PIXELS == 1024 * 1024
 
 

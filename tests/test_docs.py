@@ -11,6 +11,7 @@ makes them disagree fails here.
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 import re
 from pathlib import Path
@@ -432,3 +433,28 @@ def test_gradcheck_output_matches_what_run_gradcheck_prints(tmp_path: Path, monk
 def test_every_checked_block_is_present(name: str) -> None:
     """The page still has each block these tests read (a renamed marker must not silently skip a check)."""
     assert name in BLOCKS and BLOCKS[name].strip()
+
+
+# ------------------------------------------------------------------------------------------------
+# Text that drifts from the code when the code changes
+# ------------------------------------------------------------------------------------------------
+
+
+def test_the_docs_name_the_bias_gradient_as_the_code_computes_it() -> None:
+    """HOW_IT_WORKS quotes the bias gradient as Conv2D.backward computes it, and bench/RESULTS.md's speed-trick
+    table says the column-sums trick is in the core exactly when main.py uses it."""
+    in_core = "column_sums(grad_rows)" in inspect.getsource(main.Conv2D.backward)
+    assert ("`column_sums`" in DOC) == in_core
+    results = (ROOT / "bench" / "RESULTS.md").read_text(encoding="utf-8")
+    row = next(line for line in results.splitlines() if line.startswith("| a. bias gradient"))
+    assert row.split("|")[2].strip().startswith("yes" if in_core else "no"), row
+
+
+def test_docs_and_bench_carry_no_issue_numbers() -> None:
+    """The docs say what the code does, not which ticket asked for it."""
+    paths = [*(ROOT / "docs").glob("*.md"), *(ROOT / "bench").glob("*.md"), *(ROOT / "bench").glob("*.py"),
+             ROOT / "README.md"]
+    found = [f"{path.relative_to(ROOT)}: {match.group(0)}" for path in paths
+             for match in re.finditer(r"\bissues?\s*#?\d+|\bround two\b", path.read_text(encoding="utf-8"),
+                                      re.IGNORECASE)]
+    assert not found, found

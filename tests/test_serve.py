@@ -310,6 +310,17 @@ def test_the_page_is_served_once_read(server: serve.DrawServer) -> None:
     assert b"http://" not in body and b"https://" not in body  # nothing fetched from elsewhere: works offline
 
 
+def test_the_script_is_served_apart_so_the_page_runs_no_inline_script(server: serve.DrawServer) -> None:
+    _, _, page = request(server, "GET", "/")
+    status, headers, body = request(server, "GET", "/app.js")
+    assert status == 200 and headers["Content-Type"].startswith("text/javascript")
+    assert body == serve.SCRIPT_PATH.read_bytes() and b"api/predict" in body
+    assert b'<script src="app.js"></script>' in page and b"<script>" not in page and b" onclick=" not in page
+    policy = dict(part.strip().split(" ", 1) for part in headers["Content-Security-Policy"].split(";"))
+    assert policy["script-src"] == "'self'"
+    assert request(server, "POST", "/app.js")[0] == 405
+
+
 def test_the_model_summary_and_where_it_was_trained(server: serve.DrawServer, trained: Trained) -> None:
     status, headers, body = request(server, "GET", "/api/model")
     assert status == 200 and headers["Content-Type"] == "application/json"
