@@ -693,7 +693,8 @@
       `test loss ${d.test_loss.toFixed(4)}, ` : "";
     $("live-result").textContent = `${d.status}: ${accuracy}training took ${d.seconds.toFixed(1)}s` +
       (d.serving ? " · the page now serves the trained model" : " · the program has stopped");
-    for (const id of ["live-pause", "live-resume", "live-stop"]) $(id).disabled = true;
+    for (const id of ["live-pause", "live-resume", "live-stop"]) $(id).hidden = true;  // nothing left to control
+    fetch("api/model").then((r) => r.ok && r.json()).then((model) => model && showInfo(model)).catch(() => {});
     const header = $("trained");
     if (header.firstChild && header.firstChild.nodeType === Node.TEXT_NODE) header.firstChild.textContent = "trained on ";
     if (typeof d.test_accuracy === "number" && !live.headerDone) {
