@@ -5,8 +5,6 @@ small) and reads the stream with urllib, as a page would."""
 from __future__ import annotations
 
 import json
-import os
-import re
 import signal
 import subprocess
 import sys
@@ -15,16 +13,14 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import MAIN, launched
 
 import live
 
-ROOT = Path(__file__).resolve().parents[1]
-MAIN = ROOT / "src" / "main.py"
 TIMING_KEYS = {"seconds", "images_per_second", "train_seconds", "saved_at", "started_at", "versions"}
 CONFIG = """
 logging: {level: INFO, file: null}
@@ -44,29 +40,6 @@ def write_config(folder: Path, epochs: int) -> Path:
     path = folder / "config.yaml"
     path.write_text(CONFIG.replace("EPOCHS", str(epochs)))
     return path
-
-
-@contextmanager
-def launched(arguments: list[str], cwd: Path) -> Iterator[tuple[subprocess.Popen, str]]:
-    """The command line running with --serve --port 0, and the page's address once it is announced."""
-    process = subprocess.Popen([sys.executable, str(MAIN), *arguments, "--serve", "--port", "0"], cwd=cwd,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        url = None
-        for line in process.stdout:
-            found = re.search(r"serving the page at (http://\S+/)", line)
-            if found:
-                url = found.group(1)
-                break
-        assert url, f"no address announced; stderr: {process.stderr.read()}"
-        process.lines = []  # the rest of stdout, read as it comes so that the pipe never fills
-        threading.Thread(target=lambda: process.lines.extend(process.stdout), daemon=True).start()
-        yield process, url
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(30)
 
 
 def wait_for_line(process: subprocess.Popen, start: str, seconds: float = 30) -> None:
