@@ -1,5 +1,7 @@
 """What many test files share: the project's paths, running the CLI, config files, IDX files, where the real data
-sets are, model sections from layer lists, and float64 layers checked against the loop references."""
+sets are, model sections from layer lists, float64 layers checked against the loop references, small runs and their
+configs, one-line errors, model files, pictures and folders of pictures, gradient checks by central differences, and
+a trained model served over HTTP. Fixtures are in conftest.py."""
 
 from __future__ import annotations
 
@@ -84,7 +86,7 @@ def write_idx_folder(folder: Path, n_train: int = 30, n_test: int = 10, seed: in
     return folder
 
 
-# ---- the real data sets, where this machine has them -----------------------------------------------------------
+# ---- the real data sets, where this machine has them ---------------------------------------------------------
 
 # Environment variable -> (the folders tried when it is not set, a file the folder must hold).
 DATA_SETS = {
@@ -108,7 +110,7 @@ def find_data(variable: str) -> tuple[Path | None, str]:
                   f"(e.g. {variable}=/path/to/folder pytest ...)")
 
 
-# ---- models ----------------------------------------------------------------------------------------------------
+# ---- models --------------------------------------------------------------------------------------------------
 
 
 def model_section(*layers: str | dict) -> dict:
@@ -165,20 +167,84 @@ def untrained_model_scores(results: dict) -> tuple[float, float, int]:
     return loss, float(np.mean(logits.argmax(axis=1) == data.y_test)), len(data.y_test)
 
 
-DIGITS = ["--dataset", "digits", "--n-train", "200", "--n-test", "60", "--epochs", "1"]
+# ---- small runs and their configs ----------------------------------------------------------------------------
 
+DIGITS = ["--dataset", "digits", "--n-train", "200", "--n-test", "60", "--epochs", "1"]
 
 SMALL_NET = {"layers": [{"conv2d": {"filters": 4, "padding": 1}}, "relu", {"maxpool2d": {"pool_size": 2}}, "flatten",
                         {"dense": {"units": 10}}]}
 
 
 def small_config_file(folder: Path, **sections: dict) -> Path:
+    """A config file in folder for a one-epoch run of SMALL_NET on 200 digits; each keyword updates its section."""
     data = {"dataset": "digits", "n_train": 200, "n_test": 60, **sections.pop("data", {})}
     training = {"epochs": 1, **sections.pop("training", {})}
     return write_config(folder, data=data, model=sections.pop("model", SMALL_NET), training=training, **sections)
 
 
+def small_config(dataset: str = "digits", n_train: int = 500, n_test: int = 200, **training: Any) -> dict:
+    """A tiny network on digits (8x8, offline: an epoch of 500 images takes milliseconds) or on synthetic
+    28x28 digits (no scikit-learn import, which saves a subprocess a second or more)."""
+    return {
+        "logging": {"level": "INFO", "file": "log/app.log"},
+        "data": {"dataset": dataset, "n_train": n_train, "n_test": n_test, "random_seed": 7},
+        "model": {"layers": [{"conv2d": {"filters": 4, "padding": 1}}, "relu", "maxpool2d", *classifier_head(16)]},
+        "training": {"epochs": 2, "optimizer": "sgd", "learning_rate": 0.05, "batch_size": 32, **training},
+    }
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, str(ROOT / "src" / "main.py"), *args]
+
+
+def environment_without_seed() -> dict[str, str]:
+    return {key: value for key, value in os.environ.items() if key != "RANDOM_SEED"}
+
+
+def run_in_process(output: str, *flags: str) -> dict:
+    """One CLI run in this process (cwd and environment already set by the test); returns the results."""
+    assert main.main(["--config", "config.yaml", "--output", output, *flags]) == 0
+    return json.loads(Path(output).read_text())
+
+
+# A small model that learns the synthetic digits in 3 epochs of 2,000 images (a few seconds).
+SAVED_MODEL_CONFIG = {
+    "data": {"dataset": "synthetic", "n_train": 2000, "n_test": 300, "random_seed": 0},
+    "model": model_section({"conv2d": {"filters": 8, "padding": 1}}, "relu", "maxpool2d",
+                                   *classifier_head(64)),
+    "training": {"epochs": 3, "batch_size": 32, "optimizer": "adam", "learning_rate": 0.001},
+}
+
+
+@dataclass
+class SavedModel:
+    folder: Path
+    config: Path
+    path: Path
+    results: dict  # the results JSON of the run that saved it
+
+
+BN_DROPOUT_NET = {"layers": [
+    {"conv2d": {"filters": 4, "kernel_size": 3, "padding": 1}}, "batchnorm", "relu", {"avgpool2d": {"pool_size": 2}},
+    {"conv2d": {"filters": 6, "kernel_size": 3}}, "tanh", {"maxpool2d": {"pool_size": 2}}, "flatten",
+    {"dropout": {"rate": 0.3}}, {"dense": {"units": 12}}, "batchnorm", "relu", {"dense": {"units": 10}}]}
+
+
+def checked_model(model: dict) -> dict:
+    return config_schema.check_model(model)
+
+
+def digits(n_train: int, n_test: int, n_val: int = 0) -> main.Dataset:
+    cfg = config_schema.validate_config({"data": {"dataset": "digits", "n_train": n_train, "n_test": n_test,
+                                                  "n_val": n_val}})
+    return main.load_data(cfg["data"])
+
+
+# ---- one-line errors ------------------------------------------------------------------------------------------------
+
+
 def assert_one_error_line(stderr: str, *fragments: str) -> None:
+    """stderr is one `error: ...` line holding every fragment, with no traceback."""
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].lower().startswith("error: "), stderr
     assert "Traceback" not in stderr and "unexpected" not in stderr
@@ -186,16 +252,44 @@ def assert_one_error_line(stderr: str, *fragments: str) -> None:
         assert fragment in lines[0], stderr
 
 
-def encoded(image: Image.Image, format: str) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=format)
-    return buffer.getvalue()
+def one_line(stderr: str) -> str:
+    """The single line on stderr, after checking there is no traceback and nothing 'unexpected'."""
+    assert "Traceback" not in stderr and "unexpected" not in stderr, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    return lines[0]
 
 
-EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 28 28\nnewpath 0 0 moveto 28 28 lineto stroke\nshowpage\n"
+def one_error_line(stderr: str, must_name: str) -> str:
+    """The single `error: ...` line the CLI printed, after checking it names `must_name`."""
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("error: ") and "Traceback" not in stderr
+    assert must_name in lines[0], lines[0]
+    return lines[0]
+
+
+def run_limited(args: list[str], cwd: Path, memory: int = 2 << 30, timeout: float = 60) -> subprocess.CompletedProcess:
+    """`python ARGS` in a fresh process whose address space is capped at `memory` bytes: a case that would
+    allocate gigabytes fails with MemoryError there instead of taking the machine's memory."""
+    limit = (f"import os, resource, runpy, sys; resource.setrlimit(resource.RLIMIT_AS, ({memory}, {memory})); "
+             "sys.argv = sys.argv[1:]; sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0])); "
+             "runpy.run_path(sys.argv[0], run_name='__main__')")
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    env.pop("RANDOM_SEED", None)
+    return subprocess.run([sys.executable, "-c", limit, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+# ---- model files ---------------------------------------------------------------------------------------------
+
+
+GOOD_MODEL_LAYERS = [{"conv2d": {"filters": 2, "kernel_size": 3, "padding": 1}}, {"batchnorm": {}}, "relu", "flatten",
+                     {"dense": {"units": 10}}]
 
 
 def rewrite_model(source: Path, target: Path, meta: dict | None = None, **arrays: np.ndarray) -> None:
+    """A copy of the model file source at target, with meta and the given arrays replaced."""
     with np.load(source) as archive:
         contents = {key: archive[key] for key in archive.files}
     if meta is not None:
@@ -204,12 +298,28 @@ def rewrite_model(source: Path, target: Path, meta: dict | None = None, **arrays
     np.savez(target, **contents)
 
 
+def arrays_of(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as archive:
+        return {key: archive[key] for key in archive.files}
+
+
+# ---- pictures and folders of pictures ------------------------------------------------------------------------
+
+
+def encoded(image: Image.Image, format: str) -> bytes:
+    """The image as a file of that format would hold it."""
+    buffer = io.BytesIO()
+    image.save(buffer, format=format)
+    return buffer.getvalue()
+
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 28 28\nnewpath 0 0 moveto 28 28 lineto stroke\nshowpage\n"
+
 CLASS_FOLDER_NAMES = ["0_zero", "1_one", "2_two", "3_three", "4_four", "5_five", "6_six", "7_seven", "8_eight",
                       "9_nine"]
 
-
 SMALL_FOLDER_MODEL = {"layers": [{"conv2d": {"filters": 8, "kernel_size": 3, "padding": 1}}, "batchnorm", "relu",
-                          {"maxpool2d": {"pool_size": 2}}, "flatten", {"dense": {"units": 10}}]}
+                                 {"maxpool2d": {"pool_size": 2}}, "flatten", {"dense": {"units": 10}}]}
 
 
 def sample_digits() -> tuple[np.ndarray, np.ndarray]:
@@ -248,37 +358,10 @@ def colour_folder(root: Path, n: int, seed: int = 1) -> tuple[np.ndarray, np.nda
     return coloured, labels[chosen]
 
 
-def one_line(stderr: str) -> str:
-    """The single line on stderr, after checking there is no traceback and nothing 'unexpected'."""
-    assert "Traceback" not in stderr and "unexpected" not in stderr, stderr
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1, stderr
-    return lines[0]
-
-
-def run_limited(args: list[str], cwd: Path, memory: int = 2 << 30, timeout: float = 60) -> subprocess.CompletedProcess:
-    """`python ARGS` in a fresh process whose address space is capped at `memory` bytes: a case that would
-    allocate gigabytes fails with MemoryError there instead of taking the machine's memory."""
-    limit = (f"import os, resource, runpy, sys; resource.setrlimit(resource.RLIMIT_AS, ({memory}, {memory})); "
-             "sys.argv = sys.argv[1:]; sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0])); "
-             "runpy.run_path(sys.argv[0], run_name='__main__')")
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
-    env.pop("RANDOM_SEED", None)
-    return subprocess.run([sys.executable, "-c", limit, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-GOOD_MODEL_LAYERS = [{"conv2d": {"filters": 2, "kernel_size": 3, "padding": 1}}, {"batchnorm": {}}, "relu", "flatten",
-          {"dense": {"units": 10}}]
-
-
-def arrays_of(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as archive:
-        return {key: archive[key] for key in archive.files}
+# ---- gradient checks by central differences ------------------------------------------------------------------
 
 
 STEP = 1e-6  # central-difference step (float64)
-
 
 TOLERANCE = 1e-6  # largest relative error accepted between analytic and numeric gradients
 
@@ -313,94 +396,7 @@ def gradient_error(analytic: np.ndarray, numeric: np.ndarray) -> float:
     return float(np.max(np.abs(analytic - numeric))) / scale
 
 
-@contextmanager
-def launched(arguments: list[str], cwd: Path) -> Iterator[tuple[subprocess.Popen, str]]:
-    """The command line running with --serve --port 0, and the page's address once it is announced."""
-    process = subprocess.Popen([sys.executable, str(MAIN), *arguments, "--serve", "--port", "0"], cwd=cwd,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        url = None
-        for line in process.stdout:
-            found = re.search(r"serving the page at (http://\S+/)", line)
-            if found:
-                url = found.group(1)
-                break
-        assert url, f"no address announced; stderr: {process.stderr.read()}"
-        process.lines = []  # the rest of stdout, read as it comes so that the pipe never fills
-        threading.Thread(target=lambda: process.lines.extend(process.stdout), daemon=True).start()
-        yield process, url
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(30)
-
-
-# A small model that learns the synthetic digits in 3 epochs of 2,000 images (a few seconds).
-SAVED_MODEL_CONFIG = {
-    "data": {"dataset": "synthetic", "n_train": 2000, "n_test": 300, "random_seed": 0},
-    "model": model_section({"conv2d": {"filters": 8, "padding": 1}}, "relu", "maxpool2d",
-                                   *classifier_head(64)),
-    "training": {"epochs": 3, "batch_size": 32, "optimizer": "adam", "learning_rate": 0.001},
-}
-
-
-@dataclass
-class SavedModel:
-    folder: Path
-    config: Path
-    path: Path
-    results: dict  # the results JSON of the run that saved it
-
-
-def one_error_line(stderr: str, must_name: str) -> str:
-    """The single `error: ...` line the CLI printed, after checking it names `must_name`."""
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith("error: ") and "Traceback" not in stderr
-    assert must_name in lines[0], lines[0]
-    return lines[0]
-
-
-BN_DROPOUT_NET = {"layers": [
-    {"conv2d": {"filters": 4, "kernel_size": 3, "padding": 1}}, "batchnorm", "relu", {"avgpool2d": {"pool_size": 2}},
-    {"conv2d": {"filters": 6, "kernel_size": 3}}, "tanh", {"maxpool2d": {"pool_size": 2}}, "flatten",
-    {"dropout": {"rate": 0.3}}, {"dense": {"units": 12}}, "batchnorm", "relu", {"dense": {"units": 10}}]}
-
-
-def checked_model(model: dict) -> dict:
-    return config_schema.check_model(model)
-
-
-def digits(n_train: int, n_test: int, n_val: int = 0) -> main.Dataset:
-    cfg = config_schema.validate_config({"data": {"dataset": "digits", "n_train": n_train, "n_test": n_test,
-                                                  "n_val": n_val}})
-    return main.load_data(cfg["data"])
-
-
-def small_config(dataset: str = "digits", n_train: int = 500, n_test: int = 200, **training: Any) -> dict:
-    """A tiny network on digits (8x8, offline: an epoch of 500 images takes milliseconds) or on synthetic
-    28x28 digits (no scikit-learn import, which saves a subprocess a second or more)."""
-    return {
-        "logging": {"level": "INFO", "file": "log/app.log"},
-        "data": {"dataset": dataset, "n_train": n_train, "n_test": n_test, "random_seed": 7},
-        "model": {"layers": [{"conv2d": {"filters": 4, "padding": 1}}, "relu", "maxpool2d", *classifier_head(16)]},
-        "training": {"epochs": 2, "optimizer": "sgd", "learning_rate": 0.05, "batch_size": 32, **training},
-    }
-
-
-def cli(*args: str) -> list[str]:
-    return [sys.executable, str(ROOT / "src" / "main.py"), *args]
-
-
-def environment_without_seed() -> dict[str, str]:
-    return {key: value for key, value in os.environ.items() if key != "RANDOM_SEED"}
-
-
-def run_in_process(output: str, *flags: str) -> dict:
-    """One CLI run in this process (cwd and environment already set by the test); returns the results."""
-    assert main.main(["--config", "config.yaml", "--output", output, *flags]) == 0
-    return json.loads(Path(output).read_text())
+# ---- the server and the live page ----------------------------------------------------------------------------
 
 
 CLASS_NAMES = [str(digit) for digit in range(10)]
@@ -475,3 +471,26 @@ def running(model: main.Sequential, info: dict, **options: object) -> Iterator[s
         server.shutdown()
         server.server_close()
         thread.join(5)
+
+
+@contextmanager
+def launched(arguments: list[str], cwd: Path) -> Iterator[tuple[subprocess.Popen, str]]:
+    """The command line running with --serve --port 0, and the page's address once it is announced."""
+    process = subprocess.Popen([sys.executable, str(MAIN), *arguments, "--serve", "--port", "0"], cwd=cwd,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        url = None
+        for line in process.stdout:
+            found = re.search(r"serving the page at (http://\S+/)", line)
+            if found:
+                url = found.group(1)
+                break
+        assert url, f"no address announced; stderr: {process.stderr.read()}"
+        process.lines = []  # the rest of stdout, read as it comes so that the pipe never fills
+        threading.Thread(target=lambda: process.lines.extend(process.stdout), daemon=True).start()
+        yield process, url
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(30)

@@ -45,119 +45,6 @@ import main
 import plots
 from errors import DataError
 
-# ---- 8. bad input that ended as "unexpected" ----------------------------------------------------------
-
-
-HUGE_PADDING = {"layers": [{"conv2d": {"filters": 4, "padding": 100000, "stride": 50000}}, "relu", "flatten",
-                           {"dense": {"units": 10}}]}
-
-
-@pytest.mark.parametrize("mode", [[], ["--gradcheck"]])
-def test_8_a_huge_padding_is_refused_for_its_padded_input(tmp_path: Path, mode: list[str]) -> None:
-    proc = run_cli(["--config", str(small_config_file(tmp_path, model=HUGE_PADDING)), *mode], cwd=tmp_path)
-    assert proc.returncode == 2
-    assert_one_error_line(proc.stderr, "GiB", "but this machine has")
-
-
-def test_8_an_absurd_shift_is_refused(tmp_path: Path) -> None:
-    config = small_config_file(tmp_path, data={"augment": {"shift": 10**23}})
-    proc = run_cli(["--config", str(config)], cwd=tmp_path)
-    assert proc.returncode == 2
-    assert_one_error_line(proc.stderr, "data.augment.shift: got 100000000000000000000000, expected less than the 8 "
-                                       "pixels of a digits image's side")
-
-
-def test_8_an_optimiser_step_count_of_400_digits_is_refused(tmp_path: Path, model_file: Path) -> None:
-    meta = json.loads(str(np.load(model_file)["meta"]))
-    meta["optimizer"]["t"] = 10**400
-    rewrite_model(model_file, tmp_path / "t.npz", meta=meta)
-    proc = run_cli(["--config", str(small_config_file(tmp_path)), "--load-model", "t.npz"], cwd=tmp_path)
-    assert proc.returncode == 2
-    assert_one_error_line(proc.stderr, "t.npz: not a valid numpy-cnn model file", "a step count from 0 to")
-
-
-# ---- 9. wrong answers accepted -------------------------------------------------------------------------
-
-
-def test_9_a_float_image_with_a_nan_is_refused_in_every_float_input(tmp_path: Path, model_file: Path) -> None:
-    grey = np.full((28, 28), 0.5, dtype=np.float32)
-    grey[3, 3] = np.nan
-    np.save(tmp_path / "nan.npy", grey)
-    Image.fromarray(grey).save(tmp_path / "nan.tif")
-    proc = run_cli(["--load-model", str(model_file), "--predict", "nan.npy", "nan.tif", "--output", "p.json"],
-                   cwd=tmp_path)
-    assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr.splitlines() == [
-        "error: nan.npy: it holds NaN or infinite values",
-        "error: nan.tif: is a TIFF file; the formats read are PNG, JPEG, GIF, BMP or WebP (and .npy arrays)"]
-    json.loads((tmp_path / "p.json").read_text(), parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
-
-
-
-def test_9_the_float_image_path_refuses_a_nan_too(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Should an allowed format ever decode to float ("F") greys, a NaN in them is still refused."""
-    grey = np.full((28, 28), 0.5, dtype=np.float32)
-    grey[3, 3] = np.nan
-    monkeypatch.setattr(images, "open_image", lambda *args, **kwargs: Image.fromarray(grey))
-    with pytest.raises(DataError, match=r"^x: it holds NaN or infinite values$"):
-        images._read_picture(None, None, "x")
-
-
-# ---- 10. misleading messages ----------------------------------------------------------------------------
-
-
-def test_10_a_batch_larger_than_the_data_is_sized_by_the_data(tmp_path: Path) -> None:
-    proc = run_cli(["--config", str(small_config_file(tmp_path)), "--batch-size", str(10**9), "--output", "r.json"],
-                   cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads((tmp_path / "r.json").read_text())["epochs_completed"] == 1
-
-
-def test_10_divergence_advice_names_the_key_that_caused_it(tmp_path: Path) -> None:
-    config = small_config_file(tmp_path, training={"epochs": 2, "optimizer": "sgd", "learning_rate": 0.01,
-                                              "weight_decay": 1000})
-    proc = run_cli(["--config", str(config)], cwd=tmp_path)
-    assert proc.returncode == 3
-    assert "try a smaller training.weight_decay than 1000" in proc.stderr and "learning rate" not in proc.stderr
-    config = small_config_file(tmp_path, training={"lr_schedule": {"name": "one_cycle", "div_factor": 1e-6},
-                                              "learning_rate": 0.01})
-    proc = run_cli(["--config", str(config)], cwd=tmp_path)
-    assert proc.returncode == 3
-    assert "training.lr_schedule.div_factor 1e-06 is below 1" in proc.stderr
-
-
-@pytest.mark.parametrize("sections, message", [
-    ({"training": {"lr_schedule": {"name": "cosine", "min_lr": 0.1}}},
-     "training.lr_schedule.min_lr: got 0.1, expected at most training.learning_rate (0.001)"),
-    ({"data": {"augment": {"shift": 8}}}, "data.augment.shift: got 8, expected less than the 8 pixels"),
-])
-def test_10_values_that_cannot_work_together_are_refused(tmp_path: Path, sections: dict, message: str) -> None:
-    proc = run_cli(["--config", str(small_config_file(tmp_path, **sections))], cwd=tmp_path)
-    assert proc.returncode == 2
-    assert_one_error_line(proc.stderr, message)
-
-
-def test_10_a_one_cycle_schedule_of_one_step_warns(tmp_path: Path) -> None:
-    config = small_config_file(tmp_path, training={"lr_schedule": "one_cycle", "batch_size": 256})
-    proc = run_cli(["--config", str(config)], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    assert "WARNING: training.lr_schedule one_cycle over 1 step never reaches training.learning_rate" in proc.stderr
-
-
-def test_10_serve_with_load_model_refuses_output(tmp_path: Path, model_file: Path) -> None:
-    proc = run_cli(["--serve", "--load-model", str(model_file), "--output", "x.json"], cwd=tmp_path)
-    assert proc.returncode == 2
-    assert_one_error_line(proc.stderr, "--output has no effect with --load-model and --serve")
-
-
-def test_10_the_start_line_names_where_the_seed_came_from(tmp_path: Path) -> None:
-    proc = run_cli(["--config", str(small_config_file(tmp_path)), "--epochs", "0"], cwd=tmp_path)
-    assert "seed 42 (from built-in default)" in proc.stdout.splitlines()[0]
-    config = small_config_file(tmp_path, data={"random_seed": 7})
-    proc = run_cli(["--config", str(config), "--epochs", "0"], cwd=tmp_path)
-    assert f"seed 7 (from {tmp_path / 'config.yaml'})" in proc.stdout.splitlines()[0]
-
-
 CONFIG_NAME = "cfg.yaml"
 RESULTS_NAME = "results.json"
 MODEL_NAME = "model.npz"
@@ -626,6 +513,119 @@ def test_divergence_is_reported_on_stderr_and_the_seed_origin_in_the_log(
     assert "training diverged" not in captured.out
 
 
+# ---- bad input that ended as "unexpected" -------------------------------------------------------------
+
+
+HUGE_PADDING = {"layers": [{"conv2d": {"filters": 4, "padding": 100000, "stride": 50000}}, "relu", "flatten",
+                           {"dense": {"units": 10}}]}
+
+
+@pytest.mark.parametrize("mode", [[], ["--gradcheck"]])
+def test_a_huge_padding_is_refused_for_its_padded_input(tmp_path: Path, mode: list[str]) -> None:
+    proc = run_cli(["--config", str(small_config_file(tmp_path, model=HUGE_PADDING)), *mode], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert_one_error_line(proc.stderr, "GiB", "but this machine has")
+
+
+def test_an_absurd_shift_is_refused(tmp_path: Path) -> None:
+    config = small_config_file(tmp_path, data={"augment": {"shift": 10**23}})
+    proc = run_cli(["--config", str(config)], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert_one_error_line(proc.stderr, "data.augment.shift: got 100000000000000000000000, expected less than the 8 "
+                                       "pixels of a digits image's side")
+
+
+def test_an_optimiser_step_count_of_400_digits_is_refused(tmp_path: Path, model_file: Path) -> None:
+    meta = json.loads(str(np.load(model_file)["meta"]))
+    meta["optimizer"]["t"] = 10**400
+    rewrite_model(model_file, tmp_path / "t.npz", meta=meta)
+    proc = run_cli(["--config", str(small_config_file(tmp_path)), "--load-model", "t.npz"], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert_one_error_line(proc.stderr, "t.npz: not a valid numpy-cnn model file", "a step count from 0 to")
+
+
+# ---- wrong answers accepted ----------------------------------------------------------------------------
+
+
+def test_a_float_image_with_a_nan_is_refused_in_every_float_input(tmp_path: Path, model_file: Path) -> None:
+    grey = np.full((28, 28), 0.5, dtype=np.float32)
+    grey[3, 3] = np.nan
+    np.save(tmp_path / "nan.npy", grey)
+    Image.fromarray(grey).save(tmp_path / "nan.tif")
+    proc = run_cli(["--load-model", str(model_file), "--predict", "nan.npy", "nan.tif", "--output", "p.json"],
+                   cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [
+        "error: nan.npy: it holds NaN or infinite values",
+        "error: nan.tif: is a TIFF file; the formats read are PNG, JPEG, GIF, BMP or WebP (and .npy arrays)"]
+    json.loads((tmp_path / "p.json").read_text(), parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
+
+
+
+def test_the_float_image_path_refuses_a_nan_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Should an allowed format ever decode to float ("F") greys, a NaN in them is still refused."""
+    grey = np.full((28, 28), 0.5, dtype=np.float32)
+    grey[3, 3] = np.nan
+    monkeypatch.setattr(images, "open_image", lambda *args, **kwargs: Image.fromarray(grey))
+    with pytest.raises(DataError, match=r"^x: it holds NaN or infinite values$"):
+        images._read_picture(None, None, "x")
+
+
+# ---- misleading messages --------------------------------------------------------------------------------
+
+
+def test_a_batch_larger_than_the_data_is_sized_by_the_data(tmp_path: Path) -> None:
+    proc = run_cli(["--config", str(small_config_file(tmp_path)), "--batch-size", str(10**9), "--output", "r.json"],
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["epochs_completed"] == 1
+
+
+def test_divergence_advice_names_the_key_that_caused_it(tmp_path: Path) -> None:
+    config = small_config_file(tmp_path, training={"epochs": 2, "optimizer": "sgd", "learning_rate": 0.01,
+                                                   "weight_decay": 1000})
+    proc = run_cli(["--config", str(config)], cwd=tmp_path)
+    assert proc.returncode == 3
+    assert "try a smaller training.weight_decay than 1000" in proc.stderr and "learning rate" not in proc.stderr
+    config = small_config_file(tmp_path, training={"lr_schedule": {"name": "one_cycle", "div_factor": 1e-6},
+                                                   "learning_rate": 0.01})
+    proc = run_cli(["--config", str(config)], cwd=tmp_path)
+    assert proc.returncode == 3
+    assert "training.lr_schedule.div_factor 1e-06 is below 1" in proc.stderr
+
+
+@pytest.mark.parametrize("sections, message", [
+    ({"training": {"lr_schedule": {"name": "cosine", "min_lr": 0.1}}},
+     "training.lr_schedule.min_lr: got 0.1, expected at most training.learning_rate (0.001)"),
+    ({"data": {"augment": {"shift": 8}}}, "data.augment.shift: got 8, expected less than the 8 pixels"),
+])
+def test_values_that_cannot_work_together_are_refused(tmp_path: Path, sections: dict, message: str) -> None:
+    proc = run_cli(["--config", str(small_config_file(tmp_path, **sections))], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert_one_error_line(proc.stderr, message)
+
+
+def test_a_one_cycle_schedule_of_one_step_warns(tmp_path: Path) -> None:
+    config = small_config_file(tmp_path, training={"lr_schedule": "one_cycle", "batch_size": 256})
+    proc = run_cli(["--config", str(config)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "WARNING: training.lr_schedule one_cycle over 1 step never reaches training.learning_rate" in proc.stderr
+
+
+def test_serve_with_load_model_refuses_output(tmp_path: Path, model_file: Path) -> None:
+    proc = run_cli(["--serve", "--load-model", str(model_file), "--output", "x.json"], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert_one_error_line(proc.stderr, "--output has no effect with --load-model and --serve")
+
+
+def test_the_start_line_names_where_the_seed_came_from(tmp_path: Path) -> None:
+    proc = run_cli(["--config", str(small_config_file(tmp_path)), "--epochs", "0"], cwd=tmp_path)
+    assert "seed 42 (from built-in default)" in proc.stdout.splitlines()[0]
+    config = small_config_file(tmp_path, data={"random_seed": 7})
+    proc = run_cli(["--config", str(config), "--epochs", "0"], cwd=tmp_path)
+    assert f"seed 7 (from {tmp_path / 'config.yaml'})" in proc.stdout.splitlines()[0]
+
+
 # ---- what the command line documents ---------------------------------------------------------------------------
 
 
@@ -903,7 +903,7 @@ def test_any_config_and_flags_end_in_a_documented_exit_code(inputs: Path, offlin
     assert not crashed(printed.out) and not crashed(printed.err), context
 
 
-# ---- 8. too big for memory ---------------------------------------------------------------------------
+# ---- too big for memory ------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("layers", "batch", "message"), [

@@ -54,7 +54,7 @@ def write_idx_folder(folder: Path, images_: np.ndarray, labels: np.ndarray) -> P
     return folder
 
 
-def test_10_a_folder_of_garments_trained_as_mnist_is_named(tmp_path: Path) -> None:
+def test_a_folder_of_garments_trained_as_mnist_is_named(tmp_path: Path) -> None:
     """Fashion-MNIST's garments fill much of the frame (mean brightness 0.29 against MNIST's 0.13)."""
     rng = np.random.default_rng(0)
     garments = np.zeros((300, 28, 28))
@@ -70,7 +70,7 @@ def test_10_a_folder_of_garments_trained_as_mnist_is_named(tmp_path: Path) -> No
     assert proc.returncode == 0 and "look like" not in proc.stderr, proc.stderr
 
 
-def test_10_asking_for_more_images_than_a_folder_holds_ends_with_the_fix(tmp_path: Path) -> None:
+def test_asking_for_more_images_than_a_folder_holds_ends_with_the_fix(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     folder = write_idx_folder(tmp_path / "small", rng.integers(0, 60, (500, 28, 28)), rng.integers(0, 10, 500))
     proc = run_cli(["--config", str(small_config_file(tmp_path, data={"dataset": "mnist"})), "--data-path", str(folder),

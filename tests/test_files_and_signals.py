@@ -47,10 +47,10 @@ def character_device(folder: Path, name: str, minor: int) -> Path:
     return path
 
 
-# ---- 1. outputs and special files -------------------------------------------------------------------
+# ---- outputs and special files ----------------------------------------------------------------------
 
 
-def test_1_an_output_through_a_symlink_replaces_the_target_and_keeps_the_link(tmp_path: Path) -> None:
+def test_an_output_through_a_symlink_replaces_the_target_and_keeps_the_link(tmp_path: Path) -> None:
     (tmp_path / "target.json").write_text("{}")
     (tmp_path / "link.json").symlink_to("target.json")
     proc = run_cli(["--config", str(small_config_file(tmp_path)), "--output", "link.json"], cwd=tmp_path)
@@ -59,7 +59,7 @@ def test_1_an_output_through_a_symlink_replaces_the_target_and_keeps_the_link(tm
     assert json.loads((tmp_path / "target.json").read_text())["status"] == "completed"
 
 
-def test_1_a_character_device_is_written_through_not_replaced(tmp_path: Path) -> None:
+def test_a_character_device_is_written_through_not_replaced(tmp_path: Path) -> None:
     null = character_device(tmp_path, "null", 3)
     proc = run_cli(["--config", str(small_config_file(tmp_path)), "--output", str(null), "--save-model", str(null)
                     .replace("null", "m.npz")], cwd=tmp_path)
@@ -67,7 +67,7 @@ def test_1_a_character_device_is_written_through_not_replaced(tmp_path: Path) ->
     assert stat.S_ISCHR(null.stat().st_mode), "the device was replaced by a regular file"
 
 
-def test_1_a_full_device_is_exit_4_with_one_line_and_the_other_files_are_written(tmp_path: Path) -> None:
+def test_a_full_device_is_exit_4_with_one_line_and_the_other_files_are_written(tmp_path: Path) -> None:
     full = character_device(tmp_path, "full", 7)
     proc = run_cli(["--config", str(small_config_file(tmp_path)), "--output", str(full), "--save-model", "m.npz"],
                    cwd=tmp_path)
@@ -76,7 +76,7 @@ def test_1_a_full_device_is_exit_4_with_one_line_and_the_other_files_are_written
     assert stat.S_ISCHR(full.stat().st_mode) and (tmp_path / "m.npz").is_file()
 
 
-def test_1_a_fifo_is_written_through_to_its_reader(tmp_path: Path) -> None:
+def test_a_fifo_is_written_through_to_its_reader(tmp_path: Path) -> None:
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     received: list[bytes] = []
@@ -89,14 +89,14 @@ def test_1_a_fifo_is_written_through_to_its_reader(tmp_path: Path) -> None:
     assert json.loads(received[0])["status"] == "completed"
 
 
-def test_1_a_fifo_nobody_reads_is_exit_4_at_once_not_a_hang(tmp_path: Path) -> None:
+def test_a_fifo_nobody_reads_is_exit_4_at_once_not_a_hang(tmp_path: Path) -> None:
     os.mkfifo(tmp_path / "fifo")
     proc = run_cli(["--config", str(small_config_file(tmp_path)), "--output", "fifo"], cwd=tmp_path, timeout=60)
     assert proc.returncode == 4, proc.stderr
     assert proc.stderr == "ERROR: could not write the results fifo (a FIFO that no program is reading)\n"
 
 
-def test_1_a_socket_is_refused_before_training(tmp_path: Path) -> None:
+def test_a_socket_is_refused_before_training(tmp_path: Path) -> None:
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(str(tmp_path / "sock"))
     try:
@@ -108,7 +108,7 @@ def test_1_a_socket_is_refused_before_training(tmp_path: Path) -> None:
     assert "epoch" not in proc.stdout
 
 
-# ---- 2. a stdout that cannot be written ----------------------------------------------------------------
+# ---- a stdout that cannot be written -------------------------------------------------------------------
 
 
 def run_into(stdout_path: Path, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -120,7 +120,7 @@ def run_into(stdout_path: Path, args: list[str], cwd: Path) -> subprocess.Comple
 STDOUT_FULL = "error: cannot write to standard output (No space left on device); every file asked for was written\n"
 
 
-def test_2_a_full_stdout_still_writes_the_model_and_results_then_exits_4(tmp_path: Path) -> None:
+def test_a_full_stdout_still_writes_the_model_and_results_then_exits_4(tmp_path: Path) -> None:
     full = character_device(tmp_path, "full", 7)
     proc = run_into(full, ["--config", str(small_config_file(tmp_path)), "--save-model", "m.npz", "--output", "r.json"],
                     tmp_path)
@@ -129,7 +129,7 @@ def test_2_a_full_stdout_still_writes_the_model_and_results_then_exits_4(tmp_pat
     assert (tmp_path / "m.npz").is_file() and json.loads((tmp_path / "r.json").read_text())["status"] == "completed"
 
 
-def test_2_a_full_stdout_under_predict_and_gradcheck(tmp_path: Path, model_file: Path) -> None:
+def test_a_full_stdout_under_predict_and_gradcheck(tmp_path: Path, model_file: Path) -> None:
     full = character_device(tmp_path, "full", 7)
     np.save(tmp_path / "digit.npy", np.eye(8))
     proc = run_into(full, ["--load-model", str(model_file), "--predict", "digit.npy", "--output", "p.json"], tmp_path)
@@ -140,7 +140,7 @@ def test_2_a_full_stdout_under_predict_and_gradcheck(tmp_path: Path, model_file:
     assert json.loads((tmp_path / "g.json").read_text())["status"] == "passed"
 
 
-def test_2_a_full_stdout_under_serve_serves_and_ends_with_exit_4(tmp_path: Path, model_file: Path) -> None:
+def test_a_full_stdout_under_serve_serves_and_ends_with_exit_4(tmp_path: Path, model_file: Path) -> None:
     full = character_device(tmp_path, "full", 7)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -164,7 +164,7 @@ def test_2_a_full_stdout_under_serve_serves_and_ends_with_exit_4(tmp_path: Path,
     assert process.returncode == 4 and stderr == STDOUT_FULL, stderr
 
 
-def test_2_a_closed_pipe_is_still_141_but_after_the_files_are_written(tmp_path: Path) -> None:
+def test_a_closed_pipe_is_still_141_but_after_the_files_are_written(tmp_path: Path) -> None:
     process = subprocess.Popen([sys.executable, str(MAIN), "--config", str(small_config_file(tmp_path, training={
         "epochs": 3})), "--save-model", "m.npz", "--output", "r.json"], cwd=tmp_path, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)
@@ -251,7 +251,7 @@ def start(args: list[str], cwd: Path) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
-# ---- 1. a closed stdout ----------------------------------------------------------------------------
+# ---- a closed stdout -------------------------------------------------------------------------------
 
 
 def test_a_reader_that_goes_away_ends_the_run_quietly(tmp_path: Path) -> None:
@@ -303,7 +303,7 @@ def test_a_model_file_on_a_full_disk_is_named_and_the_results_are_still_written(
     assert not list(tmp_path.glob("*.npz")) and not list(tmp_path.glob(".m.npz*"))
 
 
-# ---- 4. names too long -------------------------------------------------------------------------------
+# ---- names too long ----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("flag", ["--output", "--save-model"])
@@ -317,7 +317,7 @@ def test_a_name_too_long_for_the_temporary_file_is_refused_before_training(tmp_p
     assert len(proc.stderr.splitlines()) == 1 and "epoch 1/1" not in proc.stdout
 
 
-# ---- 10. two outputs on one file ---------------------------------------------------------------------
+# ---- two outputs on one file -------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("flags", "message"), [
@@ -343,7 +343,7 @@ def test_continuing_a_model_into_its_own_file_is_allowed(tmp_path: Path) -> None
     assert modelfile.load_model(tmp_path / "m.npz", main.build_model).meta["training"]["epochs_completed"] == 2
 
 
-# ---- 13. a signal while the pictures are drawn -------------------------------------------------------
+# ---- a signal while the pictures are drawn -----------------------------------------------------------
 
 
 def test_sigterm_while_writing_the_outputs_gives_a_status_that_matches_the_exit_code(tmp_path: Path) -> None:

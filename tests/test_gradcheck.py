@@ -20,10 +20,10 @@ from PIL import Image
 
 import main
 
-# ---- 12. the gradient check's results file ---------------------------------------------------------------
+# ---- the gradient check's results file -------------------------------------------------------------------
 
 
-def test_12_gradcheck_output_has_its_documented_keys(tmp_path: Path) -> None:
+def test_gradcheck_output_has_its_documented_keys(tmp_path: Path) -> None:
     proc = run_cli(["--config", str(small_config_file(tmp_path)), "--gradcheck", "--output", "g.json"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     document = json.loads((tmp_path / "g.json").read_text())
@@ -31,14 +31,14 @@ def test_12_gradcheck_output_has_its_documented_keys(tmp_path: Path) -> None:
     assert set(document["versions"]) >= {"python", "numpy"}
 
 
-# ---- 11. the gradient check of a deep ReLU network ----------------------------------------------------------
+# ---- the gradient check of a deep ReLU network --------------------------------------------------------------
 
 
 DEEP_RELU = {"layers": [item for _ in range(24) for item in ({"conv2d": {"filters": 4, "padding": 1}}, "relu")]
              + ["flatten", {"dense": {"units": 10}}]}
 
 
-def test_11_a_correct_deep_relu_network_passes_with_its_kinks_judged_apart(tmp_path: Path) -> None:
+def test_a_correct_deep_relu_network_passes_with_its_kinks_judged_apart(tmp_path: Path) -> None:
     """With seed 3 some coordinates' +-eps moves a deep ReLU across 0: their central difference measured no
     slope (a whole-model error of 1e-3 before); they are now counted as kinks, and the others must agree."""
     config = small_config_file(tmp_path, model=DEEP_RELU, data={"random_seed": 3})
@@ -49,7 +49,7 @@ def test_11_a_correct_deep_relu_network_passes_with_its_kinks_judged_apart(tmp_p
     assert whole["kinks"] >= 1 and whole["coords"] + whole["kinks"] == 20
 
 
-def test_11_a_broken_backward_in_a_deep_relu_network_still_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_a_broken_backward_in_a_deep_relu_network_still_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                 capsys: pytest.CaptureFixture) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(main.ReLU, "backward", lambda self, grad_out: grad_out * self.positive * 0.999)

@@ -736,7 +736,7 @@ def test_batchnorm_training_normalises_each_channel(shape: tuple[int, ...]) -> N
 def test_batchnorm_running_statistics_follow_pytorch_rule_over_several_steps() -> None:
     """After five training steps on batches of different means and spreads, the running statistics are
     (1 - momentum) * running + momentum * statistic from (0, 1), with the UNBIASED batch variance (PyTorch's
-    rule; tests/test_new_layers_torch.py compares with PyTorch itself). Evaluation then uses them, not the batch."""
+    rule; tests/test_torch.py compares with PyTorch itself). Evaluation then uses them, not the batch."""
     rng = np.random.default_rng(21)
     layer = BatchNorm(3, momentum=0.2)
     to_float64(layer)

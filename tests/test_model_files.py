@@ -37,7 +37,7 @@ import modelfile
 from errors import ModelFileError
 
 
-def test_8_a_model_file_with_a_huge_padding_is_refused_by_predict(tmp_path: Path, model_file: Path) -> None:
+def test_a_model_file_with_a_huge_padding_is_refused_by_predict(tmp_path: Path, model_file: Path) -> None:
     meta = json.loads(str(np.load(model_file)["meta"]))
     meta["model"]["layers"][0] = {"conv2d": {"filters": 4, "kernel_size": 3, "stride": 50000, "padding": 100000}}
     rewrite_model(model_file, tmp_path / "pad.npz", meta=meta)
@@ -47,7 +47,7 @@ def test_8_a_model_file_with_a_huge_padding_is_refused_by_predict(tmp_path: Path
     assert_one_error_line(proc.stderr, "pad.npz: the stored architecture cannot run here", "GiB")
 
 
-def test_9_a_model_file_with_a_negative_variance_is_refused(tmp_path: Path) -> None:
+def test_a_model_file_with_a_negative_variance_is_refused(tmp_path: Path) -> None:
     config = small_config_file(tmp_path, model={"layers": [{"conv2d": {"filters": 4, "padding": 1}}, "batchnorm",
                                                            "relu", "flatten", {"dense": {"units": 10}}]})
     assert run_cli(["--config", str(config), "--save-model", "bn.npz"], cwd=tmp_path).returncode == 0

@@ -39,7 +39,7 @@ from errors import DataError
 
 
 @pytest.mark.parametrize("format", ["PNG", "JPEG", "GIF", "BMP", "WEBP"])
-def test_5_every_allowed_format_opens(format: str) -> None:
+def test_every_allowed_format_opens(format: str) -> None:
     if format == "WEBP" and not features.check("webp"):
         pytest.skip("this Pillow has no WebP support")
     picture = Image.fromarray((np.eye(16) * 255).astype(np.uint8)).convert("RGB")
@@ -52,7 +52,7 @@ def test_5_every_allowed_format_opens(format: str) -> None:
     ("digit.tif", encoded(Image.fromarray(np.eye(8, dtype=np.float32)), "TIFF"), "is a TIFF file"),
     ("digit.ico", encoded(Image.fromarray((np.eye(16) * 255).astype(np.uint8)), "ICO"), "cannot read it as an image"),
 ])
-def test_5_other_formats_are_refused_before_pillow_decodes_them(tmp_path: Path, model_file: Path, name: str,
+def test_other_formats_are_refused_before_pillow_decodes_them(tmp_path: Path, model_file: Path, name: str,
                                                                data: bytes, kind: str) -> None:
     from PIL import EpsImagePlugin
 
@@ -381,7 +381,7 @@ def test_npy_images_work_in_bytes_or_fractions(saved: SavedModel, predictions: P
     assert by_file["digit.npy"][0]["class"] == str(direct)
 
 
-def test_16_bit_and_slightly_overshooting_images_read_like_8_bit_ones(tmp_path: Path) -> None:
+def test_bit_and_slightly_overshooting_images_read_like_8_bit_ones(tmp_path: Path) -> None:
     """A 16-bit grey PNG is scaled by 65535 (Pillow's convert("L") would clip it to white), and a float .npy
     whose maximum overshoots 1 a little (as after resampling) stays in [0, 1] instead of being taken as 0-255."""
     picture = np.full((40, 40), 50000, dtype=np.uint16)

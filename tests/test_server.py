@@ -43,7 +43,7 @@ import serve
 from errors import CNNError
 
 
-def test_5_the_server_refuses_an_eps_drawing(model_file: Path) -> None:
+def test_the_server_refuses_an_eps_drawing(model_file: Path) -> None:
     loaded = modelfile.load_model(model_file, main.build_model)
     predictor = serve.Predictor(loaded.model, lambda image: images.prepare_image(image, loaded.model.input_shape),
                                 main.softmax, loaded.meta["class_names"])
@@ -97,7 +97,7 @@ def big_png(side: int) -> bytes:
     return encoded(Image.fromarray(rgba), "PNG")
 
 
-def test_3_thirty_concurrent_big_uploads_keep_the_server_under_200_mb(tmp_path: Path, model_file: Path) -> None:
+def test_thirty_concurrent_big_uploads_keep_the_server_under_200_mb(tmp_path: Path, model_file: Path) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     port = free_port()
@@ -121,7 +121,7 @@ def test_3_thirty_concurrent_big_uploads_keep_the_server_under_200_mb(tmp_path: 
     assert peak_kb < 200 * 1024
 
 
-def test_3_the_page_sends_its_drawing_at_the_pad_size() -> None:
+def test_the_page_sends_its_drawing_at_the_pad_size() -> None:
     """The page never sends more than MAX_IMAGE_PIXELS: it posts its 280x280 drawing pad, whatever the screen."""
     page = (Path(__file__).resolve().parents[1] / "src" / "web" / "index.html").read_text()
     assert '<canvas id="pad" width="280" height="280"' in page and 'pad.toDataURL("image/png")' in page
@@ -157,7 +157,7 @@ def get_model(port: int, timeout: float = 10) -> int:
         connection.close()
 
 
-def test_4_a_client_that_trickles_its_request_is_cut_off_at_the_deadline(small_server: serve.DrawServer) -> None:
+def test_a_client_that_trickles_its_request_is_cut_off_at_the_deadline(small_server: serve.DrawServer) -> None:
     """A byte every 0.3 s never trips a per-read timeout; the total deadline (2 s here) closes it all the same."""
     client = socket.create_connection(("127.0.0.1", small_server.port), timeout=10)
     start, closed_after = time.monotonic(), None
@@ -180,7 +180,7 @@ def test_4_a_client_that_trickles_its_request_is_cut_off_at_the_deadline(small_s
     assert closed_after is not None and closed_after < 5, "the trickling connection was kept open"
 
 
-def test_4_beyond_the_connection_cap_a_client_gets_503_and_a_normal_request_is_answered_soon(
+def test_beyond_the_connection_cap_a_client_gets_503_and_a_normal_request_is_answered_soon(
         small_server: serve.DrawServer) -> None:
     idle = [socket.create_connection(("127.0.0.1", small_server.port), timeout=10) for _ in range(20)]
     try:
@@ -202,7 +202,7 @@ def test_4_beyond_the_connection_cap_a_client_gets_503_and_a_normal_request_is_a
             connection.close()
 
 
-def test_7_a_client_that_announces_a_body_and_sends_none_is_closed_not_answered_500(
+def test_a_client_that_announces_a_body_and_sends_none_is_closed_not_answered_500(
         small_server: serve.DrawServer) -> None:
     client = socket.create_connection(("127.0.0.1", small_server.port), timeout=10)
     try:
@@ -219,7 +219,7 @@ def test_7_a_client_that_announces_a_body_and_sends_none_is_closed_not_answered_
     assert b" 500 " not in answer, answer
 
 
-def test_6_sigterm_stops_a_server_that_trained_first_with_143(tmp_path: Path) -> None:
+def test_sigterm_stops_a_server_that_trained_first_with_143(tmp_path: Path) -> None:
     port = free_port()
     process = subprocess.Popen([sys.executable, str(MAIN), "--config", str(small_config_file(tmp_path)), "--serve",
                                 "--port", str(port)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
