@@ -36,7 +36,7 @@ from datafiles import read_idx
 ROOT = Path(__file__).resolve().parents[1]
 MAIN = ROOT / "src" / "main.py"
 
-# ---- running the command line --------------------------------------------------------------------------------
+# ---- running the command line ---------------------------------------------------------------------------------------
 
 
 def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -58,7 +58,7 @@ def write_config(folder: Path, config: dict | None = None, name: str = "config.y
     return path
 
 
-# ---- IDX files (the MNIST format) ----------------------------------------------------------------------------
+# ---- IDX files (the MNIST format) -----------------------------------------------------------------------------------
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -75,6 +75,16 @@ def write_idx(path: Path, array: np.ndarray) -> Path:
     return path
 
 
+def write_idx_split(folder: Path, prefix: str, images: np.ndarray, labels: np.ndarray, gz: bool = False) -> Path:
+    """images and labels as folder/<prefix>-images-idx3-ubyte and <prefix>-labels-idx1-ubyte (prefix "train" or
+    "t10k"), gzipped with a .gz name when gz; returns the folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    suffix = ".gz" if gz else ""
+    write_idx(folder / f"{prefix}-images-idx3-ubyte{suffix}", images)
+    write_idx(folder / f"{prefix}-labels-idx1-ubyte{suffix}", labels)
+    return folder
+
+
 def write_idx_folder(folder: Path, n_train: int = 30, n_test: int = 10, seed: int = 0) -> Path:
     """A new folder of random 28x28 images with labels 0-9 (each present once n >= 10) as gzipped train and t10k
     IDX files, like MNIST's."""
@@ -86,7 +96,7 @@ def write_idx_folder(folder: Path, n_train: int = 30, n_test: int = 10, seed: in
     return folder
 
 
-# ---- the real data sets, where this machine has them ---------------------------------------------------------
+# ---- the real data sets, where this machine has them ----------------------------------------------------------------
 
 # Environment variable -> (the folders tried when it is not set, a file the folder must hold).
 DATA_SETS = {
@@ -110,7 +120,7 @@ def find_data(variable: str) -> tuple[Path | None, str]:
                   f"(e.g. {variable}=/path/to/folder pytest ...)")
 
 
-# ---- models --------------------------------------------------------------------------------------------------
+# ---- models ---------------------------------------------------------------------------------------------------------
 
 
 def model_section(*layers: str | dict) -> dict:
@@ -167,7 +177,7 @@ def untrained_model_scores(results: dict) -> tuple[float, float, int]:
     return loss, float(np.mean(logits.argmax(axis=1) == data.y_test)), len(data.y_test)
 
 
-# ---- small runs and their configs ----------------------------------------------------------------------------
+# ---- small runs and their configs -----------------------------------------------------------------------------------
 
 DIGITS = ["--dataset", "digits", "--n-train", "200", "--n-test", "60", "--epochs", "1"]
 
@@ -281,7 +291,7 @@ def run_limited(args: list[str], cwd: Path, memory: int = 2 << 30, timeout: floa
                           timeout=timeout)
 
 
-# ---- model files ---------------------------------------------------------------------------------------------
+# ---- model files ----------------------------------------------------------------------------------------------------
 
 
 GOOD_MODEL_LAYERS = [{"conv2d": {"filters": 2, "kernel_size": 3, "padding": 1}}, {"batchnorm": {}}, "relu", "flatten",
@@ -303,7 +313,7 @@ def arrays_of(path: Path) -> dict[str, np.ndarray]:
         return {key: archive[key] for key in archive.files}
 
 
-# ---- pictures and folders of pictures ------------------------------------------------------------------------
+# ---- pictures and folders of pictures -------------------------------------------------------------------------------
 
 
 def encoded(image: Image.Image, format: str) -> bytes:
@@ -358,7 +368,7 @@ def colour_folder(root: Path, n: int, seed: int = 1) -> tuple[np.ndarray, np.nda
     return coloured, labels[chosen]
 
 
-# ---- gradient checks by central differences ------------------------------------------------------------------
+# ---- gradient checks by central differences -------------------------------------------------------------------------
 
 
 STEP = 1e-6  # central-difference step (float64)
@@ -396,7 +406,7 @@ def gradient_error(analytic: np.ndarray, numeric: np.ndarray) -> float:
     return float(np.max(np.abs(analytic - numeric))) / scale
 
 
-# ---- the server and the live page ----------------------------------------------------------------------------
+# ---- the server and the live page -----------------------------------------------------------------------------------
 
 
 CLASS_NAMES = [str(digit) for digit in range(10)]

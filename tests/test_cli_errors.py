@@ -33,6 +33,7 @@ from helpers import (
     untrained_model_scores,
     write_config,
     write_idx,
+    write_idx_split,
 )
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -66,7 +67,7 @@ SAFE_CONFIG: dict = {
 IDX_DATA = {"dataset": "mnist", "path": "idx", "n_train": 10, "n_test": 5}  # data section for the IDX cases
 
 
-# ---- IDX files built by hand -----------------------------------------------------------------------
+# ---- IDX files built by hand ----------------------------------------------------------------------------------------
 
 
 def write_file(path: Path, content: bytes, gz: bool = False) -> None:
@@ -85,19 +86,12 @@ def random_labels(n: int) -> np.ndarray:
     return np.arange(n, dtype=np.uint8) % 10
 
 
-def write_split(folder: Path, prefix: str, image_array: np.ndarray, label_array: np.ndarray,
-                gz: bool = False) -> None:
-    """prefix 'train' or 't10k': writes <prefix>-images-idx3-ubyte and <prefix>-labels-idx1-ubyte."""
-    write_file(folder / f"{prefix}-images-idx3-ubyte", idx_bytes(image_array), gz)
-    write_file(folder / f"{prefix}-labels-idx1-ubyte", idx_bytes(label_array), gz)
-
-
 def idx_valid(n_train: int, n_test: int | None = None) -> Callable[[Path], None]:
     """A well-formed IDX folder 'idx' with n_train training images and, if n_test is given, a t10k split."""
     def build(run_dir: Path) -> None:
-        write_split(run_dir / "idx", "train", random_images(n_train), random_labels(n_train), gz=True)
+        write_idx_split(run_dir / "idx", "train", random_images(n_train), random_labels(n_train), gz=True)
         if n_test is not None:
-            write_split(run_dir / "idx", "t10k", random_images(n_test), random_labels(n_test), gz=True)
+            write_idx_split(run_dir / "idx", "t10k", random_images(n_test), random_labels(n_test), gz=True)
     return build
 
 
@@ -106,20 +100,20 @@ def idx_empty_folder(run_dir: Path) -> None:
 
 
 def idx_truncated_images(run_dir: Path) -> None:
-    write_split(run_dir / "idx", "train", random_images(30), random_labels(30))
+    write_idx_split(run_dir / "idx", "train", random_images(30), random_labels(30))
     image_file = run_dir / "idx" / "train-images-idx3-ubyte"
     image_file.write_bytes(image_file.read_bytes()[:-100])  # as if the download stopped early
 
 
 def idx_truncated_gzip(run_dir: Path) -> None:
-    write_split(run_dir / "idx", "train", random_images(30), random_labels(30), gz=True)
+    write_idx_split(run_dir / "idx", "train", random_images(30), random_labels(30), gz=True)
     image_file = run_dir / "idx" / "train-images-idx3-ubyte.gz"
     image_file.write_bytes(image_file.read_bytes()[: len(image_file.read_bytes()) // 2])
 
 
 def idx_corrupt_gzip(run_dir: Path) -> None:
     """A gzip file whose compressed stream is damaged (a flipped bit in the first deflate block header)."""
-    write_split(run_dir / "idx", "train", np.zeros((30, 28, 28), np.uint8), random_labels(30), gz=True)
+    write_idx_split(run_dir / "idx", "train", np.zeros((30, 28, 28), np.uint8), random_labels(30), gz=True)
     image_file = run_dir / "idx" / "train-images-idx3-ubyte.gz"
     damaged = bytearray(image_file.read_bytes())
     damaged[10] ^= 0xFF  # byte 10 is the first byte after gzip's 10-byte header
@@ -127,19 +121,19 @@ def idx_corrupt_gzip(run_dir: Path) -> None:
 
 
 def idx_wrong_magic(run_dir: Path) -> None:
-    write_split(run_dir / "idx", "train", random_images(30), random_labels(30))
+    write_idx_split(run_dir / "idx", "train", random_images(30), random_labels(30))
     image_file = run_dir / "idx" / "train-images-idx3-ubyte"
     image_file.write_bytes(b"\x1f\x8b\x08\x00" + image_file.read_bytes()[4:])  # a gzip magic, not IDX
 
 
 def idx_count_mismatch(run_dir: Path) -> None:
-    write_split(run_dir / "idx", "train", random_images(30), random_labels(29))
+    write_idx_split(run_dir / "idx", "train", random_images(30), random_labels(29))
 
 
 def idx_label_out_of_range(run_dir: Path) -> None:
     bad_labels = random_labels(30)
     bad_labels[7] = 12
-    write_split(run_dir / "idx", "train", random_images(30), bad_labels)
+    write_idx_split(run_dir / "idx", "train", random_images(30), bad_labels)
 
 
 def idx_labels_missing(run_dir: Path) -> None:
@@ -147,7 +141,7 @@ def idx_labels_missing(run_dir: Path) -> None:
 
 
 def idx_images_not_3d(run_dir: Path) -> None:
-    write_split(run_dir / "idx", "train", random_labels(30), random_labels(30))  # a 1-D array where images belong
+    write_idx_split(run_dir / "idx", "train", random_labels(30), random_labels(30))  # a 1-D array where images belong
 
 
 def regular_file(name: str) -> Callable[[Path], None]:
@@ -162,7 +156,7 @@ def folder(name: str) -> Callable[[Path], None]:
     return build
 
 
-# ---- the table ---------------------------------------------------------------------------------------
+# ---- the table ------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -338,7 +332,7 @@ CASES = [
 ]
 
 
-# ---- running a case --------------------------------------------------------------------------------
+# ---- running a case -------------------------------------------------------------------------------------------------
 
 
 def prepare(case: Case, run_dir: Path, previous_outputs: bool) -> list[str]:
@@ -434,7 +428,7 @@ def test_bad_input_in_a_fresh_process(tmp_path: Path) -> None:
         assert not (run_dir / RESULTS_NAME).exists()
 
 
-# ---- values that look odd but are valid --------------------------------------------------------------
+# ---- values that look odd but are valid -----------------------------------------------------------------------------
 
 
 def test_learning_rate_in_e_notation_is_accepted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -513,7 +507,7 @@ def test_divergence_is_reported_on_stderr_and_the_seed_origin_in_the_log(
     assert "training diverged" not in captured.out
 
 
-# ---- bad input that ended as "unexpected" -------------------------------------------------------------
+# ---- bad input that ended as "unexpected" ---------------------------------------------------------------------------
 
 
 HUGE_PADDING = {"layers": [{"conv2d": {"filters": 4, "padding": 100000, "stride": 50000}}, "relu", "flatten",
@@ -544,7 +538,7 @@ def test_an_optimiser_step_count_of_400_digits_is_refused(tmp_path: Path, model_
     assert_one_error_line(proc.stderr, "t.npz: not a valid numpy-cnn model file", "a step count from 0 to")
 
 
-# ---- wrong answers accepted ----------------------------------------------------------------------------
+# ---- wrong answers accepted -----------------------------------------------------------------------------------------
 
 
 def test_a_float_image_with_a_nan_is_refused_in_every_float_input(tmp_path: Path, model_file: Path) -> None:
@@ -571,7 +565,7 @@ def test_the_float_image_path_refuses_a_nan_too(monkeypatch: pytest.MonkeyPatch)
         images._read_picture(None, None, "x")
 
 
-# ---- misleading messages --------------------------------------------------------------------------------
+# ---- misleading messages --------------------------------------------------------------------------------------------
 
 
 def test_a_batch_larger_than_the_data_is_sized_by_the_data(tmp_path: Path) -> None:
@@ -626,7 +620,7 @@ def test_the_start_line_names_where_the_seed_came_from(tmp_path: Path) -> None:
     assert f"seed 7 (from {tmp_path / 'config.yaml'})" in proc.stdout.splitlines()[0]
 
 
-# ---- what the command line documents ---------------------------------------------------------------------------
+# ---- what the command line documents --------------------------------------------------------------------------------
 
 
 def documented_exit_codes() -> set[int]:
@@ -652,7 +646,7 @@ def crashed(text: str) -> bool:
     return "Traceback" in text or "unexpected" in text.lower().replace("found unexpected", "")
 
 
-# ---- the files a run may be pointed at -------------------------------------------------------------------------
+# ---- the files a run may be pointed at ------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -686,7 +680,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-# ---- random YAML -----------------------------------------------------------------------------------------------
+# ---- random YAML ----------------------------------------------------------------------------------------------------
 
 SECTIONS = list(config_schema.SCHEMA)
 KEYS = sorted({key for section in config_schema.SCHEMA.values() for key in section}
@@ -756,7 +750,7 @@ yaml_texts = st.one_of(
     config_like.map(lambda document: as_yaml(document) + "training:\n  epochs: 1\n"),  # a section twice
 )
 
-# ---- random flags ----------------------------------------------------------------------------------------------
+# ---- random flags ---------------------------------------------------------------------------------------------------
 
 VALUES = {  # flag -> what a user might give it: valid values, and mistakes
     "--config": ["cfg.yaml", "config.yaml", "missing.yaml", "a_folder", "junk.png", "idx"],
@@ -845,7 +839,7 @@ def keep_it_small(argv: list[str]) -> list[str]:
     return [*argv, *extra]
 
 
-# ---- the property ----------------------------------------------------------------------------------------------
+# ---- the property ---------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -903,7 +897,7 @@ def test_any_config_and_flags_end_in_a_documented_exit_code(inputs: Path, offlin
     assert not crashed(printed.out) and not crashed(printed.err), context
 
 
-# ---- too big for memory ------------------------------------------------------------------------------
+# ---- too big for memory ---------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("layers", "batch", "message"), [

@@ -25,7 +25,7 @@ import main
 import plumbing
 from errors import CNNError, ConfigError
 
-# ---- YAML --------------------------------------------------------------------------------------------------------
+# ---- YAML -----------------------------------------------------------------------------------------------------------
 
 
 def laughs(levels: int = 9) -> str:
@@ -155,7 +155,7 @@ def test_duplicate_sections_on_the_command_line(tmp_path: Path, monkeypatch: pyt
     assert code == 2
 
 
-# ---- ~ in config paths -------------------------------------------------------------------------------------------
+# ---- ~ in config paths ----------------------------------------------------------------------------------------------
 
 
 def test_a_tilde_in_a_config_path_means_the_home_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -168,7 +168,7 @@ def test_a_tilde_in_a_config_path_means_the_home_folder(monkeypatch: pytest.Monk
     assert config_schema.validate_config({"data": {"path": "a/~b"}})["data"]["path"] == "a/~b"  # only at the start
 
 
-# ---- .env --------------------------------------------------------------------------------------------------------
+# ---- .env -----------------------------------------------------------------------------------------------------------
 
 
 def test_a_dotenv_that_is_not_utf8_is_one_line_naming_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -205,7 +205,7 @@ def test_a_dotenv_that_is_not_utf8_on_the_command_line(tmp_path: Path) -> None:
     assert run.returncode == 2
 
 
-# ---- configuration -----------------------------------------------------------------------------
+# ---- configuration --------------------------------------------------------------------------------------------------
 
 
 def test_repo_config_is_the_default_config() -> None:

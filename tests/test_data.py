@@ -30,6 +30,7 @@ from helpers import (
     write_class_folders,
     write_config,
     write_idx,
+    write_idx_split,
 )
 from PIL import Image
 
@@ -42,24 +43,12 @@ from datafiles import IDX_FILES, read_idx
 from errors import DataError
 
 
-def write_idx_folder(folder: Path, images_: np.ndarray, labels: np.ndarray) -> Path:
-    """train-images / train-labels IDX files (gzip), as MNIST and Fashion-MNIST ship them."""
-    import gzip
-
-    folder.mkdir()
-    header = np.array([2051, len(images_), 28, 28], dtype=">u4").tobytes()
-    (folder / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(header + images_.astype(np.uint8).tobytes()))
-    header = np.array([2049, len(labels)], dtype=">u4").tobytes()
-    (folder / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(header + labels.astype(np.uint8).tobytes()))
-    return folder
-
-
 def test_a_folder_of_garments_trained_as_mnist_is_named(tmp_path: Path) -> None:
     """Fashion-MNIST's garments fill much of the frame (mean brightness 0.29 against MNIST's 0.13)."""
     rng = np.random.default_rng(0)
     garments = np.zeros((300, 28, 28))
     garments[:, 4:24, 6:22] = rng.integers(100, 200, (300, 20, 16))
-    folder = write_idx_folder(tmp_path / "fashion", garments, rng.integers(0, 10, 300))
+    folder = write_idx_split(tmp_path / "fashion", "train", garments, rng.integers(0, 10, 300), gz=True)
     args = ["--config", str(small_config_file(tmp_path, data={"dataset": "mnist"})), "--data-path", str(folder),
             "--n-train", "200", "--n-test", "50", "--epochs", "0"]
     proc = run_cli(args, cwd=tmp_path)
@@ -72,7 +61,8 @@ def test_a_folder_of_garments_trained_as_mnist_is_named(tmp_path: Path) -> None:
 
 def test_asking_for_more_images_than_a_folder_holds_ends_with_the_fix(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
-    folder = write_idx_folder(tmp_path / "small", rng.integers(0, 60, (500, 28, 28)), rng.integers(0, 10, 500))
+    images, labels = rng.integers(0, 60, (500, 28, 28)), rng.integers(0, 10, 500)
+    folder = write_idx_split(tmp_path / "small", "train", images, labels, gz=True)
     proc = run_cli(["--config", str(small_config_file(tmp_path, data={"dataset": "mnist"})), "--data-path", str(folder),
                     "--n-train", "1000", "--n-test", "200"], cwd=tmp_path)
     assert proc.returncode == 2
@@ -284,7 +274,7 @@ def test_a_damaged_cache_is_rebuilt_with_a_warning(tmp_path: Path, caplog: pytes
     assert folders.decoded_arrays(tmp_path / "messy", [8, 8], "grey", tmp_path / "cache")["source"] == "cache"
 
 
-# ---- IDX files and gzip bombs ------------------------------------------------------------------------------------
+# ---- IDX files and gzip bombs ---------------------------------------------------------------------------------------
 
 
 ZEROS = 16 << 20  # one gzip member of 16 MiB of zeros compresses to 16 KB
@@ -361,7 +351,7 @@ def test_an_idx_file_with_more_or_fewer_bytes_than_declared_is_one_line(tmp_path
     assert np.array_equal(datafiles.read_idx(gz), np.arange(60, dtype=np.uint8).reshape(3, 4, 5))
 
 
-# ---- data --------------------------------------------------------------------------------------
+# ---- data -----------------------------------------------------------------------------------------------------------
 
 
 def test_read_idx_round_trip_plain_and_gzipped(tmp_path: Path) -> None:
@@ -515,7 +505,7 @@ def test_synthetic_digits_have_class_structure() -> None:
     assert not np.array_equal(ones[0], ones[1])
 
 
-# ---- augmentation --------------------------------------------------------------------------------
+# ---- augmentation ---------------------------------------------------------------------------------------------------
 
 
 def test_shifts_move_each_image_by_whole_pixels_filling_with_background() -> None:

@@ -47,7 +47,7 @@ def character_device(folder: Path, name: str, minor: int) -> Path:
     return path
 
 
-# ---- outputs and special files ----------------------------------------------------------------------
+# ---- outputs and special files --------------------------------------------------------------------------------------
 
 
 def test_an_output_through_a_symlink_replaces_the_target_and_keeps_the_link(tmp_path: Path) -> None:
@@ -108,7 +108,7 @@ def test_a_socket_is_refused_before_training(tmp_path: Path) -> None:
     assert "epoch" not in proc.stdout
 
 
-# ---- a stdout that cannot be written -------------------------------------------------------------------
+# ---- a stdout that cannot be written --------------------------------------------------------------------------------
 
 
 def run_into(stdout_path: Path, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -177,7 +177,7 @@ def test_a_closed_pipe_is_still_141_but_after_the_files_are_written(tmp_path: Pa
     assert json.loads((tmp_path / "r.json").read_text())["epochs_completed"] == 3
 
 
-# ---- a second Ctrl-C -----------------------------------------------------------------------------------------
+# ---- a second Ctrl-C ------------------------------------------------------------------------------------------------
 
 
 # A training run whose first batch takes seconds (4,096 images through three 2048-unit layers: about 250 GFLOP),
@@ -251,7 +251,7 @@ def start(args: list[str], cwd: Path) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
-# ---- a closed stdout -------------------------------------------------------------------------------
+# ---- a closed stdout ------------------------------------------------------------------------------------------------
 
 
 def test_a_reader_that_goes_away_ends_the_run_quietly(tmp_path: Path) -> None:
@@ -266,7 +266,7 @@ def test_a_reader_that_goes_away_ends_the_run_quietly(tmp_path: Path) -> None:
     assert stderr == "", stderr
 
 
-# ---- 2, 3. a full disk ------------------------------------------------------------------------------
+# ---- 2, 3. a full disk ----------------------------------------------------------------------------------------------
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full (a device whose writes fail: disk full)")
@@ -303,7 +303,7 @@ def test_a_model_file_on_a_full_disk_is_named_and_the_results_are_still_written(
     assert not list(tmp_path.glob("*.npz")) and not list(tmp_path.glob(".m.npz*"))
 
 
-# ---- names too long ----------------------------------------------------------------------------------
+# ---- names too long -------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("flag", ["--output", "--save-model"])
@@ -317,7 +317,7 @@ def test_a_name_too_long_for_the_temporary_file_is_refused_before_training(tmp_p
     assert len(proc.stderr.splitlines()) == 1 and "epoch 1/1" not in proc.stdout
 
 
-# ---- two outputs on one file -------------------------------------------------------------------------
+# ---- two outputs on one file ----------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("flags", "message"), [
@@ -343,7 +343,7 @@ def test_continuing_a_model_into_its_own_file_is_allowed(tmp_path: Path) -> None
     assert modelfile.load_model(tmp_path / "m.npz", main.build_model).meta["training"]["epochs_completed"] == 2
 
 
-# ---- a signal while the pictures are drawn -----------------------------------------------------------
+# ---- a signal while the pictures are drawn --------------------------------------------------------------------------
 
 
 def test_sigterm_while_writing_the_outputs_gives_a_status_that_matches_the_exit_code(tmp_path: Path) -> None:
@@ -362,7 +362,7 @@ def test_sigterm_while_writing_the_outputs_gives_a_status_that_matches_the_exit_
                                                                                        "outputs"}
 
 
-# ---- 14-16. a run that says what it is ----------------------------------------------------------------
+# ---- 14-16. a run that says what it is ------------------------------------------------------------------------------
 
 
 def test_diagnostics_go_to_stderr_and_the_result_line_always_to_stdout(tmp_path: Path) -> None:
@@ -375,7 +375,7 @@ def test_diagnostics_go_to_stderr_and_the_result_line_always_to_stdout(tmp_path:
     assert "SYNTHETIC DATA" in proc.stderr and "SYNTHETIC" not in proc.stdout.replace("SYNTHETIC digits", "")
 
 
-# ---- interruption ------------------------------------------------------------------------------------
+# ---- interruption ---------------------------------------------------------------------------------------------------
 
 
 def read_lines(stream: Any, lines: queue.Queue) -> None:
@@ -441,7 +441,7 @@ def test_signal_stops_training_and_keeps_what_was_done(tmp_path: Path, signum: i
     assert all(np.isfinite(p).all() for layer in loaded.model.layers for p in layer.params.values())
 
 
-# ---- no half-written files ---------------------------------------------------------------------------
+# ---- no half-written files ------------------------------------------------------------------------------------------
 
 
 def half_then_fail(error: BaseException) -> Any:

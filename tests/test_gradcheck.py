@@ -20,7 +20,7 @@ from PIL import Image
 
 import main
 
-# ---- the gradient check's results file -------------------------------------------------------------------
+# ---- the gradient check's results file ------------------------------------------------------------------------------
 
 
 def test_gradcheck_output_has_its_documented_keys(tmp_path: Path) -> None:
@@ -31,7 +31,7 @@ def test_gradcheck_output_has_its_documented_keys(tmp_path: Path) -> None:
     assert set(document["versions"]) >= {"python", "numpy"}
 
 
-# ---- the gradient check of a deep ReLU network --------------------------------------------------------------
+# ---- the gradient check of a deep ReLU network ----------------------------------------------------------------------
 
 
 DEEP_RELU = {"layers": [item for _ in range(24) for item in ({"conv2d": {"filters": 4, "padding": 1}}, "relu")]

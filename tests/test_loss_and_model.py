@@ -27,7 +27,7 @@ import config_schema
 import errors
 import main
 
-# ---- softmax on large logits ---------------------------------------------------------------------------------
+# ---- softmax on large logits ----------------------------------------------------------------------------------------
 
 
 # Rows whose exp() overflows float32 (e^89 already does) unless the row's maximum is subtracted first, rows of
@@ -299,7 +299,7 @@ def test_default_architecture_builds_and_runs_on_digits_and_mnist_sizes(input_sh
     assert np.isfinite(logits).all()
 
 
-# ---- memory: evaluation in batches -------------------------------------------------------------------
+# ---- memory: evaluation in batches ----------------------------------------------------------------------------------
 
 
 def test_evaluate_and_predict_proba_pass_at_most_one_batch_to_forward(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -380,7 +380,7 @@ def test_a_model_loaded_from_an_old_file_is_recorded_and_saved_again_as_a_layer_
     assert modelfile.load_model(tmp_path / "again.npz", main.build_model).meta["model"] == SAVED_MODEL_CONFIG["model"]
 
 
-# ---- model files with BatchNorm and Dropout ---------------------------------------------------------
+# ---- model files with BatchNorm and Dropout -------------------------------------------------------------------------
 
 
 def test_a_batchnorm_model_file_keeps_its_running_statistics(tmp_path: Path) -> None:

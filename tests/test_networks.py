@@ -43,7 +43,7 @@ def test_the_folder_rgb_recipe_trains_on_a_folder_and_serves_its_pictures(tmp_pa
 RECIPES = sorted((ROOT / "configs").glob("*.yaml"))
 
 
-# ---- the layer list -----------------------------------------------------------------------------
+# ---- the layer list -------------------------------------------------------------------------------------------------
 
 
 def test_the_default_layer_list_is_the_network_of_earlier_versions() -> None:
@@ -110,7 +110,7 @@ def test_the_old_keys_message_gives_a_list_that_builds_the_same_network() -> Non
     assert model.layers[3].params["W"].shape == (3, 3, 8, 4) and model.layers[6].params["W"].shape == (12 * 12 * 4, 32)
 
 
-# ---- the recipes ----------------------------------------------------------------------------------
+# ---- the recipes ----------------------------------------------------------------------------------------------------
 
 
 def test_every_recipe_is_in_configs() -> None:

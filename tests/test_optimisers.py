@@ -84,7 +84,7 @@ def test_optimisers_keep_float32_weights() -> None:
         assert layer.params["b"].dtype == np.float32
 
 
-# ---- learning-rate schedules and weight decay ------------------------------------------------------
+# ---- learning-rate schedules and weight decay -----------------------------------------------------------------------
 
 
 def rates(schedule: dict, base_lr: float = 0.01, steps_per_epoch: int = 10, epochs: int = 4) -> list[float]:

@@ -28,7 +28,7 @@ import main
 import parallel
 import profiling
 
-# ---- worker threads with Dropout and BatchNorm ------------------------------------------------------
+# ---- worker threads with Dropout and BatchNorm ----------------------------------------------------------------------
 
 
 def test_dropout_and_batchnorm_on_worker_threads_compute_the_whole_batch() -> None:

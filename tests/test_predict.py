@@ -73,7 +73,7 @@ def test_other_formats_are_refused_before_pillow_decodes_them(tmp_path: Path, mo
     assert_one_error_line(proc.stderr, f"{name}: {kind}")
 
 
-# ---- --predict fills the frame as the model's data set did ---------------------------------------------------
+# ---- --predict fills the frame as the model's data set did ----------------------------------------------------------
 
 
 def draw_a_one(path: Path) -> tuple[int, int]:
@@ -150,7 +150,7 @@ def test_predict_fills_the_frame_as_the_models_data_set_did(tmp_path: Path, monk
     assert abs(width - drawn_width * longer_side / drawn_height) <= 1.5
 
 
-# ---- a picture that fails ------------------------------------------------------------------------------------
+# ---- a picture that fails -------------------------------------------------------------------------------------------
 
 
 def test_a_picture_that_fails_exits_1_and_is_recorded_in_the_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -205,7 +205,7 @@ def test_a_colour_model_without_conv_layers_predicts_a_grey_file_with_a_note(
     assert "the colour model sees the same grey in red, green and blue" in captured.out + captured.err
 
 
-# ---- --predict with bad files among good ones --------------------------------------------------------------------
+# ---- --predict with bad files among good ones -----------------------------------------------------------------------
 
 
 def bad_and_good_files(folder: Path) -> list[Path]:

@@ -1,5 +1,5 @@
-"""The training loop end to end: learning digits and MNIST, each epoch's order, divergence, seeds, validation
-splits, and the command line's results file."""
+"""The training loop end to end: learning digits and MNIST, each epoch's order, the command line's results file,
+validation splits, divergence, seeds, colour models trained from folders, and runs that only evaluate."""
 
 from __future__ import annotations
 
@@ -38,88 +38,7 @@ import datafiles
 import main
 import modelfile
 
-
-def test_a_colour_model_trains_saves_reloads_and_predicts(tmp_path: Path) -> None:
-    colour_folder(tmp_path / "colour", 400)
-    write_config(tmp_path, model=SMALL_FOLDER_MODEL, data={"n_test": 100})
-    run = run_cli(["--data-path", str(tmp_path / "colour"), "--epochs", "1", "--save-model", str(tmp_path / "c.npz"),
-                   "--output", str(tmp_path / "r.json")], tmp_path)
-    assert run.returncode == 0, run.stderr
-    results = json.loads((tmp_path / "r.json").read_text())
-    assert results["data"]["input_shape"] == [28, 28, 3] and results["data"]["dataset"] == "folder"
-
-    loaded = modelfile.load_model(tmp_path / "c.npz", main.build_model)
-    assert loaded.model.input_shape == (28, 28, 3)
-    assert loaded.meta["preprocess"] == {"method": "resize", "size": [28, 28], "filter": "bilinear", "color": "rgb"}
-    examples = loaded.meta["examples"]
-    assert examples["images"].shape == (100, 28, 28, 3) and examples["images"].dtype == np.uint8
-    with np.load(tmp_path / "c.npz") as stored:
-        for i, layer in enumerate(loaded.model.layers):
-            for name, array in {**layer.params, **layer.buffers}.items():
-                assert array.tobytes() == stored[modelfile.weight_key(i, name)].tobytes()
-    test_accuracy = loaded.model.evaluate(examples["images"].astype(np.float32) / 255, examples["labels"])[1]
-    assert test_accuracy == pytest.approx(results["test_accuracy"])  # the examples are the test set's first 100
-
-    Image.fromarray(examples["images"][0]).convert("L").save(tmp_path / "grey.png")
-    Image.fromarray(examples["images"][0]).resize((56, 40)).save(tmp_path / "big.jpg")
-    run = run_cli(["--predict", str(tmp_path / "grey.png"), str(tmp_path / "big.jpg"), "--load-model",
-                   str(tmp_path / "c.npz"), "--output", str(tmp_path / "p.json")], tmp_path)
-    assert run.returncode == 0, run.stderr
-    predictions = json.loads((tmp_path / "p.json").read_text())["predictions"]
-    assert "colour model sees the same grey" in predictions[0]["note"] and "note" not in predictions[1]
-    assert "note: " in run.stdout + run.stderr
-
-
-@pytest.mark.slow
-def test_colour_digits_train_to_95_percent(tmp_path: Path) -> None:
-    """4,000 sample digits, each drawn twice in random colours, train; 1,000 other digits in colour test."""
-    images, labels = sample_digits()
-    order, rng, names = np.random.default_rng(0).permutation(len(labels)), np.random.default_rng(1), CLASS_FOLDER_NAMES
-    train, test = order[1000:], order[:1000]
-    write_class_folders(tmp_path / "colour" / "train", np.concatenate([colour_digits(images[train], rng),
-                                                                       colour_digits(images[train], rng)]),
-                        np.concatenate([labels[train], labels[train]]), names)
-    write_class_folders(tmp_path / "colour" / "test", colour_digits(images[test], rng), labels[test], names)
-    model = {"layers": [{"conv2d": {"filters": 32, "kernel_size": 3, "padding": 1}}, "batchnorm", "relu",
-                        {"maxpool2d": {"pool_size": 2}}, {"conv2d": {"filters": 64, "kernel_size": 3, "padding": 1}},
-                        "batchnorm", "relu", {"maxpool2d": {"pool_size": 2}}, "flatten", {"dense": {"units": 128}},
-                        "relu", {"dense": {"units": 10}}]}
-    write_config(tmp_path, model=model, training={"epochs": 5, "learning_rate": 0.003, "batch_size": 32,
-                                                  "lr_schedule": "one_cycle"})
-    run = run_cli(["--data-path", str(tmp_path / "colour"), "--color", "rgb", "--output", str(tmp_path / "r.json"),
-                   "--save-model", str(tmp_path / "c.npz")], tmp_path, timeout=1800)
-    assert run.returncode == 0, run.stderr
-    results = json.loads((tmp_path / "r.json").read_text())
-    assert results["data"]["n_train"] == 8000 and results["data"]["n_test"] == 1000
-    assert results["test_accuracy"] >= 0.95
-
-
-def test_an_evaluation_only_run_reads_like_one_and_warns_of_other_data(tmp_path: Path) -> None:
-    """A model trained on synthetic digits, scored with --epochs 0 on 'mnist' (offline: synthetic digits too, but
-    another data set): no training lines, an 'evaluation only' result, and a loud warning about the data."""
-    assert run_cli(["--dataset", "synthetic", "--n-train", "200", "--n-test", "50", "--epochs", "1",
-                    "--save-model", "m.npz"], cwd=tmp_path).returncode == 0
-    proc = run_cli(["--n-train", "200", "--n-test", "50", "--load-model", "m.npz", "--epochs", "0"], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    for absent in ("training:", "continuing with the saved", "training took", "Training on synthetic"):
-        assert absent not in proc.stdout + proc.stderr, absent
-    assert "evaluation only, no training" in proc.stdout
-    assert "Evaluating on synthetic seven-segment digits instead" in proc.stderr
-    assert "m.npz was trained on synthetic (source: synthetic), but is now evaluated on mnist" in proc.stderr
-
-
-
-def test_weights_too_large_for_the_test_set_end_as_divergence(tmp_path: Path) -> None:
-    """SGD at 1e20: one batch leaves finite but huge weights, whose test loss overflows: diverged, exit 3, not a
-    'test loss nan' reported as success."""
-    proc = run_cli(["--optimizer", "sgd", "--learning-rate", "1e20", "--dataset", "digits", "--n-train", "32",
-                    "--n-test", "16", "--epochs", "1", "--output", "r.json"], cwd=tmp_path)
-    assert proc.returncode == main.EXIT_DIVERGED == 3, proc.stderr
-    assert "training diverged at epoch 1, batch 1 (the test loss became nan)" in proc.stderr
-    assert json.loads((tmp_path / "r.json").read_text())["status"] == "diverged"
-
-
-# ---- learning ----------------------------------------------------------------------------------
+# ---- learning -------------------------------------------------------------------------------------------------------
 
 
 def digits_config(**training: object) -> dict:
@@ -199,7 +118,7 @@ def test_synthetic_digits_are_learnable() -> None:
     assert result.history[-1]["test_accuracy"] >= 0.85
 
 
-# ---- command line ------------------------------------------------------------------------------
+# ---- command line ---------------------------------------------------------------------------------------------------
 
 
 def test_cli_run_writes_complete_results(tmp_path: Path) -> None:
@@ -323,7 +242,7 @@ def test_default_run_from_a_checkout_without_data_uses_fallback_fast(tmp_path: P
     assert (tmp_path / "logs" / "app.log").is_file()
 
 
-# ---- a validation split ---------------------------------------------------------------------------
+# ---- a validation split ---------------------------------------------------------------------------------------------
 
 
 def test_a_validation_split_is_held_out_of_training_and_scored_each_epoch(tmp_path: Path) -> None:
@@ -344,7 +263,7 @@ def test_a_validation_split_is_held_out_of_training_and_scored_each_epoch(tmp_pa
 TIMING_KEYS = {"seconds", "images_per_second"}  # the only history fields allowed to differ between runs
 
 
-# ---- divergence ----------------------------------------------------------------------------------------
+# ---- divergence -----------------------------------------------------------------------------------------------------
 
 
 def test_divergence_stops_at_once_with_exit_3(tmp_path: Path) -> None:
@@ -384,7 +303,7 @@ def test_train_reports_divergence_at_the_first_non_finite_loss() -> None:
     assert result.history == []
 
 
-# ---- reproducibility ---------------------------------------------------------------------------------
+# ---- reproducibility ------------------------------------------------------------------------------------------------
 
 
 def without_timing(results: dict) -> list[dict]:
@@ -425,3 +344,86 @@ def test_same_seed_same_run_and_seed_precedence(tmp_path: Path, monkeypatch: pyt
     _, stderr = fresh_process.communicate(timeout=120)
     assert fresh_process.returncode == 0, stderr
     assert without_timing(json.loads((tmp_path / "fresh.json").read_text())) == without_timing(first)
+
+
+# ---- colour pictures from a folder, and runs that only evaluate -----------------------------------------------------
+
+
+def test_a_colour_model_trains_saves_reloads_and_predicts(tmp_path: Path) -> None:
+    colour_folder(tmp_path / "colour", 400)
+    write_config(tmp_path, model=SMALL_FOLDER_MODEL, data={"n_test": 100})
+    run = run_cli(["--data-path", str(tmp_path / "colour"), "--epochs", "1", "--save-model", str(tmp_path / "c.npz"),
+                   "--output", str(tmp_path / "r.json")], tmp_path)
+    assert run.returncode == 0, run.stderr
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["data"]["input_shape"] == [28, 28, 3] and results["data"]["dataset"] == "folder"
+
+    loaded = modelfile.load_model(tmp_path / "c.npz", main.build_model)
+    assert loaded.model.input_shape == (28, 28, 3)
+    assert loaded.meta["preprocess"] == {"method": "resize", "size": [28, 28], "filter": "bilinear", "color": "rgb"}
+    examples = loaded.meta["examples"]
+    assert examples["images"].shape == (100, 28, 28, 3) and examples["images"].dtype == np.uint8
+    with np.load(tmp_path / "c.npz") as stored:
+        for i, layer in enumerate(loaded.model.layers):
+            for name, array in {**layer.params, **layer.buffers}.items():
+                assert array.tobytes() == stored[modelfile.weight_key(i, name)].tobytes()
+    test_accuracy = loaded.model.evaluate(examples["images"].astype(np.float32) / 255, examples["labels"])[1]
+    assert test_accuracy == pytest.approx(results["test_accuracy"])  # the examples are the test set's first 100
+
+    Image.fromarray(examples["images"][0]).convert("L").save(tmp_path / "grey.png")
+    Image.fromarray(examples["images"][0]).resize((56, 40)).save(tmp_path / "big.jpg")
+    run = run_cli(["--predict", str(tmp_path / "grey.png"), str(tmp_path / "big.jpg"), "--load-model",
+                   str(tmp_path / "c.npz"), "--output", str(tmp_path / "p.json")], tmp_path)
+    assert run.returncode == 0, run.stderr
+    predictions = json.loads((tmp_path / "p.json").read_text())["predictions"]
+    assert "colour model sees the same grey" in predictions[0]["note"] and "note" not in predictions[1]
+    assert "note: " in run.stdout + run.stderr
+
+
+@pytest.mark.slow
+def test_colour_digits_train_to_95_percent(tmp_path: Path) -> None:
+    """4,000 sample digits, each drawn twice in random colours, train; 1,000 other digits in colour test."""
+    images, labels = sample_digits()
+    order, rng, names = np.random.default_rng(0).permutation(len(labels)), np.random.default_rng(1), CLASS_FOLDER_NAMES
+    train, test = order[1000:], order[:1000]
+    write_class_folders(tmp_path / "colour" / "train", np.concatenate([colour_digits(images[train], rng),
+                                                                       colour_digits(images[train], rng)]),
+                        np.concatenate([labels[train], labels[train]]), names)
+    write_class_folders(tmp_path / "colour" / "test", colour_digits(images[test], rng), labels[test], names)
+    model = {"layers": [{"conv2d": {"filters": 32, "kernel_size": 3, "padding": 1}}, "batchnorm", "relu",
+                        {"maxpool2d": {"pool_size": 2}}, {"conv2d": {"filters": 64, "kernel_size": 3, "padding": 1}},
+                        "batchnorm", "relu", {"maxpool2d": {"pool_size": 2}}, "flatten", {"dense": {"units": 128}},
+                        "relu", {"dense": {"units": 10}}]}
+    write_config(tmp_path, model=model, training={"epochs": 5, "learning_rate": 0.003, "batch_size": 32,
+                                                  "lr_schedule": "one_cycle"})
+    run = run_cli(["--data-path", str(tmp_path / "colour"), "--color", "rgb", "--output", str(tmp_path / "r.json"),
+                   "--save-model", str(tmp_path / "c.npz")], tmp_path, timeout=1800)
+    assert run.returncode == 0, run.stderr
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["data"]["n_train"] == 8000 and results["data"]["n_test"] == 1000
+    assert results["test_accuracy"] >= 0.95
+
+
+def test_an_evaluation_only_run_reads_like_one_and_warns_of_other_data(tmp_path: Path) -> None:
+    """A model trained on synthetic digits, scored with --epochs 0 on 'mnist' (offline: synthetic digits too, but
+    another data set): no training lines, an 'evaluation only' result, and a loud warning about the data."""
+    assert run_cli(["--dataset", "synthetic", "--n-train", "200", "--n-test", "50", "--epochs", "1",
+                    "--save-model", "m.npz"], cwd=tmp_path).returncode == 0
+    proc = run_cli(["--n-train", "200", "--n-test", "50", "--load-model", "m.npz", "--epochs", "0"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    for absent in ("training:", "continuing with the saved", "training took", "Training on synthetic"):
+        assert absent not in proc.stdout + proc.stderr, absent
+    assert "evaluation only, no training" in proc.stdout
+    assert "Evaluating on synthetic seven-segment digits instead" in proc.stderr
+    assert "m.npz was trained on synthetic (source: synthetic), but is now evaluated on mnist" in proc.stderr
+
+
+
+def test_weights_too_large_for_the_test_set_end_as_divergence(tmp_path: Path) -> None:
+    """SGD at 1e20: one batch leaves finite but huge weights, whose test loss overflows: diverged, exit 3, not a
+    'test loss nan' reported as success."""
+    proc = run_cli(["--optimizer", "sgd", "--learning-rate", "1e20", "--dataset", "digits", "--n-train", "32",
+                    "--n-test", "16", "--epochs", "1", "--output", "r.json"], cwd=tmp_path)
+    assert proc.returncode == main.EXIT_DIVERGED == 3, proc.stderr
+    assert "training diverged at epoch 1, batch 1 (the test loss became nan)" in proc.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["status"] == "diverged"
