@@ -42,33 +42,240 @@ import main
 from datafiles import IDX_FILES, read_idx
 from errors import DataError
 
-
-def test_a_folder_of_garments_trained_as_mnist_is_named(tmp_path: Path) -> None:
-    """Fashion-MNIST's garments fill much of the frame (mean brightness 0.29 against MNIST's 0.13)."""
-    rng = np.random.default_rng(0)
-    garments = np.zeros((300, 28, 28))
-    garments[:, 4:24, 6:22] = rng.integers(100, 200, (300, 20, 16))
-    folder = write_idx_split(tmp_path / "fashion", "train", garments, rng.integers(0, 10, 300), gz=True)
-    args = ["--config", str(small_config_file(tmp_path, data={"dataset": "mnist"})), "--data-path", str(folder),
-            "--n-train", "200", "--n-test", "50", "--epochs", "0"]
-    proc = run_cli(args, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    assert "these images look like fashion_mnist, not mnist" in proc.stderr
-    assert "add --dataset fashion_mnist" in proc.stderr
-    proc = run_cli([*args, "--dataset", "fashion_mnist"], cwd=tmp_path)
-    assert proc.returncode == 0 and "look like" not in proc.stderr, proc.stderr
+# ---- IDX files, the download and its cache, synthetic digits --------------------------------------------------------
 
 
-def test_asking_for_more_images_than_a_folder_holds_ends_with_the_fix(tmp_path: Path) -> None:
-    rng = np.random.default_rng(0)
-    images, labels = rng.integers(0, 60, (500, 28, 28)), rng.integers(0, 10, 500)
-    folder = write_idx_split(tmp_path / "small", "train", images, labels, gz=True)
-    proc = run_cli(["--config", str(small_config_file(tmp_path, data={"dataset": "mnist"})), "--data-path", str(folder),
-                    "--n-train", "1000", "--n-test", "200"], cwd=tmp_path)
-    assert proc.returncode == 2
-    assert_one_error_line(proc.stderr, "n_train + n_test = 1,200 but only 500 images", "add --n-train 400 --n-test 100")
+def test_read_idx_round_trip_plain_and_gzipped(tmp_path: Path) -> None:
+    """read_idx returns exactly what was written, header dims and bytes, with or without gzip."""
+    images = np.random.default_rng(0).integers(0, 256, (7, 5, 3), dtype=np.uint8)
+    for name in ("images-idx3-ubyte", "images-idx3-ubyte.gz"):
+        write_idx(tmp_path / name, images)
+        assert np.array_equal(datafiles.read_idx(tmp_path / name), images)
 
 
+def test_real_mnist_sample_loads_with_held_out_test_set(mnist_5k: Path) -> None:
+    """The 5k sample has no t10k files: the test set is held out of the training files, disjoint, seeded."""
+    cfg = dict(config_schema.DEFAULT_CONFIG["data"], path=str(mnist_5k), n_train=4000, n_test=1000)
+    data = main.load_data(cfg)
+    assert data.source == "idx" and "held out" in data.note
+    assert data.x_train.shape == (4000, 28, 28, 1) and data.x_test.shape == (1000, 28, 28, 1)
+    assert data.x_train.dtype == np.float32 and data.x_train.min() >= 0 and data.x_train.max() <= 1
+    # Disjoint: no test image is also a training image.
+    train_rows = {row.tobytes() for row in data.x_train.reshape(4000, -1)}
+    assert not any(row.tobytes() in train_rows for row in data.x_test.reshape(1000, -1))
+    assert set(np.unique(data.y_test)) == set(range(10))
+    again = main.load_data(cfg)
+    assert np.array_equal(again.y_train, data.y_train), "same seed, same draw"
+
+
+def test_idx_folder_with_test_files_draws_from_each_split(tmp_path: Path) -> None:
+    """With t10k files present, training images come from train files and test images from t10k files."""
+    rng = np.random.default_rng(1)
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", np.full((30, 28, 28), 10))
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, 30))
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", np.full((20, 28, 28), 200))
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", rng.integers(0, 10, 20))
+    data = main.load_data(dict(config_schema.DEFAULT_CONFIG["data"], path=str(tmp_path), n_train=25, n_test=15))
+    assert np.allclose(data.x_train, 10 / 255) and np.allclose(data.x_test, 200 / 255)
+    with pytest.raises(errors.DataError, match="only 20 images"):
+        main.load_data(dict(config_schema.DEFAULT_CONFIG["data"], path=str(tmp_path), n_train=25, n_test=21))
+
+
+def test_cached_download_is_used_without_network(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cache .npz in data.cache_dir is loaded (source 'cache') and the downloader is never called."""
+    def no_download(*args: object) -> None:
+        raise AssertionError("must not download when a cache exists")
+
+    monkeypatch.setattr(main, "download_openml", no_download)
+    rng = np.random.default_rng(2)
+    np.savez(tmp_path / "mnist.npz", x_train=rng.integers(0, 256, (50, 28, 28), dtype=np.uint8),
+             y_train=rng.integers(0, 10, 50).astype(np.uint8),
+             x_test=rng.integers(0, 256, (20, 28, 28), dtype=np.uint8), y_test=rng.integers(0, 10, 20).astype(np.uint8))
+    data = main.load_data(dict(config_schema.DEFAULT_CONFIG["data"], cache_dir=str(tmp_path), n_train=40, n_test=20))
+    assert data.source == "cache" and len(data.x_train) == 40
+
+
+@pytest.mark.parametrize("damage", ["images 27x28", "float images", "a label of 12", "one label short"])
+def test_a_cache_with_wrong_arrays_is_ignored_and_downloaded_again(damage: str, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cache .npz that reads but holds the wrong arrays is ignored with a warning, like an unreadable one,
+    and the data is downloaded again (here: a fake download)."""
+    rng = np.random.default_rng(4)
+    arrays = {"x_train": rng.integers(0, 256, (30, 28, 28), dtype=np.uint8), "y_train": rng.integers(0, 10, 30),
+              "x_test": rng.integers(0, 256, (10, 28, 28), dtype=np.uint8), "y_test": rng.integers(0, 10, 10)}
+    if damage == "images 27x28":
+        arrays["x_train"] = arrays["x_train"][:, 1:]
+    elif damage == "float images":
+        arrays["x_test"] = arrays["x_test"] / 255
+    elif damage == "a label of 12":
+        arrays["y_train"][3] = 12
+    else:
+        arrays["y_test"] = arrays["y_test"][1:]
+    np.savez(tmp_path / "mnist.npz", **arrays)
+    downloads = []
+    fake = ((np.zeros((30, 28, 28), dtype=np.uint8), np.zeros(30, dtype=np.uint8)),
+            (np.zeros((10, 28, 28), dtype=np.uint8), np.zeros(10, dtype=np.uint8)))
+    monkeypatch.setattr(main, "download_openml", lambda name, cache_dir: downloads.append(name) or fake)
+    data = main.load_data(dict(config_schema.DEFAULT_CONFIG["data"], cache_dir=str(tmp_path), n_train=20, n_test=10))
+    assert data.source == "openml" and downloads == ["mnist"]
+
+
+def test_download_is_cached_for_the_next_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a (simulated) successful download the arrays are cached, so the second load reads the cache."""
+    rng = np.random.default_rng(3)
+    fake = ((rng.integers(0, 256, (60, 28, 28), dtype=np.uint8), rng.integers(0, 10, 60).astype(np.uint8)),
+            (rng.integers(0, 256, (10, 28, 28), dtype=np.uint8), rng.integers(0, 10, 10).astype(np.uint8)))
+    calls = []
+    monkeypatch.setattr(main, "download_openml", lambda name, cache_dir: calls.append(name) or fake)
+    cfg = dict(config_schema.DEFAULT_CONFIG["data"], cache_dir=str(tmp_path), n_train=50, n_test=10)
+    assert main.load_data(cfg).source == "openml"
+    assert main.load_data(cfg).source == "cache"
+    assert calls == ["mnist"] and (tmp_path / "mnist.npz").is_file()
+
+
+def test_offline_falls_back_to_labelled_synthetic_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No path, no cache, download fails: synthetic data, labelled as such with the reason; or an error
+    when the fallback is switched off."""
+    def offline(name: str, cache_dir: Path) -> None:
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(main, "download_openml", offline)
+    cfg = dict(config_schema.DEFAULT_CONFIG["data"], cache_dir=str(tmp_path), n_train=100, n_test=50)
+    data = main.load_data(cfg)
+    assert data.source == "synthetic" and "URLError" in data.note and data.note.startswith("FALLBACK")
+    with pytest.raises(errors.DataError, match="fallback is off"):
+        main.load_data(dict(cfg, allow_synthetic_fallback=False))
+
+
+class FakeOpenML:
+    """Stands in for sklearn.datasets.fetch_openml: records its calls, returns 70 MNIST-shaped rows."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def __call__(self, name: str, **kwargs: object) -> SimpleNamespace:
+        self.calls.append(name)
+        rng = np.random.default_rng(0)
+        return SimpleNamespace(data=rng.integers(0, 256, (70, 784)), target=rng.integers(0, 10, 70).astype(str))
+
+
+def test_download_without_name_resolution_fails_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Offline (the OpenML host does not resolve, no proxy): a ConnectionError naming the host, without
+    asking scikit-learn, whose retries would take seconds."""
+    import sklearn.datasets
+
+    def no_dns(host: str, *args: object) -> None:
+        raise socket.gaierror(-2, "Name or service not known")
+
+    fake = FakeOpenML()
+    monkeypatch.setattr(sklearn.datasets, "fetch_openml", fake)
+    monkeypatch.setattr(datafiles.socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(urllib.request, "getproxies", lambda: {})
+    with pytest.raises(ConnectionError, match=r"cannot look up www\.openml\.org.*not known"):
+        datafiles.download_openml("mnist", tmp_path)
+    assert fake.calls == []
+    # With a proxy, or with scikit-learn's own cached files, the name need not resolve here: it downloads.
+    monkeypatch.setattr(urllib.request, "getproxies", lambda: {"https": "http://proxy:3128"})
+    (train_images, train_labels), _ = datafiles.download_openml("mnist", tmp_path)
+    assert fake.calls == ["mnist_784"] and train_images.shape == (70, 28, 28) and train_labels.dtype == np.uint8
+    monkeypatch.setattr(urllib.request, "getproxies", lambda: {})
+    (tmp_path / "openml").mkdir()
+    datafiles.download_openml("mnist", tmp_path)
+    assert fake.calls == ["mnist_784"] * 2
+
+
+def test_synthetic_digits_have_class_structure() -> None:
+    """Seven-segment digits: every class present, images differ within a class, and a '1' has less ink
+    than an '8' (it lights 2 segments of 7)."""
+    images, labels = datafiles.make_synthetic(2000, np.random.default_rng(0))
+    assert images.shape == (2000, 28, 28) and images.dtype == np.uint8
+    assert set(np.unique(labels)) == set(range(10))
+    ink = images.reshape(2000, -1).mean(axis=1)
+    assert ink[labels == 1].mean() < 0.5 * ink[labels == 8].mean()
+    ones = images[labels == 1]
+    assert not np.array_equal(ones[0], ones[1])
+
+
+
+# ---- IDX files and gzip bombs ---------------------------------------------------------------------------------------
+
+
+ZEROS = 16 << 20  # one gzip member of 16 MiB of zeros compresses to 16 KB
+
+
+def gzip_bomb(path: Path, header: bytes, members: int = 192) -> Path:
+    """A .gz of `members` gzip members of 16 MiB each (3 GiB for 192) in about 3 MB, starting with `header`:
+    members are concatenated, so one compressed block of zeros is written many times."""
+    zeros = gzip.compress(bytes(ZEROS), compresslevel=9)
+    with open(path, "wb") as f:
+        f.write(gzip.compress(header + bytes(ZEROS - len(header)), compresslevel=9))
+        for _ in range(members - 1):
+            f.write(zeros)
+    return path
+
+
+IMAGES_HEADER = struct.pack(">HBB3I", 0, 8, 3, 1, 28, 28)  # declares one 28x28 image
+
+
+@pytest.mark.parametrize(("header", "problem"), [
+    (IMAGES_HEADER, "header promises 784 bytes of data for shape (1, 28, 28), file holds more (corrupt, or not "
+                    "what its header says)"),
+    (b"\x00\x00\x0d\x03" + IMAGES_HEADER[4:], "not an IDX file of unsigned bytes (magic number 00000d03, expected "
+                                              "00000801 for labels or 00000803 for images)"),
+    (struct.pack(">HBB3I", 0, 8, 3, 4_000_000_000, 28, 28),
+     "header declares shape (4000000000, 28, 28), 3,136,000,000,000 bytes of data, more than the 1,073,741,824 an "
+     "IDX file may hold here (corrupt, or not an MNIST-like set)"),
+], ids=["lying-header", "bad-magic", "huge-declared-size"])
+def test_an_idx_gzip_bomb_is_refused_at_once(tmp_path: Path, header: bytes, problem: str) -> None:
+    """A 3 MB .gz that inflates to 3 GiB, read in a process capped at 1 GiB: refused in well under a second
+    (measured inside the process), never decompressing more than the header declares plus one byte."""
+    bomb = gzip_bomb(tmp_path / "train-images-idx3-ubyte.gz", header)
+    assert bomb.stat().st_size < 4_000_000
+    script = tmp_path / "read.py"
+    script.write_text(textwrap.dedent(f"""\
+        import sys, time
+        from pathlib import Path
+        sys.path.insert(0, {str(ROOT / 'src')!r})
+        import datafiles
+        from errors import DataError
+        start = time.perf_counter()
+        try:
+            datafiles.read_idx(Path(sys.argv[1]))
+        except DataError as error:
+            print(f"{{time.perf_counter() - start:.3f}} {{error}}")
+        """))
+    run = run_limited([str(script), str(bomb)], tmp_path, memory=1 << 30)
+    assert run.returncode == 0 and run.stderr == "", run.stderr
+    seconds, message = run.stdout.strip().split(" ", 1)
+    assert message == f"{bomb}: {problem}"
+    assert float(seconds) < 0.5
+
+
+def test_an_idx_file_with_more_or_fewer_bytes_than_declared_is_one_line(tmp_path: Path) -> None:
+    data = idx_bytes(np.arange(60, dtype=np.uint8).reshape(3, 4, 5))
+    path = tmp_path / "t10k-images-idx3-ubyte"
+    path.write_bytes(data + bytes(7))
+    with pytest.raises(DataError) as error:
+        datafiles.read_idx(path)
+    assert str(error.value) == (f"{path}: header promises 60 bytes of data for shape (3, 4, 5), file holds more "
+                                "(7 more) (corrupt, or not what its header says)")
+    path.write_bytes(data[:-10])
+    with pytest.raises(DataError) as error:
+        datafiles.read_idx(path)
+    assert str(error.value) == (f"{path}: header promises 60 bytes of data for shape (3, 4, 5), file holds 50 "
+                                "(truncated or corrupt)")
+    gz = tmp_path / "t10k-images-idx3-ubyte.gz"
+    gz.write_bytes(gzip.compress(data + b"x"))
+    with pytest.raises(DataError) as error:
+        datafiles.read_idx(gz)
+    assert str(error.value) == (f"{gz}: header promises 60 bytes of data for shape (3, 4, 5), file holds more "
+                                "(corrupt, or not what its header says)")
+    gz.write_bytes(gzip.compress(data))
+    assert np.array_equal(datafiles.read_idx(gz), np.arange(60, dtype=np.uint8).reshape(3, 4, 5))
+
+
+
+# ---- folders of pictures --------------------------------------------------------------------------------------------
 def by_class(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     order = np.argsort(labels, kind="stable")
     return images[order], labels[order]
@@ -274,236 +481,6 @@ def test_a_damaged_cache_is_rebuilt_with_a_warning(tmp_path: Path, caplog: pytes
     assert folders.decoded_arrays(tmp_path / "messy", [8, 8], "grey", tmp_path / "cache")["source"] == "cache"
 
 
-# ---- IDX files and gzip bombs ---------------------------------------------------------------------------------------
-
-
-ZEROS = 16 << 20  # one gzip member of 16 MiB of zeros compresses to 16 KB
-
-
-def gzip_bomb(path: Path, header: bytes, members: int = 192) -> Path:
-    """A .gz of `members` gzip members of 16 MiB each (3 GiB for 192) in about 3 MB, starting with `header`:
-    members are concatenated, so one compressed block of zeros is written many times."""
-    zeros = gzip.compress(bytes(ZEROS), compresslevel=9)
-    with open(path, "wb") as f:
-        f.write(gzip.compress(header + bytes(ZEROS - len(header)), compresslevel=9))
-        for _ in range(members - 1):
-            f.write(zeros)
-    return path
-
-
-IMAGES_HEADER = struct.pack(">HBB3I", 0, 8, 3, 1, 28, 28)  # declares one 28x28 image
-
-
-@pytest.mark.parametrize(("header", "problem"), [
-    (IMAGES_HEADER, "header promises 784 bytes of data for shape (1, 28, 28), file holds more (corrupt, or not "
-                    "what its header says)"),
-    (b"\x00\x00\x0d\x03" + IMAGES_HEADER[4:], "not an IDX file of unsigned bytes (magic number 00000d03, expected "
-                                              "00000801 for labels or 00000803 for images)"),
-    (struct.pack(">HBB3I", 0, 8, 3, 4_000_000_000, 28, 28),
-     "header declares shape (4000000000, 28, 28), 3,136,000,000,000 bytes of data, more than the 1,073,741,824 an "
-     "IDX file may hold here (corrupt, or not an MNIST-like set)"),
-], ids=["lying-header", "bad-magic", "huge-declared-size"])
-def test_an_idx_gzip_bomb_is_refused_at_once(tmp_path: Path, header: bytes, problem: str) -> None:
-    """A 3 MB .gz that inflates to 3 GiB, read in a process capped at 1 GiB: refused in well under a second
-    (measured inside the process), never decompressing more than the header declares plus one byte."""
-    bomb = gzip_bomb(tmp_path / "train-images-idx3-ubyte.gz", header)
-    assert bomb.stat().st_size < 4_000_000
-    script = tmp_path / "read.py"
-    script.write_text(textwrap.dedent(f"""\
-        import sys, time
-        from pathlib import Path
-        sys.path.insert(0, {str(ROOT / 'src')!r})
-        import datafiles
-        from errors import DataError
-        start = time.perf_counter()
-        try:
-            datafiles.read_idx(Path(sys.argv[1]))
-        except DataError as error:
-            print(f"{{time.perf_counter() - start:.3f}} {{error}}")
-        """))
-    run = run_limited([str(script), str(bomb)], tmp_path, memory=1 << 30)
-    assert run.returncode == 0 and run.stderr == "", run.stderr
-    seconds, message = run.stdout.strip().split(" ", 1)
-    assert message == f"{bomb}: {problem}"
-    assert float(seconds) < 0.5
-
-
-def test_an_idx_file_with_more_or_fewer_bytes_than_declared_is_one_line(tmp_path: Path) -> None:
-    data = idx_bytes(np.arange(60, dtype=np.uint8).reshape(3, 4, 5))
-    path = tmp_path / "t10k-images-idx3-ubyte"
-    path.write_bytes(data + bytes(7))
-    with pytest.raises(DataError) as error:
-        datafiles.read_idx(path)
-    assert str(error.value) == (f"{path}: header promises 60 bytes of data for shape (3, 4, 5), file holds more "
-                                "(7 more) (corrupt, or not what its header says)")
-    path.write_bytes(data[:-10])
-    with pytest.raises(DataError) as error:
-        datafiles.read_idx(path)
-    assert str(error.value) == (f"{path}: header promises 60 bytes of data for shape (3, 4, 5), file holds 50 "
-                                "(truncated or corrupt)")
-    gz = tmp_path / "t10k-images-idx3-ubyte.gz"
-    gz.write_bytes(gzip.compress(data + b"x"))
-    with pytest.raises(DataError) as error:
-        datafiles.read_idx(gz)
-    assert str(error.value) == (f"{gz}: header promises 60 bytes of data for shape (3, 4, 5), file holds more "
-                                "(corrupt, or not what its header says)")
-    gz.write_bytes(gzip.compress(data))
-    assert np.array_equal(datafiles.read_idx(gz), np.arange(60, dtype=np.uint8).reshape(3, 4, 5))
-
-
-# ---- data -----------------------------------------------------------------------------------------------------------
-
-
-def test_read_idx_round_trip_plain_and_gzipped(tmp_path: Path) -> None:
-    """read_idx returns exactly what was written, header dims and bytes, with or without gzip."""
-    images = np.random.default_rng(0).integers(0, 256, (7, 5, 3), dtype=np.uint8)
-    for name in ("images-idx3-ubyte", "images-idx3-ubyte.gz"):
-        write_idx(tmp_path / name, images)
-        assert np.array_equal(datafiles.read_idx(tmp_path / name), images)
-
-
-def test_real_mnist_sample_loads_with_held_out_test_set(mnist_5k: Path) -> None:
-    """The 5k sample has no t10k files: the test set is held out of the training files, disjoint, seeded."""
-    cfg = dict(config_schema.DEFAULT_CONFIG["data"], path=str(mnist_5k), n_train=4000, n_test=1000)
-    data = main.load_data(cfg)
-    assert data.source == "idx" and "held out" in data.note
-    assert data.x_train.shape == (4000, 28, 28, 1) and data.x_test.shape == (1000, 28, 28, 1)
-    assert data.x_train.dtype == np.float32 and data.x_train.min() >= 0 and data.x_train.max() <= 1
-    # Disjoint: no test image is also a training image.
-    train_rows = {row.tobytes() for row in data.x_train.reshape(4000, -1)}
-    assert not any(row.tobytes() in train_rows for row in data.x_test.reshape(1000, -1))
-    assert set(np.unique(data.y_test)) == set(range(10))
-    again = main.load_data(cfg)
-    assert np.array_equal(again.y_train, data.y_train), "same seed, same draw"
-
-
-def test_idx_folder_with_test_files_draws_from_each_split(tmp_path: Path) -> None:
-    """With t10k files present, training images come from train files and test images from t10k files."""
-    rng = np.random.default_rng(1)
-    write_idx(tmp_path / "train-images-idx3-ubyte.gz", np.full((30, 28, 28), 10))
-    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, 30))
-    write_idx(tmp_path / "t10k-images-idx3-ubyte", np.full((20, 28, 28), 200))
-    write_idx(tmp_path / "t10k-labels-idx1-ubyte", rng.integers(0, 10, 20))
-    data = main.load_data(dict(config_schema.DEFAULT_CONFIG["data"], path=str(tmp_path), n_train=25, n_test=15))
-    assert np.allclose(data.x_train, 10 / 255) and np.allclose(data.x_test, 200 / 255)
-    with pytest.raises(errors.DataError, match="only 20 images"):
-        main.load_data(dict(config_schema.DEFAULT_CONFIG["data"], path=str(tmp_path), n_train=25, n_test=21))
-
-
-def test_cached_download_is_used_without_network(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A cache .npz in data.cache_dir is loaded (source 'cache') and the downloader is never called."""
-    def no_download(*args: object) -> None:
-        raise AssertionError("must not download when a cache exists")
-
-    monkeypatch.setattr(main, "download_openml", no_download)
-    rng = np.random.default_rng(2)
-    np.savez(tmp_path / "mnist.npz", x_train=rng.integers(0, 256, (50, 28, 28), dtype=np.uint8),
-             y_train=rng.integers(0, 10, 50).astype(np.uint8),
-             x_test=rng.integers(0, 256, (20, 28, 28), dtype=np.uint8), y_test=rng.integers(0, 10, 20).astype(np.uint8))
-    data = main.load_data(dict(config_schema.DEFAULT_CONFIG["data"], cache_dir=str(tmp_path), n_train=40, n_test=20))
-    assert data.source == "cache" and len(data.x_train) == 40
-
-
-@pytest.mark.parametrize("damage", ["images 27x28", "float images", "a label of 12", "one label short"])
-def test_a_cache_with_wrong_arrays_is_ignored_and_downloaded_again(damage: str, tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """A cache .npz that reads but holds the wrong arrays is ignored with a warning, like an unreadable one,
-    and the data is downloaded again (here: a fake download)."""
-    rng = np.random.default_rng(4)
-    arrays = {"x_train": rng.integers(0, 256, (30, 28, 28), dtype=np.uint8), "y_train": rng.integers(0, 10, 30),
-              "x_test": rng.integers(0, 256, (10, 28, 28), dtype=np.uint8), "y_test": rng.integers(0, 10, 10)}
-    if damage == "images 27x28":
-        arrays["x_train"] = arrays["x_train"][:, 1:]
-    elif damage == "float images":
-        arrays["x_test"] = arrays["x_test"] / 255
-    elif damage == "a label of 12":
-        arrays["y_train"][3] = 12
-    else:
-        arrays["y_test"] = arrays["y_test"][1:]
-    np.savez(tmp_path / "mnist.npz", **arrays)
-    downloads = []
-    fake = ((np.zeros((30, 28, 28), dtype=np.uint8), np.zeros(30, dtype=np.uint8)),
-            (np.zeros((10, 28, 28), dtype=np.uint8), np.zeros(10, dtype=np.uint8)))
-    monkeypatch.setattr(main, "download_openml", lambda name, cache_dir: downloads.append(name) or fake)
-    data = main.load_data(dict(config_schema.DEFAULT_CONFIG["data"], cache_dir=str(tmp_path), n_train=20, n_test=10))
-    assert data.source == "openml" and downloads == ["mnist"]
-
-
-def test_download_is_cached_for_the_next_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """After a (simulated) successful download the arrays are cached, so the second load reads the cache."""
-    rng = np.random.default_rng(3)
-    fake = ((rng.integers(0, 256, (60, 28, 28), dtype=np.uint8), rng.integers(0, 10, 60).astype(np.uint8)),
-            (rng.integers(0, 256, (10, 28, 28), dtype=np.uint8), rng.integers(0, 10, 10).astype(np.uint8)))
-    calls = []
-    monkeypatch.setattr(main, "download_openml", lambda name, cache_dir: calls.append(name) or fake)
-    cfg = dict(config_schema.DEFAULT_CONFIG["data"], cache_dir=str(tmp_path), n_train=50, n_test=10)
-    assert main.load_data(cfg).source == "openml"
-    assert main.load_data(cfg).source == "cache"
-    assert calls == ["mnist"] and (tmp_path / "mnist.npz").is_file()
-
-
-def test_offline_falls_back_to_labelled_synthetic_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No path, no cache, download fails: synthetic data, labelled as such with the reason; or an error
-    when the fallback is switched off."""
-    def offline(name: str, cache_dir: Path) -> None:
-        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
-
-    monkeypatch.setattr(main, "download_openml", offline)
-    cfg = dict(config_schema.DEFAULT_CONFIG["data"], cache_dir=str(tmp_path), n_train=100, n_test=50)
-    data = main.load_data(cfg)
-    assert data.source == "synthetic" and "URLError" in data.note and data.note.startswith("FALLBACK")
-    with pytest.raises(errors.DataError, match="fallback is off"):
-        main.load_data(dict(cfg, allow_synthetic_fallback=False))
-
-
-class FakeOpenML:
-    """Stands in for sklearn.datasets.fetch_openml: records its calls, returns 70 MNIST-shaped rows."""
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-
-    def __call__(self, name: str, **kwargs: object) -> SimpleNamespace:
-        self.calls.append(name)
-        rng = np.random.default_rng(0)
-        return SimpleNamespace(data=rng.integers(0, 256, (70, 784)), target=rng.integers(0, 10, 70).astype(str))
-
-
-def test_download_without_name_resolution_fails_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Offline (the OpenML host does not resolve, no proxy): a ConnectionError naming the host, without
-    asking scikit-learn, whose retries would take seconds."""
-    import sklearn.datasets
-
-    def no_dns(host: str, *args: object) -> None:
-        raise socket.gaierror(-2, "Name or service not known")
-
-    fake = FakeOpenML()
-    monkeypatch.setattr(sklearn.datasets, "fetch_openml", fake)
-    monkeypatch.setattr(datafiles.socket, "getaddrinfo", no_dns)
-    monkeypatch.setattr(urllib.request, "getproxies", lambda: {})
-    with pytest.raises(ConnectionError, match=r"cannot look up www\.openml\.org.*not known"):
-        datafiles.download_openml("mnist", tmp_path)
-    assert fake.calls == []
-    # With a proxy, or with scikit-learn's own cached files, the name need not resolve here: it downloads.
-    monkeypatch.setattr(urllib.request, "getproxies", lambda: {"https": "http://proxy:3128"})
-    (train_images, train_labels), _ = datafiles.download_openml("mnist", tmp_path)
-    assert fake.calls == ["mnist_784"] and train_images.shape == (70, 28, 28) and train_labels.dtype == np.uint8
-    monkeypatch.setattr(urllib.request, "getproxies", lambda: {})
-    (tmp_path / "openml").mkdir()
-    datafiles.download_openml("mnist", tmp_path)
-    assert fake.calls == ["mnist_784"] * 2
-
-
-def test_synthetic_digits_have_class_structure() -> None:
-    """Seven-segment digits: every class present, images differ within a class, and a '1' has less ink
-    than an '8' (it lights 2 segments of 7)."""
-    images, labels = datafiles.make_synthetic(2000, np.random.default_rng(0))
-    assert images.shape == (2000, 28, 28) and images.dtype == np.uint8
-    assert set(np.unique(labels)) == set(range(10))
-    ink = images.reshape(2000, -1).mean(axis=1)
-    assert ink[labels == 1].mean() < 0.5 * ink[labels == 8].mean()
-    ones = images[labels == 1]
-    assert not np.array_equal(ones[0], ones[1])
-
 
 # ---- augmentation ---------------------------------------------------------------------------------------------------
 
@@ -552,3 +529,33 @@ def test_augmentation_is_seeded_and_learns_digits(tmp_path: Path) -> None:
         assert "shifts of up to 1 px and rotations of up to 10 degrees" in proc.stdout
         accuracies.append(json.loads((tmp_path / name).read_text())["test_accuracy"])
     assert accuracies[0] == accuracies[1] >= 0.8
+
+
+
+# ---- messages that name the fix -------------------------------------------------------------------------------------
+
+
+def test_a_folder_of_garments_trained_as_mnist_is_named(tmp_path: Path) -> None:
+    """Fashion-MNIST's garments fill much of the frame (mean brightness 0.29 against MNIST's 0.13)."""
+    rng = np.random.default_rng(0)
+    garments = np.zeros((300, 28, 28))
+    garments[:, 4:24, 6:22] = rng.integers(100, 200, (300, 20, 16))
+    folder = write_idx_split(tmp_path / "fashion", "train", garments, rng.integers(0, 10, 300), gz=True)
+    args = ["--config", str(small_config_file(tmp_path, data={"dataset": "mnist"})), "--data-path", str(folder),
+            "--n-train", "200", "--n-test", "50", "--epochs", "0"]
+    proc = run_cli(args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "these images look like fashion_mnist, not mnist" in proc.stderr
+    assert "add --dataset fashion_mnist" in proc.stderr
+    proc = run_cli([*args, "--dataset", "fashion_mnist"], cwd=tmp_path)
+    assert proc.returncode == 0 and "look like" not in proc.stderr, proc.stderr
+
+
+def test_asking_for_more_images_than_a_folder_holds_ends_with_the_fix(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 60, (500, 28, 28)), rng.integers(0, 10, 500)
+    folder = write_idx_split(tmp_path / "small", "train", images, labels, gz=True)
+    proc = run_cli(["--config", str(small_config_file(tmp_path, data={"dataset": "mnist"})), "--data-path", str(folder),
+                    "--n-train", "1000", "--n-test", "200"], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert_one_error_line(proc.stderr, "n_train + n_test = 1,200 but only 500 images", "add --n-train 400 --n-test 100")

@@ -266,7 +266,7 @@ def test_a_reader_that_goes_away_ends_the_run_quietly(tmp_path: Path) -> None:
     assert stderr == "", stderr
 
 
-# ---- 2, 3. a full disk ----------------------------------------------------------------------------------------------
+# ---- a full disk ----------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full (a device whose writes fail: disk full)")
@@ -362,7 +362,7 @@ def test_sigterm_while_writing_the_outputs_gives_a_status_that_matches_the_exit_
                                                                                        "outputs"}
 
 
-# ---- 14-16. a run that says what it is ------------------------------------------------------------------------------
+# ---- a run that says what it is -------------------------------------------------------------------------------------
 
 
 def test_diagnostics_go_to_stderr_and_the_result_line_always_to_stdout(tmp_path: Path) -> None:

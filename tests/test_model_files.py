@@ -36,143 +36,6 @@ import main
 import modelfile
 from errors import ModelFileError
 
-
-def test_a_model_file_with_a_huge_padding_is_refused_by_predict(tmp_path: Path, model_file: Path) -> None:
-    meta = json.loads(str(np.load(model_file)["meta"]))
-    meta["model"]["layers"][0] = {"conv2d": {"filters": 4, "kernel_size": 3, "stride": 50000, "padding": 100000}}
-    rewrite_model(model_file, tmp_path / "pad.npz", meta=meta)
-    np.save(tmp_path / "digit.npy", np.eye(8))
-    proc = run_cli(["--load-model", "pad.npz", "--predict", "digit.npy"], cwd=tmp_path)
-    assert proc.returncode == 2
-    assert_one_error_line(proc.stderr, "pad.npz: the stored architecture cannot run here", "GiB")
-
-
-def test_a_model_file_with_a_negative_variance_is_refused(tmp_path: Path) -> None:
-    config = small_config_file(tmp_path, model={"layers": [{"conv2d": {"filters": 4, "padding": 1}}, "batchnorm",
-                                                           "relu", "flatten", {"dense": {"units": 10}}]})
-    assert run_cli(["--config", str(config), "--save-model", "bn.npz"], cwd=tmp_path).returncode == 0
-    variance = np.load(tmp_path / "bn.npz")["layer1.running_var"].copy()
-    variance[0] = -1.0
-    rewrite_model(tmp_path / "bn.npz", tmp_path / "bad.npz", **{"layer1.running_var": variance})
-    np.save(tmp_path / "digit.npy", np.eye(8))
-    for args in (["--predict", "digit.npy"], ["--config", str(config), "--save-model", "again.npz"]):
-        proc = run_cli(["--load-model", "bad.npz", *args], cwd=tmp_path)
-        assert proc.returncode == 2
-        assert_one_error_line(proc.stderr, "bad.npz: layer1.running_var holds negative values, but a variance is >= 0")
-    assert not (tmp_path / "again.npz").exists()
-
-
-def lying_copy(good: Path, path: Path, meta: dict | None = None, training: dict | None = None,
-               **arrays: np.ndarray) -> Path:
-    """The good model file with meta entries, training-summary entries or arrays replaced."""
-    stored = arrays_of(good)
-    described = json.loads(str(stored["meta"]))
-    described.update(meta or {})
-    described["training"].update(training or {})
-    np.savez(path, **{**stored, **arrays, "meta": np.array(json.dumps(described))})
-    return path
-
-
-def test_the_good_model_file_loads(good_model: Path) -> None:
-    loaded = modelfile.load_model(good_model, main.build_model)
-    assert loaded.model.input_shape == (8, 8, 1) and set(loaded.optimizer_state) >= {"0.W.m", "0.W.v"}
-
-
-def with_nan(array: np.ndarray, value: float = np.nan) -> np.ndarray:
-    array = array.copy()
-    array.flat[0] = value
-    return array
-
-
-@pytest.mark.parametrize(("change", "problem"), [
-    ({"meta": {"input_shape": [8, 8, 2]}},
-     "not a valid numpy-cnn model file (meta: input_shape [8, 8, 2] has 2 channels, but numpy-cnn models read grey "
-     "images (1 channel) or colour images (3: red, green, blue))"),
-    ({"meta": {"input_shape": [100000, 8, 1]}},
-     "not a valid numpy-cnn model file (meta: input_shape [100000, 8, 1]: an image's sides must be 1 to 4096 pixels)"),
-    ({"meta": {"input_shape": [8.5, 8, 1]}},
-     "not a valid numpy-cnn model file (meta: input_shape [8.5, 8, 1] is not [height, width, channels] (3 integers))"),
-    ({"meta": {"class_names": list(range(10))}},
-     "not a valid numpy-cnn model file (meta: class_names [0, 1, 2, 3, 4, 5, ...] is not a list of 2 to 1,000 names "
-     "(short strings on one line))"),
-    ({"meta": {"class_names": [str(i) for i in range(5000)]}},
-     "not a valid numpy-cnn model file (meta: class_names ['0', '1', '2', '3', '4', '5', ...] is not a list of 2 to "
-     "1,000 names (short strings on one line))"),
-    ({"meta": {"class_names": ["seven\nfake: 100%", *main.DIGIT_NAMES[1:]]}},
-     "not a valid numpy-cnn model file (meta: class_names ['seven\\nfake: 100%', '1', '2', '3', '4', '5', ...] is "
-     "not a list of 2 to 1,000 names (short strings on one line))"),
-    ({"training": {"test_accuracy": float("nan")}},
-     "not a valid numpy-cnn model file (meta: training.test_accuracy is nan, not a finite number from 0 to 1)"),
-    ({"training": {"test_loss": float("inf")}},
-     "not a valid numpy-cnn model file (meta: training.test_loss is inf, not a finite number >= 0)"),
-    ({"layer0.W": "nan"}, "layer0.W holds NaN or infinite values"),
-    ({"layer4.b": "inf"}, "layer4.b holds NaN or infinite values"),
-    ({"layer1.running_var": "inf"}, "layer1.running_var holds NaN or infinite values"),
-    ({"optimizer.0.W.m": "nan"}, "optimizer.0.W.m holds NaN or infinite values"),
-    ({"optimizer.0.W.v": "huge"}, "optimizer.0.W.v has shape (1000000,), larger than any weight of the model"),
-], ids=["2-channels", "absurd-side", "fractional-side", "class-names-numbers", "5000-classes", "class-name-newline",
-        "nan-accuracy", "infinite-loss", "nan-weight", "inf-bias", "inf-batchnorm-buffer", "nan-adam-state",
-        "oversized-adam-state"])
-def test_a_model_file_that_lies_is_one_line(good_model: Path, tmp_path: Path, change: dict, problem: str) -> None:
-    stored = arrays_of(good_model)
-    arrays = {}
-    for key, kind in change.items():
-        if key.startswith(("layer", "optimizer")):
-            arrays[key] = (np.zeros(1_000_000, np.float32) if kind == "huge"
-                           else with_nan(stored[key], np.nan if kind == "nan" else -np.inf))
-    path = lying_copy(good_model, tmp_path / "lying.npz", meta=change.get("meta"), training=change.get("training"),
-                      **arrays)
-    with pytest.raises(ModelFileError) as error:
-        modelfile.load_model(path, main.build_model)
-    assert str(error.value) == f"{path}: {problem}"
-
-
-def test_predict_with_a_nan_model_is_one_line(good_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                              capsys: pytest.CaptureFixture) -> None:
-    """--predict with a model whose weights are NaN: one error line and exit 2, not a prediction "9 (nan%)"."""
-    path = lying_copy(good_model, tmp_path / "nan.npz", **{"layer4.W": np.full((128, 10), np.nan, np.float32)})
-    np.save(tmp_path / "digit.npy", np.eye(8))
-    write_config(tmp_path)
-    monkeypatch.chdir(tmp_path)
-    code = main.main(["--load-model", str(path), "--predict", "digit.npy"])
-    captured = capsys.readouterr()
-    assert one_line(captured.err) == f"error: {path}: layer4.W holds NaN or infinite values"
-    assert code == 2 and captured.out == ""
-
-
-def test_an_array_header_that_lies_is_refused_before_reading_its_data(good_model: Path, tmp_path: Path) -> None:
-    """A weight whose .npy header declares 2**40 floats (in a file of a few hundred bytes) is refused from its
-    header: nothing of that size is allocated."""
-    path = lying_copy(good_model, tmp_path / "liar.npz")
-    header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (1 << 40,)})
-    with zipfile.ZipFile(path, "a") as archive:
-        archive.writestr("optimizer.0.W.extra.npy", header.getvalue() + bytes(16))
-    with pytest.raises(ModelFileError) as error:
-        modelfile.load_model(path, main.build_model)
-    assert str(error.value) == (f"{path}: optimizer.0.W.extra has shape (1099511627776,), larger than any weight "
-                                "of the model")
-
-
-def test_a_tiny_model_file_asking_for_1e9_filters_is_one_line(good_model: Path, tmp_path: Path) -> None:
-    """A 1 KB model file whose architecture asks for a billion filters: one line naming the file and the layer,
-    no MemoryError (the process is capped at 2 GB: allocating would fail there, not take the machine)."""
-    meta = json.loads(str(arrays_of(good_model)["meta"]))
-    meta["model"] = {"layers": [{"conv2d": {"filters": 10**9, "kernel_size": 3, "padding": 1}}, "relu", "flatten",
-                                {"dense": {"units": 10}}]}
-    meta.pop("optimizer")
-    np.savez_compressed(tmp_path / "huge.npz", meta=np.array(json.dumps(meta)))
-    assert (tmp_path / "huge.npz").stat().st_size < 2000
-    np.save(tmp_path / "digit.npy", np.eye(8))
-    write_config(tmp_path)
-    run = run_limited([str(MAIN), "--load-model", "huge.npz", "--predict", "digit.npy"], tmp_path)
-    line = one_line(run.stderr)
-    assert line.startswith("error: huge.npz: the stored architecture cannot be built (model.layers[0] (conv2d): "
-                           "9,000,000,000 weights need about "), line
-    assert "MemoryError" not in line
-    assert run.returncode == 2
-
-
 # ------------------------------------------------------------------------------------------------
 # Saving and loading
 # ------------------------------------------------------------------------------------------------
@@ -330,7 +193,8 @@ def test_bad_model_files_are_rejected_with_one_line_naming_the_file(
     one_error_line(capsys.readouterr().err, str(path))
 
 
-# What the version before model.layers stored as the architecture of CONFIG's model: its checked model section.
+# What the version before model.layers stored as the architecture of SAVED_MODEL_CONFIG's model (its checked
+# model section).
 OLD_ARCHITECTURE = {"conv_layers": [{"filters": 8, "kernel_size": 3, "stride": 1, "padding": 1, "pool_size": 2,
                                      "pool_stride": None}], "dense_units": 64}
 
@@ -412,3 +276,143 @@ def test_a_model_file_of_the_old_format_still_loads(tmp_path: Path) -> None:
                                                             "padding": 1}}
     x = data.x_test[:5]
     np.testing.assert_array_equal(loaded.model.forward(x, training=False), model.forward(x, training=False))
+
+
+
+# ---- model files that lie, or ask for too much ----------------------------------------------------------------------
+
+
+def test_a_model_file_with_a_huge_padding_is_refused_by_predict(tmp_path: Path, model_file: Path) -> None:
+    meta = json.loads(str(np.load(model_file)["meta"]))
+    meta["model"]["layers"][0] = {"conv2d": {"filters": 4, "kernel_size": 3, "stride": 50000, "padding": 100000}}
+    rewrite_model(model_file, tmp_path / "pad.npz", meta=meta)
+    np.save(tmp_path / "digit.npy", np.eye(8))
+    proc = run_cli(["--load-model", "pad.npz", "--predict", "digit.npy"], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert_one_error_line(proc.stderr, "pad.npz: the stored architecture cannot run here", "GiB")
+
+
+def test_a_model_file_with_a_negative_variance_is_refused(tmp_path: Path) -> None:
+    config = small_config_file(tmp_path, model={"layers": [{"conv2d": {"filters": 4, "padding": 1}}, "batchnorm",
+                                                           "relu", "flatten", {"dense": {"units": 10}}]})
+    assert run_cli(["--config", str(config), "--save-model", "bn.npz"], cwd=tmp_path).returncode == 0
+    variance = np.load(tmp_path / "bn.npz")["layer1.running_var"].copy()
+    variance[0] = -1.0
+    rewrite_model(tmp_path / "bn.npz", tmp_path / "bad.npz", **{"layer1.running_var": variance})
+    np.save(tmp_path / "digit.npy", np.eye(8))
+    for args in (["--predict", "digit.npy"], ["--config", str(config), "--save-model", "again.npz"]):
+        proc = run_cli(["--load-model", "bad.npz", *args], cwd=tmp_path)
+        assert proc.returncode == 2
+        assert_one_error_line(proc.stderr, "bad.npz: layer1.running_var holds negative values, but a variance is >= 0")
+    assert not (tmp_path / "again.npz").exists()
+
+
+def lying_copy(good: Path, path: Path, meta: dict | None = None, training: dict | None = None,
+               **arrays: np.ndarray) -> Path:
+    """The good model file with meta entries, training-summary entries or arrays replaced."""
+    stored = arrays_of(good)
+    described = json.loads(str(stored["meta"]))
+    described.update(meta or {})
+    described["training"].update(training or {})
+    np.savez(path, **{**stored, **arrays, "meta": np.array(json.dumps(described))})
+    return path
+
+
+def test_the_good_model_file_loads(good_model: Path) -> None:
+    loaded = modelfile.load_model(good_model, main.build_model)
+    assert loaded.model.input_shape == (8, 8, 1) and set(loaded.optimizer_state) >= {"0.W.m", "0.W.v"}
+
+
+def with_nan(array: np.ndarray, value: float = np.nan) -> np.ndarray:
+    array = array.copy()
+    array.flat[0] = value
+    return array
+
+
+@pytest.mark.parametrize(("change", "problem"), [
+    ({"meta": {"input_shape": [8, 8, 2]}},
+     "not a valid numpy-cnn model file (meta: input_shape [8, 8, 2] has 2 channels, but numpy-cnn models read grey "
+     "images (1 channel) or colour images (3: red, green, blue))"),
+    ({"meta": {"input_shape": [100000, 8, 1]}},
+     "not a valid numpy-cnn model file (meta: input_shape [100000, 8, 1]: an image's sides must be 1 to 4096 pixels)"),
+    ({"meta": {"input_shape": [8.5, 8, 1]}},
+     "not a valid numpy-cnn model file (meta: input_shape [8.5, 8, 1] is not [height, width, channels] (3 integers))"),
+    ({"meta": {"class_names": list(range(10))}},
+     "not a valid numpy-cnn model file (meta: class_names [0, 1, 2, 3, 4, 5, ...] is not a list of 2 to 1,000 names "
+     "(short strings on one line))"),
+    ({"meta": {"class_names": [str(i) for i in range(5000)]}},
+     "not a valid numpy-cnn model file (meta: class_names ['0', '1', '2', '3', '4', '5', ...] is not a list of 2 to "
+     "1,000 names (short strings on one line))"),
+    ({"meta": {"class_names": ["seven\nfake: 100%", *main.DIGIT_NAMES[1:]]}},
+     "not a valid numpy-cnn model file (meta: class_names ['seven\\nfake: 100%', '1', '2', '3', '4', '5', ...] is "
+     "not a list of 2 to 1,000 names (short strings on one line))"),
+    ({"training": {"test_accuracy": float("nan")}},
+     "not a valid numpy-cnn model file (meta: training.test_accuracy is nan, not a finite number from 0 to 1)"),
+    ({"training": {"test_loss": float("inf")}},
+     "not a valid numpy-cnn model file (meta: training.test_loss is inf, not a finite number >= 0)"),
+    ({"layer0.W": "nan"}, "layer0.W holds NaN or infinite values"),
+    ({"layer4.b": "inf"}, "layer4.b holds NaN or infinite values"),
+    ({"layer1.running_var": "inf"}, "layer1.running_var holds NaN or infinite values"),
+    ({"optimizer.0.W.m": "nan"}, "optimizer.0.W.m holds NaN or infinite values"),
+    ({"optimizer.0.W.v": "huge"}, "optimizer.0.W.v has shape (1000000,), larger than any weight of the model"),
+], ids=["2-channels", "absurd-side", "fractional-side", "class-names-numbers", "5000-classes", "class-name-newline",
+        "nan-accuracy", "infinite-loss", "nan-weight", "inf-bias", "inf-batchnorm-buffer", "nan-adam-state",
+        "oversized-adam-state"])
+def test_a_model_file_that_lies_is_one_line(good_model: Path, tmp_path: Path, change: dict, problem: str) -> None:
+    stored = arrays_of(good_model)
+    arrays = {}
+    for key, kind in change.items():
+        if key.startswith(("layer", "optimizer")):
+            arrays[key] = (np.zeros(1_000_000, np.float32) if kind == "huge"
+                           else with_nan(stored[key], np.nan if kind == "nan" else -np.inf))
+    path = lying_copy(good_model, tmp_path / "lying.npz", meta=change.get("meta"), training=change.get("training"),
+                      **arrays)
+    with pytest.raises(ModelFileError) as error:
+        modelfile.load_model(path, main.build_model)
+    assert str(error.value) == f"{path}: {problem}"
+
+
+def test_predict_with_a_nan_model_is_one_line(good_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture) -> None:
+    """--predict with a model whose weights are NaN: one error line and exit 2, not a prediction "9 (nan%)"."""
+    path = lying_copy(good_model, tmp_path / "nan.npz", **{"layer4.W": np.full((128, 10), np.nan, np.float32)})
+    np.save(tmp_path / "digit.npy", np.eye(8))
+    write_config(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    code = main.main(["--load-model", str(path), "--predict", "digit.npy"])
+    captured = capsys.readouterr()
+    assert one_line(captured.err) == f"error: {path}: layer4.W holds NaN or infinite values"
+    assert code == 2 and captured.out == ""
+
+
+def test_an_array_header_that_lies_is_refused_before_reading_its_data(good_model: Path, tmp_path: Path) -> None:
+    """A weight whose .npy header declares 2**40 floats (in a file of a few hundred bytes) is refused from its
+    header: nothing of that size is allocated."""
+    path = lying_copy(good_model, tmp_path / "liar.npz")
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (1 << 40,)})
+    with zipfile.ZipFile(path, "a") as archive:
+        archive.writestr("optimizer.0.W.extra.npy", header.getvalue() + bytes(16))
+    with pytest.raises(ModelFileError) as error:
+        modelfile.load_model(path, main.build_model)
+    assert str(error.value) == (f"{path}: optimizer.0.W.extra has shape (1099511627776,), larger than any weight "
+                                "of the model")
+
+
+def test_a_tiny_model_file_asking_for_1e9_filters_is_one_line(good_model: Path, tmp_path: Path) -> None:
+    """A 1 KB model file whose architecture asks for a billion filters: one line naming the file and the layer,
+    no MemoryError (the process is capped at 2 GB: allocating would fail there, not take the machine)."""
+    meta = json.loads(str(arrays_of(good_model)["meta"]))
+    meta["model"] = {"layers": [{"conv2d": {"filters": 10**9, "kernel_size": 3, "padding": 1}}, "relu", "flatten",
+                                {"dense": {"units": 10}}]}
+    meta.pop("optimizer")
+    np.savez_compressed(tmp_path / "huge.npz", meta=np.array(json.dumps(meta)))
+    assert (tmp_path / "huge.npz").stat().st_size < 2000
+    np.save(tmp_path / "digit.npy", np.eye(8))
+    write_config(tmp_path)
+    run = run_limited([str(MAIN), "--load-model", "huge.npz", "--predict", "digit.npy"], tmp_path)
+    line = one_line(run.stderr)
+    assert line.startswith("error: huge.npz: the stored architecture cannot be built (model.layers[0] (conv2d): "
+                           "9,000,000,000 weights need about "), line
+    assert "MemoryError" not in line
+    assert run.returncode == 2

@@ -37,250 +37,6 @@ import modelfile
 import plots
 from errors import DataError
 
-
-@pytest.mark.parametrize("format", ["PNG", "JPEG", "GIF", "BMP", "WEBP"])
-def test_every_allowed_format_opens(format: str) -> None:
-    if format == "WEBP" and not features.check("webp"):
-        pytest.skip("this Pillow has no WebP support")
-    picture = Image.fromarray((np.eye(16) * 255).astype(np.uint8)).convert("RGB")
-    with images.open_image(encoded(picture, format), '"image"') as opened:
-        assert opened.format == format and opened.size == (16, 16)
-
-
-@pytest.mark.parametrize("name, data, kind", [
-    ("digit.eps", EPS, "is a PostScript (EPS) file"),
-    ("digit.tif", encoded(Image.fromarray(np.eye(8, dtype=np.float32)), "TIFF"), "is a TIFF file"),
-    ("digit.ico", encoded(Image.fromarray((np.eye(16) * 255).astype(np.uint8)), "ICO"), "cannot read it as an image"),
-])
-def test_other_formats_are_refused_before_pillow_decodes_them(tmp_path: Path, model_file: Path, name: str,
-                                                               data: bytes, kind: str) -> None:
-    from PIL import EpsImagePlugin
-
-    with pytest.raises(DataError, match=f"^x: {re.escape(kind)}; the formats read are PNG, JPEG, GIF, BMP or WebP"):
-        images.open_image(data, "x")
-    (tmp_path / name).write_bytes(data)
-    calls: list = []
-    original = EpsImagePlugin.Ghostscript
-    EpsImagePlugin.Ghostscript = lambda *args, **kwargs: calls.append(args)  # type: ignore[assignment]
-    try:
-        with pytest.raises(DataError, match=f"^{re.escape(str(tmp_path / name))}: {re.escape(kind)}"):
-            images.read_image(tmp_path / name)
-    finally:
-        EpsImagePlugin.Ghostscript = original
-    assert not calls
-    proc = run_cli(["--load-model", str(model_file), "--predict", name], cwd=tmp_path)
-    assert proc.returncode == 2
-    assert_one_error_line(proc.stderr, f"{name}: {kind}")
-
-
-# ---- --predict fills the frame as the model's data set did ----------------------------------------------------------
-
-
-def draw_a_one(path: Path) -> tuple[int, int]:
-    """A tall '1' drawn in black on white paper, 200x160 pixels; returns its ink's (height, width)."""
-    picture = Image.new("L", (160, 200), 255)
-    draw = ImageDraw.Draw(picture)
-    draw.line([(80, 20), (80, 180)], fill=0, width=16)
-    draw.line([(80, 24), (50, 54)], fill=0, width=12)
-    picture.save(path)
-    ink = np.argwhere(np.asarray(picture) < 128)
-    height, width = ink.max(axis=0) - ink.min(axis=0) + 1
-    return int(height), int(width)
-
-
-def ink_box(image: np.ndarray, threshold: float = 0.1) -> tuple[int, int]:
-    """(height, width) of the bounding box of the pixels brighter than threshold."""
-    ink = np.argwhere(image > threshold)
-    assert len(ink), "the model got a blank image"
-    height, width = ink.max(axis=0) - ink.min(axis=0) + 1
-    return int(height), int(width)
-
-
-def train_tiny_model(folder: Path, dataset: str, data_path: Path | None) -> Path:
-    """A tiny model trained for one epoch through main.main and saved; returns the model file."""
-    config = folder / f"{dataset}.yaml"
-    config.write_text(yaml.safe_dump({
-        "logging": {"level": "WARNING", "file": None},
-        "data": {"n_train": 20, "n_test": 10},
-        "model": {"layers": classifier_head(8)},
-        "training": {"epochs": 1, "batch_size": 10, "workers": 1},
-    }))
-    model = folder / f"{dataset}.npz"
-    flags = ["--config", str(config), "--dataset", dataset, "--save-model", str(model)]
-    assert main.main(flags + (["--data-path", str(data_path)] if data_path else [])) == 0
-    return model
-
-
-@pytest.mark.parametrize(("dataset", "frame", "longer_side"), [
-    ("mnist", 28, 20),  # MNIST fitted each digit into 20x20 pixels of its 28x28
-    ("fashion_mnist", 28, 28),  # Fashion-MNIST's articles fill the frame
-    ("digits", 8, 8),  # so do scikit-learn's 8x8 digits
-])
-def test_predict_fills_the_frame_as_the_models_data_set_did(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                             capsys: pytest.CaptureFixture, dataset: str,
-                                                             frame: int, longer_side: int) -> None:
-    """--predict on a drawing: the image the model receives (recorded at predict_proba, not recomputed with
-    images.prepare_image) has its ink's longer side spanning `longer_side` pixels of the `frame` x `frame`
-    input, and keeps the drawing's proportions. With MNIST's 20/28 for every data set, Fashion-MNIST's would
-    span 20 and the digits' 6."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("RANDOM_SEED", raising=False)
-    data_path = write_idx_folder(tmp_path / "idx") if dataset in ("mnist", "fashion_mnist") else None
-    model = train_tiny_model(tmp_path, dataset, data_path)
-    drawn_height, drawn_width = draw_a_one(tmp_path / "one.png")
-    assert drawn_height > 3 * drawn_width  # tall: its longer side is its height
-
-    seen: list[np.ndarray] = []
-    real_predict_proba = main.Sequential.predict_proba
-
-    def recording_predict_proba(self: main.Sequential, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
-        seen.append(np.array(x))
-        return real_predict_proba(self, x, batch_size)
-
-    monkeypatch.setattr(main.Sequential, "predict_proba", recording_predict_proba)
-    capsys.readouterr()
-    assert main.main(["--load-model", str(model), "--predict", "one.png", "--output", "predicted.json"]) == 0
-    assert "one.png: " in capsys.readouterr().out
-    assert json.loads(Path("predicted.json").read_text())["predictions"][0]["file"] == "one.png"
-
-    assert len(seen) == 1 and seen[0].shape == (1, frame, frame, 1)
-    height, width = ink_box(seen[0][0, :, :, 0])
-    assert height == longer_side, f"the ink spans {height} of {frame} rows, expected {longer_side}"
-    # The width is scaled by the same factor: the drawing is not stretched.
-    assert abs(width - drawn_width * longer_side / drawn_height) <= 1.5
-
-
-# ---- a picture that fails -------------------------------------------------------------------------------------------
-
-
-def test_a_picture_that_fails_exits_1_and_is_recorded_in_the_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                     capsys: pytest.CaptureFixture) -> None:
-    """plots.write_plots raising (a bug, a missing font, a full disk) must not cost the run: the model and the
-    results are still written, the results file names the problem under "problems", one error line says it,
-    and the exit code is 1, not 0."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("RANDOM_SEED", raising=False)
-
-    def failing_write_plots(*args: Any, **kwargs: Any) -> dict:
-        raise RuntimeError("matplotlib ran out of ink")
-
-    monkeypatch.setattr(plots, "write_plots", failing_write_plots)
-    Path("cfg.yaml").write_text(yaml.safe_dump({
-        "logging": {"level": "INFO", "file": "logs/app.log"},
-        "data": {"dataset": "digits", "n_train": 64, "n_test": 32},
-        "model": {"layers": classifier_head(8)},
-        "training": {"epochs": 1, "workers": 1}}))
-    code = main.main(["--config", "cfg.yaml", "--plot-dir", "pictures", "--output", "results.json",
-                      "--save-model", "model.npz"])
-    captured = capsys.readouterr()
-    assert code == main.EXIT_UNEXPECTED == 1, captured.err
-    results = json.loads(Path("results.json").read_text())
-    assert len(results["problems"]) == 1, results["problems"]
-    problem = results["problems"][0]
-    assert "picture" in problem and "RuntimeError" in problem and "matplotlib ran out of ink" in problem
-    assert results["status"] == "completed" and results["epochs_completed"] == 1
-    assert results["test_accuracy"] is not None and "plots" not in results["files"]
-    assert results["files"]["model"] == "model.npz" and Path("model.npz").is_file()
-    error_lines = [line for line in captured.err.splitlines() if "matplotlib ran out of ink" in line]
-    assert len(error_lines) == 1 and "Traceback" not in captured.err + captured.out
-    assert "unexpected" not in captured.err
-
-
-def test_a_colour_model_without_conv_layers_predicts_a_grey_file_with_a_note(
-        good_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    """A dense-only model whose stored weights really fit an 8x8x3 input (once "unexpected ValueError: operands
-    could not be broadcast"): a grey file is given to it as equal red, green and blue, with a note."""
-    layers = ["flatten", {"dense": {"units": 10}}]
-    arrays = {"layer1.W": np.zeros((192, 10), np.float32), "layer1.b": np.zeros(10, np.float32)}
-    meta = json.loads(str(arrays_of(good_model)["meta"]))
-    meta.update(model={"layers": layers}, input_shape=[8, 8, 3])
-    meta.pop("optimizer")
-    np.savez(tmp_path / "colour.npz", **arrays, meta=np.array(json.dumps(meta)))
-    np.save(tmp_path / "digit.npy", np.eye(8))
-    write_config(tmp_path)
-    monkeypatch.chdir(tmp_path)
-    code = main.main(["--load-model", "colour.npz", "--predict", "digit.npy"])
-    captured = capsys.readouterr()
-    assert code == 0 and captured.out.startswith("digit.npy: ")
-    assert "the colour model sees the same grey in red, green and blue" in captured.out + captured.err
-
-
-# ---- --predict with bad files among good ones -----------------------------------------------------------------------
-
-
-def bad_and_good_files(folder: Path) -> list[Path]:
-    """A good drawing, a complex .npy, a folder, a missing file, an image over Pillow's pixel limit (lowered in
-    the tests to 10,000) and one over twice that limit, and another good .npy."""
-    picture = Image.new("L", (60, 60), 255)
-    ImageDraw.Draw(picture).line([(15, 10), (45, 10), (25, 50)], fill=0, width=6)
-    picture.save(folder / "seven.png")
-    np.save(folder / "complex.npy", np.ones((8, 8), complex))
-    (folder / "a_folder").mkdir()
-    Image.new("L", (150, 100), 255).save(folder / "wide.png")  # 15,000 pixels: Pillow warns
-    Image.new("L", (300, 300), 255).save(folder / "huge.png")  # 90,000 pixels: Pillow refuses
-    np.save(folder / "bar.npy", np.pad(np.ones((6, 2)), ((1, 1), (3, 3))))
-    return [folder / name for name in ("seven.png", "complex.npy", "a_folder", "missing.png", "wide.png", "huge.png",
-                                       "bar.npy")]
-
-
-EXPECTED_ERRORS = {
-    "complex.npy": "holds complex numbers; expected grey values (real numbers)",
-    "a_folder": "is a folder, not an image file",
-    "missing.png": "no such image file",
-    "wide.png": "150x100 pixels is more than the 10,000 allowed (a small file can hold a huge image)",
-    "huge.png": "90,000 pixels is more than the 10,000 allowed (a small file can hold a huge image)",
-}
-
-
-def test_predict_files_gives_a_result_per_file_and_no_warning(good_model: Path, tmp_path: Path,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
-    model = modelfile.load_model(good_model, main.build_model).model
-    paths = bad_and_good_files(tmp_path)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        results = images.predict_files(model, paths, main.DIGIT_NAMES, {"method": "digit", "fill": 1.0})
-    assert [warning.category.__name__ for warning in caught] == []
-    assert [result["file"] for result in results] == [str(path) for path in paths]
-    assert {Path(result["file"]).name: result["error"] for result in results if "error" in result} == EXPECTED_ERRORS
-    good = [result for result in results if "error" not in result]
-    assert [Path(result["file"]).name for result in good] == ["seven.png", "bar.npy"]
-    assert all(len(result["top"]) == 3 for result in good)
-    # as if the bad files were not there
-    alone = images.predict_files(model, [paths[0]], main.DIGIT_NAMES, {"method": "digit", "fill": 1.0})
-    assert [top["class"] for top in alone[0]["top"]] == [top["class"] for top in good[0]["top"]]
-    assert [top["probability"] for top in alone[0]["top"]] == pytest.approx([top["probability"] for top in
-                                                                             good[0]["top"]], rel=1e-5)
-
-
-def test_a_folder_is_not_reported_as_a_missing_image(tmp_path: Path) -> None:
-    with pytest.raises(DataError) as error:
-        images.read_image(tmp_path)
-    assert str(error.value) == f"{tmp_path}: is a folder, not an image file"
-
-
-def test_predict_on_the_command_line_prints_the_good_and_one_line_per_bad(
-        good_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    """Each good file's line on stdout, one `error: FILE: why` line per bad file on stderr, exit 2, and the
-    --output JSON lists both."""
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
-    paths = bad_and_good_files(tmp_path)
-    write_config(tmp_path)
-    monkeypatch.chdir(tmp_path)
-    code = main.main(["--load-model", str(good_model), "--output", "r.json", "--predict",
-                      *(path.name for path in paths)])
-    captured = capsys.readouterr()
-    assert code == 2
-    assert "Traceback" not in captured.err and "unexpected" not in captured.err and "Warning" not in captured.err
-    printed = [line.split(":")[0] for line in captured.out.splitlines()]
-    assert "seven.png" in printed and "bar.npy" in printed and not set(printed) & set(EXPECTED_ERRORS)
-    assert [line for line in captured.err.splitlines() if line.startswith("error:")] == [
-        f"error: {name}: {why}" for name, why in EXPECTED_ERRORS.items()]
-    written = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
-    assert [entry["file"] for entry in written["predictions"]] == [path.name for path in paths]
-    assert {entry["file"]: entry["error"] for entry in written["predictions"] if "error" in entry} == EXPECTED_ERRORS
-
-
 # ------------------------------------------------------------------------------------------------
 # Predicting image files
 # ------------------------------------------------------------------------------------------------
@@ -543,3 +299,250 @@ def test_blank_image_gets_a_warning(tmp_path: Path) -> None:
     results = images.predict_files(model, [tmp_path / "seven.png", tmp_path / "blank.png"], main.DIGIT_NAMES,
                                   {"method": "digit", "fill": 20 / 28})
     assert "warning" not in results[0] and "blank" in results[1]["warning"]
+
+
+
+# ---- formats, frames and files that fail ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("format", ["PNG", "JPEG", "GIF", "BMP", "WEBP"])
+def test_every_allowed_format_opens(format: str) -> None:
+    if format == "WEBP" and not features.check("webp"):
+        pytest.skip("this Pillow has no WebP support")
+    picture = Image.fromarray((np.eye(16) * 255).astype(np.uint8)).convert("RGB")
+    with images.open_image(encoded(picture, format), '"image"') as opened:
+        assert opened.format == format and opened.size == (16, 16)
+
+
+@pytest.mark.parametrize("name, data, kind", [
+    ("digit.eps", EPS, "is a PostScript (EPS) file"),
+    ("digit.tif", encoded(Image.fromarray(np.eye(8, dtype=np.float32)), "TIFF"), "is a TIFF file"),
+    ("digit.ico", encoded(Image.fromarray((np.eye(16) * 255).astype(np.uint8)), "ICO"), "cannot read it as an image"),
+])
+def test_other_formats_are_refused_before_pillow_decodes_them(tmp_path: Path, model_file: Path, name: str,
+                                                               data: bytes, kind: str) -> None:
+    from PIL import EpsImagePlugin
+
+    with pytest.raises(DataError, match=f"^x: {re.escape(kind)}; the formats read are PNG, JPEG, GIF, BMP or WebP"):
+        images.open_image(data, "x")
+    (tmp_path / name).write_bytes(data)
+    calls: list = []
+    original = EpsImagePlugin.Ghostscript
+    EpsImagePlugin.Ghostscript = lambda *args, **kwargs: calls.append(args)  # type: ignore[assignment]
+    try:
+        with pytest.raises(DataError, match=f"^{re.escape(str(tmp_path / name))}: {re.escape(kind)}"):
+            images.read_image(tmp_path / name)
+    finally:
+        EpsImagePlugin.Ghostscript = original
+    assert not calls
+    proc = run_cli(["--load-model", str(model_file), "--predict", name], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert_one_error_line(proc.stderr, f"{name}: {kind}")
+
+
+# ---- --predict fills the frame as the model's data set did ----------------------------------------------------------
+
+
+def draw_a_one(path: Path) -> tuple[int, int]:
+    """A tall '1' drawn in black on white paper, 200x160 pixels; returns its ink's (height, width)."""
+    picture = Image.new("L", (160, 200), 255)
+    draw = ImageDraw.Draw(picture)
+    draw.line([(80, 20), (80, 180)], fill=0, width=16)
+    draw.line([(80, 24), (50, 54)], fill=0, width=12)
+    picture.save(path)
+    ink = np.argwhere(np.asarray(picture) < 128)
+    height, width = ink.max(axis=0) - ink.min(axis=0) + 1
+    return int(height), int(width)
+
+
+def ink_box(image: np.ndarray, threshold: float = 0.1) -> tuple[int, int]:
+    """(height, width) of the bounding box of the pixels brighter than threshold."""
+    ink = np.argwhere(image > threshold)
+    assert len(ink), "the model got a blank image"
+    height, width = ink.max(axis=0) - ink.min(axis=0) + 1
+    return int(height), int(width)
+
+
+def train_tiny_model(folder: Path, dataset: str, data_path: Path | None) -> Path:
+    """A tiny model trained for one epoch through main.main and saved; returns the model file."""
+    config = folder / f"{dataset}.yaml"
+    config.write_text(yaml.safe_dump({
+        "logging": {"level": "WARNING", "file": None},
+        "data": {"n_train": 20, "n_test": 10},
+        "model": {"layers": classifier_head(8)},
+        "training": {"epochs": 1, "batch_size": 10, "workers": 1},
+    }))
+    model = folder / f"{dataset}.npz"
+    flags = ["--config", str(config), "--dataset", dataset, "--save-model", str(model)]
+    assert main.main(flags + (["--data-path", str(data_path)] if data_path else [])) == 0
+    return model
+
+
+@pytest.mark.parametrize(("dataset", "frame", "longer_side"), [
+    ("mnist", 28, 20),  # MNIST fitted each digit into 20x20 pixels of its 28x28
+    ("fashion_mnist", 28, 28),  # Fashion-MNIST's articles fill the frame
+    ("digits", 8, 8),  # so do scikit-learn's 8x8 digits
+])
+def test_predict_fills_the_frame_as_the_models_data_set_did(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture, dataset: str,
+                                                             frame: int, longer_side: int) -> None:
+    """--predict on a drawing: the image the model receives (recorded at predict_proba, not recomputed with
+    images.prepare_image) has its ink's longer side spanning `longer_side` pixels of the `frame` x `frame`
+    input, and keeps the drawing's proportions. With MNIST's 20/28 for every data set, Fashion-MNIST's would
+    span 20 and the digits' 6."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RANDOM_SEED", raising=False)
+    data_path = write_idx_folder(tmp_path / "idx") if dataset in ("mnist", "fashion_mnist") else None
+    model = train_tiny_model(tmp_path, dataset, data_path)
+    drawn_height, drawn_width = draw_a_one(tmp_path / "one.png")
+    assert drawn_height > 3 * drawn_width  # tall: its longer side is its height
+
+    seen: list[np.ndarray] = []
+    real_predict_proba = main.Sequential.predict_proba
+
+    def recording_predict_proba(self: main.Sequential, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+        seen.append(np.array(x))
+        return real_predict_proba(self, x, batch_size)
+
+    monkeypatch.setattr(main.Sequential, "predict_proba", recording_predict_proba)
+    capsys.readouterr()
+    assert main.main(["--load-model", str(model), "--predict", "one.png", "--output", "predicted.json"]) == 0
+    assert "one.png: " in capsys.readouterr().out
+    assert json.loads(Path("predicted.json").read_text())["predictions"][0]["file"] == "one.png"
+
+    assert len(seen) == 1 and seen[0].shape == (1, frame, frame, 1)
+    height, width = ink_box(seen[0][0, :, :, 0])
+    assert height == longer_side, f"the ink spans {height} of {frame} rows, expected {longer_side}"
+    # The width is scaled by the same factor: the drawing is not stretched.
+    assert abs(width - drawn_width * longer_side / drawn_height) <= 1.5
+
+
+# ---- a picture that fails -------------------------------------------------------------------------------------------
+
+
+def test_a_picture_that_fails_exits_1_and_is_recorded_in_the_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    """plots.write_plots raising (a bug, a missing font, a full disk) must not cost the run: the model and the
+    results are still written, the results file names the problem under "problems", one error line says it,
+    and the exit code is 1, not 0."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RANDOM_SEED", raising=False)
+
+    def failing_write_plots(*args: Any, **kwargs: Any) -> dict:
+        raise RuntimeError("matplotlib ran out of ink")
+
+    monkeypatch.setattr(plots, "write_plots", failing_write_plots)
+    Path("cfg.yaml").write_text(yaml.safe_dump({
+        "logging": {"level": "INFO", "file": "logs/app.log"},
+        "data": {"dataset": "digits", "n_train": 64, "n_test": 32},
+        "model": {"layers": classifier_head(8)},
+        "training": {"epochs": 1, "workers": 1}}))
+    code = main.main(["--config", "cfg.yaml", "--plot-dir", "pictures", "--output", "results.json",
+                      "--save-model", "model.npz"])
+    captured = capsys.readouterr()
+    assert code == main.EXIT_UNEXPECTED == 1, captured.err
+    results = json.loads(Path("results.json").read_text())
+    assert len(results["problems"]) == 1, results["problems"]
+    problem = results["problems"][0]
+    assert "picture" in problem and "RuntimeError" in problem and "matplotlib ran out of ink" in problem
+    assert results["status"] == "completed" and results["epochs_completed"] == 1
+    assert results["test_accuracy"] is not None and "plots" not in results["files"]
+    assert results["files"]["model"] == "model.npz" and Path("model.npz").is_file()
+    error_lines = [line for line in captured.err.splitlines() if "matplotlib ran out of ink" in line]
+    assert len(error_lines) == 1 and "Traceback" not in captured.err + captured.out
+    assert "unexpected" not in captured.err
+
+
+def test_a_colour_model_without_conv_layers_predicts_a_grey_file_with_a_note(
+        good_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """A dense-only model whose stored weights really fit an 8x8x3 input (once "unexpected ValueError: operands
+    could not be broadcast"): a grey file is given to it as equal red, green and blue, with a note."""
+    layers = ["flatten", {"dense": {"units": 10}}]
+    arrays = {"layer1.W": np.zeros((192, 10), np.float32), "layer1.b": np.zeros(10, np.float32)}
+    meta = json.loads(str(arrays_of(good_model)["meta"]))
+    meta.update(model={"layers": layers}, input_shape=[8, 8, 3])
+    meta.pop("optimizer")
+    np.savez(tmp_path / "colour.npz", **arrays, meta=np.array(json.dumps(meta)))
+    np.save(tmp_path / "digit.npy", np.eye(8))
+    write_config(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    code = main.main(["--load-model", "colour.npz", "--predict", "digit.npy"])
+    captured = capsys.readouterr()
+    assert code == 0 and captured.out.startswith("digit.npy: ")
+    assert "the colour model sees the same grey in red, green and blue" in captured.out + captured.err
+
+
+# ---- --predict with bad files among good ones -----------------------------------------------------------------------
+
+
+def bad_and_good_files(folder: Path) -> list[Path]:
+    """A good drawing, a complex .npy, a folder, a missing file, an image over Pillow's pixel limit (lowered in
+    the tests to 10,000) and one over twice that limit, and another good .npy."""
+    picture = Image.new("L", (60, 60), 255)
+    ImageDraw.Draw(picture).line([(15, 10), (45, 10), (25, 50)], fill=0, width=6)
+    picture.save(folder / "seven.png")
+    np.save(folder / "complex.npy", np.ones((8, 8), complex))
+    (folder / "a_folder").mkdir()
+    Image.new("L", (150, 100), 255).save(folder / "wide.png")  # 15,000 pixels: Pillow warns
+    Image.new("L", (300, 300), 255).save(folder / "huge.png")  # 90,000 pixels: Pillow refuses
+    np.save(folder / "bar.npy", np.pad(np.ones((6, 2)), ((1, 1), (3, 3))))
+    return [folder / name for name in ("seven.png", "complex.npy", "a_folder", "missing.png", "wide.png", "huge.png",
+                                       "bar.npy")]
+
+
+EXPECTED_ERRORS = {
+    "complex.npy": "holds complex numbers; expected grey values (real numbers)",
+    "a_folder": "is a folder, not an image file",
+    "missing.png": "no such image file",
+    "wide.png": "150x100 pixels is more than the 10,000 allowed (a small file can hold a huge image)",
+    "huge.png": "90,000 pixels is more than the 10,000 allowed (a small file can hold a huge image)",
+}
+
+
+def test_predict_files_gives_a_result_per_file_and_no_warning(good_model: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
+    model = modelfile.load_model(good_model, main.build_model).model
+    paths = bad_and_good_files(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = images.predict_files(model, paths, main.DIGIT_NAMES, {"method": "digit", "fill": 1.0})
+    assert [warning.category.__name__ for warning in caught] == []
+    assert [result["file"] for result in results] == [str(path) for path in paths]
+    assert {Path(result["file"]).name: result["error"] for result in results if "error" in result} == EXPECTED_ERRORS
+    good = [result for result in results if "error" not in result]
+    assert [Path(result["file"]).name for result in good] == ["seven.png", "bar.npy"]
+    assert all(len(result["top"]) == 3 for result in good)
+    # as if the bad files were not there
+    alone = images.predict_files(model, [paths[0]], main.DIGIT_NAMES, {"method": "digit", "fill": 1.0})
+    assert [top["class"] for top in alone[0]["top"]] == [top["class"] for top in good[0]["top"]]
+    assert [top["probability"] for top in alone[0]["top"]] == pytest.approx([top["probability"] for top in
+                                                                             good[0]["top"]], rel=1e-5)
+
+
+def test_a_folder_is_not_reported_as_a_missing_image(tmp_path: Path) -> None:
+    with pytest.raises(DataError) as error:
+        images.read_image(tmp_path)
+    assert str(error.value) == f"{tmp_path}: is a folder, not an image file"
+
+
+def test_predict_on_the_command_line_prints_the_good_and_one_line_per_bad(
+        good_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """Each good file's line on stdout, one `error: FILE: why` line per bad file on stderr, exit 2, and the
+    --output JSON lists both."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
+    paths = bad_and_good_files(tmp_path)
+    write_config(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    code = main.main(["--load-model", str(good_model), "--output", "r.json", "--predict",
+                      *(path.name for path in paths)])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "Traceback" not in captured.err and "unexpected" not in captured.err and "Warning" not in captured.err
+    printed = [line.split(":")[0] for line in captured.out.splitlines()]
+    assert "seven.png" in printed and "bar.npy" in printed and not set(printed) & set(EXPECTED_ERRORS)
+    assert [line for line in captured.err.splitlines() if line.startswith("error:")] == [
+        f"error: {name}: {why}" for name, why in EXPECTED_ERRORS.items()]
+    written = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
+    assert [entry["file"] for entry in written["predictions"]] == [path.name for path in paths]
+    assert {entry["file"]: entry["error"] for entry in written["predictions"] if "error" in entry} == EXPECTED_ERRORS

@@ -52,7 +52,7 @@ def test_the_server_refuses_an_eps_drawing(model_file: Path) -> None:
         predictor.predict(url)
 
 
-# ---- 3, 4, 6, 7. the server under hostile clients -------------------------------------------------------------------
+# ---- the server under hostile clients -------------------------------------------------------------------------------
 
 
 def free_port() -> int:
