@@ -27,11 +27,6 @@ from helpers import (
     write_config,
 )
 from PIL import Image
-from selenium.common.exceptions import WebDriverException
-from selenium.webdriver.chrome.service import Service
-from selenium.webdriver.common.action_chains import ActionChains
-from selenium.webdriver.common.by import By
-from selenium.webdriver.support.ui import WebDriverWait
 
 import main
 import modelfile
@@ -47,6 +42,11 @@ if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
     pytest.skip(f"headless Chromium needs {CHROMIUM} and {CHROMEDRIVER} (Debian: apt-get install chromium "
                 f"chromium-driver)", allow_module_level=True)
 
+from selenium.common.exceptions import WebDriverException  # noqa: E402 (after the skips above)
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 # Strokes on the 280x280 pad, in pixels from its top-left corner, as a person draws them: a 7 is a bar and a
 # slanted line down (one stroke), a 3 two bumps in one stroke.
