@@ -25,21 +25,6 @@ import main
 import modelfile
 from errors import ConfigError
 
-
-def test_the_folder_rgb_recipe_trains_on_a_folder_and_serves_its_pictures(tmp_path: Path) -> None:
-    colour_folder(tmp_path / "pictures", 60)
-    write_config(tmp_path)
-    run = run_cli(["--config", str(ROOT / "configs" / "folder_rgb.yaml"), "--data-path", str(tmp_path / "pictures"),
-                   "--epochs", "1", "--save-model", str(tmp_path / "m.npz"), "--output", str(tmp_path / "r.json")],
-                  tmp_path)
-    assert run.returncode == 0, run.stderr
-    assert "left-right flips" in run.stdout
-    results = json.loads((tmp_path / "r.json").read_text())
-    assert results["data"]["input_shape"] == [32, 32, 3] and results["data"]["n_test"] == 12  # a fifth, stratified
-    meta = modelfile.load_model(tmp_path / "m.npz", main.build_model).meta
-    assert meta["preprocess"]["size"] == [32, 32] and meta["examples"]["images"].shape == (12, 32, 32, 3)
-
-
 RECIPES = sorted((ROOT / "configs").glob("*.yaml"))
 
 
@@ -258,3 +243,21 @@ def test_valid_config_trains_one_step_or_raises_config_error(raw: dict, seed: in
     assert all(param.dtype == np.float32 and np.isfinite(param).all() for param in after)
     assert any(not np.array_equal(old, new) for old, new in zip(before, after)), "the step changed no weight"
     assert model.summary_rows()[-1]["output_shape"] == [10]
+
+
+
+# ---- a recipe for folders of colour pictures ------------------------------------------------------------------------
+
+
+def test_the_folder_rgb_recipe_trains_on_a_folder_and_serves_its_pictures(tmp_path: Path) -> None:
+    colour_folder(tmp_path / "pictures", 60)
+    write_config(tmp_path)
+    run = run_cli(["--config", str(ROOT / "configs" / "folder_rgb.yaml"), "--data-path", str(tmp_path / "pictures"),
+                   "--epochs", "1", "--save-model", str(tmp_path / "m.npz"), "--output", str(tmp_path / "r.json")],
+                  tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "left-right flips" in run.stdout
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["data"]["input_shape"] == [32, 32, 3] and results["data"]["n_test"] == 12  # a fifth, stratified
+    meta = modelfile.load_model(tmp_path / "m.npz", main.build_model).meta
+    assert meta["preprocess"]["size"] == [32, 32] and meta["examples"]["images"].shape == (12, 32, 32, 3)
