@@ -555,7 +555,6 @@ def test_a_float_image_with_a_nan_is_refused_in_every_float_input(tmp_path: Path
     json.loads((tmp_path / "p.json").read_text(), parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
 
 
-
 def test_the_float_image_path_refuses_a_nan_too(monkeypatch: pytest.MonkeyPatch) -> None:
     """Should an allowed format ever decode to float ("F") greys, a NaN in them is still refused."""
     grey = np.full((28, 28), 0.5, dtype=np.float32)

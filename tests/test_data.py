@@ -196,7 +196,6 @@ def test_synthetic_digits_have_class_structure() -> None:
     assert not np.array_equal(ones[0], ones[1])
 
 
-
 # ---- IDX files and gzip bombs ---------------------------------------------------------------------------------------
 
 
@@ -272,7 +271,6 @@ def test_an_idx_file_with_more_or_fewer_bytes_than_declared_is_one_line(tmp_path
                                 "(corrupt, or not what its header says)")
     gz.write_bytes(gzip.compress(data))
     assert np.array_equal(datafiles.read_idx(gz), np.arange(60, dtype=np.uint8).reshape(3, 4, 5))
-
 
 
 # ---- folders of pictures --------------------------------------------------------------------------------------------
@@ -481,7 +479,6 @@ def test_a_damaged_cache_is_rebuilt_with_a_warning(tmp_path: Path, caplog: pytes
     assert folders.decoded_arrays(tmp_path / "messy", [8, 8], "grey", tmp_path / "cache")["source"] == "cache"
 
 
-
 # ---- augmentation ---------------------------------------------------------------------------------------------------
 
 
@@ -529,7 +526,6 @@ def test_augmentation_is_seeded_and_learns_digits(tmp_path: Path) -> None:
         assert "shifts of up to 1 px and rotations of up to 10 degrees" in proc.stdout
         accuracies.append(json.loads((tmp_path / name).read_text())["test_accuracy"])
     assert accuracies[0] == accuracies[1] >= 0.8
-
 
 
 # ---- messages that name the fix -------------------------------------------------------------------------------------

@@ -278,7 +278,6 @@ def test_a_model_file_of_the_old_format_still_loads(tmp_path: Path) -> None:
     np.testing.assert_array_equal(loaded.model.forward(x, training=False), model.forward(x, training=False))
 
 
-
 # ---- model files that lie, or ask for too much ----------------------------------------------------------------------
 
 

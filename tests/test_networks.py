@@ -245,7 +245,6 @@ def test_valid_config_trains_one_step_or_raises_config_error(raw: dict, seed: in
     assert model.summary_rows()[-1]["output_shape"] == [10]
 
 
-
 # ---- a recipe for folders of colour pictures ------------------------------------------------------------------------
 
 

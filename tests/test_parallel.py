@@ -307,7 +307,6 @@ def test_slice_sums_add_in_rank_order_whatever_order_the_workers_arrive_in() -> 
     assert [float(total[0]) for total in totals] == [0.0, 0.0, 0.0]
 
 
-
 # ---- worker threads with Dropout and BatchNorm ----------------------------------------------------------------------
 
 

@@ -268,7 +268,6 @@ def test_cli_plot_dir_writes_the_pictures_and_lists_them_in_the_results(tmp_path
     assert all(Path(path).parent == Path("pictures") for path in listed.values())
 
 
-
 # ---- colour models --------------------------------------------------------------------------------------------------
 
 

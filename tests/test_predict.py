@@ -301,7 +301,6 @@ def test_blank_image_gets_a_warning(tmp_path: Path) -> None:
     assert "warning" not in results[0] and "blank" in results[1]["warning"]
 
 
-
 # ---- formats, frames and files that fail ----------------------------------------------------------------------------
 
 

@@ -418,7 +418,6 @@ def test_an_evaluation_only_run_reads_like_one_and_warns_of_other_data(tmp_path:
     assert "m.npz was trained on synthetic (source: synthetic), but is now evaluated on mnist" in proc.stderr
 
 
-
 def test_weights_too_large_for_the_test_set_end_as_divergence(tmp_path: Path) -> None:
     """SGD at 1e20: one batch leaves finite but huge weights, whose test loss overflows: diverged, exit 3, not a
     'test loss nan' reported as success."""
