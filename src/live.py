@@ -39,7 +39,7 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 
 from images import ink_fill, prepare_image
-from serve import COMMON_HEADERS, RequestError, is_loopback, make_server, quantise
+from serve import COMMON_HEADERS, RequestError, is_loopback, jsonable, make_server, quantise
 
 log = logging.getLogger("numpy_cnn.live")
 
@@ -296,7 +296,7 @@ class LiveRun:
         with self.lock:
             self.last_id += 1
             body = json.dumps({"id": self.last_id, "type": kind, **payload}, separators=(",", ":"), allow_nan=False,
-                              default=_jsonable)
+                              default=jsonable)
             self.events.append((self.last_id, kind, body.encode()))
             self.lock.notify_all()
 
@@ -311,7 +311,7 @@ class LiveRun:
             self.lock.notify_all()
         self.server.predictor.model = model
         training = meta.get("training") or {}
-        self.server.model_json = json.dumps(self.server_model_document(model, meta), default=_jsonable).encode()
+        self.server.model_json = json.dumps(self.server_model_document(model, meta), default=jsonable).encode()
         self.done = {"status": training.get("status"), "stopped_at": training.get("stopped_at"),
                      "test_accuracy": finite(training.get("test_accuracy"), 9),
                      "test_loss": finite(training.get("test_loss"), 9),
@@ -512,14 +512,6 @@ def with_low_priority() -> None:
     """Lower the calling thread's priority where the system allows it (Linux: a thread has its own nice value)."""
     with contextlib.suppress(AttributeError, OSError):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return str(value)
 
 
 def watch_training(model: Any, data: Any, cfg: dict, optimizer: Any, stop: Any,

@@ -576,7 +576,7 @@ def make_server(model: Any, *, prepare: Callable[[np.ndarray], np.ndarray],
         raise CNNError(f"cannot read the page {error.filename} ({error.strerror or error})") from None
     files = {"/": (page, "text/html; charset=utf-8"), "/index.html": (page, "text/html; charset=utf-8"),
              "/app.js": (script, "text/javascript; charset=utf-8")}
-    model_json = json.dumps(model_document(model, class_names, info, mode, examples), default=_jsonable).encode()
+    model_json = json.dumps(model_document(model, class_names, info, mode, examples), default=jsonable).encode()
     predictor = Predictor(model, prepare, softmax, class_names, decode)
     try:
         return DrawServer((host, int(port)), predictor, files, model_json, timeout)
@@ -590,7 +590,7 @@ def make_server(model: Any, *, prepare: Callable[[np.ndarray], np.ndarray],
         raise CNNError(f"cannot serve on {host}:{port}: {error.strerror or error}") from None
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """NumPy numbers and arrays (and anything else) in `info` as JSON values."""
     if isinstance(value, np.generic):
         return value.item()

@@ -29,8 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # Test files, by what they check: picked per mutant so that the whole run takes minutes, not the suite's time.
-LAYERS = ("test_layers.py", "test_more_layers.py", "test_properties.py")
-TORCH = ("test_torch.py", "test_torch_more_layers.py")
+LAYERS = ("test_layers.py", "test_loss_and_model.py", "test_optimisers.py")
+TORCH = ("test_torch.py",)
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class Mutant:
 MUTANTS = [
     Mutant("softmax_without_max_shift", "log_softmax does not subtract each row's maximum, so exp() overflows",
            (("shifted = logits - logits.max(axis=1, keepdims=True)", "shifted = logits"),),
-           ("test_guards.py", *LAYERS)),
+           (*LAYERS,)),
     Mutant("maxpool_gradient_to_every_tie", "max pooling sends a window's gradient to every input equal to its "
            "maximum, not to the first one",
            (("is_max &= unclaimed\n", "\n"),
@@ -136,7 +136,7 @@ MUTANTS = [
     Mutant("training_never_shuffles", "every epoch visits the training images in the same order",
            (("Position(epoch, 0, n_batches, rng.permutation(n_train))",
              "Position(epoch, 0, n_batches, np.arange(n_train))"),),
-           ("test_main.py::test_each_epoch_visits_every_training_image_once_in_a_new_order",)),
+           ("test_training.py::test_each_epoch_visits_every_training_image_once_in_a_new_order",)),
 ]
 
 

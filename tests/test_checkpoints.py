@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 import pytest
-from helpers import MAIN, run_cli, write_config
+from helpers import MAIN, run_cli, write_config, write_idx_split
 
 import checkpoints
 import config_schema
@@ -254,25 +254,17 @@ def test_resuming_with_another_config_is_refused(killed_run: Path, change: list[
     assert refused.stderr.count("\n") == 1
 
 
-def write_idx(folder: Path, images: np.ndarray, labels: np.ndarray) -> None:
-    folder.mkdir(exist_ok=True)
-    (folder / "train-images-idx3-ubyte").write_bytes(
-        bytes([0, 0, 8, 3]) + np.array(images.shape, ">u4").tobytes() + images.tobytes())
-    (folder / "train-labels-idx1-ubyte").write_bytes(
-        bytes([0, 0, 8, 1]) + np.array(labels.shape, ">u4").tobytes() + labels.tobytes())
-
-
 def test_resuming_on_other_images_under_the_same_config_is_refused(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     images, labels = rng.integers(0, 256, (120, 28, 28), np.uint8), rng.integers(0, 10, 120).astype(np.uint8)
-    write_idx(tmp_path / "idx", images, labels)
+    write_idx_split(tmp_path / "idx", "train", images, labels)
     write_config(tmp_path, data={"dataset": "mnist", "path": "idx", "n_train": 90, "n_test": 30},
                  model={"layers": ["flatten", {"dense": {"units": 10}}]}, training={"epochs": 2, "batch_size": 30},
                  output={"checkpoint_every": 1})
     killed = launch(["--config", "config.yaml"], tmp_path, KILL_AT_BATCH="2")
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     images[:, 0, 0] ^= 1  # one pixel of every image
-    write_idx(tmp_path / "idx", images, labels)
+    write_idx_split(tmp_path / "idx", "train", images, labels)
     refused = run_cli(["--config", "config.yaml", "--resume"], tmp_path)
     assert refused.returncode == 2
     assert refused.stderr.startswith("error: --resume: data set.crc32_of_training_images is "), refused.stderr

@@ -1,65 +1,41 @@
-"""Layer-level tests for numpy-cnn: every backward pass against central differences, the max-pooling
-tie rule, the vectorised layers against the slow loop reference, the loss, the optimisers, shapes,
-the model summary and main.gradient_check itself.
+"""Every layer on its own: each backward pass against central differences, the max-pooling tie rule, the
+vectorised layers against the slow loop references of tests/reference.py (worked cases and hypothesis properties),
+BatchNorm's statistics, Dropout's masks, output shapes, evaluation that stores nothing, dtypes, and
+main.gradient_check itself (it passes correct layers and fails broken ones).
 
-Gradient checks run in float64 with an independent checker written here (not main.numeric_gradient),
-so a bug shared by the layers and main's own checker cannot hide itself.
+Gradient checks run in float64 with an independent checker written here (not main.numeric_gradient), so a bug
+shared by the layers and main's own checker cannot hide itself. BatchNorm, Dropout, AvgPool2D and Tanh are checked
+in TRAINING mode: BatchNorm then normalises with the batch's own statistics (so the checked gradient goes through
+the batch mean and variance) and Dropout uses a fixed mask, so that every forward of the check computes the same
+function that backward differentiates.
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
-import math
-import re
-from typing import Any, Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
 import reference
-from helpers import assert_conv2d_matches_reference, classifier_head, count_layers, model_section, to_float64
+from helpers import (
+    TOLERANCE,
+    assert_conv2d_matches_reference,
+    central_differences,
+    classifier_head,
+    count_layers,
+    gradient_error,
+    model_section,
+    to_float64,
+)
+from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import strategies as st
 
-import config_schema
 import datafiles
-import errors
 import main
-
-STEP = 1e-6  # central-difference step (float64)
-TOLERANCE = 1e-6  # largest relative error accepted between analytic and numeric gradients
-
-
-# ------------------------------------------------------------------------------------------------
-# Helpers: an independent gradient checker
-# ------------------------------------------------------------------------------------------------
-
-
-def central_differences(objective: Callable[[], float], array: np.ndarray, step: float = STEP) -> np.ndarray:
-    """d objective / d array at EVERY element, as (f(a + h) - f(a - h)) / 2h.
-
-    `array` is changed in place (one element at a time) and restored; objective() must read it.
-    """
-    gradient = np.zeros(array.shape)
-    for index in np.ndindex(array.shape):
-        original = array[index]
-        array[index] = original + step
-        plus = objective()
-        array[index] = original - step
-        minus = objective()
-        array[index] = original
-        gradient[index] = (plus - minus) / (2 * step)
-    return gradient
-
-
-def gradient_error(analytic: np.ndarray, numeric: np.ndarray) -> float:
-    """max |analytic - numeric| relative to the tensor's largest gradient entry.
-
-    Scaling by the tensor's largest entry (not entry by entry) keeps floating-point round-off in the
-    numeric gradient (about 1e-10 absolute) from looking like a 100% error on entries that happen to
-    be nearly zero, while still catching any single wrong entry.
-    """
-    assert analytic is not None, "backward returned None instead of a gradient"
-    assert analytic.shape == numeric.shape
-    scale = max(float(np.max(np.abs(analytic))), float(np.max(np.abs(numeric))), 1e-12)
-    return float(np.max(np.abs(analytic - numeric))) / scale
+from main import AvgPool2D, BatchNorm, Dropout, Tanh
 
 
 def layer_gradient_errors(layer: Any, x: np.ndarray, rng: np.random.Generator,
@@ -169,53 +145,6 @@ def test_first_layer_skips_input_gradient_but_keeps_weight_gradients(make_layer:
     for name, grad in layer.grads.items():
         np.testing.assert_array_equal(grad, with_input_grad[name])
     assert main.Sequential([make_layer(rng), main.Flatten()]).layers[0].need_input_grad is False
-
-
-SMALL_MODELS = {
-    # The default architecture (conv k3 p1 + pool 2, twice), scaled down to 8x8 digits.
-    "default_8x8": ((8, 8, 1), model_section(
-        {"conv2d": {"filters": 3, "padding": 1}}, "relu", "maxpool2d", {"conv2d": {"filters": 4, "padding": 1}}, "relu",
-        "maxpool2d", *classifier_head(6))),
-    # Non-square, two channels, even kernel, stride 2, padding 2, overlapping 3x3 pooling at stride 1.
-    "nonsquare_overlap": ((9, 7, 2), model_section(
-        {"conv2d": {"filters": 3, "kernel_size": 4, "stride": 2, "padding": 2}}, "relu",
-        {"maxpool2d": {"pool_size": 3, "stride": 1}}, {"conv2d": {"filters": 2, "kernel_size": 2}}, "relu",
-        *classifier_head(5))),
-    # Kernel 5, stride 3, and a pool size that does not divide its input.
-    "stride3_nondividing": ((11, 10, 1), model_section(
-        {"conv2d": {"filters": 2, "kernel_size": 5, "stride": 3, "padding": 2}}, "relu",
-        {"maxpool2d": {"pool_size": 3, "stride": 2}}, "flatten", {"dense": {"units": 4}}, "relu",
-        {"dense": {"units": 10}})),
-}
-
-
-@pytest.mark.parametrize("name", list(SMALL_MODELS))
-def test_whole_model_gradients_match_central_differences(name: str) -> None:
-    """A model from main.build_model plus SoftmaxCrossEntropy: the gradient of the loss with respect to
-    the input and to EVERY weight of every layer agrees with central differences of the loss."""
-    input_shape, model_cfg = SMALL_MODELS[name]
-    rng = np.random.default_rng(5)
-    model = main.build_model(model_cfg, input_shape, 10, rng)
-    for layer in model.layers:
-        to_float64(layer)
-        if "b" in layer.params:  # non-zero biases: no pre-activation sits exactly on a ReLU kink
-            layer.params["b"] = 0.1 * rng.standard_normal(layer.params["b"].shape)
-    model.layers[0].need_input_grad = True  # so that backward also returns dLoss/dx
-    x, labels = rng.random((3, *input_shape)), rng.integers(0, 10, 3)
-    loss_fn = main.SoftmaxCrossEntropy()
-
-    def loss() -> float:
-        return loss_fn.forward(model.forward(x, training=False), labels)
-
-    loss_fn.forward(model.forward(x), labels)
-    grad_x = model.backward(loss_fn.backward())
-    analytic = {("model", "input"): (grad_x, x)}
-    for index, layer in enumerate(model.layers):
-        for tensor, param in layer.params.items():
-            analytic[(f"{index}:{type(layer).__name__}", tensor)] = (layer.grads[tensor].copy(), param)
-    assert len(analytic) == 1 + 2 * (count_layers(model_cfg, "conv2d") + 2)
-    errors = {key: gradient_error(grad, central_differences(loss, array)) for key, (grad, array) in analytic.items()}
-    assert max(errors.values()) < TOLERANCE, errors
 
 
 # ------------------------------------------------------------------------------------------------
@@ -412,130 +341,7 @@ def test_relu_gradient_at_exactly_zero_is_zero() -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# Softmax cross-entropy
-# ------------------------------------------------------------------------------------------------
-
-
-def test_softmax_cross_entropy_matches_reference() -> None:
-    """Loss and gradient equal the loop reference on random logits."""
-    rng = np.random.default_rng(10)
-    logits, labels = 3 * rng.standard_normal((6, 10)), rng.integers(0, 10, 6)
-    loss_fn = main.SoftmaxCrossEntropy()
-    ref_loss, ref_grad = reference.softmax_cross_entropy(logits, labels)
-    assert loss_fn.forward(logits, labels) == pytest.approx(ref_loss, rel=1e-12)
-    np.testing.assert_allclose(loss_fn.backward(), ref_grad, rtol=1e-10, atol=1e-15)
-
-
-@pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_softmax_cross_entropy_is_exact_for_huge_logits(dtype: type) -> None:
-    """Logits of +-1e4 (exp would overflow) give a finite loss equal to the exact value, worked out
-    by hand: row 0 is right with margin 2e4 (loss ~0), row 1 wrong by 2e4 (loss 2e4), row 2 ties its
-    two largest logits (loss log 2)."""
-    logits = np.array([[1e4, -1e4, -1e4], [-1e4, 1e4, -1e4], [1e4, 1e4, -1e4]], dtype=dtype)
-    labels = np.array([0, 0, 1])
-    loss_fn = main.SoftmaxCrossEntropy()
-    loss = loss_fn.forward(logits, labels)
-    exact = (0.0 + 2e4 + math.log(2)) / 3
-    assert math.isfinite(loss)
-    assert loss == pytest.approx(exact, rel=1e-6)
-    grad = loss_fn.backward()
-    assert np.isfinite(grad).all()
-    expected = np.array([[0, 0, 0], [-1, 1, 0], [0.5, -0.5, 0]]) / 3
-    np.testing.assert_allclose(grad, expected, atol=1e-7)
-
-
-def test_softmax_cross_entropy_gradient_is_softmax_minus_onehot_over_n() -> None:
-    """backward() equals (softmax - onehot) / N, and it is the derivative of the loss (central differences)."""
-    rng = np.random.default_rng(11)
-    logits, labels = rng.standard_normal((5, 4)), np.array([0, 3, 3, 1, 2])
-    loss_fn = main.SoftmaxCrossEntropy()
-    loss_fn.forward(logits, labels)
-    grad = loss_fn.backward()
-    softmax = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-    np.testing.assert_allclose(grad, (softmax - np.eye(4)[labels]) / 5, rtol=1e-12, atol=1e-15)
-    numeric = central_differences(lambda: loss_fn.forward(logits, labels), logits)
-    assert gradient_error(grad, numeric) < TOLERANCE
-
-
-def test_softmax_cross_entropy_keeps_float32() -> None:
-    """float32 logits give a float32 gradient (no silent upcast in the training loop)."""
-    rng = np.random.default_rng(12)
-    loss_fn = main.SoftmaxCrossEntropy()
-    loss = loss_fn.forward(rng.standard_normal((4, 10)).astype(np.float32), rng.integers(0, 10, 4).astype(np.uint8))
-    assert isinstance(loss, float)
-    assert loss_fn.backward().dtype == np.float32
-
-
-# ------------------------------------------------------------------------------------------------
-# Optimisers, against steps worked out by hand
-# ------------------------------------------------------------------------------------------------
-
-
-def tiny_model(weights: list[float]) -> main.Sequential:
-    """A model with a single Dense(1, len(weights)) layer whose weights we set directly (float64)."""
-    layer = main.Dense(1, len(weights), rng=np.random.default_rng(0))
-    layer.params = {"W": np.array([weights]), "b": np.zeros(len(weights))}
-    layer.grads = {"W": np.zeros((1, len(weights))), "b": np.zeros(len(weights))}
-    return main.Sequential([layer])
-
-
-def test_sgd_momentum_matches_hand_computed_steps() -> None:
-    """SGD with momentum (PyTorch form) v = mu*v + g, w -= lr*v, over three steps."""
-    model = tiny_model([1.0, -2.0])
-    optimizer = main.SGD(learning_rate=0.1, momentum=0.9)
-    layer = model.layers[0]
-    w, v = np.array([1.0, -2.0]), np.zeros(2)
-    for g in ([0.5, -1.0], [0.25, 2.0], [-1.0, 0.0]):
-        layer.grads["W"][0] = g
-        optimizer.step(model)
-        v = 0.9 * v + np.array(g)
-        w = w - 0.1 * v
-        np.testing.assert_allclose(layer.params["W"][0], w, rtol=1e-14)
-    # The three steps written out for the first weight: v = 0.5, 0.7, -0.37.
-    assert layer.params["W"][0, 0] == pytest.approx(1.0 - 0.1 * (0.5 + 0.7 - 0.37), rel=1e-14)
-    np.testing.assert_array_equal(layer.params["b"], 0.0)  # zero gradient, zero velocity: bias unmoved
-
-
-def test_adam_matches_hand_computed_steps_with_bias_correction() -> None:
-    """Adam's first step moves every weight by ~lr*sign(g), whatever the gradient's size (bias
-    correction: m_hat = g, v_hat = g^2); the second step follows the formulas at t=2."""
-    grads1, grads2 = [1e-3, -5.0, 0.2], [2e-3, 1.0, -0.2]
-    lr, beta1, beta2, eps = 0.01, 0.9, 0.999, 1e-8
-    model = tiny_model([0.5, 0.5, 0.5])
-    layer = model.layers[0]
-    optimizer = main.Adam(learning_rate=lr)
-
-    layer.grads["W"][0] = grads1
-    optimizer.step(model)
-    first_step = layer.params["W"][0] - 0.5
-    np.testing.assert_allclose(first_step, -lr * np.sign(grads1), rtol=1e-4)  # g/(|g|+eps)
-    for g, step in zip(grads1, first_step):
-        assert step == pytest.approx(-lr * g / (abs(g) + eps), rel=1e-9)
-
-    layer.grads["W"][0] = grads2
-    optimizer.step(model)
-    for i, (g1, g2) in enumerate(zip(grads1, grads2)):
-        m = beta1 * (1 - beta1) * g1 + (1 - beta1) * g2
-        v = beta2 * (1 - beta2) * g1 * g1 + (1 - beta2) * g2 * g2
-        m_hat, v_hat = m / (1 - beta1 ** 2), v / (1 - beta2 ** 2)
-        expected = 0.5 - lr * g1 / (abs(g1) + eps) - lr * m_hat / (math.sqrt(v_hat) + eps)
-        assert layer.params["W"][0, i] == pytest.approx(expected, rel=1e-9, abs=1e-12)
-    assert optimizer.t == 2
-
-
-def test_optimisers_keep_float32_weights() -> None:
-    """An optimiser step on a float32 model leaves float32 weights (the product's dtype)."""
-    for optimizer in (main.SGD(0.1, 0.9), main.Adam(0.01)):
-        layer = main.Dense(3, 2, rng=np.random.default_rng(13))
-        layer.grads["W"][...] = 1.0
-        model = main.Sequential([layer])
-        optimizer.step(model)
-        assert layer.params["W"].dtype == np.float32
-        assert layer.params["b"].dtype == np.float32
-
-
-# ------------------------------------------------------------------------------------------------
-# Shapes, summary, build_model
+# Output shapes
 # ------------------------------------------------------------------------------------------------
 
 
@@ -559,103 +365,10 @@ def test_maxpool2d_output_shape_follows_formula(height: int, width: int, pool: i
     assert tuple(layer.output_shape((height, width, 2))) == expected
 
 
-def default_mnist_model() -> main.Sequential:
-    """The model of the default config for 28x28x1 MNIST images and 10 classes."""
-    return main.build_model(config_schema.validate_config({})["model"], (28, 28, 1), 10, np.random.default_rng(0))
-
-
-def test_summary_lists_every_layer_with_shapes_and_parameters() -> None:
-    """The default MNIST model's summary shows each layer, its output shape and weight count, and the
-    total 421,642 (= the sum of the weights computed from the architecture here)."""
-    conv1, conv2 = 3 * 3 * 1 * 32 + 32, 3 * 3 * 32 * 64 + 64
-    dense1, dense2 = 7 * 7 * 64 * 128 + 128, 128 * 10 + 10
-    expected_rows = [("conv2d_1 (Conv2D)", (28, 28, 32), conv1), ("relu_1 (ReLU)", (28, 28, 32), 0),
-                     ("maxpool2d_1 (MaxPool2D)", (14, 14, 32), 0), ("conv2d_2 (Conv2D)", (14, 14, 64), conv2),
-                     ("relu_2 (ReLU)", (14, 14, 64), 0), ("maxpool2d_2 (MaxPool2D)", (7, 7, 64), 0),
-                     ("flatten_1 (Flatten)", (3136,), 0), ("dense_1 (Dense)", (128,), dense1),
-                     ("relu_3 (ReLU)", (128,), 0), ("dense_2 (Dense)", (10,), dense2)]
-    model = default_mnist_model()
-    total = conv1 + conv2 + dense1 + dense2
-    assert total == 421_642
-    assert model.parameter_count() == total
-    lines = model.summary().splitlines()
-    for name, shape, count in expected_rows:
-        matching = [line for line in lines if line.startswith(name)]
-        assert len(matching) == 1, f"{name} missing from the summary"
-        assert str(shape) in matching[0] and matching[0].rstrip().endswith(f"{count:,}"), matching[0]
-    assert "Total parameters: 421,642" in lines[-1]
-    assert [(r["layer"], tuple(r["output_shape"]), r["parameters"]) for r in model.summary_rows()] == expected_rows
-
-
-def test_summary_shapes_agree_with_a_real_forward_pass() -> None:
-    """The shapes the summary predicts are the shapes a real batch has after every layer."""
-    model = default_mnist_model()
-    x = np.random.default_rng(1).random((2, 28, 28, 1)).astype(np.float32)
-    for layer, row in zip(model.layers, model.summary_rows()):
-        x = layer.forward(x, training=False)
-        assert list(x.shape[1:]) == row["output_shape"], row["layer"]
-
-
-CONV_32 = {"conv2d": {"filters": 32}}
-
-
-@pytest.mark.parametrize(("input_shape", "layers", "message"), [
-    # 8 -> conv 6 -> pool 3 -> conv k5: too large
-    ((8, 8, 1), [CONV_32, "relu", "maxpool2d", {"conv2d": {"filters": 32, "kernel_size": 5}}],
-     "model.layers[3] (conv2d): kernel_size 5"),
-    # 8 -> conv 6 -> pool 3 -> conv 1 -> pool 2: too large
-    ((8, 8, 1), [CONV_32, "relu", "maxpool2d", CONV_32, "relu", "maxpool2d"],
-     "model.layers[5] (maxpool2d): pool_size 2"),
-    ((28, 28, 1), [{"conv2d": {"filters": 32, "kernel_size": 31, "padding": 1}}],
-     "model.layers[0] (conv2d): kernel_size 31"),
-    # 28 -> conv s3 9 -> pool 4 2 -> conv k1 2 -> conv p1 2 -> pool 3: too large
-    ((28, 28, 1), [{"conv2d": {"filters": 32, "stride": 3}}, "relu", {"maxpool2d": {"pool_size": 4}},
-                   {"conv2d": {"filters": 32, "kernel_size": 1}}, "relu", {"conv2d": {"filters": 32, "padding": 1}},
-                   "relu", {"maxpool2d": {"pool_size": 3}}],
-     "model.layers[7] (maxpool2d): pool_size 3"),
-])
-def test_build_model_names_the_layer_that_empties_the_image(input_shape: tuple, layers: list, message: str) -> None:
-    """A kernel larger than its padded input, or a pool larger than its image, raises ConfigError
-    naming the offending item of model.layers and its type."""
-    with pytest.raises(errors.ConfigError, match=re.escape(message)):
-        main.build_model(model_section(*layers, *classifier_head(8)),
-                         input_shape, 10, np.random.default_rng(0))
-
-
-CONV = {"conv2d": {"filters": 2, "kernel_size": 3, "stride": 1, "padding": 0}}
-DENSE_10 = {"dense": {"units": 10}}
-
-
-@pytest.mark.parametrize(("layers", "message"), [
-    ([CONV, "relu", DENSE_10], "model.layers[2] (dense): gets a 6x6x2 image; put flatten before it"),
-    (["flatten", CONV, DENSE_10], "model.layers[1] (conv2d): needs an image (H, W, C) as its input, but gets a "
-                                  "vector of 64 values"),
-    (["flatten", DENSE_10, {"maxpool2d": {"pool_size": 2, "stride": None}}], "model.layers[2] (maxpool2d): needs "
-                                                                             "an image"),
-    ([CONV, "flatten", {"dense": {"units": 7}}], "model.layers[2], dense) outputs shape (7,), but the data has 10 "
-                                                 "classes"),
-    ([CONV, "relu"], "model.layers[1], relu) outputs shape (6, 6, 2), but the data has 10 classes"),
-])
-def test_build_model_names_the_layer_that_does_not_fit_its_input(layers: list, message: str) -> None:
-    """A dense layer on an image (no flatten), a conv or pooling layer on a vector, or a last layer that does
-    not output one value per class raises ConfigError naming the item of model.layers."""
-    with pytest.raises(errors.ConfigError, match=re.escape(message)):
-        main.build_model({"layers": layers}, (8, 8, 1), 10, np.random.default_rng(0))
-
-
-@pytest.mark.parametrize("input_shape", [(8, 8, 1), (28, 28, 1)])
-def test_default_architecture_builds_and_runs_on_digits_and_mnist_sizes(input_shape: tuple) -> None:
-    """The default model config builds for 8x8 (digits) and 28x28 (MNIST) inputs and maps a batch to
-    10 logits per image."""
-    model = main.build_model(config_schema.validate_config({})["model"], input_shape, 10, np.random.default_rng(0))
-    logits = model.forward(np.random.default_rng(1).random((3, *input_shape)).astype(np.float32))
-    assert logits.shape == (3, 10)
-    assert np.isfinite(logits).all()
-
-
 # ------------------------------------------------------------------------------------------------
 # main.gradient_check: passes on correct layers, fails on broken ones
 # ------------------------------------------------------------------------------------------------
+
 
 CHECKED_MODELS = {
     "conv_pool": ((8, 8, 1), model_section(
@@ -728,50 +441,6 @@ def maxpool_backward_averaging(self: main.MaxPool2D, grad_out: np.ndarray) -> np
     return grad_in
 
 
-@pytest.mark.parametrize(("target", "broken", "model", "expected_failure"), [
-    ("col2im", col2im_assigning, "conv_no_pool", ("conv2d_1", "input")),
-    ("Conv2D.backward", conv_backward_without_bias, "conv_no_pool", ("conv2d_2", "b")),
-    ("MaxPool2D.backward", maxpool_backward_averaging, "overlapping_pool", ("maxpool2d_1", "input")),
-], ids=["conv_col2im_assigns", "conv_drops_bias", "maxpool_averages"])
-def test_gradient_check_fails_on_broken_backward(monkeypatch: pytest.MonkeyPatch, target: str, broken: Callable,
-                                                 model: str, expected_failure: tuple[str, str]) -> None:
-    """With a layer's backward deliberately broken, main.gradient_check marks that layer's tensor as
-    failed: the checker can fail."""
-    owner, _, attribute = target.rpartition(".")
-    monkeypatch.setattr(getattr(main, owner) if owner else main, attribute, broken)
-    rows = run_gradient_check(model)
-    assert expected_failure in failed(rows), main.gradient_check_table(rows)
-
-
-# ------------------------------------------------------------------------------------------------
-# dtype: float32 in, float32 out
-# ------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("make_layer", [
-    lambda: main.Conv2D(2, 3, 3, 2, 1, rng=np.random.default_rng(0)),
-    lambda: main.MaxPool2D(3, 2),
-    lambda: main.ReLU(),
-    lambda: main.Flatten(),
-    lambda: main.Dense(2 * 9 * 7, 4, rng=np.random.default_rng(0)),
-], ids=["conv2d", "maxpool2d", "relu", "flatten", "dense"])
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_layers_preserve_dtype(make_layer: Callable, dtype: type) -> None:
-    """float32 in gives float32 out of forward and backward, weight gradients included (and float64
-    stays float64 when the weights are float64, as in gradient checks)."""
-    layer = make_layer()
-    if dtype == np.float64:
-        to_float64(layer)
-    x = np.random.default_rng(1).standard_normal((2, 9, 7, 2)).astype(dtype)
-    if isinstance(layer, main.Dense):
-        x = x.reshape(2, -1)
-    y = layer.forward(x)
-    assert y.dtype == dtype
-    grad_in = layer.backward(np.ones_like(y))
-    assert grad_in.dtype == dtype
-    assert all(grad.dtype == dtype for grad in layer.grads.values())
-
-
 @pytest.mark.parametrize(("kernel", "stride"), [(1, 1), (2, 2), (3, 1), (3, 2), (3, 3)])
 def test_im2col_gives_every_strided_window_in_k_k_c_order(kernel: int, stride: int) -> None:
     """im2col(x)[n, i, j, di, dj, c] is x[n, i*s + di, j*s + dj, c], bit for bit, C-contiguous, with one channel
@@ -810,3 +479,609 @@ def test_conv_and_maxpool_keep_their_arrays_between_batches_and_compute_as_with_
     evaluating = main.Conv2D(3, 4, 3, padding=1, rng=np.random.default_rng(0))
     evaluating.forward(rng.standard_normal((2, 6, 6, 3)), training=False)
     assert evaluating.workspace == {}
+
+
+# The worst gradient-check error seen per layer, printed at the end of the module (visible with pytest -s).
+WORST_ERRORS: dict[str, float] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_worst_errors() -> Iterator[None]:
+    yield
+    if WORST_ERRORS:
+        print("\nworst relative gradient error per layer: "
+              + ", ".join(f"{name} {error:.1e}" for name, error in sorted(WORST_ERRORS.items())))
+
+
+# ------------------------------------------------------------------------------------------------
+# The independent gradient checker above, in training mode
+# ------------------------------------------------------------------------------------------------
+
+
+def training_layer_gradient_errors(layer: Any, x: np.ndarray, rng: np.random.Generator) -> dict[str, float]:
+    """layer_gradient_errors in training mode; records the worst error in WORST_ERRORS."""
+    errors = layer_gradient_errors(layer, x, rng, training=True)
+    name = type(layer).__name__
+    WORST_ERRORS[name] = max(WORST_ERRORS.get(name, 0.0), *errors.values())
+    return errors
+
+
+def batchnorm_float64(channels: int, rng: np.random.Generator) -> BatchNorm:
+    """A float64 BatchNorm with random gamma (some negative) and beta, so that both take part in the checks."""
+    layer = BatchNorm(channels)
+    to_float64(layer)
+    layer.params["gamma"] = rng.uniform(0.5, 2.0, channels) * rng.choice([-1.0, 1.0], channels)
+    layer.params["beta"] = rng.standard_normal(channels)
+    return layer
+
+
+def shifted_input(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Random values whose channels have different means and spreads (as real activations do)."""
+    channels = shape[-1]
+    return rng.uniform(-2, 2, channels) + rng.uniform(0.5, 3, channels) * rng.standard_normal(shape)
+
+
+def dropout_with_fixed_mask(rate: float, shape: tuple[int, ...], seed: int) -> Dropout:
+    layer = Dropout(rate, np.random.default_rng(seed))
+    layer.fixed_mask = layer.draw_mask(shape, np.float64)
+    return layer
+
+
+BATCHNORM_SHAPES = [
+    (5, 3), (2, 4), (7, 1), (3, 6),  # 2-D: per feature over N (N = 2 is the smallest batch)
+    (2, 3, 4, 3), (1, 5, 3, 2), (3, 2, 1, 4), (2, 5, 5, 1), (4, 3, 3, 5),  # 4-D: per channel over (N, H, W)
+]
+# (pool, stride): disjoint, overlapping (stride < pool), gapped, and pools that do not divide 7 x 6
+AVGPOOL_CASES = [(2, None), (3, None), (2, 1), (3, 1), (3, 2), (4, 3), (2, 3), (1, 1)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Gradient checks (float64, every coordinate, training mode)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", BATCHNORM_SHAPES, ids=str)
+def test_batchnorm_gradients_match_central_differences(shape: tuple[int, ...]) -> None:
+    """BatchNorm's dx (through the batch mean and variance), dgamma and dbeta agree with central differences,
+    for 2-D and 4-D inputs, odd sizes, one channel, and a 4-D batch of one sample.
+
+    With two values per feature, xhat = +-(x1 - x2) / 2 / sqrt((x1 - x2)^2 / 4 + eps) hardly depends on x
+    (dx ~ eps / |x1 - x2|^3 ~ 1e-5), and central differences' round-off (~1e-10) would be 1e-5 of it: that
+    case runs with eps = 0.5, which also checks where eps enters the formulas."""
+    rng = np.random.default_rng(sum(shape) * 10 + len(shape))
+    layer = batchnorm_float64(shape[-1], rng)
+    if shape[0] == 2 and len(shape) == 2:
+        layer.eps = 0.5
+    errors = training_layer_gradient_errors(layer, shifted_input(rng, shape), rng)
+    assert set(errors) == {"input", "gamma", "beta"}
+    assert max(errors.values()) < TOLERANCE, errors
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.25, 0.5, 0.9])
+@pytest.mark.parametrize("shape", [(4, 7), (2, 5, 3, 2)], ids=str)
+def test_dropout_gradient_matches_central_differences(rate: float, shape: tuple[int, ...]) -> None:
+    """Dropout with a fixed mask: dx agrees with central differences (kept entries scaled by 1 / (1 - rate))."""
+    rng = np.random.default_rng(int(rate * 100) + len(shape))
+    layer = dropout_with_fixed_mask(rate, shape, seed=3)
+    errors = training_layer_gradient_errors(layer, rng.standard_normal(shape), rng)
+    assert errors["input"] < TOLERANCE, errors
+
+
+@pytest.mark.parametrize(("pool_size", "stride"), AVGPOOL_CASES)
+def test_avgpool2d_gradient_matches_central_differences(pool_size: int, stride: int | None) -> None:
+    """AvgPool2D's dx agrees with central differences for disjoint, overlapping and gapped windows on a
+    non-square input that most pool sizes do not divide."""
+    rng = np.random.default_rng(10 * pool_size + (stride or 0))
+    errors = training_layer_gradient_errors(AvgPool2D(pool_size, stride), rng.standard_normal((2, 7, 6, 3)), rng)
+    assert errors["input"] < TOLERANCE, errors
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (2, 4, 3, 2)], ids=str)
+def test_tanh_gradient_matches_central_differences(shape: tuple[int, ...]) -> None:
+    """Tanh's dx agrees with central differences, on inputs that reach its flat tails too."""
+    rng = np.random.default_rng(len(shape))
+    errors = training_layer_gradient_errors(Tanh(), 2 * rng.standard_normal(shape), rng)
+    assert errors["input"] < TOLERANCE, errors
+
+
+CORRECT_BATCHNORM_BACKWARD = BatchNorm.backward
+
+
+def batchnorm_backward_with_constant_statistics(self: BatchNorm, grad_out: np.ndarray) -> np.ndarray:
+    """BROKEN BatchNorm.backward: treats the batch mean and variance as constants (dx = gamma * g / std)."""
+    CORRECT_BATCHNORM_BACKWARD(self, grad_out)  # the correct parameter gradients
+    return grad_out * self.params["gamma"] * self.inv_std.reshape((1,) * (grad_out.ndim - 1) + (-1,))
+
+
+def avgpool_backward_assigning(self: AvgPool2D, grad_out: np.ndarray) -> np.ndarray:
+    """BROKEN AvgPool2D.backward: assigns instead of adding, so overlapping windows overwrite each other."""
+    out_h, out_w = grad_out.shape[1:3]
+    grad_in = np.zeros(self.x_shape, dtype=grad_out.dtype)
+    for _, row_slice, col_slice in self._offsets(out_h, out_w):
+        grad_in[:, row_slice, col_slice, :] = grad_out / self.pool_size ** 2
+    return grad_in
+
+
+def dropout_backward_unscaled(self: Dropout, grad_out: np.ndarray) -> np.ndarray:
+    """BROKEN Dropout.backward: forgets the 1 / (1 - rate) scale of the kept entries."""
+    return grad_out * (self.mask != 0)
+
+
+def caught_by_gradient_check(model: str, expected_failure: tuple[str, str]) -> Callable[[], str]:
+    """main.gradient_check on CHECKED_MODELS[model]: "" when it marks expected_failure (layer, tensor) as failed,
+    else its table."""
+    def check() -> str:
+        rows = run_gradient_check(model)
+        return "" if expected_failure in failed(rows) else main.gradient_check_table(rows)
+    return check
+
+
+def caught_by_layer_check(make: Callable) -> Callable[[], str]:
+    """The independent checker above, in training mode, on the layer and input make(rng) returns: "" when the
+    input gradient is far off, else the errors."""
+    def check() -> str:
+        rng = np.random.default_rng(9)
+        layer, x = make(rng)
+        worst_before = dict(WORST_ERRORS)
+        errors = training_layer_gradient_errors(layer, x, rng)
+        WORST_ERRORS.clear()
+        WORST_ERRORS.update(worst_before)  # a deliberately broken layer is no measure of the real one
+        return "" if errors["input"] > 100 * TOLERANCE else str(errors)
+    return check
+
+
+@pytest.mark.parametrize(("target", "broken", "caught"), [
+    ("col2im", col2im_assigning, caught_by_gradient_check("conv_no_pool", ("conv2d_1", "input"))),
+    ("Conv2D.backward", conv_backward_without_bias, caught_by_gradient_check("conv_no_pool", ("conv2d_2", "b"))),
+    ("MaxPool2D.backward", maxpool_backward_averaging,
+     caught_by_gradient_check("overlapping_pool", ("maxpool2d_1", "input"))),
+    ("BatchNorm.backward", batchnorm_backward_with_constant_statistics,
+     caught_by_layer_check(lambda rng: (batchnorm_float64(3, rng), shifted_input(rng, (2, 3, 4, 3))))),
+    ("AvgPool2D.backward", avgpool_backward_assigning,
+     caught_by_layer_check(lambda rng: (AvgPool2D(3, 1), rng.standard_normal((2, 7, 6, 2))))),
+    ("Dropout.backward", dropout_backward_unscaled,
+     caught_by_layer_check(lambda rng: (dropout_with_fixed_mask(0.5, (4, 6), 1), rng.standard_normal((4, 6))))),
+], ids=["conv_col2im_assigns", "conv_drops_bias", "maxpool_averages", "batchnorm_constant_statistics",
+        "avgpool_assigns", "dropout_unscaled"])
+def test_gradient_check_fails_on_broken_backward(monkeypatch: pytest.MonkeyPatch, target: str, broken: Callable,
+                                                 caught: Callable[[], str]) -> None:
+    """The checkers can fail: with a classic mistake deliberately put into a layer's backward, main.gradient_check
+    marks that layer's tensor as failed (whole models), or the independent checker finds the input gradient far
+    off (the layers checked in training mode)."""
+    owner, _, attribute = target.rpartition(".")
+    monkeypatch.setattr(getattr(main, owner) if owner else main, attribute, broken)
+    assert caught() == ""
+
+
+# ------------------------------------------------------------------------------------------------
+# Vectorised layers against the loop references (float64, 1e-10)
+# ------------------------------------------------------------------------------------------------
+
+
+def assert_close(actual: np.ndarray, expected: np.ndarray) -> None:
+    np.testing.assert_allclose(actual, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", BATCHNORM_SHAPES, ids=str)
+def test_batchnorm_training_matches_loop_reference(shape: tuple[int, ...]) -> None:
+    """Training forward, backward (dx, dgamma, dbeta) and the running statistics equal the loop reference,
+    whose backward is the explicit Jacobian, not the compact formula."""
+    rng = np.random.default_rng(len(shape) * 100 + sum(shape))
+    layer = batchnorm_float64(shape[-1], rng)
+    gamma, beta = layer.params["gamma"], layer.params["beta"]
+    x = shifted_input(rng, shape)
+    y = layer.forward(x)
+    assert_close(y, reference.batchnorm_forward_training(x, gamma, beta, layer.eps))
+    upstream = rng.standard_normal(shape)
+    grad_x = layer.backward(upstream)
+    ref_x, ref_gamma, ref_beta = reference.batchnorm_backward(x, gamma, upstream, layer.eps)
+    assert_close(grad_x, ref_x)
+    assert_close(layer.grads["gamma"], ref_gamma)
+    assert_close(layer.grads["beta"], ref_beta)
+    running_mean, running_var = reference.batchnorm_running_statistics([x], layer.momentum)
+    assert_close(layer.buffers["running_mean"], running_mean)
+    assert_close(layer.buffers["running_var"], running_var)
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (1, 4), (2, 3, 4, 3), (1, 1, 1, 2)], ids=str)
+def test_batchnorm_evaluation_matches_loop_reference(shape: tuple[int, ...]) -> None:
+    """Evaluation normalises with the running statistics (any batch size, even one value per channel)."""
+    rng = np.random.default_rng(sum(shape))
+    layer = batchnorm_float64(shape[-1], rng)
+    layer.buffers["running_mean"][...] = rng.standard_normal(shape[-1])
+    layer.buffers["running_var"][...] = rng.uniform(0.1, 3.0, shape[-1])
+    x = shifted_input(rng, shape)
+    expected = reference.batchnorm_forward_eval(x, layer.params["gamma"], layer.params["beta"],
+                                                layer.buffers["running_mean"], layer.buffers["running_var"], layer.eps)
+    assert_close(layer.forward(x, training=False), expected)
+
+
+@pytest.mark.parametrize("shape", [(3, 8), (2, 4, 3, 2)], ids=str)
+def test_dropout_matches_loop_reference(shape: tuple[int, ...]) -> None:
+    """draw_mask is the reference mask of the same uniform draws; forward and backward are x * mask and
+    grad_out * mask."""
+    rate = 0.4
+    layer = Dropout(rate, np.random.default_rng(11))
+    expected_mask = reference.dropout_mask(np.random.default_rng(11).random(shape), rate)
+    x, upstream = np.random.default_rng(12).standard_normal((2, *shape))
+    y = layer.forward(x)
+    assert_close(layer.mask, expected_mask)
+    assert_close(y, reference.dropout_forward(x, expected_mask))
+    assert_close(layer.backward(upstream), reference.dropout_backward(upstream, expected_mask))
+
+
+# (N, H, W, C, pool, stride): test_layers' max-pooling cases, and 5x5 windows (bigger than LeNet-5's usual 2x2)
+AVGPOOL_LOOP_CASES = [*POOL_CASES, (2, 10, 10, 6, 5, 5)]
+
+
+@pytest.mark.parametrize(("n", "height", "width", "channels", "pool_size", "stride"), AVGPOOL_LOOP_CASES)
+def test_avgpool2d_matches_loop_reference(n: int, height: int, width: int, channels: int, pool_size: int,
+                                          stride: int | None) -> None:
+    """Vectorised AvgPool2D forward and backward equal the loop reference."""
+    rng = np.random.default_rng(n * 1000 + height * 100 + width * 10 + pool_size)
+    layer = AvgPool2D(pool_size, stride)
+    x = rng.standard_normal((n, height, width, channels))
+    y = layer.forward(x)
+    assert_close(y, reference.avgpool_forward(x, pool_size, stride))
+    upstream = rng.standard_normal(y.shape)
+    assert_close(layer.backward(upstream), reference.avgpool_backward(x, upstream, pool_size, stride))
+
+
+@pytest.mark.parametrize("shape", [(4, 6), (2, 5, 4, 3)], ids=str)
+def test_tanh_matches_loop_reference(shape: tuple[int, ...]) -> None:
+    rng = np.random.default_rng(len(shape))
+    x, upstream = 3 * rng.standard_normal(shape), rng.standard_normal(shape)
+    layer = Tanh()
+    assert_close(layer.forward(x), reference.tanh_forward(x))
+    assert_close(layer.backward(upstream), reference.tanh_backward(x, upstream))
+
+
+# ------------------------------------------------------------------------------------------------
+# BatchNorm: statistics, running averages, buffers
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(64, 5), (4, 6, 5, 3)], ids=str)
+def test_batchnorm_training_normalises_each_channel(shape: tuple[int, ...]) -> None:
+    """With gamma = 1 and beta = 0, each channel of the output has mean 0 and variance var / (var + eps) ~ 1
+    over every axis but the last; with gamma and beta, mean beta and standard deviation |gamma| of that."""
+    rng = np.random.default_rng(20)
+    x = shifted_input(rng, shape)
+    axes = tuple(range(len(shape) - 1))
+    layer = BatchNorm(shape[-1])
+    to_float64(layer)
+    y = layer.forward(x)
+    np.testing.assert_allclose(y.mean(axis=axes), 0, atol=1e-12)
+    np.testing.assert_allclose(y.var(axis=axes), x.var(axis=axes) / (x.var(axis=axes) + layer.eps), rtol=1e-12)
+    np.testing.assert_allclose(y.var(axis=axes), 1, atol=1e-4)
+    layer = batchnorm_float64(shape[-1], rng)
+    y = layer.forward(x)
+    np.testing.assert_allclose(y.mean(axis=axes), layer.params["beta"], atol=1e-12)
+    np.testing.assert_allclose(y.std(axis=axes), np.abs(layer.params["gamma"]), rtol=1e-4)
+
+
+def test_batchnorm_running_statistics_follow_pytorch_rule_over_several_steps() -> None:
+    """After five training steps on batches of different means and spreads, the running statistics are
+    (1 - momentum) * running + momentum * statistic from (0, 1), with the UNBIASED batch variance (PyTorch's
+    rule; tests/test_torch.py compares with PyTorch itself). Evaluation then uses them, not the batch."""
+    rng = np.random.default_rng(21)
+    layer = BatchNorm(3, momentum=0.2)
+    to_float64(layer)
+    batches = [shifted_input(rng, (2, 3, 4, 3)) for _ in range(5)]
+    for x in batches:
+        layer.forward(x)
+    running_mean, running_var = reference.batchnorm_running_statistics(batches, momentum=0.2)
+    assert_close(layer.buffers["running_mean"], running_mean)
+    assert_close(layer.buffers["running_var"], running_var)
+    # The unbiased variance differs from the biased one by M / (M - 1) = 24 / 23: the test can tell them apart.
+    last_step = layer.buffers["running_var"] - 0.8 * reference.batchnorm_running_statistics(batches[:4], 0.2)[1]
+    np.testing.assert_allclose(last_step, 0.2 * batches[-1].reshape(-1, 3).var(axis=0, ddof=1), rtol=1e-10)
+    x = batches[0]
+    expected = reference.batchnorm_forward_eval(x, layer.params["gamma"], layer.params["beta"], running_mean,
+                                                running_var, layer.eps)
+    assert_close(layer.forward(x, training=False), expected)
+    assert not np.allclose(layer.forward(x, training=False), layer.forward(x, training=True))
+
+
+def test_batchnorm_defaults_and_buffers_are_not_parameters() -> None:
+    """Defaults as PyTorch's (momentum 0.1, eps 1e-5); gamma ones, beta zeros, running mean zeros and
+    variance ones, float32; the running statistics are buffers, which an optimiser step leaves alone, and
+    training updates them in place (a model that holds the arrays sees the new values)."""
+    layer = BatchNorm(4)
+    assert (layer.momentum, layer.eps) == (0.1, 1e-5)
+    assert set(layer.params) == set(layer.grads) == {"gamma", "beta"}
+    assert set(layer.buffers) == {"running_mean", "running_var"}
+    np.testing.assert_array_equal(layer.params["gamma"], 1)
+    np.testing.assert_array_equal(layer.params["beta"], 0)
+    np.testing.assert_array_equal(layer.buffers["running_mean"], 0)
+    np.testing.assert_array_equal(layer.buffers["running_var"], 1)
+    arrays = [*layer.params.values(), *layer.grads.values(), *layer.buffers.values()]
+    assert all(array.dtype == np.float32 for array in arrays)
+    held = dict(layer.buffers)
+    x = shifted_input(np.random.default_rng(22), (8, 4)).astype(np.float32)
+    layer.forward(x)
+    assert all(layer.buffers[name] is held[name] for name in held)
+    assert not np.array_equal(held["running_mean"], np.zeros(4))
+    layer.backward(np.ones_like(x))
+    running = {name: buffer.copy() for name, buffer in layer.buffers.items()}
+    main.SGD(learning_rate=0.1, momentum=0.9).step(main.Sequential([layer]))
+    assert not np.array_equal(layer.params["beta"], np.zeros(4))  # the step did move the parameters
+    for name, buffer in layer.buffers.items():
+        np.testing.assert_array_equal(buffer, running[name])
+
+
+@pytest.mark.parametrize("shape", [(1, 5), (1, 1, 1, 3)], ids=str)
+def test_batchnorm_training_on_one_value_per_channel_leaves_the_running_statistics(shape: tuple[int, ...]) -> None:
+    """One value per channel (a last batch of one image after a dense layer) has no spread: the output is beta
+    (the normalised value is 0) and the running statistics stay as they were, rather than PyTorch's error or a
+    running variance dragged towards 0."""
+    layer = BatchNorm(shape[-1])
+    layer.params["beta"][...] = 0.5
+    y = layer.forward(np.full(shape, 3.0, dtype=np.float32))
+    np.testing.assert_array_equal(y, np.full(shape, 0.5, dtype=np.float32))
+    np.testing.assert_array_equal(layer.buffers["running_mean"], 0.0)
+    np.testing.assert_array_equal(layer.buffers["running_var"], 1.0)
+
+
+def test_batchnorm_first_layer_skips_input_gradient_but_keeps_parameter_gradients() -> None:
+    """With need_input_grad off (Sequential sets it on its first layer with weights), backward returns None
+    and computes the same dgamma and dbeta."""
+    rng = np.random.default_rng(23)
+    layer = batchnorm_float64(3, rng)
+    x, upstream = shifted_input(rng, (2, 4, 4, 3)), rng.standard_normal((2, 4, 4, 3))
+    layer.forward(x)
+    assert layer.backward(upstream) is not None
+    with_input_grad = {name: grad.copy() for name, grad in layer.grads.items()}
+    layer.need_input_grad = False
+    layer.forward(x)
+    assert layer.backward(upstream) is None
+    for name, grad in layer.grads.items():
+        np.testing.assert_array_equal(grad, with_input_grad[name])
+
+
+# ------------------------------------------------------------------------------------------------
+# Dropout: masks
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.25, 0.5])
+def test_dropout_training_drops_about_rate_and_keeps_the_expected_value(rate: float) -> None:
+    """On 100,000 ones, the share of zeros is rate (within 0.01, > 15 standard deviations), every kept entry
+    is exactly 1 / (1 - rate), and the mean output stays 1 (within 0.015, > 5 standard deviations)."""
+    layer = Dropout(rate, np.random.default_rng(30))
+    y = layer.forward(np.ones((200, 500), dtype=np.float32))
+    assert abs(np.mean(y == 0) - rate) < 0.01
+    np.testing.assert_array_equal(y[y != 0], np.float32(1) / np.float32(1 - rate))
+    assert abs(float(y.mean()) - 1) < 0.015
+
+
+def test_dropout_evaluation_and_rate_zero_are_the_identity() -> None:
+    """Evaluation returns x unchanged; rate 0 drops nothing in training either (and its gradient is grad_out)."""
+    x = np.random.default_rng(31).standard_normal((3, 4, 5, 2)).astype(np.float32)
+    np.testing.assert_array_equal(Dropout(0.5, np.random.default_rng(0)).forward(x, training=False), x)
+    layer = Dropout(0.0, np.random.default_rng(0))
+    np.testing.assert_array_equal(layer.forward(x), x)
+    np.testing.assert_array_equal(layer.backward(x), x)
+
+
+def test_dropout_same_seed_same_masks_and_fresh_masks_per_forward() -> None:
+    """Two layers with equally seeded generators draw the same sequence of masks; one layer draws a new mask
+    at every training forward; another seed gives other masks."""
+    x = np.ones((6, 10), dtype=np.float32)
+    first, second = Dropout(0.5, np.random.default_rng(5)), Dropout(0.5, np.random.default_rng(5))
+    masks = [first.forward(x) for _ in range(3)]
+    for mask in masks:
+        np.testing.assert_array_equal(second.forward(x), mask)
+    assert not np.array_equal(masks[0], masks[1])
+    assert not np.array_equal(Dropout(0.5, np.random.default_rng(6)).forward(x), masks[0])
+
+
+def test_dropout_next_mask_is_used_once_and_fixed_mask_every_time() -> None:
+    """next_mask is used by the next training forward (and its backward), then cleared, without advancing the
+    generator; evaluation leaves it in place; fixed_mask wins over next_mask and stays."""
+    x, upstream = np.random.default_rng(32).standard_normal((2, 4, 6)).astype(np.float32)
+    layer = Dropout(0.5, np.random.default_rng(7))
+    given = Dropout(0.5, np.random.default_rng(99)).draw_mask(x.shape)
+    layer.next_mask = given
+    np.testing.assert_array_equal(layer.forward(x, training=False), x)
+    assert layer.next_mask is given
+    np.testing.assert_array_equal(layer.forward(x), x * given)
+    np.testing.assert_array_equal(layer.backward(upstream), upstream * given)
+    assert layer.next_mask is None
+    np.testing.assert_array_equal(layer.forward(x), x * Dropout(0.5, np.random.default_rng(7)).draw_mask(x.shape))
+
+    fixed = layer.draw_mask(x.shape)
+    layer.fixed_mask, layer.next_mask = fixed, given
+    for _ in range(2):
+        np.testing.assert_array_equal(layer.forward(x), x * fixed)
+    assert layer.fixed_mask is fixed and layer.next_mask is given
+    layer.fixed_mask = None
+    np.testing.assert_array_equal(layer.forward(x), x * given)
+
+
+def test_dropout_whole_batch_mask_sliced_for_workers_matches_one_pass() -> None:
+    """The intended use with worker threads: the main thread draws the batch's mask with draw_mask and gives
+    each replica its slice as next_mask; the replicas' outputs and gradients, put together, are the one-pass ones."""
+    x, upstream = np.random.default_rng(33).standard_normal((2, 6, 3, 3, 2))
+    layer = Dropout(0.3, np.random.default_rng(8))
+    mask = layer.draw_mask(x.shape, x.dtype)
+    layer.fixed_mask = mask
+    whole_y, whole_grad = layer.forward(x), layer.backward(upstream)
+    layer.fixed_mask = None
+    outputs, grads = [], []
+    for part in (slice(0, 4), slice(4, 6)):
+        replica = copy.copy(layer)  # as Sequential.replicate does
+        replica.next_mask = mask[part]
+        outputs.append(replica.forward(x[part]))
+        grads.append(replica.backward(upstream[part]))
+    np.testing.assert_array_equal(np.concatenate(outputs), whole_y)
+    np.testing.assert_array_equal(np.concatenate(grads), whole_grad)
+
+
+def test_dropout_rejects_bad_rates_and_mismatched_masks() -> None:
+    for rate in (-0.1, 1.0, 1.5):
+        with pytest.raises(ValueError, match="rate"):
+            Dropout(rate)
+    layer = Dropout(0.5, np.random.default_rng(0))
+    layer.next_mask = np.ones((1, 4), dtype=np.float32)  # would broadcast silently over a batch of 3
+    with pytest.raises(ValueError, match="mask of shape"):
+        layer.forward(np.ones((3, 4), dtype=np.float32))
+
+
+# ------------------------------------------------------------------------------------------------
+# Every layer, from one table: output shapes, evaluation stores nothing, dtypes
+# ------------------------------------------------------------------------------------------------
+
+# name -> (a fresh layer, the shape of a batch of its inputs)
+LAYER_MAKERS = {
+    "conv2d": (lambda: main.Conv2D(2, 3, 3, 2, 1, rng=np.random.default_rng(0)), (2, 9, 7, 2)),
+    "maxpool2d": (lambda: main.MaxPool2D(3, 2), (2, 9, 7, 2)),
+    "relu": (lambda: main.ReLU(), (2, 9, 7, 2)),
+    "flatten": (lambda: main.Flatten(), (2, 9, 7, 2)),
+    "dense": (lambda: main.Dense(2 * 9 * 7, 4, rng=np.random.default_rng(0)), (2, 2 * 9 * 7)),
+    "batchnorm_4d": (lambda: BatchNorm(2), (3, 7, 6, 2)),
+    "batchnorm_2d": (lambda: BatchNorm(5), (4, 5)),
+    "dropout": (lambda: Dropout(0.5, np.random.default_rng(0)), (3, 7, 6, 2)),
+    "avgpool2d": (lambda: AvgPool2D(3, 2), (3, 7, 6, 2)),
+    "tanh": (lambda: Tanh(), (3, 7, 6, 2)),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYER_MAKERS))
+def test_output_shape_agrees_with_forward(name: str) -> None:
+    make, shape = LAYER_MAKERS[name]
+    layer = make()
+    assert layer.forward(np.zeros(shape, dtype=np.float32) + 1).shape[1:] == tuple(layer.output_shape(shape[1:]))
+
+
+@pytest.mark.parametrize(("height", "width", "pool", "stride"),
+                         [(28, 28, 2, 2), (7, 7, 2, 2), (9, 6, 3, 1), (10, 5, 3, 2), (4, 8, 4, 3), (32, 32, 2, 2)])
+def test_avgpool2d_output_shape_follows_formula(height: int, width: int, pool: int, stride: int) -> None:
+    """AvgPool2D's output is (H - pool)//stride + 1 by (W - pool)//stride + 1 (leftovers dropped)."""
+    expected = ((height - pool) // stride + 1, (width - pool) // stride + 1, 2)
+    assert tuple(AvgPool2D(pool, stride).output_shape((height, width, 2))) == expected
+
+
+def attributes(layer: Any) -> dict[str, tuple[int, Any]]:
+    """Every attribute of the layer with the id of its value, and a copy of the arrays in its dicts."""
+    snapshot = {}
+    for name, value in vars(layer).items():
+        contents = {key: (id(array), array.copy()) for key, array in value.items()} if isinstance(value, dict) else None
+        snapshot[name] = (id(value), contents)
+    return snapshot
+
+
+def assert_same_attributes(before: dict, after: dict) -> None:
+    assert before.keys() == after.keys()
+    for name, (identity, contents) in before.items():
+        assert after[name][0] == identity, name
+        if contents is not None:
+            assert contents.keys() == after[name][1].keys(), name
+            for key, (array_id, array) in contents.items():
+                assert after[name][1][key][0] == array_id, (name, key)
+                np.testing.assert_array_equal(after[name][1][key][1], array)
+
+
+@pytest.mark.parametrize("trained_first", [False, True], ids=["fresh", "after_training"])
+@pytest.mark.parametrize("name", list(LAYER_MAKERS))
+def test_evaluation_stores_nothing_on_the_layer(name: str, trained_first: bool) -> None:
+    """forward(training=False) neither adds, replaces nor changes anything on the layer (no attribute, no
+    buffer value, no pending Dropout mask), on a fresh layer and after a training step: evaluation is
+    thread-safe."""
+    make, shape = LAYER_MAKERS[name]
+    layer = make()
+    x = np.random.default_rng(40).standard_normal(shape).astype(np.float32)
+    if trained_first:
+        layer.backward(np.ones_like(layer.forward(x)))
+    if isinstance(layer, Dropout):
+        layer.next_mask = layer.draw_mask(shape)
+    before = attributes(layer)
+    layer.forward(x, training=False)
+    layer.forward(2 * x, training=False)
+    assert_same_attributes(before, attributes(layer))
+
+
+@pytest.mark.parametrize("name", list(LAYER_MAKERS))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_layers_preserve_dtype(name: str, dtype: type) -> None:
+    """float32 in gives float32 out of forward (training and evaluation) and backward, parameter gradients
+    included; float64 stays float64 when the parameters are float64 (as in gradient checks). BatchNorm's
+    running statistics stay float32 either way (they are saved in model files as float32)."""
+    make, shape = LAYER_MAKERS[name]
+    layer = make()
+    if dtype == np.float64:
+        for param_name in layer.params:  # as the gradient checks convert: params and grads only
+            layer.params[param_name] = layer.params[param_name].astype(np.float64)
+            layer.grads[param_name] = np.zeros_like(layer.params[param_name])
+    x = np.random.default_rng(1).standard_normal(shape).astype(dtype)
+    assert layer.forward(x, training=False).dtype == dtype
+    y = layer.forward(x)
+    assert y.dtype == dtype
+    assert layer.backward(np.ones_like(y)).dtype == dtype
+    assert all(grad.dtype == dtype for grad in layer.grads.values())
+    assert all(buffer.dtype == np.float32 for buffer in getattr(layer, "buffers", {}).values())
+
+
+# Modest example counts and no deadline: the loop reference is slow and the machine is shared.
+FEW = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+seeds = st.integers(0, 2**32 - 1)
+
+
+@FEW
+@given(n=st.integers(1, 3), height=st.integers(1, 12), width=st.integers(1, 12), channels=st.integers(1, 3),
+       filters=st.integers(1, 3), kernel=st.integers(1, 5), stride=st.integers(1, 3), padding=st.integers(0, 2),
+       seed=seeds)
+def test_conv2d_equals_loop_reference(n: int, height: int, width: int, channels: int, filters: int, kernel: int,
+                                      stride: int, padding: int, seed: int) -> None:
+    """For any shape where the output is at least 1x1, Conv2D's output shape follows
+    (H + 2p - k)//s + 1 and its forward and backward (dx, dW, db) equal the loop reference (float64)."""
+    assume(kernel <= height + 2 * padding and kernel <= width + 2 * padding)
+    rng = np.random.default_rng(seed)
+    layer = main.Conv2D(channels, filters, kernel, stride, padding, rng=rng)
+    to_float64(layer)
+    layer.params["b"] = rng.standard_normal(filters)
+    x = rng.standard_normal((n, height, width, channels))
+
+    out_h, out_w = (height + 2 * padding - kernel) // stride + 1, (width + 2 * padding - kernel) // stride + 1
+    assert layer.forward(x).shape == (n, out_h, out_w, filters)
+    assert tuple(layer.output_shape((height, width, channels))) == (out_h, out_w, filters)
+    assert_conv2d_matches_reference(layer, x, rng)
+
+
+@st.composite
+def pool_cases(draw: st.DrawFn) -> tuple[int, int | None, int, int]:
+    """(pool_size, stride, height, width) with the image at least one window large. The stride is the
+    default (None = pool_size), smaller than the pool (overlapping windows), or at least the pool
+    (disjoint or gapped windows): every kind of tiling gets its share of examples."""
+    pool_size = draw(st.integers(1, 5))
+    overlapping = st.integers(1, pool_size - 1) if pool_size > 1 else st.just(1)
+    stride = draw(st.one_of(st.none(), overlapping, st.integers(pool_size, pool_size + 2)))
+    return pool_size, stride, draw(st.integers(pool_size, 12)), draw(st.integers(pool_size, 12))
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 3), case=pool_cases(), channels=st.integers(1, 3),
+       value_range=st.sampled_from([1, 2, 3, None]), seed=seeds)
+def test_maxpool2d_equals_loop_reference(n: int, case: tuple[int, int | None, int, int], channels: int,
+                                         value_range: int | None, seed: int) -> None:
+    """For any pool size and stride (overlapping, disjoint, gapped; dividing the input or not) MaxPool2D's
+    output shape follows (H - pool)//stride + 1 and forward and backward equal the loop reference, also on
+    inputs full of exact ties (small integers, even all zeros) where the first maximum must win."""
+    pool_size, stride, height, width = case
+    event("overlapping windows" if (stride or pool_size) < pool_size else "disjoint windows")
+    rng = np.random.default_rng(seed)
+    if value_range is None:
+        x = rng.standard_normal((n, height, width, channels))
+    else:  # integers 0 .. value_range-1 as floats: ties everywhere (all zeros when value_range is 1)
+        x = rng.integers(0, value_range, (n, height, width, channels)).astype(np.float64)
+    layer = main.MaxPool2D(pool_size, stride)
+
+    y = layer.forward(x)
+    step = pool_size if stride is None else stride
+    assert y.shape == (n, (height - pool_size) // step + 1, (width - pool_size) // step + 1, channels)
+    np.testing.assert_array_equal(y, reference.maxpool_forward(x, pool_size, stride))
+
+    upstream = rng.standard_normal(y.shape)
+    np.testing.assert_allclose(layer.backward(upstream), reference.maxpool_backward(x, upstream, pool_size, stride),
+                               rtol=1e-12, atol=1e-12)

@@ -5,8 +5,6 @@ small) and reads the stream with urllib, as a page would."""
 from __future__ import annotations
 
 import json
-import os
-import re
 import signal
 import subprocess
 import sys
@@ -15,16 +13,14 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import MAIN, launched
 
 import live
 
-ROOT = Path(__file__).resolve().parents[1]
-MAIN = ROOT / "src" / "main.py"
 TIMING_KEYS = {"seconds", "images_per_second", "train_seconds", "saved_at", "started_at", "versions"}
 CONFIG = """
 logging: {level: INFO, file: null}
@@ -40,33 +36,10 @@ training: {epochs: EPOCHS, batch_size: 16, learning_rate: 0.003, workers: 2}
 """
 
 
-def write_config(folder: Path, epochs: int) -> Path:
+def write_live_config(folder: Path, epochs: int) -> Path:
     path = folder / "config.yaml"
     path.write_text(CONFIG.replace("EPOCHS", str(epochs)))
     return path
-
-
-@contextmanager
-def launched(arguments: list[str], cwd: Path) -> Iterator[tuple[subprocess.Popen, str]]:
-    """The command line running with --serve --port 0, and the page's address once it is announced."""
-    process = subprocess.Popen([sys.executable, str(MAIN), *arguments, "--serve", "--port", "0"], cwd=cwd,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        url = None
-        for line in process.stdout:
-            found = re.search(r"serving the page at (http://\S+/)", line)
-            if found:
-                url = found.group(1)
-                break
-        assert url, f"no address announced; stderr: {process.stderr.read()}"
-        process.lines = []  # the rest of stdout, read as it comes so that the pipe never fills
-        threading.Thread(target=lambda: process.lines.extend(process.stdout), daemon=True).start()
-        yield process, url
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(30)
 
 
 def wait_for_line(process: subprocess.Popen, start: str, seconds: float = 30) -> None:
@@ -120,7 +93,7 @@ def without_timings(value: object) -> object:
 
 
 def test_the_stream_follows_the_run_and_matches_the_results_file(tmp_path: Path) -> None:
-    config = write_config(tmp_path, 16)
+    config = write_live_config(tmp_path, 16)
     with launched(["--config", str(config), "--output", "results.json"], tmp_path) as (process, url):
         received = list(events(url, last_event_id=0))
         wait_for_line(process, "training done: still serving the page")
@@ -167,7 +140,7 @@ def test_the_stream_follows_the_run_and_matches_the_results_file(tmp_path: Path)
 def test_bit_identical_with_and_without_the_page_watched(tmp_path: Path) -> None:
     """Same seed, same workers: the same weights and results, with 20 clients watching, one that hangs up after
     three events and one that connects and never reads (its socket buffer fills)."""
-    config = write_config(tmp_path, 6)
+    config = write_live_config(tmp_path, 6)
     outputs = ["--config", str(config), "--output", "results.json", "--save-model", "model.npz"]
     (tmp_path / "plain").mkdir()
     (tmp_path / "watched").mkdir()
@@ -206,7 +179,7 @@ def test_bit_identical_with_and_without_the_page_watched(tmp_path: Path) -> None
 
 
 def test_pause_resume_and_stop_from_the_page(tmp_path: Path) -> None:
-    config = write_config(tmp_path, 500)
+    config = write_live_config(tmp_path, 500)
     with launched(["--config", str(config), "--output", "results.json"], tmp_path) as (process, url):
         stream = events(url, timeout=30)
         first = next(event for _, kind, event in stream if kind == "progress")
@@ -241,7 +214,7 @@ def test_pause_resume_and_stop_from_the_page(tmp_path: Path) -> None:
 
 
 def test_ctrl_c_during_training_keeps_the_work_and_ends_the_stream(tmp_path: Path) -> None:
-    config = write_config(tmp_path, 500)
+    config = write_live_config(tmp_path, 500)
     with launched(["--config", str(config), "--output", "results.json"], tmp_path) as (process, url):
         stream = events(url, timeout=30)
         next(event for _, kind, event in stream if kind == "epoch")
@@ -253,7 +226,7 @@ def test_ctrl_c_during_training_keeps_the_work_and_ends_the_stream(tmp_path: Pat
 
 
 def test_event_streams_are_capped(tmp_path: Path) -> None:
-    config = write_config(tmp_path, 500)
+    config = write_live_config(tmp_path, 500)
     with launched(["--config", str(config)], tmp_path) as (process, url):
         opened = [urllib.request.urlopen(url + "api/events", timeout=30) for _ in range(32)]
         with pytest.raises(urllib.error.HTTPError) as refused:
@@ -317,7 +290,7 @@ def test_without_a_run_being_trained_api_run_says_so_and_the_rest_is_404() -> No
 
 
 def test_sigterm_while_serving_the_trained_model_exits_143(tmp_path: Path) -> None:
-    config = write_config(tmp_path, 2)
+    config = write_live_config(tmp_path, 2)
     with launched(["--config", str(config)], tmp_path) as (process, url):
         assert list(events(url, last_event_id=0))[-1][1] == "done"
         wait_for_line(process, "training done: still serving the page")

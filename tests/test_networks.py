@@ -1,42 +1,34 @@
-"""The networks the config can describe: the layer list, the recipes in configs/, learning-rate schedules, weight
-decay, augmentation, a validation split, model files with BatchNorm's statistics, and worker threads with
-Dropout and BatchNorm."""
+"""Network layer lists and recipes: the default list, the recipes in configs/, LeNet-5, and any valid layer list
+trains a step or raises ConfigError."""
 
 from __future__ import annotations
 
 import json
-import math
-import time
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import ROOT, run_cli, to_float64, write_config
+from helpers import (
+    ROOT,
+    checked_model,
+    colour_folder,
+    run_cli,
+    write_config,
+)
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
 
 import config_schema
+import errors
 import main
 import modelfile
-import parallel
 from errors import ConfigError
 
 RECIPES = sorted((ROOT / "configs").glob("*.yaml"))
-BN_DROPOUT_NET = {"layers": [
-    {"conv2d": {"filters": 4, "kernel_size": 3, "padding": 1}}, "batchnorm", "relu", {"avgpool2d": {"pool_size": 2}},
-    {"conv2d": {"filters": 6, "kernel_size": 3}}, "tanh", {"maxpool2d": {"pool_size": 2}}, "flatten",
-    {"dropout": {"rate": 0.3}}, {"dense": {"units": 12}}, "batchnorm", "relu", {"dense": {"units": 10}}]}
 
 
-def checked_model(model: dict) -> dict:
-    return config_schema.check_model(model)
-
-
-def digits(n_train: int, n_test: int, n_val: int = 0) -> main.Dataset:
-    cfg = config_schema.validate_config({"data": {"dataset": "digits", "n_train": n_train, "n_test": n_test,
-                                                  "n_val": n_val}})
-    return main.load_data(cfg["data"])
-
-
-# ---- the layer list -----------------------------------------------------------------------------
+# ---- the layer list -------------------------------------------------------------------------------------------------
 
 
 def test_the_default_layer_list_is_the_network_of_earlier_versions() -> None:
@@ -103,7 +95,7 @@ def test_the_old_keys_message_gives_a_list_that_builds_the_same_network() -> Non
     assert model.layers[3].params["W"].shape == (3, 3, 8, 4) and model.layers[6].params["W"].shape == (12 * 12 * 4, 32)
 
 
-# ---- the recipes ----------------------------------------------------------------------------------
+# ---- the recipes ----------------------------------------------------------------------------------------------------
 
 
 def test_every_recipe_is_in_configs() -> None:
@@ -132,219 +124,139 @@ def test_lenet5_is_lecuns_network() -> None:
     assert model.parameter_count() == 61_706
 
 
-# ---- learning-rate schedules and weight decay ------------------------------------------------------
+seeds = st.integers(0, 2**32 - 1)
 
 
-def rates(schedule: dict, base_lr: float = 0.01, steps_per_epoch: int = 10, epochs: int = 4) -> list[float]:
-    schedule = config_schema.validate_config({"training": {"lr_schedule": schedule}})["training"]["lr_schedule"]
-    rate = main.learning_rate_schedule(schedule, base_lr, steps_per_epoch, steps_per_epoch * epochs)
-    return [rate(step) for step in range(steps_per_epoch * epochs)]
+conv2d_layers = st.fixed_dictionaries(
+    {"filters": st.integers(1, 3)},
+    optional={"kernel_size": st.integers(1, 7), "stride": st.integers(1, 3), "padding": st.integers(0, 2)},
+).map(lambda arguments: {"conv2d": arguments})
+pooling_layers = st.builds(
+    lambda name, arguments: {name: arguments}, st.sampled_from(["maxpool2d", "avgpool2d"]),
+    st.fixed_dictionaries({}, optional={"pool_size": st.integers(1, 5),
+                                        "stride": st.one_of(st.none(), st.integers(1, 3))}),
+)
+elementwise_layers = st.one_of(  # any shape in, the same shape out
+    st.sampled_from(["relu", "tanh", "batchnorm"]),
+    st.sampled_from([0.0, 0.25, 0.5, 0.9]).map(lambda rate: {"dropout": {"rate": rate}}),
+)
+image_layers = st.one_of(conv2d_layers, pooling_layers, elementwise_layers)
+vector_layers = st.one_of(st.integers(1, 16).map(lambda units: {"dense": {"units": units}}), elementwise_layers)
 
 
-def test_schedules_follow_their_formulas() -> None:
-    assert rates("constant") == [0.01] * 40
-    assert rates({"name": "step", "step_size": 2, "gamma": 0.1}) == pytest.approx([0.01] * 20 + [0.001] * 20)
-    cosine = rates({"name": "cosine", "min_lr": 0.001})
-    assert cosine[0] == pytest.approx(0.01) and cosine[20] == pytest.approx(0.0055)
-    assert all(a > b for a, b in zip(cosine, cosine[1:])) and cosine[-1] > 0.001
-    cycle = rates({"name": "one_cycle", "pct_start": 0.25, "div_factor": 10, "final_div_factor": 100})
-    peak = int(np.argmax(cycle))
-    assert cycle[0] == pytest.approx(0.001) and cycle[peak] == pytest.approx(0.01) and peak == 9
-    assert all(a < b for a, b in zip(cycle[:peak], cycle[1:peak + 1]))
-    assert all(a > b for a, b in zip(cycle[peak:], cycle[peak + 1:]))
-    assert cycle[-1] == pytest.approx(0.001 / 100)
+@st.composite
+def layer_lists(draw: st.DrawFn) -> list:
+    """A model.layers list as a user writes it (arguments left out take their defaults): layers for images, flatten,
+    layers for vectors, and a dense layer of 10 units; or, in half the examples, with one of the mistakes a user
+    makes: no flatten, a conv or pooling layer after the flatten, or a last layer of another size."""
+    mistake = draw(st.one_of(st.none(), st.sampled_from(["no flatten", "image layer on a vector",
+                                                          "wrong class count"])))
+    event(f"mistake: {mistake}")
+    image_part = draw(st.lists(image_layers, max_size=5))
+    vector_part = draw(st.lists(vector_layers, max_size=3))
+    if mistake == "image layer on a vector":
+        vector_part.insert(draw(st.integers(0, len(vector_part))), draw(st.one_of(conv2d_layers, pooling_layers)))
+    flatten = [] if mistake == "no flatten" else ["flatten"]
+    units = draw(st.sampled_from([*range(1, 10), *range(11, 17)])) if mistake == "wrong class count" else 10
+    return [*image_part, *flatten, *vector_part, {"dense": {"units": units}}]
 
 
-def test_training_uses_the_schedule_and_records_the_rate_per_epoch() -> None:
-    data = digits(256, 64)
-    model = main.build_model(checked_model({"layers": ["flatten", {"dense": {"units": 10}}]}), data.input_shape, 10,
-                             np.random.default_rng(0))
-    optimizer = main.Adam(0.01)
-    schedule = main.learning_rate_schedule({"name": "step", "step_size": 1, "gamma": 0.5}, 0.01, 8, 24)
-    result = main.train(model, optimizer, data, epochs=3, batch_size=32, rng=np.random.default_rng(1),
-                        learning_rate=schedule)
-    assert [row["learning_rate"] for row in result.history] == pytest.approx([0.01, 0.005, 0.0025])
-    assert optimizer.learning_rate == pytest.approx(0.0025)
+raw_configs = st.fixed_dictionaries({
+    "model": st.fixed_dictionaries({"layers": layer_lists()}),
+    "data": st.fixed_dictionaries({"dataset": st.sampled_from(["digits", "mnist"])}),
+    "training": st.fixed_dictionaries({"optimizer": st.sampled_from(["adam", "sgd"]),
+                                       "learning_rate": st.sampled_from([1e-3, 0.05])}),
+})
 
 
-def test_weight_decay_shrinks_weights_but_not_biases_or_batchnorm() -> None:
-    """With zero gradients, one step of decoupled weight decay multiplies every W by 1 - lr * wd, and leaves
-    biases and BatchNorm's gamma and beta alone (Adam's own update is 0 for a zero gradient)."""
-    model = main.build_model(checked_model(BN_DROPOUT_NET), (8, 8, 1), 10, np.random.default_rng(0))
-    before = {key: param.copy() for key, param, _ in main.parameters(model)}
-    for _, _, grad in main.parameters(model):
-        grad[...] = 0
-    for optimizer in (main.Adam(0.1, weight_decay=0.5), main.SGD(0.1, momentum=0.9, weight_decay=0.5)):
-        for key, param, _ in main.parameters(model):
-            param[...] = before[key]
-        optimizer.step(model)
-        for key, param, _ in main.parameters(model):
-            expected = before[key] * (0.95 if key.endswith(".W") else 1.0)
-            np.testing.assert_allclose(param, expected, rtol=1e-6, err_msg=key)
+def first_layer_that_does_not_fit(layers: list, input_shape: tuple[int, int, int], num_classes: int = 10) -> int | None:
+    """Index of the first item of a checked layer list that cannot take its input (a kernel larger than its padded
+    image, a pool larger than its image, a dense layer on an image, a conv or pooling layer on a vector); when all
+    fit, the last layer's index if it does not output num_classes values; None if the model can be built.
+    Worked out here from the shape formulas, following the list, independently of build_model."""
+    shape = tuple(input_shape)
+    for index, spec in enumerate(layers):
+        name, arguments = (spec, {}) if isinstance(spec, str) else next(iter(spec.items()))
+        if name in ("conv2d", "maxpool2d", "avgpool2d"):
+            if len(shape) != 3:
+                return index
+            height, width, channels = shape
+            if name == "conv2d":
+                kernel, stride, padding = arguments["kernel_size"], arguments["stride"], arguments["padding"]
+                if kernel > height + 2 * padding or kernel > width + 2 * padding:
+                    return index
+                shape = ((height + 2 * padding - kernel) // stride + 1, (width + 2 * padding - kernel) // stride + 1,
+                         arguments["filters"])
+            else:
+                pool = arguments["pool_size"]
+                if pool > height or pool > width:
+                    return index
+                stride = arguments["stride"] or pool
+                shape = ((height - pool) // stride + 1, (width - pool) // stride + 1, channels)
+        elif name == "dense":
+            if len(shape) != 1:
+                return index
+            shape = (arguments["units"],)
+        elif name == "flatten":
+            shape = (int(np.prod(shape)),)
+    return None if shape == (num_classes,) else len(layers) - 1
 
 
-# ---- augmentation --------------------------------------------------------------------------------
+@settings(max_examples=100, deadline=None)  # each example takes milliseconds
+@given(raw=raw_configs, seed=seeds)
+def test_valid_config_trains_one_step_or_raises_config_error(raw: dict, seed: int) -> None:
+    """Every config validate_config accepts either builds a model that runs one training step (forward,
+    loss, backward, optimiser step) on a small batch of 8x8 or 28x28 images, with finite loss and finite
+    float32 weights, or raises ConfigError naming the item of model.layers (index and type) that cannot take
+    its input or, the last, does not give one score per class -- never another exception."""
+    cfg = config_schema.validate_config(raw)
+    input_shape = main.input_shape_of(cfg["data"]["dataset"])
+    rng = np.random.default_rng(seed)
+    layers = cfg["model"]["layers"]
+    bad_layer = first_layer_that_does_not_fit(layers, input_shape)
+    event("refused" if bad_layer is not None else "trained one step")
+    if bad_layer is not None:
+        name = layers[bad_layer] if isinstance(layers[bad_layer], str) else next(iter(layers[bad_layer]))
+        try:
+            main.build_model(cfg["model"], input_shape, 10, rng, rng)
+        except errors.ConfigError as error:
+            assert re.search(re.escape(f"model.layers[{bad_layer}]") + r"\W+" + name + r"\b", str(error)), str(error)
+            return
+        raise AssertionError(f"build_model accepted a config whose layer {bad_layer} ({name}) does not fit")
+
+    model = main.build_model(cfg["model"], input_shape, 10, rng, rng)
+    optimizer = main.make_optimizer(cfg["training"])
+    x = rng.random((4, *input_shape)).astype(np.float32)
+    labels = rng.integers(0, 10, 4).astype(np.uint8)
+    loss_fn = main.SoftmaxCrossEntropy()
+
+    logits = model.forward(x)
+    assert logits.shape == (4, 10)
+    assert logits.dtype == np.float32
+    loss = loss_fn.forward(logits, labels)
+    assert np.isfinite(loss)
+    grad_x = model.backward(loss_fn.backward())
+    assert grad_x is None or grad_x.shape == x.shape  # None: the first layer skips dLoss/dx
+    before = [param.copy() for layer in model.layers for param in layer.params.values()]
+    optimizer.step(model)
+    after = [param for layer in model.layers for param in layer.params.values()]
+    assert all(param.dtype == np.float32 and np.isfinite(param).all() for param in after)
+    assert any(not np.array_equal(old, new) for old, new in zip(before, after)), "the step changed no weight"
+    assert model.summary_rows()[-1]["output_shape"] == [10]
 
 
-def test_shifts_move_each_image_by_whole_pixels_filling_with_background() -> None:
-    """Without rotation, each image is its own np.roll with the uncovered border set to 0."""
-    rng = np.random.default_rng(3)
-    images = rng.random((50, 9, 7, 1)).astype(np.float32)
-    shifted = main.shift_and_rotate(images, np.random.default_rng(4), max_shift=2, max_degrees=0)
-    draws = np.random.default_rng(4)
-    draws.uniform(0, 0, (50, 1, 1))  # the angles come first
-    shift_r, shift_c = draws.integers(-2, 3, (2, 50, 1, 1))[:, :, 0, 0]
-    seen = set()
-    for image, moved, dr, dc in zip(images, shifted, shift_r, shift_c):
-        expected = np.zeros_like(image)
-        src = image[max(-dr, 0):9 - max(dr, 0), max(-dc, 0):7 - max(dc, 0)]
-        expected[max(dr, 0):max(dr, 0) + src.shape[0], max(dc, 0):max(dc, 0) + src.shape[1]] = src
-        np.testing.assert_allclose(moved, expected, atol=1e-6)
-        seen.add((int(dr), int(dc)))
-    assert len(seen) >= 15 and shifted.dtype == np.float32
+# ---- a recipe for folders of colour pictures ------------------------------------------------------------------------
 
 
-def test_rotation_turns_a_bar_about_the_centre() -> None:
-    """A horizontal bar through the centre, turned by up to 90 degrees, keeps its centre and (roughly) its ink;
-    at angles near 90 it becomes vertical."""
-    image = np.zeros((1, 21, 21, 1), np.float32)
-    image[0, 10, 3:18] = 1
-    turned = main.shift_and_rotate(np.repeat(image, 200, axis=0), np.random.default_rng(0), 0, 89.9)
-    assert turned[:, 10, 10, 0] == pytest.approx(1, abs=1e-4)
-    assert np.abs(turned.sum(axis=(1, 2, 3)) - 15).max() < 2.0  # bilinear blur
-    upright = turned[np.argmax(turned[:, 3, 10, 0] + turned[:, 17, 10, 0])]
-    assert upright[3:18, 10, 0].min() > 0.5 and upright[10, 3, 0] < 0.1
-
-
-def test_augmentation_is_seeded_and_learns_digits(tmp_path: Path) -> None:
-    """A run with shifts and rotations is repeatable with the seed, and still learns the 8x8 digits."""
-    config = write_config(tmp_path, data={"dataset": "digits", "n_train": 1000, "n_test": 300,
-                                          "augment": {"shift": 1, "rotate": 10}},
-                          model={"layers": [{"conv2d": {"filters": 8, "padding": 1}}, "relu", "flatten",
-                                            {"dense": {"units": 10}}]},
-                          training={"epochs": 4, "learning_rate": 0.003})
-    accuracies = []
-    for name in ("a.json", "b.json"):
-        proc = run_cli(["--config", str(config), "--output", name], cwd=tmp_path)
-        assert proc.returncode == 0, proc.stderr
-        assert "shifts of up to 1 px and rotations of up to 10 degrees" in proc.stdout
-        accuracies.append(json.loads((tmp_path / name).read_text())["test_accuracy"])
-    assert accuracies[0] == accuracies[1] >= 0.8
-
-
-# ---- a validation split ---------------------------------------------------------------------------
-
-
-def test_a_validation_split_is_held_out_of_training_and_scored_each_epoch(tmp_path: Path) -> None:
-    data = digits(500, 200, n_val=100)
-    assert (len(data.x_train), len(data.x_val), len(data.x_test)) == (500, 100, 200)
-    train_rows = {row.tobytes() for row in data.x_train}
-    assert not any(row.tobytes() in train_rows for row in data.x_val)
-    config = write_config(tmp_path, data={"dataset": "digits", "n_train": 500, "n_test": 200, "n_val": 100},
-                          model={"layers": ["flatten", {"dense": {"units": 10}}]}, training={"epochs": 2})
-    proc = run_cli(["--config", str(config), "--output", "r.json", "--plot-dir", "plots"], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
+def test_the_folder_rgb_recipe_trains_on_a_folder_and_serves_its_pictures(tmp_path: Path) -> None:
+    colour_folder(tmp_path / "pictures", 60)
+    write_config(tmp_path)
+    run = run_cli(["--config", str(ROOT / "configs" / "folder_rgb.yaml"), "--data-path", str(tmp_path / "pictures"),
+                   "--epochs", "1", "--save-model", str(tmp_path / "m.npz"), "--output", str(tmp_path / "r.json")],
+                  tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "left-right flips" in run.stdout
     results = json.loads((tmp_path / "r.json").read_text())
-    assert all("val_accuracy" in row and "test_accuracy" not in row for row in results["history"])
-    assert results["test_accuracy"] is not None and "100 validation" in proc.stdout
-    assert (tmp_path / "plots" / "curves.png").is_file()
-
-
-# ---- model files with BatchNorm and Dropout ---------------------------------------------------------
-
-
-def test_a_batchnorm_model_file_keeps_its_running_statistics(tmp_path: Path) -> None:
-    config = write_config(tmp_path, data={"dataset": "digits", "n_train": 300, "n_test": 100},
-                          model=BN_DROPOUT_NET, training={"epochs": 1})
-    proc = run_cli(["--config", str(config), "--save-model", "m.npz", "--output", "r.json"], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    loaded = modelfile.load_model(tmp_path / "m.npz", main.build_model)
-    norms = [layer for layer in loaded.model.layers if isinstance(layer, main.BatchNorm)]
-    assert len(norms) == 2 and not np.allclose(norms[0].buffers["running_mean"], 0)
-    proc = run_cli(["--config", str(config), "--load-model", "m.npz", "--epochs", "0", "--output", "e.json"],
-                   cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    trained = json.loads((tmp_path / "r.json").read_text())["test_accuracy"]
-    assert json.loads((tmp_path / "e.json").read_text())["test_accuracy"] == trained  # the same statistics
-
-
-def test_a_model_file_of_the_old_format_still_loads(tmp_path: Path) -> None:
-    """A model saved before the layer list (meta.model with conv_layers and dense_units) is converted."""
-    cfg = config_schema.validate_config({"model": {"layers": config_schema.layers_from_old_keys(
-        {"conv_layers": [{"filters": 4, "padding": 1, "pool_size": 2}], "dense_units": 8})}})
-    data = digits(100, 50)
-    model = main.build_model(cfg["model"], data.input_shape, 10, np.random.default_rng(0))
-    old_architecture = {"conv_layers": [{"filters": 4, "kernel_size": 3, "stride": 1, "padding": 1, "pool_size": 2,
-                                         "pool_stride": None}], "dense_units": 8}
-    modelfile.save_model(tmp_path / "old.npz", model, old_architecture, data, {"epochs_completed": 1})
-    loaded = modelfile.load_model(tmp_path / "old.npz", main.build_model)
-    assert loaded.meta["model"]["layers"][0] == {"conv2d": {"filters": 4, "kernel_size": 3, "stride": 1,
-                                                            "padding": 1}}
-    x = data.x_test[:5]
-    np.testing.assert_array_equal(loaded.model.forward(x, training=False), model.forward(x, training=False))
-
-
-# ---- worker threads with Dropout and BatchNorm ------------------------------------------------------
-
-
-def test_dropout_and_batchnorm_on_worker_threads_compute_the_whole_batch() -> None:
-    """float64: a network with Dropout and BatchNorm (after a conv and after a dense layer) on 1, 2 and 3 workers
-    gives the same logits, weight gradients and running statistics: the masks are drawn for the whole batch in
-    the calling thread, and BatchNorm combines the slices' sums into the whole batch's statistics."""
-    layers = {"layers": [{"conv2d": {"filters": 3, "kernel_size": 3, "padding": 1}}, "batchnorm", "relu",
-                         {"dropout": {"rate": 0.4}}, "flatten", {"dropout": {"rate": 0.2}}, {"dense": {"units": 6}},
-                         "batchnorm", "relu", {"dense": {"units": 10}}]}
-    results = []
-    for workers in (1, 2, 3):
-        model = main.build_model(checked_model(layers), (8, 8, 1), 10, np.random.default_rng(0),
-                                 np.random.default_rng(9))
-        for layer in model.layers:
-            to_float64(layer)
-        loss_fn = main.SoftmaxCrossEntropy()
-        x_rng = np.random.default_rng(5)
-        with parallel.DataParallel(model, workers) if workers > 1 else parallel.one_blas_thread(model) as net:
-            for batch in (7, 2):  # a batch of 2 on 3 workers: one slice fewer than workers
-                x, labels = x_rng.random((batch, 8, 8, 1)), x_rng.integers(0, 10, batch)
-                logits = net.forward(x)
-                loss_fn.forward(logits, labels)
-                net.backward(loss_fn.backward())
-        buffers = [buffer.copy() for layer in model.layers for buffer in layer.buffers.values()]
-        results.append((logits, [grad.copy() for _, _, grad in main.parameters(model)], buffers))
-    assert len(results[0][2]) == 4
-    for logits, grads, buffers in results[1:]:
-        np.testing.assert_allclose(logits, results[0][0], rtol=1e-10)
-        for grad, expected in zip(grads, results[0][1]):
-            np.testing.assert_allclose(grad, expected, rtol=1e-9, atol=1e-13)
-        for buffer, expected in zip(buffers, results[0][2]):
-            np.testing.assert_allclose(buffer, expected, rtol=1e-12)
-
-
-def test_batchnorm_models_train_on_the_default_workers_and_a_failing_worker_does_not_hang() -> None:
-    """BatchNorm does not keep a model on one worker; and when one worker fails while the others wait for its
-    share of the statistics, the error reaches the caller instead of leaving them waiting."""
-    from threadpoolctl import threadpool_limits
-
-    model = main.build_model(checked_model(BN_DROPOUT_NET), (28, 28, 1), 10, np.random.default_rng(0))
-    with threadpool_limits(2):
-        assert parallel.default_workers(model, 256) == 2
-    x = np.random.default_rng(1).random((8, 28, 28, 1)).astype(np.float32)
-    with parallel.DataParallel(model, 2) as net:
-        def fail(rows: np.ndarray) -> np.ndarray:
-            raise MemoryError("worker 2 ran out")
-
-        net.replicas[1].layers[1].batch_mean = fail
-        started = time.monotonic()
-        with pytest.raises(MemoryError, match="worker 2"):
-            net.forward(x)
-        assert time.monotonic() - started < 10
-
-
-def test_gradcheck_covers_batchnorm_dropout_avgpool_and_tanh(tmp_path: Path) -> None:
-    config = write_config(tmp_path, data={"dataset": "digits"}, model=BN_DROPOUT_NET)
-    proc = run_cli(["--gradcheck", "--config", str(config)], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    rows = [line.split() for line in proc.stdout.splitlines() if line.endswith((" ok", " FAIL"))]
-    checked = {row[0] for row in rows}
-    assert {"batchnorm_1", "batchnorm_2", "dropout_1", "avgpool2d_1", "tanh_1"} <= checked
-    assert {(row[0], row[1]) for row in rows} >= {("batchnorm_1", "gamma"), ("batchnorm_2", "beta")}
-    assert all(row[-1] == "ok" and math.isfinite(float(row[-2])) for row in rows)
+    assert results["data"]["input_shape"] == [32, 32, 3] and results["data"]["n_test"] == 12  # a fifth, stratified
+    meta = modelfile.load_model(tmp_path / "m.npz", main.build_model).meta
+    assert meta["preprocess"]["size"] == [32, 32] and meta["examples"]["images"].shape == (12, 32, 32, 3)

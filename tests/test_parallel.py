@@ -12,7 +12,15 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import classifier_head, model_section, run_cli, to_float64, write_config
+from helpers import (
+    BN_DROPOUT_NET,
+    checked_model,
+    classifier_head,
+    model_section,
+    run_cli,
+    to_float64,
+    write_config,
+)
 from threadpoolctl import threadpool_info, threadpool_limits
 
 import config_schema
@@ -325,3 +333,58 @@ def test_slice_sums_add_in_rank_order_whatever_order_the_workers_arrive_in() -> 
     for thread in threads:
         thread.join()
     assert [float(total[0]) for total in totals] == [0.0, 0.0, 0.0]
+
+
+# ---- worker threads with Dropout and BatchNorm ----------------------------------------------------------------------
+
+
+def test_dropout_and_batchnorm_on_worker_threads_compute_the_whole_batch() -> None:
+    """float64: a network with Dropout and BatchNorm (after a conv and after a dense layer) on 1, 2 and 3 workers
+    gives the same logits, weight gradients and running statistics: the masks are drawn for the whole batch in
+    the calling thread, and BatchNorm combines the slices' sums into the whole batch's statistics."""
+    layers = {"layers": [{"conv2d": {"filters": 3, "kernel_size": 3, "padding": 1}}, "batchnorm", "relu",
+                         {"dropout": {"rate": 0.4}}, "flatten", {"dropout": {"rate": 0.2}}, {"dense": {"units": 6}},
+                         "batchnorm", "relu", {"dense": {"units": 10}}]}
+    results = []
+    for workers in (1, 2, 3):
+        model = main.build_model(checked_model(layers), (8, 8, 1), 10, np.random.default_rng(0),
+                                 np.random.default_rng(9))
+        for layer in model.layers:
+            to_float64(layer)
+        loss_fn = main.SoftmaxCrossEntropy()
+        x_rng = np.random.default_rng(5)
+        with parallel.DataParallel(model, workers) if workers > 1 else parallel.one_blas_thread(model) as net:
+            for batch in (7, 2):  # a batch of 2 on 3 workers: one slice fewer than workers
+                x, labels = x_rng.random((batch, 8, 8, 1)), x_rng.integers(0, 10, batch)
+                logits = net.forward(x)
+                loss_fn.forward(logits, labels)
+                net.backward(loss_fn.backward())
+        buffers = [buffer.copy() for layer in model.layers for buffer in layer.buffers.values()]
+        results.append((logits, [grad.copy() for _, _, grad in main.parameters(model)], buffers))
+    assert len(results[0][2]) == 4
+    for logits, grads, buffers in results[1:]:
+        np.testing.assert_allclose(logits, results[0][0], rtol=1e-10)
+        for grad, expected in zip(grads, results[0][1]):
+            np.testing.assert_allclose(grad, expected, rtol=1e-9, atol=1e-13)
+        for buffer, expected in zip(buffers, results[0][2]):
+            np.testing.assert_allclose(buffer, expected, rtol=1e-12)
+
+
+def test_batchnorm_models_train_on_the_default_workers_and_a_failing_worker_does_not_hang() -> None:
+    """BatchNorm does not keep a model on one worker; and when one worker fails while the others wait for its
+    share of the statistics, the error reaches the caller instead of leaving them waiting."""
+    from threadpoolctl import threadpool_limits
+
+    model = main.build_model(checked_model(BN_DROPOUT_NET), (28, 28, 1), 10, np.random.default_rng(0))
+    with threadpool_limits(2):
+        assert parallel.default_workers(model, 256) == 2
+    x = np.random.default_rng(1).random((8, 28, 28, 1)).astype(np.float32)
+    with parallel.DataParallel(model, 2) as net:
+        def fail(rows: np.ndarray) -> np.ndarray:
+            raise MemoryError("worker 2 ran out")
+
+        net.replicas[1].layers[1].batch_mean = fail
+        started = time.monotonic()
+        with pytest.raises(MemoryError, match="worker 2"):
+            net.forward(x)
+        assert time.monotonic() - started < 10

@@ -14,7 +14,14 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
-from helpers import classifier_head, model_section, run_cli, write_config
+from helpers import (
+    CLASS_FOLDER_NAMES,
+    SMALL_FOLDER_MODEL,
+    classifier_head,
+    model_section,
+    run_cli,
+    write_config,
+)
 from PIL import Image
 
 import config_schema
@@ -259,3 +266,35 @@ def test_cli_plot_dir_writes_the_pictures_and_lists_them_in_the_results(tmp_path
     check_pictures({name: str(tmp_path / path) for name, path in listed.items()}, tmp_path / "pictures",
                    conv_layer_count=1)
     assert all(Path(path).parent == Path("pictures") for path in listed.values())
+
+
+# ---- colour models --------------------------------------------------------------------------------------------------
+
+
+def test_pictures_of_a_colour_model_are_in_colour() -> None:
+    """The filters of a colour first layer are drawn as RGB images (each channel's weights in its own colour,
+    0 at mid-grey), and mistakes and the feature maps' input as the colour pictures themselves."""
+    import matplotlib.pyplot as plt
+
+    import plots
+
+    rng = np.random.default_rng(0)
+    model = main.build_model(main.config_schema.check_model(SMALL_FOLDER_MODEL), (12, 12, 3), 10, rng)
+    weights = model.layers[0].params["W"]
+    fig = plots.plot_filters(model)
+    shown = [axes.images[0].get_array() for axes in fig.axes if axes.images]
+    assert len(shown) == weights.shape[3]
+    for f, image in enumerate(shown):
+        kernel = weights[:, :, :, f]
+        np.testing.assert_allclose(image, 0.5 + 0.5 * kernel / np.abs(kernel).max(), rtol=1e-6)
+    plt.close(fig)
+    images = rng.random((20, 12, 12, 3)).astype(np.float32)
+    labels, probabilities = np.zeros(20, int), np.eye(10)[np.full(20, 3)]
+    fig = plots.plot_mistakes(images, labels, probabilities, CLASS_FOLDER_NAMES)
+    drawn = [axes.images[0].get_array() for axes in fig.axes if axes.images]
+    assert len(drawn) == 20 and all(image.shape == (12, 12, 3) for image in drawn)
+    np.testing.assert_array_equal(drawn[0], images[0])
+    plt.close(fig)
+    fig = plots.plot_feature_maps(model, images, labels, probabilities, CLASS_FOLDER_NAMES)
+    assert any(axes.images and axes.images[0].get_array().shape == (12, 12, 3) for axes in fig.axes)
+    plt.close(fig)

@@ -1,17 +1,9 @@
-"""The draw-a-digit server (src/serve.py), through real HTTP requests to a server on an ephemeral port.
-
-A small CNN (conv-relu-pool twice, then dense-relu-dense: every kind of layer of the default model) is trained
-in-process once per session on the 5,000 real MNIST digits beside the project, or on synthetic digits where they
-are absent. Its held-out digits are sent as drawings (280x280 PNG data URLs, dark ink on white, as a drawing app
-saves them) and must come back as the right class, with every layer's activations equal to what the model
-computes in-process. test_browser.py uses the same model.
-"""
+"""The HTTP server of --serve: predictions with activations, concurrency, limits on bodies, clients and hosts, and
+the command line around it."""
 
 from __future__ import annotations
 
 import base64
-import contextlib
-import gzip
 import http.client
 import io
 import json
@@ -23,110 +15,33 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import ROOT, find_data
+from helpers import (
+    CLASS_FOLDER_NAMES,
+    CLASS_NAMES,
+    EPS,
+    MAIN,
+    ROOT,
+    SMALL_FOLDER_MODEL,
+    Trained,
+    encoded,
+    prepare_for,
+    running,
+    small_config_file,
+)
 from PIL import Image
 
 import images
 import main
+import modelfile
 import serve
 from errors import CNNError
-
-CLASS_NAMES = [str(digit) for digit in range(10)]
-
-
-# ------------------------------------------------------------------------------------------------
-# The model, the server, and drawings
-# ------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Trained:
-    model: main.Sequential
-    info: dict
-    test_images: np.ndarray  # (N, 28, 28) uint8, light ink on black, as in MNIST
-    test_labels: np.ndarray
-
-
-def read_idx_gz(path: Path) -> np.ndarray:
-    """An IDX file (gzip-compressed, unsigned bytes) as an array: zero bytes, type, rank, sizes, data."""
-    raw = gzip.decompress(path.read_bytes())
-    rank = raw[3]
-    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(rank))
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * rank).reshape(shape)
-
-
-@lru_cache(maxsize=1)
-def trained_model() -> Trained:
-    """A small CNN trained for 4 epochs on 4,000 digits (a couple of seconds); 1,000 held out for testing.
-    Trained once per test session: the browser test uses it too."""
-    rng = np.random.default_rng(0)
-    mnist, _ = find_data("NUMPY_CNN_MNIST")
-    if mnist is not None and (mnist / "train-images-idx3-ubyte.gz").is_file():
-        pixels = read_idx_gz(mnist / "train-images-idx3-ubyte.gz")[:5000]
-        labels = read_idx_gz(mnist / "train-labels-idx1-ubyte.gz")[:5000].astype(np.int64)
-        source = "idx"
-    else:
-        pixels, labels = main.make_synthetic(5000, rng)
-        labels, source = labels.astype(np.int64), "synthetic"
-    order = rng.permutation(len(pixels))  # the sample's files are sorted by label
-    pixels, labels = pixels[order], labels[order]
-    x = (pixels.astype(np.float32) / 255)[..., None]
-    model = main.Sequential([
-        main.Conv2D(1, 8, 3, 1, 1, rng=rng), main.ReLU(), main.MaxPool2D(2),
-        main.Conv2D(8, 16, 3, 1, 1, rng=rng), main.ReLU(), main.MaxPool2D(2),
-        main.Flatten(), main.Dense(7 * 7 * 16, 32, rng=rng), main.ReLU(), main.Dense(32, 10, rng=rng),
-    ], (28, 28, 1))
-    optimizer, loss = main.Adam(2e-3), main.SoftmaxCrossEntropy()
-    for _ in range(4):
-        shuffled = rng.permutation(4000)
-        for start in range(0, 4000, 32):
-            batch = shuffled[start:start + 32]
-            loss.forward(model.forward(x[batch]), labels[batch])
-            model.backward(loss.backward())
-            optimizer.step(model)
-    _, accuracy = model.evaluate(x[4000:], labels[4000:])
-    info = {"dataset": "mnist", "source": source, "test_accuracy": round(accuracy, 4), "epochs": 4, "n_train": 4000,
-            "parameters": model.parameter_count()}
-    return Trained(model, info, pixels[4000:], labels[4000:])
-
-
-def prepare_for(model: main.Sequential) -> Callable[[np.ndarray], np.ndarray]:
-    """What main passes for an MNIST model: --predict's preprocessing."""
-    return lambda image: images.prepare_image(image, model.input_shape, 20 / 28)
-
-
-@contextlib.contextmanager
-def running(model: main.Sequential, info: dict, **options: object) -> Iterator[serve.DrawServer]:
-    """A server for the model on a free port, serving in a thread until the block ends."""
-    server = serve.make_server(model, prepare=prepare_for(model), softmax=main.softmax, class_names=CLASS_NAMES,
-                               info=info, port=0, **options)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
-
-
-@pytest.fixture(scope="module")
-def trained() -> Trained:
-    return trained_model()
-
-
-@pytest.fixture(scope="module")
-def server(trained: Trained) -> Iterator[serve.DrawServer]:
-    with running(trained.model, trained.info) as server:
-        yield server
 
 
 def drawing(digit: np.ndarray, size: int = 280) -> bytes:
@@ -754,3 +669,228 @@ def test_serve_refuses_a_busy_port_and_stray_flags_with_one_line(tmp_path: Path)
             assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     finally:
         busy.close()
+
+
+# ---- pictures the server refuses, hostile clients, and what the page is offered -------------------------------------
+def test_the_server_refuses_an_eps_drawing(model_file: Path) -> None:
+    loaded = modelfile.load_model(model_file, main.build_model)
+    predictor = serve.Predictor(loaded.model, lambda image: images.prepare_image(image, loaded.model.input_shape),
+                                main.softmax, loaded.meta["class_names"])
+    url = "data:image/png;base64," + base64.b64encode(EPS).decode()
+    with pytest.raises(serve.RequestError, match=r'^"image": is a PostScript \(EPS\) file'):
+        predictor.predict(url)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for_server(port: int, process: subprocess.Popen, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[1]
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.2)
+    pytest.fail("the server did not start")
+
+
+def post_png(port: int, png: bytes, timeout: float = 60) -> int:
+    import http.client
+
+    body = json.dumps({"image": "data:image/png;base64," + base64.b64encode(png).decode()}).encode()
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        connection.request("POST", "/api/predict", body, {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        response.read()
+        return response.status
+    finally:
+        connection.close()
+
+
+def big_png(side: int) -> bytes:
+    """An RGBA PNG of side x side pixels that compresses well (under the 2 MB body limit), with ink in it."""
+    rows, cols = np.indices((side, side))
+    rgba = np.zeros((side, side, 4), dtype=np.uint8)
+    rgba[..., 3] = 255
+    rgba[side // 4:3 * side // 4, side // 2 - side // 16:side // 2 + side // 16, :3] = 255
+    rgba[..., 0] |= ((rows + cols) % 7 == 0).astype(np.uint8)
+    return encoded(Image.fromarray(rgba), "PNG")
+
+
+def test_thirty_concurrent_big_uploads_keep_the_server_under_200_mb(tmp_path: Path, model_file: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    port = free_port()
+    process = subprocess.Popen([sys.executable, str(MAIN), "--load-model", str(model_file), "--serve", "--port",
+                                str(port)], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for_server(port, process)
+        assert post_png(port, big_png(2048)) == 400  # refused from its header, before decoding
+        upload = big_png(1024)
+        assert len(upload) < 2 * 1024 * 1024
+        with ThreadPoolExecutor(30) as pool:
+            statuses = list(pool.map(lambda _: post_png(port, upload), range(30)))
+        status = Path(f"/proc/{process.pid}/status").read_text()
+        peak_kb = int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1))
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)
+    assert set(statuses) <= {200, 503} and statuses.count(200) >= 2, statuses
+    print(f"peak RSS of the server under 30 concurrent 1024x1024 RGBA uploads: {peak_kb / 1024:.0f} MB; "
+          f"answers: {statuses.count(200)} x 200, {statuses.count(503)} x 503")
+    assert peak_kb < 200 * 1024
+
+
+def test_the_page_sends_its_drawing_at_the_pad_size() -> None:
+    """The page never sends more than MAX_IMAGE_PIXELS: it posts its 280x280 drawing pad, whatever the screen."""
+    web = Path(__file__).resolve().parents[1] / "src" / "web"
+    page, script = (web / "index.html").read_text(), (web / "app.js").read_text()
+    assert '<canvas id="pad" width="280" height="280"' in page and 'pad.toDataURL("image/png")' in script
+    assert 280 * 280 <= serve.MAX_IMAGE_PIXELS == 1024 * 1024
+
+
+@pytest.fixture
+def small_server(model_file: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[serve.DrawServer]:
+    """The server in this process, with a 2-second deadline per request and at most 20 connections."""
+    monkeypatch.setattr(serve, "MAX_CONNECTIONS", 20)
+    loaded = modelfile.load_model(model_file, main.build_model)
+    server = serve.make_server(loaded.model, prepare=lambda image: images.prepare_image(image, (8, 8, 1)),
+                               softmax=main.softmax, class_names=loaded.meta["class_names"], info={}, port=0,
+                               timeout=2.0)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+def run_state(port: int) -> str:
+    """The live run's state from GET /api/run: training, paused or done."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/run", timeout=10) as response:
+        return json.loads(response.read())["state"]
+
+
+def get_model(port: int, timeout: float = 10) -> int:
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        connection.request("GET", "/api/model")
+        response = connection.getresponse()
+        response.read()
+        return response.status
+    finally:
+        connection.close()
+
+
+def test_a_client_that_trickles_its_request_is_cut_off_at_the_deadline(small_server: serve.DrawServer) -> None:
+    """A byte every 0.3 s never trips a per-read timeout; the total deadline (2 s here) closes it all the same."""
+    client = socket.create_connection(("127.0.0.1", small_server.port), timeout=10)
+    start, closed_after = time.monotonic(), None
+    try:
+        for byte in b"GET /api/model HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 40:
+            try:
+                client.send(bytes([byte]))
+            except OSError:
+                closed_after = time.monotonic() - start
+                break
+            client.settimeout(0.3)
+            try:
+                if client.recv(1024) == b"":
+                    closed_after = time.monotonic() - start
+                    break
+            except socket.timeout:
+                pass
+    finally:
+        client.close()
+    assert closed_after is not None and closed_after < 5, "the trickling connection was kept open"
+
+
+def test_beyond_the_connection_cap_a_client_gets_503_and_a_normal_request_is_answered_soon(
+        small_server: serve.DrawServer) -> None:
+    idle = [socket.create_connection(("127.0.0.1", small_server.port), timeout=10) for _ in range(20)]
+    try:
+        time.sleep(0.3)
+        over = socket.create_connection(("127.0.0.1", small_server.port), timeout=10)
+        answer = over.recv(4096)
+        over.close()
+        assert answer.startswith(b"HTTP/1.1 503 ") and b"too many open connections" in answer
+        start = time.monotonic()
+        status = None
+        while status != 200 and time.monotonic() - start < 10:  # the idle ones are cut off at their deadline
+            try:
+                status = get_model(small_server.port)
+            except OSError:
+                time.sleep(0.2)
+        assert status == 200 and time.monotonic() - start < 6
+    finally:
+        for connection in idle:
+            connection.close()
+
+
+def test_a_client_that_announces_a_body_and_sends_none_is_closed_not_answered_500(
+        small_server: serve.DrawServer) -> None:
+    client = socket.create_connection(("127.0.0.1", small_server.port), timeout=10)
+    try:
+        client.sendall(b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: 1000\r\n\r\n{" % small_server.port)
+        answer = b""
+        while True:
+            chunk = client.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+    finally:
+        client.close()
+    assert b" 500 " not in answer, answer
+
+
+def test_sigterm_stops_a_server_that_trained_first_with_143(tmp_path: Path) -> None:
+    port = free_port()
+    process = subprocess.Popen([sys.executable, str(MAIN), "--config", str(small_config_file(tmp_path)), "--serve",
+                                "--port", str(port)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    try:
+        wait_for_server(port, process)
+        deadline = time.monotonic() + 120
+        while run_state(port) != "done":  # the page follows training: wait until it only serves
+            assert time.monotonic() < deadline, "training did not end"
+            time.sleep(0.2)
+        assert get_model(port) == 200
+        process.send_signal(15)
+        _, stderr = process.communicate(timeout=20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 143, stderr
+    assert "stopping after" not in stderr and "interrupted (SIGTERM)" in stderr
+
+
+def test_the_page_offers_the_pad_to_digit_models_and_a_file_drop_to_the_others() -> None:
+    import serve
+
+    rng = np.random.default_rng(0)
+    grey = main.build_model(main.config_schema.check_model(SMALL_FOLDER_MODEL), (28, 28, 1), 10, rng)
+    colour = main.build_model(main.config_schema.check_model(SMALL_FOLDER_MODEL), (20, 16, 3), 10, rng)
+    examples = {"images": rng.integers(0, 256, (3, 20, 16, 3), dtype=np.uint8), "labels": np.array([0, 4, 9])}
+    assert serve.page_options(grey, {"dataset": "mnist", "class_names": CLASS_FOLDER_NAMES})["mode"] == "draw"
+    fashion = serve.page_options(grey, {"dataset": "fashion_mnist", "class_names": CLASS_FOLDER_NAMES})
+    assert fashion["mode"] == "picture" and fashion["decode"] is None  # the digit recipe, but no pad
+    options = serve.page_options(colour, {"dataset": "folder", "class_names": CLASS_FOLDER_NAMES,
+                                          "examples": examples})
+    assert options["mode"] == "picture"
+    assert [e["class"] for e in options["examples"]] == [CLASS_FOLDER_NAMES[i] for i in (0, 4, 9)]
+    predictor = serve.Predictor(colour, options["prepare"], main.softmax, CLASS_FOLDER_NAMES, options["decode"])
+    answer = predictor.predict(options["examples"][1]["image"], "lists")
+    assert answer["input"]["shape"] == [20, 16, 3] and np.array_equal(answer["input"]["values"], examples["images"][1])
+    assert len(answer["layers"]) == len(colour.layers)
+    with pytest.raises(serve.RequestError, match="the formats read are PNG, JPEG, GIF, BMP or WebP"):
+        predictor.predict("data:image/png;base64,aGVsbG8=")
