@@ -317,7 +317,7 @@ def write_messy_folder(root: Path) -> None:
     for name in ("cats", "dogs"):
         (root / name).mkdir(parents=True)
         Image.fromarray(rng.integers(0, 256, (20, 24), dtype=np.uint8)).save(root / name / "grey.png")
-        Image.fromarray(rng.integers(0, 256, (30, 30, 4), dtype=np.uint8), "RGBA").save(root / name / "alpha.png")
+        Image.fromarray(rng.integers(0, 256, (30, 30, 4), dtype=np.uint8)).save(root / name / "alpha.png")
         Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).convert("P").save(root / name / "pal.gif")
         Image.fromarray(rng.integers(0, 256, (25, 18, 3), dtype=np.uint8)).save(root / name / "photo.jpg")
         Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(root / name / "old.bmp")

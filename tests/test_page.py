@@ -335,7 +335,8 @@ def test_the_page_follows_pauses_answers_and_stops_a_run(browser: object, tmp_pa
         answered = draw(browser, SEVEN)
         assert answered in [str(k) for k in range(10)] and live(browser, "done") is None  # answered mid-run
         assert browser.execute_script("return document.querySelectorAll('#live-confusion td.cell').length") == 100
-        browser.find_element(By.CSS_SELECTOR, "#live-confusion tbody tr:nth-child(1) td.cell").click()
+        # In one script: a new epoch may redraw the table between finding a cell and clicking it.
+        browser.execute_script("document.querySelector('#live-confusion tbody tr:nth-child(1) td.cell').click()")
         wait.until(lambda d: d.execute_script("return document.querySelectorAll('#live-cell canvas').length") > 0)
         errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
         assert errors == [], errors
