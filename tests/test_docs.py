@@ -536,3 +536,12 @@ def test_no_lab_notebook_lines(pattern: re.Pattern) -> None:
     hits = [f"{number}: {line}" for number, line in enumerate(README.splitlines(), start=1) if pattern.search(line)]
     assert not hits, "lab-notebook lines in README.md (measured results go in bench/RESULTS.md tables):\n" \
         + "\n".join(hits)
+
+
+def test_every_test_file_the_docs_name_exists() -> None:
+    """The docs send readers to test files by name (`pytest tests/test_x.py -k ...`): when tests move, so must they."""
+    paths = [*(ROOT / "docs").glob("*.md"), *(ROOT / "bench").glob("*.md"), ROOT / "README.md", ROOT / ".ci" / "run"]
+    named = {(path.relative_to(ROOT), name) for path in paths
+             for name in re.findall(r"tests/(test_\w+\.py)", path.read_text(encoding="utf-8"))}
+    missing = sorted(f"{path}: tests/{name}" for path, name in named if not (ROOT / "tests" / name).is_file())
+    assert not missing, missing
