@@ -127,6 +127,19 @@ def test_dense_gradients_match_central_differences() -> None:
     assert max(errors.values()) < TOLERANCE, errors
 
 
+def assert_skipping_the_input_gradient_changes_no_weight_gradient(layer: Any, x: np.ndarray,
+                                                                   upstream: np.ndarray) -> None:
+    """backward returns dLoss/dx, then with need_input_grad off returns None, and the weight gradients are the
+    same both times."""
+    assert layer.backward(upstream) is not None
+    with_input_grad = {name: grad.copy() for name, grad in layer.grads.items()}
+    layer.need_input_grad = False
+    layer.forward(x)
+    assert layer.backward(upstream) is None
+    for name, grad in layer.grads.items():
+        np.testing.assert_array_equal(grad, with_input_grad[name])
+
+
 @pytest.mark.parametrize("make_layer", [lambda rng: main.Conv2D(2, 3, 3, 2, 1, rng=rng),
                                         lambda rng: main.Dense(6, 4, rng=rng)], ids=["conv2d", "dense"])
 def test_first_layer_skips_input_gradient_but_keeps_weight_gradients(make_layer: Callable) -> None:
@@ -136,14 +149,7 @@ def test_first_layer_skips_input_gradient_but_keeps_weight_gradients(make_layer:
     layer = make_layer(rng)
     to_float64(layer)
     x = rng.standard_normal((2, 5, 4, 2)) if isinstance(layer, main.Conv2D) else rng.standard_normal((2, 6))
-    upstream = rng.standard_normal(layer.forward(x).shape)
-    assert layer.backward(upstream) is not None
-    with_input_grad = {name: grad.copy() for name, grad in layer.grads.items()}
-    layer.need_input_grad = False
-    layer.forward(x)
-    assert layer.backward(upstream) is None
-    for name, grad in layer.grads.items():
-        np.testing.assert_array_equal(grad, with_input_grad[name])
+    assert_skipping_the_input_gradient_changes_no_weight_gradient(layer, x, rng.standard_normal(layer.forward(x).shape))
     assert main.Sequential([make_layer(rng), main.Flatten()]).layers[0].need_input_grad is False
 
 
@@ -830,13 +836,7 @@ def test_batchnorm_first_layer_skips_input_gradient_but_keeps_parameter_gradient
     layer = batchnorm_float64(3, rng)
     x, upstream = shifted_input(rng, (2, 4, 4, 3)), rng.standard_normal((2, 4, 4, 3))
     layer.forward(x)
-    assert layer.backward(upstream) is not None
-    with_input_grad = {name: grad.copy() for name, grad in layer.grads.items()}
-    layer.need_input_grad = False
-    layer.forward(x)
-    assert layer.backward(upstream) is None
-    for name, grad in layer.grads.items():
-        np.testing.assert_array_equal(grad, with_input_grad[name])
+    assert_skipping_the_input_gradient_changes_no_weight_gradient(layer, x, upstream)
 
 
 # ------------------------------------------------------------------------------------------------
