@@ -873,28 +873,17 @@ def maxpool_backward_in_place(self: main.MaxPool2D, grad_out: np.ndarray) -> np.
     return grad_in
 
 
-def adam_step_in_place(self: main.Adam, model: main.Sequential) -> None:
-    """Adam.step with trick f: m, v and the weights updated in place through one scratch array per weight,
-    instead of the docstring's formula with a temporary array per operation."""
+def adam_step_textbook(self: main.Adam, model: main.Sequential) -> None:
+    """Adam.step without trick f: the docstring's formula as it reads, a new temporary array for each operation."""
     self.decay_weights(model)
     self.t += 1
     b1, b2 = self.beta1, self.beta2
-    step_size = self.learning_rate / (1 - b1 ** self.t)  # lr / (1 - b1^t) turns m into m_hat
-    correction2_sqrt = math.sqrt(1 - b2 ** self.t)  # sqrt(v_hat) = sqrt(v) / sqrt(1 - b2^t)
-    scratches = self.__dict__.setdefault("scratch", {})
     for key, param, grad in main.parameters(model):
-        m, v = self.slot(f"{key}.m", param), self.slot(f"{key}.v", param)
-        scratch = scratches.get(key)
-        if scratch is None or scratch.shape != param.shape or scratch.dtype != param.dtype:
-            scratch = scratches[key] = np.empty_like(param)
-        m *= b1
-        m += np.multiply(grad, 1 - b1, out=scratch)  # m = b1*m + (1-b1)*g
-        v *= b2
-        v += np.multiply(np.square(grad, out=scratch), 1 - b2, out=scratch)  # v = b2*v + (1-b2)*g^2
-        denominator = np.sqrt(v, out=scratch)
-        denominator /= correction2_sqrt
-        denominator += self.eps  # sqrt(v_hat) + eps
-        param -= np.multiply(np.divide(m, denominator, out=scratch), step_size, out=scratch)
+        m = self.state[f"{key}.m"] = b1 * self.slot(f"{key}.m", param) + (1 - b1) * grad
+        v = self.state[f"{key}.v"] = b2 * self.slot(f"{key}.v", param) + (1 - b2) * grad ** 2
+        m_hat = m / (1 - b1 ** self.t)
+        v_hat = v / (1 - b2 ** self.t)
+        param -= self.learning_rate * m_hat / (np.sqrt(v_hat) + self.eps)
 
 
 def fresh_array(self: main.Layer, name: str, shape: tuple[int, ...], dtype: Any, keep: bool = True) -> np.ndarray:
@@ -939,8 +928,9 @@ SPEED_TRICKS = [
     SpeedTrick("e. max pool backward: += vs in-place np.multiply", "grad_in[slice] += grad_out * winner",
                "np.multiply(grad_out, winner, out=grad_in[slice])", main.MaxPool2D, "backward",
                maxpool_backward_in_place),
-    SpeedTrick("f. Adam: textbook temporaries vs in place", "textbook: m = b1*m + (1-b1)*g, ... (main.Adam)",
-               "in place through a scratch array", main.Adam, "step", adam_step_in_place),
+    SpeedTrick("f. Adam: in place vs textbook temporaries", "in place through a scratch array (main.Adam)",
+               "textbook: m = b1*m + (1-b1)*g, ..., a temporary per operation", main.Adam, "step",
+               adam_step_textbook, in_core=True),
     SpeedTrick("g. kept buffers: arrays kept across batches vs new per batch",
                "Conv2D's padded input, columns, dcols, dx_padded and MaxPool2D's dx kept (Layer.kept_array)",
                "a new array for each, every batch", main.Layer, "kept_array", fresh_array, in_core=True),

@@ -745,17 +745,29 @@ class Adam(Optimizer):
         super().__init__(learning_rate, weight_decay)
         self.beta1, self.beta2, self.eps = beta1, beta2, eps
         self.t = 0
+        self.scratch: dict[str, np.ndarray] = {}
 
     def step(self, model: Sequential) -> None:
         self.decay_weights(model)
         self.t += 1
         b1, b2 = self.beta1, self.beta2
+        step_size = self.learning_rate / (1 - b1 ** self.t)  # lr / (1 - b1^t) turns m into m_hat
+        correction2_sqrt = math.sqrt(1 - b2 ** self.t)  # sqrt(v_hat) = sqrt(v) / sqrt(1 - b2^t)
         for key, param, grad in parameters(model):
-            m = self.state[f"{key}.m"] = b1 * self.slot(f"{key}.m", param) + (1 - b1) * grad
-            v = self.state[f"{key}.v"] = b2 * self.slot(f"{key}.v", param) + (1 - b2) * grad ** 2
-            m_hat = m / (1 - b1 ** self.t)
-            v_hat = v / (1 - b2 ** self.t)
-            param -= self.learning_rate * m_hat / (np.sqrt(v_hat) + self.eps)  # in place: worker replicas share it
+            m, v = self.slot(f"{key}.m", param), self.slot(f"{key}.v", param)
+            # The docstring's formula, in place through one scratch array per weight: with a fresh temporary for
+            # each of its operations, the step costs a measurable share of an epoch (bench/why_fast.py: "f. Adam").
+            scratch = self.scratch.get(key)
+            if scratch is None or scratch.shape != param.shape or scratch.dtype != param.dtype:
+                scratch = self.scratch[key] = np.empty_like(param)
+            m *= b1
+            m += np.multiply(grad, 1 - b1, out=scratch)  # m = b1*m + (1-b1)*g
+            v *= b2
+            v += np.multiply(np.square(grad, out=scratch), 1 - b2, out=scratch)  # v = b2*v + (1-b2)*g^2
+            denominator = np.sqrt(v, out=scratch)
+            denominator /= correction2_sqrt
+            denominator += self.eps  # sqrt(v_hat) + eps
+            param -= np.multiply(np.divide(m, denominator, out=scratch), step_size, out=scratch)
 
 
 def make_optimizer(training_cfg: dict) -> Optimizer:
