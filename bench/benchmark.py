@@ -487,7 +487,7 @@ def worker_torch(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(SEED)
     recipe = load_recipe(args.config)  # puts src/ on the path
-    from torch_twin import torch_optimizer, torch_schedule, torch_twin
+    from torch_twin import decay_by_hand, torch_optimizer, torch_schedule, torch_twin
 
     training, augment_cfg = recipe["training"], recipe["data"]["augment"]
     batch_size = training["batch_size"]
@@ -540,10 +540,7 @@ def worker_torch(args: argparse.Namespace) -> dict:
             logits = model(images)
             loss = functional.cross_entropy(logits, labels)
             loss.backward()
-            if decayed_by_hand:
-                with torch.no_grad():
-                    for tensor in decayed_by_hand:
-                        tensor.mul_(1 - optimizer.param_groups[0]["lr"] * training["weight_decay"])
+            decay_by_hand(optimizer, decayed_by_hand, training["weight_decay"])  # SGD's decoupled decay
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()

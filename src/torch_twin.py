@@ -162,6 +162,18 @@ def torch_optimizer(twin: Any, training: dict) -> tuple[Any, list]:
     return torch.optim.AdamW(groups, lr=learning_rate), []
 
 
+def decay_by_hand(optimizer: Any, tensors: list, weight_decay: float) -> None:
+    """The decoupled weight decay of main.Optimizer.decay_weights on the tensors torch_optimizer returned (SGD's):
+    each shrinks by lr * weight_decay * itself, before the optimiser's step."""
+    if not tensors:
+        return
+    import torch
+
+    with torch.no_grad():
+        for tensor in tensors:
+            tensor.mul_(1 - optimizer.param_groups[0]["lr"] * weight_decay)
+
+
 def torch_schedule(optimizer: Any, schedule: dict, base_lr: float, steps_per_epoch: int, total_steps: int) -> Any:
     """PyTorch's scheduler for main.learning_rate_schedule(schedule, base_lr, steps_per_epoch, total_steps), to be
     stepped after every batch (None for a constant rate): OneCycleLR (cosine, two phases, momentum left alone, as

@@ -84,7 +84,7 @@ def train(args: Any) -> int:
     from torch.nn import functional
     from torch.nn.parallel import DistributedDataParallel
 
-    from torch_twin import copy_from_state_dict, save_pt, torch_optimizer, torch_schedule, torch_twin
+    from torch_twin import copy_from_state_dict, decay_by_hand, save_pt, torch_optimizer, torch_schedule, torch_twin
 
     cfg, origin = main.resolve_config(args)
     plumbing.setup_logging(cfg["logging"])
@@ -134,10 +134,7 @@ def train(args: Any) -> int:
             logits = net(images)
             loss = functional.cross_entropy(logits, target)
             loss.backward()
-            if decayed_by_hand:  # SGD's decoupled weight decay, as main.Optimizer.decay_weights
-                with torch.no_grad():
-                    for tensor in decayed_by_hand:
-                        tensor.mul_(1 - optimizer.param_groups[0]["lr"] * training["weight_decay"])
+            decay_by_hand(optimizer, decayed_by_hand, training["weight_decay"])  # SGD's decoupled decay
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
